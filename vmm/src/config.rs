@@ -1,0 +1,263 @@
+//! VM configuration: plain data produced by the command line (and later the API), validated
+//! before anything is allocated.
+
+use std::path::PathBuf;
+
+use crate::arch::memory::MIN_MEMORY;
+
+/// Largest vCPU count we describe: APIC IDs are 8 bits in our MADT and 0xff is broadcast.
+pub const MAX_CPUS: u8 = 254;
+/// Default kernel command line: serial console, reboot through the keyboard controller (which
+/// ends the VM), and reboot one second after a panic (the pvpanic device reports it first).
+pub const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=1";
+
+/// Where the guest's serial console goes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SerialConfig {
+    /// The VMM's standard output.
+    Stdout,
+    /// Appended to a file.
+    File(PathBuf),
+    /// Discarded.
+    Off,
+}
+
+/// Everything needed to start a VM.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VmConfig {
+    /// Kernel image: ELF vmlinux (PVH or 64-bit entry) or bzImage.
+    pub kernel: PathBuf,
+    /// Optional initramfs.
+    pub initramfs: Option<PathBuf>,
+    /// Kernel command line.
+    pub cmdline: String,
+    /// Number of vCPUs.
+    pub cpus: u8,
+    /// Guest RAM in bytes.
+    pub memory: u64,
+    /// Serial console destination.
+    pub serial: SerialConfig,
+}
+
+/// A configuration value that cannot work. Each message names the value.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ConfigError {
+    /// A size string that does not parse.
+    #[error("invalid size {0:?}: expected a byte count or a number with K, M, G or T (e.g. 512M)")]
+    InvalidSize(String),
+    /// Less memory than a guest can boot with.
+    #[error("memory {got} bytes is too small: at least {min} bytes ({} MiB) are needed", min >> 20)]
+    MemoryTooSmall {
+        /// Requested.
+        got: u64,
+        /// Minimum.
+        min: u64,
+    },
+    /// Memory not a multiple of the page size.
+    #[error("memory {0} bytes is not a multiple of 4 KiB")]
+    MemoryUnaligned(u64),
+    /// Zero or too many vCPUs.
+    #[error("cpus {got} is out of range: must be between 1 and {max}")]
+    CpuCount {
+        /// Requested.
+        got: u32,
+        /// Maximum on this host.
+        max: u32,
+    },
+    /// A file that must exist does not.
+    #[error("{what} {path}: no such file")]
+    MissingFile {
+        /// "kernel" or "initramfs".
+        what: &'static str,
+        /// The path given.
+        path: PathBuf,
+    },
+    /// A serial destination that does not parse.
+    #[error("invalid serial {0:?}: expected stdout, off or file:PATH")]
+    InvalidSerial(String),
+}
+
+/// Parses a size: a plain byte count, or a number with a K/M/G/T suffix (binary units, an
+/// optional trailing "iB" or "B"), e.g. `512M`, `1G`, `2GiB`, `1048576`.
+pub fn parse_size(s: &str) -> Result<u64, ConfigError> {
+    let err = || ConfigError::InvalidSize(s.to_string());
+    let t = s.trim();
+    let t = t
+        .strip_suffix("iB")
+        .or_else(|| t.strip_suffix('B'))
+        .unwrap_or(t);
+    let (digits, shift) = match t.char_indices().last() {
+        Some((i, c)) if c.is_ascii_alphabetic() => {
+            let shift = match c.to_ascii_uppercase() {
+                'K' => 10,
+                'M' => 20,
+                'G' => 30,
+                'T' => 40,
+                _ => return Err(err()),
+            };
+            (&t[..i], shift)
+        }
+        _ => (t, 0),
+    };
+    if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(err());
+    }
+    let n: u64 = digits.parse().map_err(|_| err())?;
+    n.checked_mul(1u64 << shift).ok_or_else(err)
+}
+
+/// Parses `stdout`, `off` or `file:PATH`.
+pub fn parse_serial(s: &str) -> Result<SerialConfig, ConfigError> {
+    match s {
+        "stdout" => Ok(SerialConfig::Stdout),
+        "off" | "none" => Ok(SerialConfig::Off),
+        _ => match s.strip_prefix("file:") {
+            Some(p) if !p.is_empty() => Ok(SerialConfig::File(PathBuf::from(p))),
+            _ => Err(ConfigError::InvalidSerial(s.to_string())),
+        },
+    }
+}
+
+impl VmConfig {
+    /// Checks the configuration against fixed limits and `max_cpus` (what the host's KVM
+    /// supports), and that the files exist.
+    pub fn validate(&self, max_cpus: u32) -> Result<(), ConfigError> {
+        let max = max_cpus.min(u32::from(MAX_CPUS));
+        if self.cpus == 0 || u32::from(self.cpus) > max {
+            return Err(ConfigError::CpuCount {
+                got: u32::from(self.cpus),
+                max,
+            });
+        }
+        if self.memory < MIN_MEMORY {
+            return Err(ConfigError::MemoryTooSmall {
+                got: self.memory,
+                min: MIN_MEMORY,
+            });
+        }
+        if self.memory % 4096 != 0 {
+            return Err(ConfigError::MemoryUnaligned(self.memory));
+        }
+        let files = std::iter::once(("kernel", &self.kernel))
+            .chain(self.initramfs.iter().map(|p| ("initramfs", p)));
+        for (what, path) in files {
+            if !path.is_file() {
+                return Err(ConfigError::MissingFile {
+                    what,
+                    path: path.clone(),
+                });
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("512M"), Ok(512 << 20));
+        assert_eq!(parse_size("1G"), Ok(1 << 30));
+        assert_eq!(parse_size("2GiB"), Ok(2 << 30));
+        assert_eq!(parse_size("64MB"), Ok(64 << 20));
+        assert_eq!(parse_size("4k"), Ok(4096));
+        assert_eq!(parse_size("1048576"), Ok(1 << 20));
+        assert_eq!(parse_size(" 1T "), Ok(1 << 40));
+        for bad in [
+            "",
+            "M",
+            "12X",
+            "-1M",
+            "1.5G",
+            "G1",
+            "99999999999999999999",
+            "16777216T",
+        ] {
+            assert!(parse_size(bad).is_err(), "{bad:?} should not parse");
+        }
+    }
+
+    #[test]
+    fn serial_destinations() {
+        assert_eq!(parse_serial("stdout"), Ok(SerialConfig::Stdout));
+        assert_eq!(parse_serial("off"), Ok(SerialConfig::Off));
+        assert_eq!(
+            parse_serial("file:/tmp/x"),
+            Ok(SerialConfig::File("/tmp/x".into()))
+        );
+        assert!(parse_serial("file:").is_err());
+        assert!(parse_serial("tcp:1").is_err());
+    }
+
+    fn config(dir: &std::path::Path) -> VmConfig {
+        let kernel = dir.join("k");
+        std::fs::write(&kernel, b"x").unwrap();
+        VmConfig {
+            kernel,
+            initramfs: None,
+            cmdline: DEFAULT_CMDLINE.into(),
+            cpus: 1,
+            memory: 128 << 20,
+            serial: SerialConfig::Stdout,
+        }
+    }
+
+    #[test]
+    fn validation_names_the_bad_value() {
+        let dir = tempfile::tempdir().unwrap();
+        let good = config(dir.path());
+        assert_eq!(good.validate(255), Ok(()));
+
+        let c = VmConfig {
+            cpus: 0,
+            ..good.clone()
+        };
+        assert!(matches!(
+            c.validate(255),
+            Err(ConfigError::CpuCount { got: 0, .. })
+        ));
+        let c = VmConfig {
+            cpus: 9,
+            ..good.clone()
+        };
+        assert_eq!(
+            c.validate(8).unwrap_err().to_string(),
+            "cpus 9 is out of range: must be between 1 and 8"
+        );
+        let c = VmConfig {
+            memory: 1 << 20,
+            ..good.clone()
+        };
+        assert!(matches!(
+            c.validate(8),
+            Err(ConfigError::MemoryTooSmall { .. })
+        ));
+        let c = VmConfig {
+            memory: (128 << 20) + 1,
+            ..good.clone()
+        };
+        assert!(matches!(
+            c.validate(8),
+            Err(ConfigError::MemoryUnaligned(_))
+        ));
+        let c = VmConfig {
+            initramfs: Some(dir.path().join("nope")),
+            ..good.clone()
+        };
+        let e = c.validate(8).unwrap_err().to_string();
+        assert!(
+            e.starts_with("initramfs ") && e.ends_with("nope: no such file"),
+            "{e}"
+        );
+        let c = VmConfig {
+            kernel: dir.path().to_path_buf(),
+            ..good
+        };
+        assert!(matches!(
+            c.validate(8),
+            Err(ConfigError::MissingFile { what: "kernel", .. })
+        ));
+    }
+}

@@ -1,0 +1,41 @@
+//! Devices the guest reaches through port I/O and MMIO exits.
+
+pub mod acpi_pm;
+pub mod bus;
+pub mod cmos;
+pub mod i8042;
+pub mod pvpanic;
+pub mod serial;
+
+use std::sync::mpsc::Sender;
+
+/// Why the VM stops: sent by devices and vCPU threads to the thread that owns the VM.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum VmEvent {
+    /// The guest powered off (ACPI S5).
+    PowerOff,
+    /// The guest asked for a reset (ACPI reset register, i8042, triple fault).
+    Reset(&'static str),
+    /// The guest reported a kernel panic through pvpanic.
+    Panic,
+    /// A vCPU hit an error it cannot continue from.
+    Error(String),
+}
+
+/// Handle that devices use to ask for the VM to stop.
+#[derive(Clone, Debug)]
+pub struct ExitHandle(Sender<VmEvent>);
+
+impl ExitHandle {
+    /// Wraps the sending side of the VM's event channel.
+    pub fn new(tx: Sender<VmEvent>) -> Self {
+        Self(tx)
+    }
+
+    /// Reports `event`. The receiver only goes away when the VM is already stopping, so a failed
+    /// send has nobody left to tell.
+    pub fn send(&self, event: VmEvent) {
+        tracing::debug!(?event, "VM event");
+        let _ = self.0.send(event);
+    }
+}

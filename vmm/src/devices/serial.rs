@@ -1,0 +1,135 @@
+//! The 16550 UART on COM1 (vm-superio), its interrupt delivered through an irqfd.
+
+use std::io::{self, Write};
+
+use vm_superio::serial::NoEvents;
+use vm_superio::{Serial, Trigger};
+use vmm_sys_util::eventfd::EventFd;
+
+use super::bus::BusDevice;
+
+/// COM1 base port.
+pub const COM1_PORT: u16 = 0x3f8;
+/// COM1's ISA IRQ.
+pub const COM1_IRQ: u32 = 4;
+/// Registers of a 16550.
+pub const PORT_COUNT: u64 = 8;
+
+/// Raises the UART's interrupt by signalling an eventfd registered as an irqfd.
+pub struct EventFdTrigger(EventFd);
+
+impl EventFdTrigger {
+    /// Wraps `evt`.
+    pub fn new(evt: EventFd) -> Self {
+        Self(evt)
+    }
+}
+
+impl Trigger for EventFdTrigger {
+    type E = io::Error;
+
+    fn trigger(&self) -> io::Result<()> {
+        self.0.write(1)
+    }
+}
+
+/// Where guest console output goes.
+pub type SerialOut = Box<dyn Write + Send>;
+
+/// COM1 as a bus device.
+pub struct SerialDevice {
+    serial: Serial<EventFdTrigger, NoEvents, SerialOut>,
+}
+
+impl SerialDevice {
+    /// A UART raising `irq_evt` and writing to `out`.
+    pub fn new(irq_evt: EventFd, out: SerialOut) -> Self {
+        Self {
+            serial: Serial::new(EventFdTrigger::new(irq_evt), out),
+        }
+    }
+
+    /// Feeds host input to the guest. Returns how many bytes fit in the receive FIFO.
+    pub fn enqueue_input(&mut self, bytes: &[u8]) -> usize {
+        match self.serial.enqueue_raw_bytes(bytes) {
+            Ok(n) => n,
+            Err(e) => {
+                tracing::warn!("serial input dropped: {e:?}");
+                0
+            }
+        }
+    }
+
+    /// Flushes buffered output.
+    pub fn flush(&mut self) {
+        let _ = self.serial.writer_mut().flush();
+    }
+}
+
+impl BusDevice for SerialDevice {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
+        if data.len() == 1 && offset < PORT_COUNT {
+            data[0] = self.serial.read(offset as u8);
+        } else {
+            data.fill(0xff);
+        }
+    }
+
+    fn write(&mut self, offset: u64, data: &[u8]) {
+        if data.len() == 1 && offset < PORT_COUNT {
+            if let Err(e) = self.serial.write(offset as u8, data[0]) {
+                tracing::warn!("serial write failed: {e:?}");
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::{Arc, Mutex};
+
+    #[derive(Clone, Default)]
+    struct Shared(Arc<Mutex<Vec<u8>>>);
+
+    impl Write for Shared {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn transmits_bytes_and_raises_interrupt_on_input() {
+        let out = Shared::default();
+        let evt = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let mut dev = SerialDevice::new(evt.try_clone().unwrap(), Box::new(out.clone()));
+        for b in b"hi\n" {
+            dev.write(0, &[*b]);
+        }
+        assert_eq!(out.0.lock().unwrap().as_slice(), b"hi\n");
+        // Enable the "received data available" interrupt, then feed input.
+        dev.write(1, &[0x01]);
+        assert_eq!(dev.enqueue_input(b"x"), 1);
+        assert_eq!(evt.read().unwrap(), 1);
+        let mut lsr = [0u8];
+        dev.read(5, &mut lsr);
+        assert_eq!(lsr[0] & 1, 1, "data ready");
+        let mut rbr = [0u8];
+        dev.read(0, &mut rbr);
+        assert_eq!(rbr[0], b'x');
+    }
+
+    #[test]
+    fn wide_accesses_are_ignored() {
+        let evt = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let mut dev = SerialDevice::new(evt, Box::new(Shared::default()));
+        let mut d = [0u8; 2];
+        dev.read(0, &mut d);
+        assert_eq!(d, [0xff, 0xff]);
+        dev.write(0, &[1, 2]);
+    }
+}

@@ -1,0 +1,4 @@
+//! KVM objects: the VM and its vCPUs.
+
+pub mod vcpu;
+pub mod vm;

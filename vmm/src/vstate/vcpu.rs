@@ -1,0 +1,241 @@
+//! vCPUs: per-CPU configuration (CPUID, MSRs, LAPIC, boot registers) and the KVM_RUN loop that
+//! dispatches port I/O and MMIO exits to the buses.
+
+use std::sync::Arc;
+
+use kvm_bindings::{kvm_lapic_state, CpuId, Msrs, KVM_MAX_CPUID_ENTRIES};
+use kvm_ioctls::{Cap, Kvm, VcpuExit, VcpuFd, VmFd};
+use vm_memory::GuestMemoryMmap;
+
+use crate::arch::cpuid::{self, CpuidPolicy, Topology};
+use crate::arch::msr::boot_msrs;
+use crate::arch::regs::{self, BootMode};
+use crate::devices::bus::Bus;
+use crate::devices::{ExitHandle, VmEvent};
+
+const KVM_SYSTEM_EVENT_SHUTDOWN: u32 = 1;
+const KVM_SYSTEM_EVENT_RESET: u32 = 2;
+const KVM_SYSTEM_EVENT_CRASH: u32 = 3;
+const APIC_LVT0: usize = 0x350;
+const APIC_LVT1: usize = 0x360;
+const APIC_MODE_NMI: u32 = 0x4;
+const APIC_MODE_EXTINT: u32 = 0x7;
+
+/// Error setting up a vCPU.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A KVM ioctl failed.
+    #[error("vCPU {index}: KVM {what}: {source}")]
+    Kvm {
+        /// vCPU index.
+        index: u8,
+        /// Which operation.
+        what: &'static str,
+        /// The errno.
+        source: kvm_ioctls::Error,
+    },
+    /// KVM did not accept all boot MSRs.
+    #[error("vCPU {index}: KVM set {set} of {total} boot MSRs")]
+    Msrs {
+        /// vCPU index.
+        index: u8,
+        /// How many were set.
+        set: usize,
+        /// How many we asked for.
+        total: usize,
+    },
+    /// Boot register setup failed.
+    #[error("vCPU {0}: {1}")]
+    Regs(u8, regs::Error),
+}
+
+/// The shared buses a vCPU dispatches exits to.
+#[derive(Clone)]
+pub struct Buses {
+    /// Port I/O.
+    pub pio: Arc<Bus>,
+    /// MMIO.
+    pub mmio: Arc<Bus>,
+}
+
+/// One vCPU, configured and ready to run.
+pub struct Vcpu {
+    index: u8,
+    fd: VcpuFd,
+    buses: Buses,
+    exit: ExitHandle,
+}
+
+/// Sets the delivery mode of a LAPIC LVT register, keeping its other bits.
+fn set_lvt_mode(lapic: &mut kvm_lapic_state, reg: usize, mode: u32) {
+    let bytes: [u8; 4] = lapic.regs[reg..reg + 4]
+        .iter()
+        .map(|b| *b as u8)
+        .collect::<Vec<_>>()
+        .try_into()
+        .expect("4 bytes");
+    let value = (u32::from_le_bytes(bytes) & !0x700) | (mode << 8);
+    for (dst, src) in lapic.regs[reg..reg + 4].iter_mut().zip(value.to_le_bytes()) {
+        *dst = src as _;
+    }
+}
+
+/// KVM's supported CPUID, fetched once per VM.
+pub fn supported_cpuid(kvm: &Kvm) -> Result<CpuId, kvm_ioctls::Error> {
+    kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+}
+
+impl Vcpu {
+    /// Creates vCPU `index` of `cpus` and programs CPUID, MSRs, FPU and LAPIC. The boot CPU also
+    /// gets the registers for `boot`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        vm: &VmFd,
+        kvm: &Kvm,
+        supported: &CpuId,
+        policy: &CpuidPolicy,
+        index: u8,
+        cpus: u8,
+        boot: Option<(BootMode, &GuestMemoryMmap)>,
+        buses: Buses,
+        exit: ExitHandle,
+    ) -> Result<Self, Error> {
+        let k = |what| {
+            move |source| Error::Kvm {
+                index,
+                what,
+                source,
+            }
+        };
+        let fd = vm.create_vcpu(u64::from(index)).map_err(k("create vCPU"))?;
+
+        let mut entries = supported.as_slice().to_vec();
+        let tsc_deadline = kvm.check_extension(Cap::TscDeadlineTimer);
+        cpuid::apply(
+            &mut entries,
+            policy,
+            Topology {
+                cpu_index: index,
+                cpus,
+            },
+            tsc_deadline,
+        );
+        let cpuid = CpuId::from_entries(&entries).map_err(|_| Error::Kvm {
+            index,
+            what: "build CPUID",
+            source: kvm_ioctls::Error::new(libc::E2BIG),
+        })?;
+        fd.set_cpuid2(&cpuid).map_err(k("set CPUID"))?;
+
+        let msrs = boot_msrs();
+        let total = msrs.len();
+        let kvm_msrs = Msrs::from_entries(&msrs).map_err(|_| Error::Msrs {
+            index,
+            set: 0,
+            total,
+        })?;
+        let set = fd.set_msrs(&kvm_msrs).map_err(k("set MSRs"))?;
+        if set != total {
+            return Err(Error::Msrs { index, set, total });
+        }
+        fd.set_fpu(&regs::boot_fpu()).map_err(k("set FPU"))?;
+
+        let mut lapic = fd.get_lapic().map_err(k("get LAPIC"))?;
+        set_lvt_mode(&mut lapic, APIC_LVT0, APIC_MODE_EXTINT);
+        set_lvt_mode(&mut lapic, APIC_LVT1, APIC_MODE_NMI);
+        fd.set_lapic(&lapic).map_err(k("set LAPIC"))?;
+
+        if let Some((mode, mem)) = boot {
+            let mut sregs = fd.get_sregs().map_err(k("get sregs"))?;
+            regs::setup_sregs(mem, mode, &mut sregs).map_err(|e| Error::Regs(index, e))?;
+            fd.set_sregs(&sregs).map_err(k("set sregs"))?;
+            fd.set_regs(&regs::boot_regs(mode)).map_err(k("set regs"))?;
+        }
+        Ok(Self {
+            index,
+            fd,
+            buses,
+            exit,
+        })
+    }
+
+    fn rip(&self) -> String {
+        match self.fd.get_regs() {
+            Ok(r) => format!("{:#x}", r.rip),
+            Err(_) => "unknown".into(),
+        }
+    }
+
+    /// Runs the vCPU until the guest stops it or it fails; the reason goes to the exit handle.
+    pub fn run(mut self) {
+        let event = loop {
+            match self.fd.run() {
+                Ok(VcpuExit::IoIn(port, data)) => {
+                    if !self.buses.pio.read(u64::from(port), data) {
+                        tracing::trace!(port, len = data.len(), "unhandled port read");
+                        data.fill(0xff);
+                    }
+                }
+                Ok(VcpuExit::IoOut(port, data)) => {
+                    if !self.buses.pio.write(u64::from(port), data) {
+                        tracing::trace!(port, ?data, "unhandled port write");
+                    }
+                }
+                Ok(VcpuExit::MmioRead(addr, data)) => {
+                    if !self.buses.mmio.read(addr, data) {
+                        data.fill(0xff);
+                    }
+                }
+                Ok(VcpuExit::MmioWrite(addr, data)) => {
+                    self.buses.mmio.write(addr, data);
+                }
+                Ok(VcpuExit::Hlt) | Ok(VcpuExit::Intr) | Ok(VcpuExit::IrqWindowOpen) => {}
+                Ok(VcpuExit::Shutdown) => break VmEvent::Reset("triple fault"),
+                Ok(VcpuExit::SystemEvent(kind, _)) => match kind {
+                    KVM_SYSTEM_EVENT_SHUTDOWN => break VmEvent::PowerOff,
+                    KVM_SYSTEM_EVENT_RESET => break VmEvent::Reset("KVM system reset"),
+                    KVM_SYSTEM_EVENT_CRASH => break VmEvent::Panic,
+                    other => {
+                        break VmEvent::Error(format!(
+                            "vCPU {}: unknown KVM system event {other} at RIP {}",
+                            self.index,
+                            self.rip()
+                        ))
+                    }
+                },
+                Ok(VcpuExit::InternalError) => {
+                    break VmEvent::Error(format!(
+                        "vCPU {}: KVM internal error (emulation failure) at RIP {}",
+                        self.index,
+                        self.rip()
+                    ))
+                }
+                Ok(VcpuExit::FailEntry(reason, cpu)) => {
+                    break VmEvent::Error(format!(
+                        "vCPU {}: KVM entry failed, hardware reason {reason:#x} on host CPU {cpu}, RIP {}",
+                        self.index,
+                        self.rip()
+                    ))
+                }
+                Ok(other) => {
+                    let what = format!("{other:?}");
+                    break VmEvent::Error(format!(
+                        "vCPU {}: unexpected KVM exit {what} at RIP {}",
+                        self.index,
+                        self.rip()
+                    ));
+                }
+                Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {}
+                Err(e) => {
+                    break VmEvent::Error(format!(
+                        "vCPU {}: KVM_RUN failed: {e} at RIP {}",
+                        self.index,
+                        self.rip()
+                    ))
+                }
+            }
+        };
+        tracing::debug!(vcpu = self.index, ?event, "vCPU stopped");
+        self.exit.send(event);
+    }
+}

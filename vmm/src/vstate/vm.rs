@@ -1,0 +1,89 @@
+//! The KVM VM: in-kernel interrupt controllers and PIT, guest memory slots.
+
+use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_PIT_SPEAKER_DUMMY};
+use kvm_ioctls::{Kvm, VmFd};
+use vm_memory::{Address, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+
+use crate::arch::layout::KVM_TSS_ADDRESS;
+use crate::arch::memory::ram_ranges;
+
+/// Error creating or configuring the VM.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A KVM ioctl failed.
+    #[error("KVM {what}: {source}")]
+    Kvm {
+        /// Which operation.
+        what: &'static str,
+        /// The errno.
+        source: kvm_ioctls::Error,
+    },
+    /// Guest memory could not be allocated.
+    #[error("allocating {size} bytes of guest memory: {source}")]
+    Memory {
+        /// Requested size.
+        size: u64,
+        /// Why it failed.
+        source: vm_memory::mmap::FromRangesError,
+    },
+}
+
+fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> Error {
+    move |source| Error::Kvm { what, source }
+}
+
+/// Allocates guest RAM for `mem_size` bytes following the layout in [`crate::arch::memory`].
+pub fn create_guest_memory(mem_size: u64) -> Result<GuestMemoryMmap, Error> {
+    let ranges: Vec<_> = ram_ranges(mem_size)
+        .into_iter()
+        .map(|(start, len)| (vm_memory::GuestAddress(start), len as usize))
+        .collect();
+    GuestMemoryMmap::from_ranges(&ranges).map_err(|source| Error::Memory {
+        size: mem_size,
+        source,
+    })
+}
+
+/// A KVM VM with its memory registered.
+pub struct Vm {
+    fd: VmFd,
+    memory: GuestMemoryMmap,
+}
+
+impl Vm {
+    /// Creates the VM, its irqchip and PIT, and registers `memory` as KVM memory slots.
+    pub fn new(kvm: &Kvm, memory: GuestMemoryMmap) -> Result<Self, Error> {
+        let fd = kvm.create_vm().map_err(kvm_err("create VM"))?;
+        fd.set_tss_address(KVM_TSS_ADDRESS as usize)
+            .map_err(kvm_err("set TSS address"))?;
+        fd.create_irq_chip().map_err(kvm_err("create irqchip"))?;
+        let pit = kvm_pit_config {
+            flags: KVM_PIT_SPEAKER_DUMMY,
+            ..Default::default()
+        };
+        fd.create_pit2(pit).map_err(kvm_err("create PIT"))?;
+        for (slot, region) in memory.iter().enumerate() {
+            let mr = kvm_userspace_memory_region {
+                slot: slot as u32,
+                guest_phys_addr: region.start_addr().raw_value(),
+                memory_size: region.len(),
+                userspace_addr: region.as_ptr() as u64,
+                flags: 0,
+            };
+            // SAFETY: the host mapping behind `mr` belongs to `memory`, which `Vm` owns and keeps
+            // alive (and never remaps) for as long as the VM file descriptor exists.
+            unsafe { fd.set_user_memory_region(mr) }.map_err(kvm_err("set memory region"))?;
+        }
+        Ok(Self { fd, memory })
+    }
+
+    /// The KVM VM file descriptor.
+    pub fn fd(&self) -> &VmFd {
+        &self.fd
+    }
+
+    /// Guest memory.
+    pub fn memory(&self) -> &GuestMemoryMmap {
+        &self.memory
+    }
+}
