@@ -7,6 +7,7 @@ q="$work/queue"
 export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
 export HOME=/root TMPDIR=/tmp
 cd /
+touch "$q/agent.ready"
 echo "lightbyte-testhost: agent ready"
 while :; do
   for s in "$q"/*.sh; do

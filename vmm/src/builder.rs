@@ -11,7 +11,7 @@ use vmm_sys_util::eventfd::EventFd;
 use crate::arch::cpuid::CpuidPolicy;
 use crate::arch::{acpi, bios};
 use crate::boot::{self, BootPayload};
-use crate::config::{ConfigError, SerialConfig, VmConfig};
+use crate::config::{ConfigError, SerialConfig, VmConfig, MAX_CPUS};
 use crate::console;
 use crate::devices::acpi_pm::{self, AcpiPm};
 use crate::devices::bus::{self, Bus};
@@ -140,25 +140,18 @@ fn serial_out(cfg: &SerialConfig) -> Result<SerialOut, Error> {
     })
 }
 
-/// Builds the VM described by `cfg` and starts its vCPUs.
-pub fn start(cfg: &VmConfig) -> Result<RunningVm, Error> {
-    let kvm = Kvm::new().map_err(Error::Kvm)?;
-    cfg.validate(kvm.get_max_vcpus() as u32)?;
-
-    let memory = vm::create_guest_memory(cfg.memory)?;
-    let vm = Arc::new(Vm::new(&kvm, memory)?);
-    let (tx, events) = channel();
-    let exit = ExitHandle::new(tx);
-
-    // Legacy devices on the port I/O bus.
+/// The legacy devices every VM has, on a port I/O bus: COM1 (interrupting through an irqfd on
+/// `vm`), the i8042 reset line, the ACPI PM registers, the CMOS clock and pvpanic.
+pub fn legacy_devices(
+    vm: &Vm,
+    exit: &ExitHandle,
+    serial_out: SerialOut,
+) -> Result<(Bus, Arc<Mutex<SerialDevice>>), Error> {
     let serial_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(host("serial eventfd"))?;
     vm.fd()
         .register_irqfd(&serial_irq, serial::COM1_IRQ)
         .map_err(|e| host("serial irqfd")(io::Error::from_raw_os_error(e.errno())))?;
-    let serial = Arc::new(Mutex::new(SerialDevice::new(
-        serial_irq,
-        serial_out(&cfg.serial)?,
-    )));
+    let serial = Arc::new(Mutex::new(SerialDevice::new(serial_irq, serial_out)));
     let mut pio = Bus::new();
     pio.insert(serial.clone(), serial::COM1_PORT.into(), serial::PORT_COUNT)?;
     pio.insert(
@@ -181,6 +174,22 @@ pub fn start(cfg: &VmConfig) -> Result<RunningVm, Error> {
         PVPANIC_PORT.into(),
         1,
     )?;
+    Ok((pio, serial))
+}
+
+/// Builds the VM described by `cfg` and starts its vCPUs.
+pub fn start(cfg: &VmConfig) -> Result<RunningVm, Error> {
+    // Everything the user can get wrong is checked before KVM is touched.
+    cfg.validate(u32::from(MAX_CPUS))?;
+    boot::check_kernel(&cfg.kernel)?;
+    let kvm = Kvm::new().map_err(Error::Kvm)?;
+    cfg.validate(kvm.get_max_vcpus() as u32)?;
+
+    let memory = vm::create_guest_memory(cfg.memory)?;
+    let vm = Arc::new(Vm::new(&kvm, memory)?);
+    let (tx, events) = channel();
+    let exit = ExitHandle::new(tx);
+    let (pio, serial) = legacy_devices(&vm, &exit, serial_out(&cfg.serial)?)?;
     let buses = Buses {
         pio: Arc::new(pio),
         mmio: Arc::new(Bus::new()),

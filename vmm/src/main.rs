@@ -16,7 +16,7 @@ const EXIT_VM_FAILED: u8 = 1;
 /// machine with a serial console. The process exits 0 when the guest powers off or reboots,
 /// 1 when the guest panics or the VM fails, and 2 on invalid input.
 #[derive(Parser, Debug)]
-#[command(version, about, long_about = None)]
+#[command(version)]
 struct Cli {
     /// Kernel image: an uncompressed ELF vmlinux (booted through its PVH entry when it has one)
     /// or a bzImage.

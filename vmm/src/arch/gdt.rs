@@ -37,7 +37,7 @@ pub fn boot_gdt(code: u64) -> [u64; 4] {
 
 /// The KVM segment register that loading `entry` from GDT slot `index` would produce.
 pub fn segment_from_entry(entry: u64, index: u16) -> kvm_segment {
-    let base = (((entry >> 16) & 0x00ff_ffff) | ((entry >> 32) & 0xff00_0000)) as u64;
+    let base = ((entry >> 16) & 0x00ff_ffff) | ((entry >> 32) & 0xff00_0000);
     let raw_limit = (((entry >> 32) & 0x000f_0000) | (entry & 0x0000_ffff)) as u32;
     let granularity = ((entry >> 55) & 1) as u8;
     // With G=1 the limit counts 4 KiB pages; KVM wants it in bytes.

@@ -139,6 +139,12 @@ fn detect_format(file: &mut File, path: &Path) -> Result<Format, Error> {
     }
 }
 
+/// Checks that `kernel` is a file we know how to boot, without loading it.
+pub fn check_kernel(kernel: &Path) -> Result<(), Error> {
+    let mut file = File::open(kernel).map_err(io_err("kernel", kernel))?;
+    detect_format(&mut file, kernel).map(|_| ())
+}
+
 /// Loads kernel, initramfs and command line into `mem`, writes the boot information for the
 /// protocol the kernel supports, and returns how the boot CPU must enter it.
 pub fn load(mem: &GuestMemoryMmap, payload: &BootPayload) -> Result<BootMode, Error> {

@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Installs the Debian 12 packages lightbyte needs to build, boot guests and run its tests.
+# Idempotent: does nothing when everything is already installed.
+set -euo pipefail
+packages=(
+  # Test host (QEMU TCG with nested KVM) and guest userspace.
+  qemu-system-x86 busybox-static
+  # Guest kernel build from Debian's source package.
+  linux-source-6.1 build-essential bc bison flex libelf-dev libssl-dev cpio xz-utils kmod
+  # Disk images and I/O benchmarks.
+  e2fsprogs fio
+)
+missing=()
+for p in "${packages[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "install-deps: installing ${missing[*]}" >&2
+  SUDO=; [ "$(id -u)" = 0 ] || SUDO=sudo
+  $SUDO apt-get update -q
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q --no-install-recommends "${missing[@]}"
+fi
+if ! command -v cargo >/dev/null; then
+  echo "install-deps: cargo not found. lightbyte needs Rust 1.85 or newer (rustup.rs); Debian 12's" \
+       "rustc package is too old." >&2
+  exit 1
+fi
