@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The test command: installs what is missing, builds the guest artifacts (cached outside the
 # clone), builds the workspace and runs every test, including the guest boots (inside the QEMU-TCG
-# test host on machines without VMX/SVM).
+# test host on machines without VMX/SVM). Ends with one "N passed, N failed" line.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install-deps.sh
@@ -10,4 +10,11 @@ bash tests/guest/build-kernel.sh >/dev/null
 bash tests/guest/build-initramfs.sh >/dev/null
 bash tests/testhost/build.sh >/dev/null
 cargo build --workspace --bins --all-targets
-cargo test --workspace
+log=$(mktemp)
+trap 'rm -f "$log"' EXIT
+status=0
+cargo test --workspace 2>&1 | tee "$log" || status=$?
+passed=$(grep -o '[0-9]* passed' "$log" | awk '{s+=$1} END {print s+0}')
+failed=$(grep -o '[0-9]* failed' "$log" | awk '{s+=$1} END {print s+0}')
+echo "$passed passed, $failed failed"
+exit "$status"

@@ -32,7 +32,11 @@ fn boots(iters: u64, until: Until) -> Duration {
         script.push_str(&timed_line("vmm", &cmd, &results, 120).expect("timed line"));
     }
     let out = host
-        .run("criterion-boot", &script, Duration::from_secs(60 + 150 * iters))
+        .run(
+            "criterion-boot",
+            &script,
+            Duration::from_secs(60 + 150 * iters),
+        )
         .expect("scenario");
     assert_eq!(out.status, 0, "{}", out.output);
     let text = fs::read_to_string(&results).expect("results");

@@ -28,7 +28,12 @@ impl BootTiming {
 
 /// A shell line that runs `cmd` under `boot-timer`, appending its result to `results`
 /// prefixed with `label`.
-pub fn timed_line(label: &str, cmd: &[String], results: &Path, timeout_secs: u32) -> Result<String> {
+pub fn timed_line(
+    label: &str,
+    cmd: &[String],
+    results: &Path,
+    timeout_secs: u32,
+) -> Result<String> {
     let timer = binary("boot-timer")?;
     let quoted: Vec<String> = cmd.iter().map(|a| sh_quote(a)).collect();
     Ok(format!(

@@ -53,7 +53,7 @@ fn guests_boot_run_commands_and_exit_cleanly() {
         &Boot::new(&a.debian_bzimage)
             .unwrap()
             .cpus(2)
-            .run("uname -r; nproc; lsmod | grep -c '^virtio'; date +%Y"),
+            .run("uname -r; nproc; lsmod | grep -c '^virtio'; date +%Y; ls /sys/bus/pci/devices"),
     )
     .unwrap();
     s.boot(
@@ -114,6 +114,7 @@ fn guests_boot_run_commands_and_exit_cleanly() {
     b.assert_clean("bzimage-debian-2cpu");
     assert!(b.output.contains("cloud-amd64"), "{}", b.output);
     assert!(b.output.contains("cpus=2"), "{}", b.output);
+    assert!(b.output.contains("0000:00:00.0"), "{}", b.output);
     let year: Option<u32> = b
         .output
         .lines()

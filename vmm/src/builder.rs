@@ -9,6 +9,7 @@ use kvm_ioctls::Kvm;
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::arch::cpuid::CpuidPolicy;
+use crate::arch::layout::{PCI_ECAM_SIZE, PCI_ECAM_START, PCI_MMIO32_END, PCI_MMIO32_START};
 use crate::arch::{acpi, bios};
 use crate::boot::{self, BootPayload};
 use crate::config::{ConfigError, SerialConfig, VmConfig, MAX_CPUS};
@@ -17,6 +18,8 @@ use crate::devices::acpi_pm::{self, AcpiPm};
 use crate::devices::bus::{self, Bus};
 use crate::devices::cmos::{self, Cmos};
 use crate::devices::i8042::{self, I8042};
+use crate::devices::pci::root::{CONFIG_IO_PORT, CONFIG_IO_PORTS};
+use crate::devices::pci::{PciConfigIo, PciEcam, PciRoot};
 use crate::devices::pvpanic::{PvPanic, PVPANIC_PORT};
 use crate::devices::serial::{self, SerialDevice, SerialOut};
 use crate::devices::{ExitHandle, VmEvent};
@@ -152,7 +155,7 @@ pub fn legacy_devices(
         .register_irqfd(&serial_irq, serial::COM1_IRQ)
         .map_err(|e| host("serial irqfd")(io::Error::from_raw_os_error(e.errno())))?;
     let serial = Arc::new(Mutex::new(SerialDevice::new(serial_irq, serial_out)));
-    let mut pio = Bus::new();
+    let pio = Bus::new();
     pio.insert(serial.clone(), serial::COM1_PORT.into(), serial::PORT_COUNT)?;
     pio.insert(
         Arc::new(Mutex::new(I8042::new(exit.clone()))),
@@ -190,9 +193,25 @@ pub fn start(cfg: &VmConfig) -> Result<RunningVm, Error> {
     let (tx, events) = channel();
     let exit = ExitHandle::new(tx);
     let (pio, serial) = legacy_devices(&vm, &exit, serial_out(&cfg.serial)?)?;
+    let mmio = Arc::new(Bus::new());
+    let pci = Arc::new(Mutex::new(PciRoot::new(
+        mmio.clone(),
+        PCI_MMIO32_START,
+        PCI_MMIO32_END,
+    )));
+    pio.insert(
+        Arc::new(Mutex::new(PciConfigIo::new(pci.clone()))),
+        CONFIG_IO_PORT.into(),
+        CONFIG_IO_PORTS,
+    )?;
+    mmio.insert(
+        Arc::new(Mutex::new(PciEcam::new(pci.clone()))),
+        PCI_ECAM_START,
+        PCI_ECAM_SIZE,
+    )?;
     let buses = Buses {
         pio: Arc::new(pio),
-        mmio: Arc::new(Bus::new()),
+        mmio,
     };
 
     // Firmware tables and the kernel.

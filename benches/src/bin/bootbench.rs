@@ -113,8 +113,16 @@ fn summarize(v: &[BootTiming]) -> Summary {
     Summary {
         ok: good.len(),
         total: v.len(),
-        marker_ms: if marker.is_empty() { f64::NAN } else { median(&mut marker) },
-        exit_ms: if exit.is_empty() { f64::NAN } else { median(&mut exit) },
+        marker_ms: if marker.is_empty() {
+            f64::NAN
+        } else {
+            median(&mut marker)
+        },
+        exit_ms: if exit.is_empty() {
+            f64::NAN
+        } else {
+            median(&mut exit)
+        },
     }
 }
 
@@ -128,7 +136,9 @@ fn compare(runs: u32) -> Result<bool> {
     let vmm = summarize(&parse(&text, "vmm")?);
     let qemu = summarize(&parse(&text, "qemu")?);
     println!("Boot time, minimal 6.1 kernel (PVH) + test initramfs, 1 vCPU, 512 MiB, {runs} boots each, alternating, one test host");
-    println!("| VMM | boots OK | median start→marker (ms) | median start→exit after poweroff (ms) |");
+    println!(
+        "| VMM | boots OK | median start→marker (ms) | median start→exit after poweroff (ms) |"
+    );
     println!("|---|---|---|---|");
     for (name, s) in [("lightbyte vmm", &vmm), ("QEMU -M microvm (KVM)", &qemu)] {
         println!(

@@ -12,14 +12,19 @@ use acpi_tables::gas::{AccessSize, AddressSpace, GAS};
 use acpi_tables::madt::{
     EnabledStatus, IoApic, LocalInterruptController, ProcessorLocalApic, MADT,
 };
+use acpi_tables::mcfg::MCFG;
 use acpi_tables::rsdp::Rsdp;
 use acpi_tables::sdt::Sdt;
 use acpi_tables::xsdt::XSDT;
 use acpi_tables::{aml, Aml};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
-use super::layout::{ACPI_END, ACPI_START, IOAPIC_START, LAPIC_START};
+use super::layout::{
+    ACPI_END, ACPI_START, IOAPIC_START, LAPIC_START, PCI_ECAM_START, PCI_MMIO32_END,
+    PCI_MMIO32_START,
+};
 use crate::devices::acpi_pm::{RESET_PORT, RESET_VALUE, SLEEP_CONTROL_PORT, SLEEP_STATUS_PORT};
+use crate::devices::pci::root::{CONFIG_IO_PORT, CONFIG_IO_PORTS};
 use crate::devices::pvpanic::PVPANIC_PORT;
 use crate::devices::serial::{self, COM1_IRQ, COM1_PORT};
 
@@ -72,7 +77,37 @@ fn dsdt() -> Vec<u8> {
         "COM1".into(),
         vec![&com1_hid, &com1_uid, &pvpanic_sta, &com1_crs_name],
     );
-    aml::Scope::new("\\_SB_".into(), vec![&pvpanic, &com1]).to_aml_bytes(&mut dsdt);
+    // PCI root bridge: bus 0, the config ports, and the BAR window.
+    let pci_bus = aml::AddressSpace::new_bus_number(0u16, 0u16);
+    let pci_cfg_io = aml::IO::new(CONFIG_IO_PORT, CONFIG_IO_PORT, 1, CONFIG_IO_PORTS as u8);
+    let pci_mem = aml::AddressSpace::new_memory(
+        aml::AddressSpaceCacheable::NotCacheable,
+        true,
+        PCI_MMIO32_START as u32,
+        (PCI_MMIO32_END - 1) as u32,
+        None,
+    );
+    let pci_crs = aml::ResourceTemplate::new(vec![&pci_bus, &pci_cfg_io, &pci_mem]);
+    let pci_hid = aml::Name::new("_HID".into(), &aml::EISAName::new("PNP0A08"));
+    let pci_cid = aml::Name::new("_CID".into(), &aml::EISAName::new("PNP0A03"));
+    let pci_adr = aml::Name::new("_ADR".into(), &0u8);
+    let pci_seg = aml::Name::new("_SEG".into(), &0u8);
+    let pci_uid = aml::Name::new("_UID".into(), &0u8);
+    let pci_bbn = aml::Name::new("_BBN".into(), &0u8);
+    let pci_crs_name = aml::Name::new("_CRS".into(), &pci_crs);
+    let pci = aml::Device::new(
+        "PCI0".into(),
+        vec![
+            &pci_hid,
+            &pci_cid,
+            &pci_adr,
+            &pci_seg,
+            &pci_uid,
+            &pci_bbn,
+            &pci_crs_name,
+        ],
+    );
+    aml::Scope::new("\\_SB_".into(), vec![&pvpanic, &com1, &pci]).to_aml_bytes(&mut dsdt);
     dsdt.update_checksum();
     dsdt.as_slice().to_vec()
 }
@@ -112,6 +147,12 @@ fn madt(cpus: u8) -> Vec<u8> {
     bytes_of(&madt)
 }
 
+fn mcfg() -> Vec<u8> {
+    let mut mcfg = MCFG::new(OEM_ID, OEM_TABLE_ID, OEM_REVISION);
+    mcfg.add_ecam(PCI_ECAM_START, 0, 0, 0);
+    bytes_of(&mcfg)
+}
+
 fn align8(x: u64) -> u64 {
     (x + 7) & !7
 }
@@ -132,9 +173,12 @@ pub fn write_tables(mem: &GuestMemoryMmap, cpus: u8) -> Result<GuestAddress, Err
     let fadt_addr = place(fadt.len());
     let madt = madt(cpus);
     let madt_addr = place(madt.len());
+    let mcfg = mcfg();
+    let mcfg_addr = place(mcfg.len());
     let mut xsdt = XSDT::new(OEM_ID, OEM_TABLE_ID, OEM_REVISION);
     xsdt.add_entry(fadt_addr);
     xsdt.add_entry(madt_addr);
+    xsdt.add_entry(mcfg_addr);
     let xsdt = bytes_of(&xsdt);
     let xsdt_addr = place(xsdt.len());
     let rsdp = bytes_of(&Rsdp::new(OEM_ID, xsdt_addr));
@@ -151,6 +195,7 @@ pub fn write_tables(mem: &GuestMemoryMmap, cpus: u8) -> Result<GuestAddress, Err
         (dsdt_addr, &dsdt),
         (fadt_addr, &fadt),
         (madt_addr, &madt),
+        (mcfg_addr, &mcfg),
         (xsdt_addr, &xsdt),
     ] {
         mem.write_slice(table, GuestAddress(addr))?;
@@ -192,7 +237,16 @@ mod tests {
             .chunks(8)
             .map(|c| u64::from_le_bytes(c.try_into().unwrap()))
             .collect();
-        assert_eq!(entries.len(), 2);
+        assert_eq!(entries.len(), 3);
+        let mcfg = read_table(&mem, entries[2]);
+        assert_eq!(&mcfg[0..4], b"MCFG");
+        assert!(sums_to_zero(&mcfg));
+        // One allocation: base address at 44, segment, start bus 0, end bus 0.
+        assert_eq!(mcfg.len(), 44 + 16);
+        assert_eq!(
+            u64::from_le_bytes(mcfg[44..52].try_into().unwrap()),
+            PCI_ECAM_START
+        );
         let fadt = read_table(&mem, entries[0]);
         assert_eq!(&fadt[0..4], b"FACP");
         assert!(sums_to_zero(&fadt));
@@ -205,6 +259,7 @@ mod tests {
         assert!(dsdt.windows(4).any(|w| w == b"_S5_"));
         assert!(dsdt.windows(8).any(|w| w == b"QEMU0001"));
         assert!(dsdt.windows(4).any(|w| w == b"COM1"));
+        assert!(dsdt.windows(4).any(|w| w == b"PCI0"));
         // COM1's extended interrupt descriptor: consumer, edge, active high, GSI 4.
         assert!(dsdt
             .windows(9)

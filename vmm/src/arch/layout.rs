@@ -11,7 +11,8 @@
 //! 0x0002_0000  kernel command line
 //! 0x0009_fc00  EBDA .. 0x0010_0000: not RAM (ACPI tables live at 0xe_0000)
 //! 0x0010_0000  kernel, then initramfs at the top of low RAM
-//! 0xc000_0000  32-bit MMIO hole .. 0x1_0000_0000 (IOAPIC, LAPIC, later PCI)
+//! 0xc000_0000  32-bit MMIO hole: PCI BAR window (512 MiB), then ECAM for bus 0 at 0xe000_0000,
+//!              IOAPIC and LAPIC windows, up to 0x1_0000_0000
 //! 0x1_0000_0000 RAM above 4 GiB
 //! ```
 
@@ -55,6 +56,14 @@ pub const MMIO_HOLE_START: u64 = 0xc000_0000;
 pub const MMIO_HOLE_SIZE: u64 = (1 << 32) - MMIO_HOLE_START;
 /// RAM that does not fit below the hole continues here.
 pub const RAM_ABOVE_4G_START: u64 = 1 << 32;
+/// Start of the window PCI memory BARs are allocated in.
+pub const PCI_MMIO32_START: u64 = MMIO_HOLE_START;
+/// End (exclusive) of the PCI BAR window.
+pub const PCI_MMIO32_END: u64 = 0xe000_0000;
+/// PCIe ECAM (enhanced configuration access) for bus 0.
+pub const PCI_ECAM_START: u64 = 0xe000_0000;
+/// ECAM size: 1 MiB covers the 32 devices x 8 functions x 4 KiB of bus 0.
+pub const PCI_ECAM_SIZE: u64 = 1 << 20;
 /// IOAPIC register window.
 pub const IOAPIC_START: u64 = 0xfec0_0000;
 /// Local APIC register window.

@@ -66,6 +66,12 @@ pub fn e820_map(mem_size: u64) -> Vec<E820Entry> {
             kind: E820Kind::Ram,
         });
     }
+    // Linux uses ECAM only when firmware reserved it.
+    map.push(E820Entry {
+        addr: PCI_ECAM_START,
+        size: PCI_ECAM_SIZE,
+        kind: E820Kind::Reserved,
+    });
     if mem_size > MMIO_HOLE_START {
         map.push(E820Entry {
             addr: RAM_ABOVE_4G_START,
@@ -103,6 +109,11 @@ mod tests {
     #[test]
     fn e820_covers_ram_and_never_the_hole() {
         let map = e820_map(4 << 30);
+        assert!(map.contains(&E820Entry {
+            addr: PCI_ECAM_START,
+            size: PCI_ECAM_SIZE,
+            kind: E820Kind::Reserved
+        }));
         let ram: u64 = map
             .iter()
             .filter(|e| e.kind == E820Kind::Ram)
@@ -110,7 +121,7 @@ mod tests {
             .sum();
         // All RAM minus the 384 KiB between the EBDA and 1 MiB.
         assert_eq!(ram, (4 << 30) - (HIGH_RAM_START - EBDA_START));
-        for e in &map {
+        for e in map.iter().filter(|e| e.kind == E820Kind::Ram) {
             let end = e.addr + e.size;
             assert!(
                 end <= MMIO_HOLE_START || e.addr >= RAM_ABOVE_4G_START,
@@ -131,9 +142,11 @@ mod tests {
             size: ACPI_END - ACPI_START,
             kind: E820Kind::Reserved
         }));
-        assert_eq!(
-            map.last().unwrap().addr + map.last().unwrap().size,
-            256 << 20
-        );
+        let ram_end = map
+            .iter()
+            .filter(|e| e.kind == E820Kind::Ram)
+            .map(|e| e.addr + e.size)
+            .max();
+        assert_eq!(ram_end, Some(256 << 20));
     }
 }

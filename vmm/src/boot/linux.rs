@@ -89,7 +89,7 @@ mod tests {
         assert_eq!({ p.hdr.ramdisk_image }, 0x300_0000);
         assert_eq!({ p.hdr.ramdisk_size }, 1234);
         assert_eq!({ p.acpi_rsdp_addr }, 0xe0000);
-        assert_eq!(p.e820_entries, 3);
+        assert_eq!(p.e820_entries, 4);
         let last = p.e820_table[2];
         assert_eq!(
             ({ last.addr }, { last.size }),

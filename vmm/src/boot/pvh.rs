@@ -91,7 +91,7 @@ mod tests {
         let info: hvm_start_info = mem.read_obj(GuestAddress(PVH_INFO_START)).unwrap();
         assert_eq!(info.magic, XEN_HVM_START_MAGIC_VALUE);
         assert_eq!(info.nr_modules, 1);
-        assert_eq!(info.memmap_entries, 3);
+        assert_eq!(info.memmap_entries, 4);
         assert_eq!(info.rsdp_paddr, 0xe0000);
         let module: hvm_modlist_entry = mem.read_obj(GuestAddress(info.modlist_paddr)).unwrap();
         assert_eq!((module.paddr, module.size), (0x300_0000, 77));

@@ -4,7 +4,7 @@
 //! vm-memory; what we need is a sorted map and a lookup.
 
 use std::collections::BTreeMap;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 
 /// A device on a bus. Offsets are relative to the base the device was inserted at.
 pub trait BusDevice: Send {
@@ -44,10 +44,11 @@ struct Entry {
     device: SharedDevice,
 }
 
-/// A set of non-overlapping address ranges, each served by one device.
-#[derive(Clone, Default)]
+/// A set of non-overlapping address ranges, each served by one device. Ranges can be added
+/// and removed while vCPUs run (PCI BARs move when the guest reprograms them).
+#[derive(Default)]
 pub struct Bus {
-    entries: BTreeMap<u64, Entry>,
+    entries: RwLock<BTreeMap<u64, Entry>>,
 }
 
 impl Bus {
@@ -57,31 +58,41 @@ impl Bus {
     }
 
     /// Places `device` at `[base, base + len)`.
-    pub fn insert(&mut self, device: SharedDevice, base: u64, len: u64) -> Result<(), Error> {
+    pub fn insert(&self, device: SharedDevice, base: u64, len: u64) -> Result<(), Error> {
         let end = base
             .checked_add(len)
             .filter(|_| len > 0)
             .ok_or(Error::InvalidRange { base, len })?;
-        if let Some((b, e)) = self.entries.range(..end).next_back() {
+        let mut entries = self.entries.write().unwrap_or_else(|e| e.into_inner());
+        if let Some((b, e)) = entries.range(..end).next_back() {
             if b + e.len > base {
                 return Err(Error::Overlap { base, len });
             }
         }
-        self.entries.insert(base, Entry { len, device });
+        entries.insert(base, Entry { len, device });
         Ok(())
     }
 
-    fn lookup(&self, addr: u64, size: usize) -> Option<(u64, &SharedDevice)> {
-        let (base, entry) = self.entries.range(..=addr).next_back()?;
+    /// Removes the range starting at `base`; returns whether there was one.
+    pub fn remove(&self, base: u64) -> bool {
+        let mut entries = self.entries.write().unwrap_or_else(|e| e.into_inner());
+        entries.remove(&base).is_some()
+    }
+
+    /// The device covering `[addr, addr + size)` and the offset into it. The bus lock is released
+    /// before the device is locked, so a device handler may itself change the bus.
+    fn lookup(&self, addr: u64, size: usize) -> Option<(u64, SharedDevice)> {
+        let entries = self.entries.read().unwrap_or_else(|e| e.into_inner());
+        let (base, entry) = entries.range(..=addr).next_back()?;
         let offset = addr - base;
-        (offset + size as u64 <= entry.len).then_some((offset, &entry.device))
+        (offset + size as u64 <= entry.len).then(|| (offset, entry.device.clone()))
     }
 
     /// Dispatches a read; returns false when no device covers the access.
     pub fn read(&self, addr: u64, data: &mut [u8]) -> bool {
         match self.lookup(addr, data.len()) {
             Some((offset, dev)) => {
-                lock(dev).read(offset, data);
+                lock(&dev).read(offset, data);
                 true
             }
             None => false,
@@ -92,7 +103,7 @@ impl Bus {
     pub fn write(&self, addr: u64, data: &[u8]) -> bool {
         match self.lookup(addr, data.len()) {
             Some((offset, dev)) => {
-                lock(dev).write(offset, data);
+                lock(&dev).write(offset, data);
                 true
             }
             None => false,
@@ -126,7 +137,7 @@ mod tests {
 
     #[test]
     fn dispatch_by_range_with_offsets() {
-        let mut bus = Bus::new();
+        let bus = Bus::new();
         let a = Arc::new(Mutex::new(Recorder::default()));
         let b = Arc::new(Mutex::new(Recorder::default()));
         bus.insert(a.clone(), 0x3f8, 8).unwrap();
@@ -153,7 +164,7 @@ mod tests {
 
     #[test]
     fn overlaps_and_empty_ranges_are_rejected() {
-        let mut bus = Bus::new();
+        let bus = Bus::new();
         let dev = || Arc::new(Mutex::new(Recorder::default()));
         bus.insert(dev(), 0x100, 0x10).unwrap();
         assert!(matches!(

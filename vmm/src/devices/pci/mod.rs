@@ -1,0 +1,8 @@
+//! PCI: configuration space, the root complex on bus 0 (host bridge, device slots, BAR mapping),
+//! and configuration access through ports 0xCF8/0xCFC and through ECAM.
+
+pub mod config;
+pub mod root;
+
+pub use config::{Bar, PciConfig, PciId};
+pub use root::{PciConfigIo, PciDevice, PciEcam, PciRoot};
