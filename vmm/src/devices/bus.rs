@@ -152,7 +152,7 @@ mod tests {
 
     #[test]
     fn accesses_outside_or_straddling_are_unhandled() {
-        let mut bus = Bus::new();
+        let bus = Bus::new();
         bus.insert(Arc::new(Mutex::new(Recorder::default())), 0x10, 4)
             .unwrap();
         let mut d = [0u8; 4];
