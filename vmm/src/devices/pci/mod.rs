@@ -2,6 +2,7 @@
 //! and configuration access through ports 0xCF8/0xCFC and through ECAM.
 
 pub mod config;
+pub mod msix;
 pub mod root;
 
 pub use config::{Bar, PciConfig, PciId};
