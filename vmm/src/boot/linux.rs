@@ -5,7 +5,7 @@ use linux_loader::configurator::{BootConfigurator, BootParams};
 use linux_loader::loader::bootparam::{boot_e820_entry, boot_params, setup_header};
 use vm_memory::{GuestAddress, GuestMemoryMmap};
 
-use super::{BootPayload, Error, Initramfs};
+use super::{boot_info_err, BootPayload, Error, Initramfs};
 use crate::arch::layout::{CMDLINE_MAX_SIZE, CMDLINE_START, ZERO_PAGE_START};
 use crate::arch::memory::e820_map;
 
@@ -53,12 +53,8 @@ pub(super) fn write_zero_page(
     params.e820_entries = map.len() as u8;
 
     let boot = BootParams::new::<boot_params>(&params, GuestAddress(ZERO_PAGE_START));
-    LinuxBootConfigurator::write_bootparams::<GuestMemoryMmap>(&boot, mem).map_err(|e| {
-        Error::Memory {
-            what: "zero page",
-            source: vm_memory::GuestMemoryError::IOError(std::io::Error::other(e.to_string())),
-        }
-    })
+    LinuxBootConfigurator::write_bootparams::<GuestMemoryMmap>(&boot, mem)
+        .map_err(boot_info_err("zero page"))
 }
 
 #[cfg(test)]

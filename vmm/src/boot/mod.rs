@@ -76,9 +76,21 @@ pub enum Error {
         /// Why.
         source: vm_memory::GuestMemoryError,
     },
+    /// The boot protocol structure could not be written.
+    #[error("writing the {what}: {source}")]
+    BootInfo {
+        /// Which structure.
+        what: &'static str,
+        /// What linux-loader's configurator said.
+        source: linux_loader::configurator::Error,
+    },
     /// The PVH memory map does not fit its area.
     #[error("PVH memory map has {0} entries, more than fit")]
     TooManyMemmapEntries(usize),
+}
+
+fn boot_info_err(what: &'static str) -> impl FnOnce(linux_loader::configurator::Error) -> Error {
+    move |source| Error::BootInfo { what, source }
 }
 
 /// What to boot.

@@ -7,7 +7,7 @@ use linux_loader::loader::elf::start_info::{
 };
 use vm_memory::{GuestAddress, GuestMemoryMmap};
 
-use super::{BootPayload, Error, Initramfs};
+use super::{boot_info_err, BootPayload, Error, Initramfs};
 use crate::arch::layout::{
     CMDLINE_START, PVH_INFO_START, PVH_MEMMAP_MAX_ENTRIES, PVH_MEMMAP_START, PVH_MODLIST_START,
 };
@@ -59,12 +59,8 @@ pub(super) fn write_start_info(
     if !modules.is_empty() {
         boot.set_modules::<hvm_modlist_entry>(&modules, GuestAddress(PVH_MODLIST_START));
     }
-    PvhBootConfigurator::write_bootparams::<GuestMemoryMmap>(&boot, mem).map_err(|e| {
-        Error::Memory {
-            what: "PVH start info",
-            source: vm_memory::GuestMemoryError::IOError(std::io::Error::other(e.to_string())),
-        }
-    })
+    PvhBootConfigurator::write_bootparams::<GuestMemoryMmap>(&boot, mem)
+        .map_err(boot_info_err("PVH start info"))
 }
 
 #[cfg(test)]
