@@ -68,12 +68,10 @@ pub struct Vcpu {
 
 /// Sets the delivery mode of a LAPIC LVT register, keeping its other bits.
 fn set_lvt_mode(lapic: &mut kvm_lapic_state, reg: usize, mode: u32) {
-    let bytes: [u8; 4] = lapic.regs[reg..reg + 4]
-        .iter()
-        .map(|b| *b as u8)
-        .collect::<Vec<_>>()
-        .try_into()
-        .expect("4 bytes");
+    let mut bytes = [0u8; 4];
+    for (b, r) in bytes.iter_mut().zip(&lapic.regs[reg..reg + 4]) {
+        *b = *r as u8;
+    }
     let value = (u32::from_le_bytes(bytes) & !0x700) | (mode << 8);
     for (dst, src) in lapic.regs[reg..reg + 4].iter_mut().zip(value.to_le_bytes()) {
         *dst = src as _;
@@ -237,5 +235,29 @@ impl Vcpu {
         };
         tracing::debug!(vcpu = self.index, ?event, "vCPU stopped");
         self.exit.send(event);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lvt_mode_replaces_only_the_delivery_mode() {
+        let mut lapic = kvm_lapic_state::default();
+        // Masked (bit 16), vector 0x31, delivery mode fixed.
+        for (dst, src) in lapic.regs[APIC_LVT0..APIC_LVT0 + 4]
+            .iter_mut()
+            .zip(0x0001_0031u32.to_le_bytes())
+        {
+            *dst = src as _;
+        }
+        set_lvt_mode(&mut lapic, APIC_LVT0, APIC_MODE_EXTINT);
+        let bytes: Vec<u8> = lapic.regs[APIC_LVT0..APIC_LVT0 + 4]
+            .iter()
+            .map(|b| *b as u8)
+            .collect();
+        assert_eq!(u32::from_le_bytes(bytes.try_into().unwrap()), 0x0001_0731);
+        assert!(lapic.regs[APIC_LVT1..APIC_LVT1 + 4].iter().all(|b| *b == 0));
     }
 }
