@@ -96,3 +96,26 @@ fn pvh_entry_in_protected_mode_runs_the_same_code() {
     assert_eq!(printed, "KV");
     assert_eq!(event, VmEvent::PowerOff);
 }
+
+#[test]
+fn msi_routes_and_irqfds_are_accepted_by_kvm() {
+    use vmm::devices::pci::msix::{MsiMessage, MsiSink};
+    use vmm::vstate::irq_routing::{IrqRouter, IOAPIC_PINS};
+
+    let kvm = Kvm::new().expect("open /dev/kvm");
+    let vm = kvm.create_vm().unwrap();
+    vm.create_irq_chip().unwrap();
+    let router = Arc::new(IrqRouter::new(Arc::new(vm)));
+    let sink = router.msi_sink(3).unwrap();
+    assert_eq!(sink.gsi(0), Some(IOAPIC_PINS));
+    assert_eq!(sink.gsi(2), Some(IOAPIC_PINS + 2));
+    let message = MsiMessage {
+        address: 0xfee0_0000,
+        data: 0x4041,
+    };
+    router.set_route(IOAPIC_PINS, Some(message)).unwrap();
+    router.set_route(IOAPIC_PINS + 1, Some(message)).unwrap();
+    router.set_route(IOAPIC_PINS, None).unwrap();
+    // Firing through the irqfd of a routed vector must not fail.
+    sink.fire(1);
+}

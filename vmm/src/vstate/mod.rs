@@ -1,4 +1,5 @@
 //! KVM objects: the VM and its vCPUs.
 
+pub mod irq_routing;
 pub mod vcpu;
 pub mod vm;
