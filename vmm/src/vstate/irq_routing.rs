@@ -81,7 +81,7 @@ impl RouteTable {
 
     /// A GSI for MSI use.
     pub fn allocate(&mut self) -> Result<u32, Error> {
-        if self.next_gsi as usize >= kvm_bindings::KVM_MAX_IRQ_ROUTES as usize {
+        if self.next_gsi as usize >= kvm_bindings::KVM_MAX_IRQ_ROUTES {
             return Err(Error::NoGsi);
         }
         self.next_gsi += 1;
