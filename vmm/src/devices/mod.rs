@@ -7,6 +7,7 @@ pub mod i8042;
 pub mod pci;
 pub mod pvpanic;
 pub mod serial;
+pub mod virtio;
 
 use std::sync::mpsc::Sender;
 
