@@ -8,6 +8,9 @@
 pub mod block;
 pub mod pci;
 
+#[cfg(test)]
+mod tests;
+
 use std::sync::Arc;
 
 use virtio_queue::Queue;
