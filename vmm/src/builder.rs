@@ -12,17 +12,21 @@ use crate::arch::cpuid::CpuidPolicy;
 use crate::arch::layout::{PCI_ECAM_SIZE, PCI_ECAM_START, PCI_MMIO32_END, PCI_MMIO32_START};
 use crate::arch::{acpi, bios};
 use crate::boot::{self, BootPayload};
-use crate::config::{ConfigError, SerialConfig, VmConfig, MAX_CPUS};
+use crate::config::{ConfigError, DiskConfig, SerialConfig, VmConfig, MAX_CPUS};
 use crate::console;
 use crate::devices::acpi_pm::{self, AcpiPm};
 use crate::devices::bus::{self, Bus};
 use crate::devices::cmos::{self, Cmos};
 use crate::devices::i8042::{self, I8042};
 use crate::devices::pci::root::{CONFIG_IO_PORT, CONFIG_IO_PORTS};
-use crate::devices::pci::{PciConfigIo, PciEcam, PciRoot};
+use crate::devices::pci::{self, PciConfigIo, PciEcam, PciRoot};
 use crate::devices::pvpanic::{PvPanic, PVPANIC_PORT};
 use crate::devices::serial::{self, SerialDevice, SerialOut};
+use crate::devices::virtio::block::backend::RawFile;
+use crate::devices::virtio::block::{Block, BlockOptions};
+use crate::devices::virtio::pci::{self as virtio_pci, VirtioPciDevice};
 use crate::devices::{ExitHandle, VmEvent};
+use crate::vstate::irq_routing;
 use crate::vstate::vcpu::{self, Buses, Vcpu};
 use crate::vstate::vm::{self, Vm};
 
@@ -50,6 +54,15 @@ pub enum Error {
     /// A device could not be placed.
     #[error(transparent)]
     Bus(#[from] bus::Error),
+    /// A PCI device could not be added.
+    #[error(transparent)]
+    Pci(#[from] pci::root::Error),
+    /// A virtio device could not be set up.
+    #[error(transparent)]
+    VirtioPci(#[from] virtio_pci::Error),
+    /// Interrupt routing failed.
+    #[error(transparent)]
+    Irq(#[from] irq_routing::Error),
     /// Any other host-side failure (eventfds, threads, files).
     #[error("{what}: {source}")]
     Host {
@@ -180,6 +193,31 @@ pub fn legacy_devices(
     Ok((pio, serial))
 }
 
+/// Adds a virtio-blk PCI device for `disk`, with one request queue per vCPU.
+fn attach_disk(vm: &Vm, pci: &mut PciRoot, disk: &DiskConfig, cpus: u8) -> Result<(), Error> {
+    let backend = RawFile::open(&disk.path, disk.read_only, disk.direct)
+        .map_err(host(format!("disk {}", disk.path.display())))?;
+    let opts = BlockOptions {
+        read_only: disk.read_only,
+        serial: disk.serial.clone().unwrap_or_default(),
+        num_queues: u16::from(cpus),
+    };
+    let block = Block::new(Box::new(backend), &opts);
+    let vectors = opts.num_queues + 1;
+    let sink = vm.irq_router().msi_sink(vectors)?;
+    let bar = pci.allocate_bar(virtio_pci::BAR_SIZE)?;
+    let dev = VirtioPciDevice::new(
+        Box::new(block),
+        vm.memory().clone(),
+        bar,
+        Box::new(sink),
+        Some(vm.fd().clone()),
+    )?;
+    let slot = pci.add_device(Arc::new(Mutex::new(dev)))?;
+    tracing::info!(disk = %disk.path.display(), slot, "virtio-blk attached");
+    Ok(())
+}
+
 /// Builds the VM described by `cfg` and starts its vCPUs.
 pub fn start(cfg: &VmConfig) -> Result<RunningVm, Error> {
     // Everything the user can get wrong is checked before KVM is touched.
@@ -209,6 +247,14 @@ pub fn start(cfg: &VmConfig) -> Result<RunningVm, Error> {
         PCI_ECAM_START,
         PCI_ECAM_SIZE,
     )?;
+    for disk in &cfg.disks {
+        attach_disk(
+            &vm,
+            &mut pci.lock().unwrap_or_else(|e| e.into_inner()),
+            disk,
+            cfg.cpus,
+        )?;
+    }
     let buses = Buses {
         pio: Arc::new(pio),
         mmio,

@@ -22,6 +22,22 @@ pub enum SerialConfig {
     Off,
 }
 
+/// A virtio-blk disk.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DiskConfig {
+    /// Image file (raw).
+    pub path: PathBuf,
+    /// The guest may not write.
+    pub read_only: bool,
+    /// Serial number the guest reads with GET_ID (at most 20 bytes).
+    pub serial: Option<String>,
+    /// Open with O_DIRECT, bypassing the host page cache.
+    pub direct: bool,
+}
+
+/// Longest disk serial virtio-blk can carry.
+pub const MAX_SERIAL_LEN: usize = 20;
+
 /// Everything needed to start a VM.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct VmConfig {
@@ -37,6 +53,8 @@ pub struct VmConfig {
     pub memory: u64,
     /// Serial console destination.
     pub serial: SerialConfig,
+    /// virtio-blk disks, in PCI slot order (the first is /dev/vda).
+    pub disks: Vec<DiskConfig>,
 }
 
 /// A configuration value that cannot work. Each message names the value.
@@ -71,6 +89,14 @@ pub enum ConfigError {
         what: &'static str,
         /// The path given.
         path: PathBuf,
+    },
+    /// A `--disk` value that does not parse.
+    #[error("invalid disk {value:?}: {reason}")]
+    InvalidDisk {
+        /// The value given.
+        value: String,
+        /// What is wrong with it.
+        reason: String,
     },
     /// A serial destination that does not parse.
     #[error("invalid serial {0:?}: expected stdout, off or file:PATH")]
@@ -118,6 +144,50 @@ pub fn parse_serial(s: &str) -> Result<SerialConfig, ConfigError> {
     }
 }
 
+fn on_off(key: &str, v: &str) -> Result<bool, String> {
+    match v {
+        "on" | "true" | "yes" => Ok(true),
+        "off" | "false" | "no" => Ok(false),
+        _ => Err(format!("{key}={v}: expected on or off")),
+    }
+}
+
+/// Parses `path=FILE[,readonly=on][,serial=ID][,direct=on]`.
+pub fn parse_disk(s: &str) -> Result<DiskConfig, ConfigError> {
+    let err = |reason: String| ConfigError::InvalidDisk {
+        value: s.to_string(),
+        reason,
+    };
+    let mut disk = DiskConfig {
+        path: PathBuf::new(),
+        read_only: false,
+        serial: None,
+        direct: false,
+    };
+    for part in s.split(',') {
+        let (key, value) = part
+            .split_once('=')
+            .ok_or_else(|| err(format!("{part:?} is not key=value")))?;
+        match key {
+            "path" if !value.is_empty() => disk.path = PathBuf::from(value),
+            "readonly" => disk.read_only = on_off(key, value).map_err(err)?,
+            "direct" => disk.direct = on_off(key, value).map_err(err)?,
+            "serial" if value.len() <= MAX_SERIAL_LEN => disk.serial = Some(value.to_string()),
+            "serial" => return Err(err(format!("serial is longer than {MAX_SERIAL_LEN} bytes"))),
+            "path" => return Err(err("empty path".into())),
+            other => {
+                return Err(err(format!(
+                    "unknown key {other:?} (path, readonly, serial, direct)"
+                )))
+            }
+        }
+    }
+    if disk.path.as_os_str().is_empty() {
+        return Err(err("path=FILE is required".into()));
+    }
+    Ok(disk)
+}
+
 impl VmConfig {
     /// Checks the configuration against fixed limits and `max_cpus` (what the host's KVM
     /// supports), and that the files exist.
@@ -139,7 +209,8 @@ impl VmConfig {
             return Err(ConfigError::MemoryUnaligned(self.memory));
         }
         let files = std::iter::once(("kernel", &self.kernel))
-            .chain(self.initramfs.iter().map(|p| ("initramfs", p)));
+            .chain(self.initramfs.iter().map(|p| ("initramfs", p)))
+            .chain(self.disks.iter().map(|d| ("disk", &d.path)));
         for (what, path) in files {
             if !path.is_file() {
                 return Err(ConfigError::MissingFile {
@@ -191,6 +262,27 @@ mod tests {
         assert!(parse_serial("tcp:1").is_err());
     }
 
+    #[test]
+    fn disks() {
+        let d = parse_disk("path=/img/root.raw").unwrap();
+        assert_eq!(d.path, PathBuf::from("/img/root.raw"));
+        assert!(!d.read_only && !d.direct && d.serial.is_none());
+        let d = parse_disk("path=a.raw,readonly=on,serial=disk-1,direct=on").unwrap();
+        assert!(d.read_only && d.direct);
+        assert_eq!(d.serial.as_deref(), Some("disk-1"));
+        for (bad, needle) in [
+            ("readonly=on", "path=FILE is required"),
+            ("path=", "empty path"),
+            ("path=a,readonly=maybe", "expected on or off"),
+            ("path=a,color=red", "unknown key"),
+            ("path=a,serial=012345678901234567890", "longer than 20"),
+            ("a.raw", "not key=value"),
+        ] {
+            let e = parse_disk(bad).unwrap_err().to_string();
+            assert!(e.contains(needle), "{bad}: {e}");
+        }
+    }
+
     fn config(dir: &std::path::Path) -> VmConfig {
         let kernel = dir.join("k");
         std::fs::write(&kernel, b"x").unwrap();
@@ -201,6 +293,7 @@ mod tests {
             cpus: 1,
             memory: 128 << 20,
             serial: SerialConfig::Stdout,
+            disks: Vec::new(),
         }
     }
 

@@ -5,7 +5,9 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use vmm::builder::{self, VmExit};
-use vmm::config::{parse_serial, parse_size, SerialConfig, VmConfig, DEFAULT_CMDLINE};
+use vmm::config::{
+    parse_disk, parse_serial, parse_size, DiskConfig, SerialConfig, VmConfig, DEFAULT_CMDLINE,
+};
 
 /// Exit status for invalid input (bad flags, missing or invalid files, impossible sizes).
 const EXIT_BAD_INPUT: u8 = 2;
@@ -38,6 +40,10 @@ struct Cli {
     /// quits), off, or file:PATH.
     #[arg(long, value_name = "DEST", default_value = "stdout", value_parser = parse_serial)]
     serial: SerialConfig,
+    /// A virtio-blk disk backed by a raw image; repeat for more (the first is /dev/vda).
+    /// Options: readonly=on, serial=ID (up to 20 bytes), direct=on (O_DIRECT).
+    #[arg(long, value_name = "path=FILE[,readonly=on][,serial=ID][,direct=on]", value_parser = parse_disk)]
+    disk: Vec<DiskConfig>,
 }
 
 fn main() -> ExitCode {
@@ -63,6 +69,7 @@ fn main() -> ExitCode {
         cpus: cli.cpus,
         memory: cli.memory,
         serial: cli.serial,
+        disks: cli.disk,
     };
     let vm = match builder::start(&config) {
         Ok(vm) => vm,

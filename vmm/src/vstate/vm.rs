@@ -4,8 +4,11 @@ use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_PIT_SPEAKER_
 use kvm_ioctls::{Kvm, VmFd};
 use vm_memory::{Address, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 
+use std::sync::Arc;
+
 use crate::arch::layout::KVM_TSS_ADDRESS;
 use crate::arch::memory::ram_ranges;
+use crate::vstate::irq_routing::IrqRouter;
 
 /// Error creating or configuring the VM.
 #[derive(Debug, thiserror::Error)]
@@ -46,8 +49,9 @@ pub fn create_guest_memory(mem_size: u64) -> Result<GuestMemoryMmap, Error> {
 
 /// A KVM VM with its memory registered.
 pub struct Vm {
-    fd: VmFd,
+    fd: Arc<VmFd>,
     memory: GuestMemoryMmap,
+    irq_router: Arc<IrqRouter>,
 }
 
 impl Vm {
@@ -74,12 +78,23 @@ impl Vm {
             // alive (and never remaps) for as long as the VM file descriptor exists.
             unsafe { fd.set_user_memory_region(mr) }.map_err(kvm_err("set memory region"))?;
         }
-        Ok(Self { fd, memory })
+        let fd = Arc::new(fd);
+        let irq_router = Arc::new(IrqRouter::new(fd.clone()));
+        Ok(Self {
+            fd,
+            memory,
+            irq_router,
+        })
     }
 
     /// The KVM VM file descriptor.
-    pub fn fd(&self) -> &VmFd {
+    pub fn fd(&self) -> &Arc<VmFd> {
         &self.fd
+    }
+
+    /// MSI routing for devices.
+    pub fn irq_router(&self) -> &Arc<IrqRouter> {
+        &self.irq_router
     }
 
     /// Guest memory.
