@@ -4,7 +4,7 @@
 
 use std::fs::{File, OpenOptions};
 use std::io;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 
@@ -24,6 +24,12 @@ pub trait DiskBackend: Send {
     fn discard(&mut self, offset: u64, len: u64) -> io::Result<()>;
     /// Zeroes a range; `unmap` allows freeing the space instead of writing zeroes.
     fn write_zeroes(&mut self, offset: u64, len: u64, unmap: bool) -> io::Result<()>;
+    /// A file descriptor whose byte offsets are disk offsets, when there is one (raw images):
+    /// the device may then run transfers on it asynchronously. Formats that map offsets
+    /// (qcow2) return None and are served through the calls above.
+    fn raw_fd(&self) -> Option<RawFd> {
+        None
+    }
 }
 
 /// A raw image file.
@@ -113,6 +119,10 @@ impl DiskBackend for RawFile {
 
     fn flush(&mut self) -> io::Result<()> {
         self.file.sync_data()
+    }
+
+    fn raw_fd(&self) -> Option<RawFd> {
+        Some(self.file.as_raw_fd())
     }
 
     fn discard(&mut self, offset: u64, len: u64) -> io::Result<()> {

@@ -181,48 +181,112 @@ fn slices<'m>(
         .collect()
 }
 
-/// Executes a parsed request; returns the status and the bytes written into guest buffers.
-fn execute(
+/// A data transfer (IN or OUT) that passed every check and only needs doing.
+#[derive(Debug)]
+pub struct Transfer {
+    /// OUT (guest to disk) when true.
+    pub write: bool,
+    /// Byte offset on the disk.
+    pub offset: u64,
+    /// Guest buffers, in order.
+    pub segments: Segments,
+    /// Total bytes.
+    pub len: u32,
+    /// Where the status byte goes.
+    pub status: GuestAddress,
+}
+
+/// A finished request: the status to report and the bytes written into guest buffers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Completion {
+    /// Where the status byte goes.
+    pub status_addr: GuestAddress,
+    /// VIRTIO_BLK_S_*.
+    pub status: u8,
+    /// Bytes the device wrote into guest data buffers.
+    pub written: u32,
+}
+
+/// What to do with a chain.
+#[derive(Debug)]
+pub enum Plan {
+    /// Done already (errors, flush, GET_ID, discard, write-zeroes).
+    Complete(Completion),
+    /// A read or write to carry out, synchronously or through an asynchronous engine.
+    Transfer(Transfer),
+}
+
+impl Transfer {
+    /// The completion of this transfer given its outcome.
+    pub fn completion(&self, result: std::io::Result<()>) -> Completion {
+        let (status, written) = match result {
+            Ok(()) if self.write => (VIRTIO_BLK_S_OK, 0),
+            Ok(()) => (VIRTIO_BLK_S_OK, self.len),
+            Err(e) => {
+                tracing::warn!(
+                    "virtio-blk: {} of {} bytes at {:#x}: {e}",
+                    if self.write { "write" } else { "read" },
+                    self.len,
+                    self.offset
+                );
+                (VIRTIO_BLK_S_IOERR, 0)
+            }
+        };
+        Completion {
+            status_addr: self.status,
+            status: status as u8,
+            written,
+        }
+    }
+
+    /// Carries the transfer out with the backend's synchronous calls.
+    pub fn run_sync(&self, mem: &GuestMemoryMmap, disk: &mut dyn DiskBackend) -> Completion {
+        let result = match slices(mem, &self.segments) {
+            Some(bufs) if self.write => disk.write_at(self.offset, &bufs),
+            Some(bufs) => disk.read_at(self.offset, &bufs),
+            None => Err(std::io::Error::other("guest buffer outside memory")),
+        };
+        self.completion(result)
+    }
+}
+
+/// Executes a parsed request, except for data transfers, which come back as a [`Transfer`].
+fn plan_request(
     mem: &GuestMemoryMmap,
     disk: &mut dyn DiskBackend,
     info: &DiskInfo,
-    req: &Request,
-) -> (u32, u32) {
+    req: Request,
+) -> Plan {
+    let done = |status: u32, written: u32| {
+        Plan::Complete(Completion {
+            status_addr: req.status,
+            status: status as u8,
+            written,
+        })
+    };
     let len = data_len(&req.data);
     match req.kind {
         VIRTIO_BLK_T_IN | VIRTIO_BLK_T_OUT => {
             let write = req.kind == VIRTIO_BLK_T_OUT;
-            if write && info.read_only || len % SECTOR_SIZE != 0 {
-                return (VIRTIO_BLK_S_IOERR, 0);
+            if write && info.read_only || len % SECTOR_SIZE != 0 || len > u64::from(u32::MAX) {
+                return done(VIRTIO_BLK_S_IOERR, 0);
             }
-            let (Some(offset), Some(bufs)) =
-                (checked_range(info, req.sector, len), slices(mem, &req.data))
-            else {
-                return (VIRTIO_BLK_S_IOERR, 0);
-            };
-            let result = if write {
-                disk.write_at(offset, &bufs)
-            } else {
-                disk.read_at(offset, &bufs)
-            };
-            match result {
-                Ok(()) if write => (VIRTIO_BLK_S_OK, 0),
-                Ok(()) => (VIRTIO_BLK_S_OK, len as u32),
-                Err(e) => {
-                    tracing::warn!(
-                        "virtio-blk: {} at sector {}: {e}",
-                        if write { "write" } else { "read" },
-                        req.sector
-                    );
-                    (VIRTIO_BLK_S_IOERR, 0)
-                }
+            match checked_range(info, req.sector, len) {
+                Some(offset) => Plan::Transfer(Transfer {
+                    write,
+                    offset,
+                    segments: req.data,
+                    len: len as u32,
+                    status: req.status,
+                }),
+                None => done(VIRTIO_BLK_S_IOERR, 0),
             }
         }
         VIRTIO_BLK_T_FLUSH => match disk.flush() {
-            Ok(()) => (VIRTIO_BLK_S_OK, 0),
+            Ok(()) => done(VIRTIO_BLK_S_OK, 0),
             Err(e) => {
                 tracing::warn!("virtio-blk: flush: {e}");
-                (VIRTIO_BLK_S_IOERR, 0)
+                done(VIRTIO_BLK_S_IOERR, 0)
             }
         },
         VIRTIO_BLK_T_GET_ID => {
@@ -241,44 +305,44 @@ fn execute(
                 }
                 written += take;
             }
-            (VIRTIO_BLK_S_OK, written as u32)
+            done(VIRTIO_BLK_S_OK, written as u32)
         }
         VIRTIO_BLK_T_DISCARD | VIRTIO_BLK_T_WRITE_ZEROES => {
             if info.read_only {
-                return (VIRTIO_BLK_S_IOERR, 0);
+                return done(VIRTIO_BLK_S_IOERR, 0);
             }
             // We advertise one segment per request.
             let Some(seg) = gather(mem, &descs_of(&req.data), 16)
                 .and_then(|(b, _)| DiscardSegment::from_slice(&b).copied())
                 .filter(|_| len == 16)
             else {
-                return (VIRTIO_BLK_S_UNSUPP, 0);
+                return done(VIRTIO_BLK_S_UNSUPP, 0);
             };
             let bytes = u64::from(seg.num_sectors.to_native()) * SECTOR_SIZE;
             let Some(offset) = checked_range(info, seg.sector.to_native(), bytes) else {
-                return (VIRTIO_BLK_S_IOERR, 0);
+                return done(VIRTIO_BLK_S_IOERR, 0);
             };
             let flags = seg.flags.to_native();
             let result = if req.kind == VIRTIO_BLK_T_DISCARD {
                 if flags != 0 {
-                    return (VIRTIO_BLK_S_UNSUPP, 0);
+                    return done(VIRTIO_BLK_S_UNSUPP, 0);
                 }
                 disk.discard(offset, bytes)
             } else {
                 if flags & !WRITE_ZEROES_UNMAP != 0 {
-                    return (VIRTIO_BLK_S_UNSUPP, 0);
+                    return done(VIRTIO_BLK_S_UNSUPP, 0);
                 }
                 disk.write_zeroes(offset, bytes, flags & WRITE_ZEROES_UNMAP != 0)
             };
             match result {
-                Ok(()) => (VIRTIO_BLK_S_OK, 0),
+                Ok(()) => done(VIRTIO_BLK_S_OK, 0),
                 Err(e) => {
                     tracing::warn!("virtio-blk: discard/write-zeroes at {offset:#x}: {e}");
-                    (VIRTIO_BLK_S_IOERR, 0)
+                    done(VIRTIO_BLK_S_IOERR, 0)
                 }
             }
         }
-        _ => (VIRTIO_BLK_S_UNSUPP, 0),
+        _ => done(VIRTIO_BLK_S_UNSUPP, 0),
     }
 }
 
@@ -292,25 +356,45 @@ fn descs_of(data: &[(GuestAddress, u32)]) -> Vec<Desc> {
         .collect()
 }
 
-/// Serves one chain: parses, executes, writes the status byte. Returns the length to report in
-/// the used ring (bytes the device wrote, status included).
+/// Parses a chain and does everything but its data transfer.
+pub fn plan(
+    mem: &GuestMemoryMmap,
+    disk: &mut dyn DiskBackend,
+    info: &DiskInfo,
+    descs: &[Desc],
+) -> Result<Plan, Unanswerable> {
+    match parse(mem, descs) {
+        Ok(req) => Ok(plan_request(mem, disk, info, req)),
+        Err((Some(status_addr), status)) => Ok(Plan::Complete(Completion {
+            status_addr,
+            status,
+            written: 0,
+        })),
+        Err((None, _)) => Err(Unanswerable::NoStatus),
+    }
+}
+
+/// Writes the status byte; returns the length to report in the used ring (bytes the device wrote,
+/// status included).
+pub fn complete(mem: &GuestMemoryMmap, c: &Completion) -> Result<u32, Unanswerable> {
+    mem.write_obj(c.status, c.status_addr)
+        .map_err(|_| Unanswerable::NoStatus)?;
+    Ok(c.written + 1)
+}
+
+/// Serves one chain synchronously: parses, executes, writes the status byte. Returns the length
+/// to report in the used ring.
 pub fn handle(
     mem: &GuestMemoryMmap,
     disk: &mut dyn DiskBackend,
     info: &DiskInfo,
     descs: &[Desc],
 ) -> Result<u32, Unanswerable> {
-    let (status_addr, status, written) = match parse(mem, descs) {
-        Ok(req) => {
-            let (status, written) = execute(mem, disk, info, &req);
-            (req.status, status as u8, written)
-        }
-        Err((Some(addr), status)) => (addr, status, 0),
-        Err((None, _)) => return Err(Unanswerable::NoStatus),
+    let completion = match plan(mem, disk, info, descs)? {
+        Plan::Complete(c) => c,
+        Plan::Transfer(t) => t.run_sync(mem, disk),
     };
-    mem.write_obj(status, status_addr)
-        .map_err(|_| Unanswerable::NoStatus)?;
-    Ok(written + 1)
+    complete(mem, &completion)
 }
 
 #[cfg(test)]

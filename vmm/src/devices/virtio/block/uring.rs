@@ -1,0 +1,273 @@
+//! Asynchronous data transfers through io_uring: reads and writes go straight between the image
+//! file and guest memory (readv/writev on iovecs that point into guest RAM), many in flight per
+//! queue, and completions arrive on an eventfd the worker's epoll watches.
+
+use std::io;
+use std::os::fd::{AsRawFd, RawFd};
+
+use io_uring::{opcode, types, IoUring};
+use vm_memory::{GuestMemoryBackend, GuestMemoryMmap};
+use vmm_sys_util::eventfd::EventFd;
+
+use super::request::{Completion, Transfer};
+
+struct InFlight {
+    queue: usize,
+    head: u16,
+    transfer: Transfer,
+    /// The kernel reads these while the operation runs; they live here until it completes.
+    iovecs: Vec<libc::iovec>,
+}
+
+/// An io_uring instance serving one disk file.
+pub struct Uring {
+    ring: IoUring,
+    fd: RawFd,
+    completions: EventFd,
+    slots: Vec<Option<InFlight>>,
+    free: Vec<usize>,
+    unsubmitted: usize,
+}
+
+// SAFETY: the iovec pointers refer to guest memory, which is mapped for the life of the VM and
+// valid from any thread; nothing else in `Uring` is tied to the creating thread.
+unsafe impl Send for Uring {}
+
+/// A transfer the engine finished.
+pub struct Done {
+    /// Queue the request came from.
+    pub queue: usize,
+    /// Head descriptor index of its chain.
+    pub head: u16,
+    /// Its outcome.
+    pub completion: Completion,
+}
+
+impl Uring {
+    /// A ring with room for `depth` transfers in flight on `fd`.
+    pub fn new(fd: RawFd, depth: u32) -> io::Result<Self> {
+        let ring = IoUring::new(depth)?;
+        let completions = EventFd::new(libc::EFD_NONBLOCK)?;
+        ring.submitter().register_eventfd(completions.as_raw_fd())?;
+        Ok(Self {
+            ring,
+            fd,
+            completions,
+            slots: (0..depth).map(|_| None).collect(),
+            free: (0..depth as usize).rev().collect(),
+            unsubmitted: 0,
+        })
+    }
+
+    /// The eventfd signalled when transfers complete.
+    pub fn completion_fd(&self) -> RawFd {
+        self.completions.as_raw_fd()
+    }
+
+    /// Number of transfers in flight.
+    pub fn in_flight(&self) -> usize {
+        self.slots.len() - self.free.len()
+    }
+
+    /// Queues `transfer`; it is handed back when the ring is full or a buffer cannot be mapped
+    /// (the caller then runs it synchronously).
+    pub fn push(
+        &mut self,
+        mem: &GuestMemoryMmap,
+        queue: usize,
+        head: u16,
+        transfer: Transfer,
+    ) -> Result<(), Transfer> {
+        let Some(slot) = self.free.pop() else {
+            return Err(transfer);
+        };
+        let mut iovecs = Vec::with_capacity(transfer.segments.len());
+        for (addr, len) in &transfer.segments {
+            match mem.get_slice(*addr, *len as usize) {
+                Ok(s) => iovecs.push(libc::iovec {
+                    iov_base: s.ptr_guard_mut().as_ptr().cast(),
+                    iov_len: s.len(),
+                }),
+                Err(_) => {
+                    self.free.push(slot);
+                    return Err(transfer);
+                }
+            }
+        }
+        let fd = types::Fd(self.fd);
+        let entry = if transfer.write {
+            opcode::Writev::new(fd, iovecs.as_ptr(), iovecs.len() as u32)
+                .offset(transfer.offset)
+                .build()
+        } else {
+            opcode::Readv::new(fd, iovecs.as_ptr(), iovecs.len() as u32)
+                .offset(transfer.offset)
+                .build()
+        }
+        .user_data(slot as u64);
+        // SAFETY: the iovecs and the guest memory they point to stay valid until the completion
+        // for `slot` is reaped: the iovecs are stored in the slot, guest memory lives as long as
+        // the VM, and `drain` waits for every operation before the engine is dropped.
+        let pushed = unsafe { self.ring.submission().push(&entry) };
+        if pushed.is_err() {
+            self.free.push(slot);
+            return Err(transfer);
+        }
+        self.slots[slot] = Some(InFlight {
+            queue,
+            head,
+            transfer,
+            iovecs,
+        });
+        self.unsubmitted += 1;
+        Ok(())
+    }
+
+    /// Hands queued transfers to the kernel.
+    pub fn submit(&mut self) -> io::Result<()> {
+        if self.unsubmitted > 0 {
+            self.ring.submit()?;
+            self.unsubmitted = 0;
+        }
+        Ok(())
+    }
+
+    /// Collects finished transfers. Short transfers are errors: the request was checked to lie
+    /// inside the disk, so a short count means the file shrank or the device failed.
+    pub fn reap(&mut self) -> Vec<Done> {
+        let _ = self.completions.read();
+        let mut done = Vec::new();
+        let finished: Vec<(u64, i32)> = self
+            .ring
+            .completion()
+            .map(|c| (c.user_data(), c.result()))
+            .collect();
+        for (slot, res) in finished {
+            let Some(op) = self.slots.get_mut(slot as usize).and_then(Option::take) else {
+                continue;
+            };
+            self.free.push(slot as usize);
+            let result = if res < 0 {
+                Err(io::Error::from_raw_os_error(-res))
+            } else if res as u32 != op.transfer.len {
+                Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    format!("short transfer: {res} of {} bytes", op.transfer.len),
+                ))
+            } else {
+                Ok(())
+            };
+            drop(op.iovecs);
+            done.push(Done {
+                queue: op.queue,
+                head: op.head,
+                completion: op.transfer.completion(result),
+            });
+        }
+        done
+    }
+
+    /// Waits for every transfer in flight and returns them.
+    pub fn drain(&mut self) -> Vec<Done> {
+        let mut all = Vec::new();
+        let _ = self.submit();
+        while self.in_flight() > 0 {
+            if let Err(e) = self.ring.submit_and_wait(1) {
+                if e.kind() != io::ErrorKind::Interrupted {
+                    tracing::error!("virtio-blk: io_uring wait: {e}");
+                    break;
+                }
+            }
+            all.extend(self.reap());
+        }
+        all
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+    use vm_memory::{Bytes, GuestAddress};
+
+    #[test]
+    fn reads_and_writes_complete_through_the_ring() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("d.raw");
+        let data: Vec<u8> = (0..16384u32).map(|i| (i * 31 % 251) as u8).collect();
+        std::fs::File::create(&path)
+            .unwrap()
+            .write_all(&data)
+            .unwrap();
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&path)
+            .unwrap();
+        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+        let mut ring = Uring::new(file.as_raw_fd(), 8).expect("io_uring on this kernel");
+        let t = |write: bool, offset: u64, addr: u64, status: u64| Transfer {
+            write,
+            offset,
+            segments: vec![
+                (GuestAddress(addr), 512),
+                (GuestAddress(addr + 0x1000), 512),
+            ],
+            len: 1024,
+            status: GuestAddress(status),
+        };
+        ring.push(&mem, 0, 7, t(false, 2048, 0x10000, 0x100))
+            .unwrap();
+        mem.write_slice(&[0xcc; 512], GuestAddress(0x20000))
+            .unwrap();
+        mem.write_slice(&[0xdd; 512], GuestAddress(0x21000))
+            .unwrap();
+        ring.push(&mem, 1, 9, t(true, 8192, 0x20000, 0x101))
+            .unwrap();
+        assert_eq!(ring.in_flight(), 2);
+        let mut done = ring.drain();
+        done.sort_by_key(|d| d.head);
+        assert_eq!(done.len(), 2);
+        assert_eq!(
+            (done[0].queue, done[0].head, done[0].completion.written),
+            (0, 7, 1024)
+        );
+        assert_eq!(done[0].completion.status, 0);
+        assert_eq!(
+            (done[1].queue, done[1].head, done[1].completion.written),
+            (1, 9, 0)
+        );
+        let mut back = vec![0u8; 512];
+        mem.read_slice(&mut back, GuestAddress(0x11000)).unwrap();
+        assert_eq!(back, data[2560..3072]);
+        let on_disk = std::fs::read(&path).unwrap();
+        assert!(on_disk[8192..8704].iter().all(|b| *b == 0xcc));
+        assert!(on_disk[8704..9216].iter().all(|b| *b == 0xdd));
+        // Reading past the end of the file is a short transfer: an error status.
+        ring.push(&mem, 0, 1, t(false, 16384 - 512, 0x10000, 0x100))
+            .unwrap();
+        let done = ring.drain();
+        assert_eq!(done[0].completion.status, 1);
+        assert_eq!(ring.in_flight(), 0);
+    }
+
+    #[test]
+    fn a_full_ring_hands_transfers_back() {
+        let file = tempfile::tempfile().unwrap();
+        file.set_len(4096).unwrap();
+        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 1 << 16)]).unwrap();
+        let mut ring = Uring::new(file.as_raw_fd(), 1).expect("io_uring on this kernel");
+        let t = || Transfer {
+            write: false,
+            offset: 0,
+            segments: vec![(GuestAddress(0), 512)],
+            len: 512,
+            status: GuestAddress(0x800),
+        };
+        ring.push(&mem, 0, 0, t()).unwrap();
+        assert!(ring.push(&mem, 0, 1, t()).is_err());
+        assert_eq!(ring.drain().len(), 1);
+        ring.push(&mem, 0, 1, t()).unwrap();
+        assert_eq!(ring.drain().len(), 1);
+    }
+}
