@@ -24,6 +24,11 @@ use anyhow::{bail, Context, Result};
 use crate::artifacts;
 use crate::paths::{profile_dir, repo_root};
 
+/// Size of the test host's scratch disk (sparse on the outer machine).
+const SCRATCH_SIZE: u64 = 8 << 30;
+/// Where scenarios find the scratch filesystem inside the test host.
+const SCRATCH_MOUNT: &str = "/run/lightbyte-scratch";
+
 /// Time the test host gets to boot and start its agent.
 const BOOT_TIMEOUT: Duration = Duration::from_secs(120);
 const POLL: Duration = Duration::from_millis(50);
@@ -128,6 +133,23 @@ impl Host {
         &self.work
     }
 
+    /// A shell snippet that sets `SCRATCH` to a directory on a real disk-backed filesystem
+    /// (ext4, O_DIRECT works): the test host's scratch disk, formatted on first use, or a
+    /// directory under the work directory when scenarios run locally.
+    pub fn scratch_setup(&self) -> String {
+        match self.mode {
+            Mode::Qemu => format!(
+                "if ! mountpoint -q {m}; then mkfs.ext4 -q -F /dev/vda && mkdir -p {m} && \
+                 mount /dev/vda {m}; fi; SCRATCH={m}\n",
+                m = SCRATCH_MOUNT
+            ),
+            Mode::Local => format!(
+                "SCRATCH={}; mkdir -p \"$SCRATCH\"\n",
+                self.work.join("scratch").display()
+            ),
+        }
+    }
+
     /// Runs `script` with `sh` and returns its output; fails if it does not finish in `timeout`.
     pub fn run(&self, name: &str, script: &str, timeout: Duration) -> Result<ScriptOutput> {
         let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
@@ -178,6 +200,10 @@ impl Host {
         let _ = fs::remove_dir_all(&queue);
         fs::create_dir_all(&queue)?;
         let log = self.work.join("testhost.log");
+        // A sparse scratch disk (/dev/vda in the test host) for scenarios that need a real
+        // filesystem with O_DIRECT, which tmpfs and 9p do not offer; see `scratch_setup`.
+        let scratch = self.work.join("scratch.img");
+        fs::File::create(&scratch)?.set_len(SCRATCH_SIZE)?;
         let agent = repo_root().join("tests/testhost/agent.sh");
         let append = format!(
             "console=ttyS0 quiet panic=-1 mitigations=off lbwork={} lbagent={}",
@@ -203,6 +229,9 @@ impl Host {
         .arg(&a.testhost_initramfs)
         .arg("-append")
         .arg(append)
+        .arg("-drive")
+        .arg(format!("if=none,id=scratch,file={},format=raw", scratch.display()))
+        .args(["-device", "virtio-blk-pci,drive=scratch"])
         .arg("-virtfs")
         .arg("local,path=/,mount_tag=hostroot,security_model=none,readonly=on,multidevs=remap")
         .arg("-virtfs")

@@ -400,47 +400,7 @@ pub fn handle(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::io;
-    use vm_memory::VolatileSlice;
-
-    /// An in-memory disk that records what it was asked to do.
-    struct MemDisk {
-        data: Vec<u8>,
-        flushed: bool,
-    }
-
-    impl DiskBackend for MemDisk {
-        fn size(&self) -> u64 {
-            self.data.len() as u64
-        }
-        fn read_at(&mut self, offset: u64, bufs: &[VolatileSlice<'_>]) -> io::Result<()> {
-            let mut off = offset as usize;
-            for b in bufs {
-                b.copy_from(&self.data[off..off + b.len()]);
-                off += b.len();
-            }
-            Ok(())
-        }
-        fn write_at(&mut self, offset: u64, bufs: &[VolatileSlice<'_>]) -> io::Result<()> {
-            let mut off = offset as usize;
-            for b in bufs {
-                b.copy_to(&mut self.data[off..off + b.len()]);
-                off += b.len();
-            }
-            Ok(())
-        }
-        fn flush(&mut self) -> io::Result<()> {
-            self.flushed = true;
-            Ok(())
-        }
-        fn discard(&mut self, offset: u64, len: u64) -> io::Result<()> {
-            self.data[offset as usize..(offset + len) as usize].fill(0);
-            Ok(())
-        }
-        fn write_zeroes(&mut self, offset: u64, len: u64, _unmap: bool) -> io::Result<()> {
-            self.discard(offset, len)
-        }
-    }
+    use crate::devices::virtio::block::backend::MemoryDisk as MemDisk;
 
     const HDR: u64 = 0x1000;
     const DATA: u64 = 0x2000;
