@@ -230,7 +230,10 @@ impl Host {
         .arg("-append")
         .arg(append)
         .arg("-drive")
-        .arg(format!("if=none,id=scratch,file={},format=raw", scratch.display()))
+        .arg(format!(
+            "if=none,id=scratch,file={},format=raw",
+            scratch.display()
+        ))
         .args(["-device", "virtio-blk-pci,drive=scratch"])
         .arg("-virtfs")
         .arg("local,path=/,mount_tag=hostroot,security_model=none,readonly=on,multidevs=remap")

@@ -42,12 +42,48 @@ struct Job {
 }
 
 const JOBS: [Job; 6] = [
-    Job { name: "seq-read-1m", rw: "read", bs: "1M", iodepth: 16, metric: Metric::MibPerSec },
-    Job { name: "seq-write-1m", rw: "write", bs: "1M", iodepth: 16, metric: Metric::MibPerSec },
-    Job { name: "rand-read-4k-qd1", rw: "randread", bs: "4k", iodepth: 1, metric: Metric::Iops },
-    Job { name: "rand-read-4k-qd32", rw: "randread", bs: "4k", iodepth: 32, metric: Metric::Iops },
-    Job { name: "rand-write-4k-qd1", rw: "randwrite", bs: "4k", iodepth: 1, metric: Metric::Iops },
-    Job { name: "rand-write-4k-qd32", rw: "randwrite", bs: "4k", iodepth: 32, metric: Metric::Iops },
+    Job {
+        name: "seq-read-1m",
+        rw: "read",
+        bs: "1M",
+        iodepth: 16,
+        metric: Metric::MibPerSec,
+    },
+    Job {
+        name: "seq-write-1m",
+        rw: "write",
+        bs: "1M",
+        iodepth: 16,
+        metric: Metric::MibPerSec,
+    },
+    Job {
+        name: "rand-read-4k-qd1",
+        rw: "randread",
+        bs: "4k",
+        iodepth: 1,
+        metric: Metric::Iops,
+    },
+    Job {
+        name: "rand-read-4k-qd32",
+        rw: "randread",
+        bs: "4k",
+        iodepth: 32,
+        metric: Metric::Iops,
+    },
+    Job {
+        name: "rand-write-4k-qd1",
+        rw: "randwrite",
+        bs: "4k",
+        iodepth: 1,
+        metric: Metric::Iops,
+    },
+    Job {
+        name: "rand-write-4k-qd32",
+        rw: "randwrite",
+        bs: "4k",
+        iodepth: 32,
+        metric: Metric::Iops,
+    },
 ];
 
 fn job_file(filename: &str, runtime: u32) -> String {
@@ -72,7 +108,11 @@ fn figure(report: &serde_json::Value, job: &Job) -> Result<f64> {
         .iter()
         .find(|j| j["jobname"] == job.name)
         .with_context(|| format!("{} missing from fio report", job.name))?;
-    let side = if job.rw.contains("read") { "read" } else { "write" };
+    let side = if job.rw.contains("read") {
+        "read"
+    } else {
+        "write"
+    };
     let v = match job.metric {
         Metric::MibPerSec => entry[side]["bw"].as_f64().context("bw")? / 1024.0,
         Metric::Iops => entry[side]["iops"].as_f64().context("iops")?,

@@ -23,7 +23,9 @@ fuzz_target!(|data: &[u8]| {
         .chunks_exact(7)
         .map(|c| Desc {
             // Up to 128 KiB: half the addresses fall outside the 64 KiB of memory.
-            addr: GuestAddress(u64::from(u32::from_le_bytes([c[0], c[1], c[2], 0]) & 0x1_ffff)),
+            addr: GuestAddress(u64::from(
+                u32::from_le_bytes([c[0], c[1], c[2], 0]) & 0x1_ffff,
+            )),
             len: u32::from(u16::from_le_bytes([c[3], c[4]])) | (u32::from(c[5] & 0x3) << 16),
             writable: c[6] & 1 == 1,
         })
@@ -40,6 +42,9 @@ fuzz_target!(|data: &[u8]| {
     let _ = handle(&mem, &mut disk, &info, &descs);
     assert_eq!(disk.data.len(), 32 << 10);
     if read_only {
-        assert!(disk.data.iter().all(|b| *b == 0x5a), "read-only disk modified");
+        assert!(
+            disk.data.iter().all(|b| *b == 0x5a),
+            "read-only disk modified"
+        );
     }
 });

@@ -191,7 +191,9 @@ impl MemoryDisk {
         let end = offset
             .checked_add(len)
             .filter(|e| *e <= self.data.len() as u64)
-            .ok_or_else(|| io::Error::new(io::ErrorKind::UnexpectedEof, "past the end of the disk"))?;
+            .ok_or_else(|| {
+                io::Error::new(io::ErrorKind::UnexpectedEof, "past the end of the disk")
+            })?;
         Ok(offset as usize..end as usize)
     }
 }
