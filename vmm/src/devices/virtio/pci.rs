@@ -6,7 +6,7 @@
 //! MSI-X table and pending bits.
 
 use std::sync::atomic::{AtomicU8, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use kvm_ioctls::{IoEventAddress, NoDatamatch, VmFd};
 use virtio_queue::{Queue, QueueT};
@@ -34,6 +34,8 @@ const NOTIFY_SIZE: u64 = 0x1000;
 const NOTIFY_MULTIPLIER: u32 = 4;
 const MSIX_TABLE_OFFSET: u64 = 0x4000;
 const MSIX_PBA_OFFSET: u64 = 0x6000;
+const MSIX_TABLE_SIZE: u64 = MSIX_PBA_OFFSET - MSIX_TABLE_OFFSET;
+const MSIX_PBA_SIZE: u64 = BAR_SIZE - MSIX_PBA_OFFSET;
 /// "No MSI-X vector" in the common configuration.
 pub const NO_VECTOR: u16 = 0xffff;
 
@@ -89,14 +91,17 @@ struct MsixInterrupt {
     config_vector: u16,
 }
 
+/// Locks MSI-X state, recovering from poisoning: the state is plain data that every writer
+/// leaves consistent, and interrupts must keep flowing.
+fn lock_msix(msix: &Mutex<Msix>) -> MutexGuard<'_, Msix> {
+    msix.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 impl MsixInterrupt {
     fn raise(&self, vector: u16, isr_bit: u8) {
         self.isr.fetch_or(isr_bit, Ordering::SeqCst);
         if vector != NO_VECTOR {
-            self.msix
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .trigger(vector);
+            lock_msix(&self.msix).trigger(vector);
         }
     }
 }
@@ -227,6 +232,10 @@ impl VirtioPciDevice {
             config_vector: NO_VECTOR,
             queues: max_sizes.into_iter().map(QueueConfig::new).collect(),
         })
+    }
+
+    fn msix(&self) -> MutexGuard<'_, Msix> {
+        lock_msix(&self.msix)
     }
 
     fn selected(&mut self) -> Option<&mut QueueConfig> {
@@ -454,7 +463,7 @@ impl PciDevice for VirtioPciDevice {
     }
 
     fn config_written(&mut self, _offset: usize) {
-        let mut msix = self.msix.lock().unwrap_or_else(|e| e.into_inner());
+        let mut msix = lock_msix(&self.msix);
         msix.config_written(&mut self.config);
     }
 
@@ -471,22 +480,10 @@ impl PciDevice for VirtioPciDevice {
             data[0] = self.isr.swap(0, Ordering::SeqCst);
         } else if let Some(o) = in_region(offset, len, DEVICE_OFFSET, DEVICE_SIZE) {
             self.device.read_config(o, data);
-        } else if let Some(o) = in_region(
-            offset,
-            len,
-            MSIX_TABLE_OFFSET,
-            MSIX_PBA_OFFSET - MSIX_TABLE_OFFSET,
-        ) {
-            self.msix
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .table_read(o, data);
-        } else if let Some(o) = in_region(offset, len, MSIX_PBA_OFFSET, BAR_SIZE - MSIX_PBA_OFFSET)
-        {
-            self.msix
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .pba_read(o, data);
+        } else if let Some(o) = in_region(offset, len, MSIX_TABLE_OFFSET, MSIX_TABLE_SIZE) {
+            self.msix().table_read(o, data);
+        } else if let Some(o) = in_region(offset, len, MSIX_PBA_OFFSET, MSIX_PBA_SIZE) {
+            self.msix().pba_read(o, data);
         }
     }
 
@@ -504,16 +501,8 @@ impl PciDevice for VirtioPciDevice {
             if let Some(kick) = self.kicks.get(q) {
                 let _ = kick.write(1);
             }
-        } else if let Some(o) = in_region(
-            offset,
-            len,
-            MSIX_TABLE_OFFSET,
-            MSIX_PBA_OFFSET - MSIX_TABLE_OFFSET,
-        ) {
-            self.msix
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .table_write(o, data);
+        } else if let Some(o) = in_region(offset, len, MSIX_TABLE_OFFSET, MSIX_TABLE_SIZE) {
+            self.msix().table_write(o, data);
         }
     }
 
