@@ -54,6 +54,18 @@ fn bad_inputs_exit_2_with_a_clear_message() {
         "initramfs",
     );
     assert_bad_input(&["--kernel", t, "--bogus"], "unexpected argument '--bogus'");
+    assert_bad_input(
+        &["--kernel", t, "--disk", "readonly=on"],
+        "path=FILE is required",
+    );
+    assert_bad_input(
+        &["--kernel", t, "--disk", "path=x,cache=none"],
+        "unknown key",
+    );
+    assert_bad_input(
+        &["--kernel", t, "--disk", "path=/nonexistent/disk.raw"],
+        "disk /nonexistent/disk.raw: no such file",
+    );
     assert_bad_input(&[], "--kernel <PATH>");
     // A kernel file that claims to be ELF but is cut short fails when loaded; with KVM absent it
     // still fails cleanly (status 1 or 2), never with a panic.
