@@ -21,7 +21,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use self::backend::DiskBackend;
 use self::request::{complete, plan, Desc, DiskInfo, Plan, SECTOR_SIZE};
-use self::uring::Uring;
+use self::uring::{merge_runs, Uring, MAX_IOVECS};
 use super::{ActivateError, Activation, ActiveQueue, Interrupt, VirtioDevice, VIRTIO_F_VERSION_1};
 
 /// virtio device ID of a block device.
@@ -280,6 +280,8 @@ impl QueueWorker {
         let queue = &mut self.queues[q].queue;
         let mut disk = self.disk.lock().unwrap_or_else(|e| e.into_inner());
         let mut served = false;
+        // Transfers for io_uring, merged and submitted once the available ring is drained.
+        let mut transfers = Vec::new();
         loop {
             if let Err(e) = queue.disable_notification(mem) {
                 tracing::warn!("virtio-blk queue {q}: {e:?}");
@@ -296,13 +298,11 @@ impl QueueWorker {
                     .collect();
                 let completion = match plan(mem, disk.as_mut(), &self.info, &descs) {
                     Ok(Plan::Complete(c)) => Some(c),
-                    Ok(Plan::Transfer(t)) => match self.uring.as_mut() {
-                        Some(u) => match u.push(mem, q, head, t) {
-                            Ok(()) => None,
-                            Err(t) => Some(t.run_sync(mem, disk.as_mut())),
-                        },
-                        None => Some(t.run_sync(mem, disk.as_mut())),
-                    },
+                    Ok(Plan::Transfer(t)) if self.uring.is_some() => {
+                        transfers.push((head, t));
+                        None
+                    }
+                    Ok(Plan::Transfer(t)) => Some(t.run_sync(mem, disk.as_mut())),
                     Err(_) => {
                         // No status byte to answer in: hand the chain back empty.
                         if let Err(e) = queue.add_used(mem, head, 0) {
@@ -329,12 +329,24 @@ impl QueueWorker {
                 }
             }
         }
-        drop(disk);
         if let Some(u) = self.uring.as_mut() {
+            for run in merge_runs(transfers, MAX_IOVECS) {
+                if let Err(run) = u.push_run(mem, q, run) {
+                    // Ring full: serve these synchronously.
+                    for (head, t) in run {
+                        let used = complete(mem, &t.run_sync(mem, disk.as_mut())).unwrap_or(0);
+                        if let Err(e) = queue.add_used(mem, head, used) {
+                            tracing::warn!("virtio-blk queue {q}: add_used: {e:?}");
+                        }
+                        served = true;
+                    }
+                }
+            }
             if let Err(e) = u.submit() {
                 tracing::error!("virtio-blk: io_uring submit: {e}");
             }
         }
+        drop(disk);
         if served {
             self.notify_if_needed(q);
         }

@@ -11,12 +11,39 @@ use vmm_sys_util::eventfd::EventFd;
 
 use super::request::{Completion, Transfer};
 
+/// One operation on the ring: one request, or several that continue one another on disk.
 struct InFlight {
     queue: usize,
-    head: u16,
-    transfer: Transfer,
+    members: Vec<(u16, Transfer)>,
+    len: u64,
     /// The kernel reads these while the operation runs; they live here until it completes.
     iovecs: Vec<libc::iovec>,
+}
+
+/// Most buffers one readv/writev takes (the kernel's IOV_MAX).
+pub const MAX_IOVECS: usize = 1024;
+
+/// Splits `batch` (in queue order) into runs that one operation can serve: same direction, each
+/// starting where the previous one ends on disk, at most `max_iovecs` buffers together. Merging
+/// turns a guest's back-to-back sequential requests into one large host I/O.
+pub fn merge_runs(batch: Vec<(u16, Transfer)>, max_iovecs: usize) -> Vec<Vec<(u16, Transfer)>> {
+    let mut runs: Vec<Vec<(u16, Transfer)>> = Vec::new();
+    let mut iovecs = 0;
+    for (head, t) in batch {
+        let joins = runs.last().and_then(|r| r.last()).is_some_and(|(_, prev)| {
+            prev.write == t.write
+                && prev.offset + u64::from(prev.len) == t.offset
+                && iovecs + t.segments.len() <= max_iovecs
+        });
+        if joins {
+            iovecs += t.segments.len();
+            runs.last_mut().expect("joined a run").push((head, t));
+        } else {
+            iovecs = t.segments.len();
+            runs.push(vec![(head, t)]);
+        }
+    }
+    runs
 }
 
 /// An io_uring instance serving one disk file.
@@ -69,8 +96,8 @@ impl Uring {
         self.slots.len() - self.free.len()
     }
 
-    /// Queues `transfer`; it is handed back when the ring is full or a buffer cannot be mapped
-    /// (the caller then runs it synchronously).
+    /// Queues one transfer; it is handed back when the ring is full or a buffer cannot be
+    /// mapped (the caller then runs it synchronously).
     pub fn push(
         &mut self,
         mem: &GuestMemoryMmap,
@@ -78,11 +105,26 @@ impl Uring {
         head: u16,
         transfer: Transfer,
     ) -> Result<(), Transfer> {
-        let Some(slot) = self.free.pop() else {
-            return Err(transfer);
+        self.push_run(mem, queue, vec![(head, transfer)])
+            .map_err(|mut run| run.pop().expect("one transfer").1)
+    }
+
+    /// Queues a run from [`merge_runs`] as one operation; the run is handed back when the ring
+    /// is full or a buffer cannot be mapped.
+    pub fn push_run(
+        &mut self,
+        mem: &GuestMemoryMmap,
+        queue: usize,
+        run: Vec<(u16, Transfer)>,
+    ) -> Result<(), Vec<(u16, Transfer)>> {
+        let Some(first) = run.first().map(|(_, t)| (t.write, t.offset)) else {
+            return Ok(());
         };
-        let mut iovecs = Vec::with_capacity(transfer.segments.len());
-        for (addr, len) in &transfer.segments {
+        let Some(slot) = self.free.pop() else {
+            return Err(run);
+        };
+        let mut iovecs = Vec::with_capacity(run.iter().map(|(_, t)| t.segments.len()).sum());
+        for (addr, len) in run.iter().flat_map(|(_, t)| t.segments.iter()) {
             match mem.get_slice(*addr, *len as usize) {
                 Ok(s) => iovecs.push(libc::iovec {
                     iov_base: s.ptr_guard_mut().as_ptr().cast(),
@@ -90,18 +132,19 @@ impl Uring {
                 }),
                 Err(_) => {
                     self.free.push(slot);
-                    return Err(transfer);
+                    return Err(run);
                 }
             }
         }
+        let (write, offset) = first;
         let fd = types::Fd(self.fd);
-        let entry = if transfer.write {
+        let entry = if write {
             opcode::Writev::new(fd, iovecs.as_ptr(), iovecs.len() as u32)
-                .offset(transfer.offset)
+                .offset(offset)
                 .build()
         } else {
             opcode::Readv::new(fd, iovecs.as_ptr(), iovecs.len() as u32)
-                .offset(transfer.offset)
+                .offset(offset)
                 .build()
         }
         .user_data(slot as u64);
@@ -111,12 +154,13 @@ impl Uring {
         let pushed = unsafe { self.ring.submission().push(&entry) };
         if pushed.is_err() {
             self.free.push(slot);
-            return Err(transfer);
+            return Err(run);
         }
+        let len = run.iter().map(|(_, t)| u64::from(t.len)).sum();
         self.slots[slot] = Some(InFlight {
             queue,
-            head,
-            transfer,
+            members: run,
+            len,
             iovecs,
         });
         self.unsubmitted += 1;
@@ -147,22 +191,25 @@ impl Uring {
                 continue;
             };
             self.free.push(slot as usize);
-            let result = if res < 0 {
-                Err(io::Error::from_raw_os_error(-res))
-            } else if res as u32 != op.transfer.len {
-                Err(io::Error::new(
-                    io::ErrorKind::UnexpectedEof,
-                    format!("short transfer: {res} of {} bytes", op.transfer.len),
-                ))
-            } else {
-                Ok(())
-            };
             drop(op.iovecs);
-            done.push(Done {
-                queue: op.queue,
-                head: op.head,
-                completion: op.transfer.completion(result),
-            });
+            for (head, transfer) in op.members {
+                // A merged operation succeeds or fails as a whole.
+                let result = if res < 0 {
+                    Err(io::Error::from_raw_os_error(-res))
+                } else if res as u64 != op.len {
+                    Err(io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        format!("short transfer: {res} of {} bytes", op.len),
+                    ))
+                } else {
+                    Ok(())
+                };
+                done.push(Done {
+                    queue: op.queue,
+                    head,
+                    completion: transfer.completion(result),
+                });
+            }
         }
         done
     }
@@ -249,6 +296,66 @@ mod tests {
         let done = ring.drain();
         assert_eq!(done[0].completion.status, 1);
         assert_eq!(ring.in_flight(), 0);
+    }
+
+    #[test]
+    fn contiguous_same_direction_transfers_merge() {
+        let t = |write: bool, offset: u64, segs: usize| Transfer {
+            write,
+            offset,
+            segments: vec![(GuestAddress(0x1000), 512); segs],
+            len: 512 * segs as u32,
+            status: GuestAddress(0),
+        };
+        let batch = vec![
+            (0, t(true, 0, 2)),
+            (1, t(true, 1024, 1)),
+            (2, t(false, 1536, 1)), // direction changes
+            (3, t(false, 2048, 1)),
+            (4, t(false, 8192, 1)), // not contiguous
+            (5, t(false, 8704, 4)), // would exceed the iovec limit
+        ];
+        let runs = merge_runs(batch, 4);
+        let heads: Vec<Vec<u16>> = runs
+            .iter()
+            .map(|r| r.iter().map(|(h, _)| *h).collect())
+            .collect();
+        assert_eq!(heads, vec![vec![0, 1], vec![2, 3], vec![4], vec![5]]);
+    }
+
+    #[test]
+    fn a_merged_run_is_one_operation_with_one_completion_per_request() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("d.raw");
+        let data: Vec<u8> = (0..8192u32).map(|i| (i % 253) as u8).collect();
+        std::fs::write(&path, &data).unwrap();
+        let file = std::fs::File::open(&path).unwrap();
+        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+        let mut ring = Uring::new(file.as_raw_fd(), 4).expect("io_uring on this kernel");
+        let t = |offset: u64, addr: u64| Transfer {
+            write: false,
+            offset,
+            segments: vec![(GuestAddress(addr), 1024)],
+            len: 1024,
+            status: GuestAddress(0),
+        };
+        let runs = merge_runs(
+            vec![(5, t(1024, 0x10000)), (6, t(2048, 0x20000))],
+            MAX_IOVECS,
+        );
+        assert_eq!(runs.len(), 1);
+        for run in runs {
+            ring.push_run(&mem, 0, run).unwrap();
+        }
+        assert_eq!(ring.in_flight(), 1);
+        let done = ring.drain();
+        assert_eq!(done.len(), 2);
+        assert!(done
+            .iter()
+            .all(|d| d.completion.status == 0 && d.completion.written == 1024));
+        let mut a = vec![0u8; 1024];
+        mem.read_slice(&mut a, GuestAddress(0x20000)).unwrap();
+        assert_eq!(a, data[2048..3072]);
     }
 
     #[test]
