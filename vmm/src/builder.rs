@@ -224,7 +224,7 @@ pub fn start(cfg: &VmConfig) -> Result<RunningVm, Error> {
     cfg.validate(u32::from(MAX_CPUS))?;
     boot::check_kernel(&cfg.kernel)?;
     let kvm = Kvm::new().map_err(Error::Kvm)?;
-    cfg.validate(kvm.get_max_vcpus() as u32)?;
+    cfg.check_cpus(kvm.get_max_vcpus() as u32)?;
 
     let memory = vm::create_guest_memory(cfg.memory)?;
     let vm = Arc::new(Vm::new(&kvm, memory)?);

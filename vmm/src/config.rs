@@ -189,9 +189,8 @@ pub fn parse_disk(s: &str) -> Result<DiskConfig, ConfigError> {
 }
 
 impl VmConfig {
-    /// Checks the configuration against fixed limits and `max_cpus` (what the host's KVM
-    /// supports), and that the files exist.
-    pub fn validate(&self, max_cpus: u32) -> Result<(), ConfigError> {
+    /// Checks the vCPU count against `max_cpus` (what the host's KVM supports) and our own limit.
+    pub fn check_cpus(&self, max_cpus: u32) -> Result<(), ConfigError> {
         let max = max_cpus.min(u32::from(MAX_CPUS));
         if self.cpus == 0 || u32::from(self.cpus) > max {
             return Err(ConfigError::CpuCount {
@@ -199,6 +198,13 @@ impl VmConfig {
                 max,
             });
         }
+        Ok(())
+    }
+
+    /// Checks the configuration against fixed limits and `max_cpus` (what the host's KVM
+    /// supports), and that the files exist.
+    pub fn validate(&self, max_cpus: u32) -> Result<(), ConfigError> {
+        self.check_cpus(max_cpus)?;
         if self.memory < MIN_MEMORY {
             return Err(ConfigError::MemoryTooSmall {
                 got: self.memory,
