@@ -88,12 +88,25 @@ fn open_at_depth(
     direct: bool,
     seen: &mut Vec<(u64, u64)>,
 ) -> Result<Layer> {
-    let mut opts = OpenOptions::new();
-    opts.read(true).write(writable);
-    if direct {
-        opts.custom_flags(libc::O_DIRECT);
-    }
-    let file = opts.open(path).map_err(Error::io(path))?;
+    let file = OpenOptions::new()
+        .read(true)
+        .write(writable)
+        .open(path)
+        .map_err(Error::io(path))?;
+    let data = crate::iov::DataFile {
+        direct: if direct {
+            Some(
+                OpenOptions::new()
+                    .read(true)
+                    .write(writable)
+                    .custom_flags(libc::O_DIRECT)
+                    .open(path)
+                    .map_err(Error::io(path))?,
+            )
+        } else {
+            None
+        },
+    };
     let meta = file.metadata().map_err(Error::io(path))?;
     if meta.is_dir() {
         return Err(Error::Invalid(format!(
@@ -121,9 +134,10 @@ fn open_at_depth(
         None => probe_file(&file, path)?,
     };
     match format {
-        Format::Raw => Ok(Layer::Raw(Raw::open(path, file, writable)?)),
+        Format::Raw => Ok(Layer::Raw(Raw::open(path, file, data, writable)?)),
         Format::Qcow2 => {
             let mut q = Qcow2::open(path, file, writable)?;
+            q.set_data_file(data);
             let h = q.header().clone();
             if let Some(name) = &h.backing_file {
                 let bpath = resolve_backing(path, name);

@@ -181,6 +181,36 @@ pub fn write_all_at(file: &File, slices: &[VolatileSlice<'_>], mut off: u64) -> 
     Ok(())
 }
 
+/// Where guest data goes: the image file, and optionally a second descriptor of it opened with
+/// O_DIRECT (metadata always goes through the first: its small unaligned writes cannot be
+/// O_DIRECT). Transfers the kernel refuses as unaligned fall back to the buffered descriptor.
+pub struct DataFile {
+    /// The O_DIRECT descriptor, when asked for.
+    pub direct: Option<File>,
+}
+
+impl DataFile {
+    fn run(&self, buffered: &File, op: impl Fn(&File) -> io::Result<()>) -> io::Result<()> {
+        if let Some(d) = &self.direct {
+            match op(d) {
+                Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {}
+                other => return other,
+            }
+        }
+        op(buffered)
+    }
+
+    /// Guest-data read.
+    pub fn read(&self, buffered: &File, s: &[VolatileSlice<'_>], off: u64) -> io::Result<()> {
+        self.run(buffered, |f| read_exact_at(f, s, off))
+    }
+
+    /// Guest-data write.
+    pub fn write(&self, buffered: &File, s: &[VolatileSlice<'_>], off: u64) -> io::Result<()> {
+        self.run(buffered, |f| write_all_at(f, s, off))
+    }
+}
+
 /// Reads into a byte buffer (zeroes past the end of the file).
 pub fn pread(file: &File, buf: &mut [u8], off: u64) -> io::Result<()> {
     read_exact_at(file, &[slice_of(buf)], off)

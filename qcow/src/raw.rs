@@ -14,17 +14,19 @@ use crate::iov;
 pub struct Raw {
     pub(crate) path: PathBuf,
     pub(crate) file: File,
+    data: iov::DataFile,
     size: AtomicU64,
     writable: bool,
 }
 
 impl Raw {
     /// Wraps an open file.
-    pub fn open(path: &Path, file: File, writable: bool) -> Result<Raw> {
+    pub fn open(path: &Path, file: File, data: iov::DataFile, writable: bool) -> Result<Raw> {
         let size = file.metadata().map_err(Error::io(path))?.len();
         Ok(Raw {
             path: path.to_path_buf(),
             file,
+            data,
             size: AtomicU64::new(size),
             writable,
         })
@@ -37,7 +39,9 @@ impl Raw {
 
     /// Reads at `off`.
     pub fn read(&self, off: u64, bufs: &[VolatileSlice<'_>]) -> Result<()> {
-        iov::read_exact_at(&self.file, bufs, off).map_err(Error::io(&self.path))
+        self.data
+            .read(&self.file, bufs, off)
+            .map_err(Error::io(&self.path))
     }
 
     /// Writes at `off`.
@@ -48,7 +52,9 @@ impl Raw {
                 self.path.display()
             )));
         }
-        iov::write_all_at(&self.file, bufs, off).map_err(Error::io(&self.path))
+        self.data
+            .write(&self.file, bufs, off)
+            .map_err(Error::io(&self.path))
     }
 
     /// fdatasync.

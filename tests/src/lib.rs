@@ -8,6 +8,7 @@
 //! - [`guest`]: composing `vmm` invocations for scenarios and reading what the guest printed.
 
 pub mod artifacts;
+pub mod data;
 pub mod guest;
 pub mod paths;
 pub mod testhost;

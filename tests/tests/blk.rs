@@ -8,28 +8,11 @@ use std::process::Command;
 use std::time::Duration;
 
 use lightbyte_tests::artifacts;
+use lightbyte_tests::data::{pattern, sha256_hex};
 use lightbyte_tests::guest::{Boot, Scenario};
 use lightbyte_tests::testhost;
 
 const MIB: usize = 1 << 20;
-
-/// Deterministic, position-dependent bytes: any misplaced or lost block shows up.
-fn pattern(seed: u8, len: usize) -> Vec<u8> {
-    let mut x: u32 = 0x9e37_79b9 ^ u32::from(seed);
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 17;
-            x ^= x << 5;
-            (x >> 24) as u8
-        })
-        .collect()
-}
-
-fn sha256_hex(path: &Path) -> String {
-    let out = Command::new("sha256sum").arg(path).output().unwrap();
-    String::from_utf8(out.stdout).unwrap()[..64].to_string()
-}
 
 /// An ext4 image whose /init prints a marker and powers off, built from a directory with
 /// `mkfs.ext4 -d` (no loop devices or root needed).

@@ -101,6 +101,8 @@ pub(crate) struct Meta {
 pub struct Qcow2 {
     pub(crate) path: PathBuf,
     pub(crate) file: File,
+    /// Guest data transfers (O_DIRECT when asked for).
+    pub(crate) data: iov::DataFile,
     pub(crate) header: Header,
     pub(crate) g: Geometry,
     pub(crate) writable: bool,
@@ -201,6 +203,7 @@ impl Qcow2 {
         let q = Qcow2 {
             path: path.to_path_buf(),
             file,
+            data: iov::DataFile { direct: None },
             size: AtomicU64::new(h.size),
             header: h,
             g,
@@ -248,6 +251,11 @@ impl Qcow2 {
             self.sync()?;
         }
         Ok(())
+    }
+
+    /// Routes guest data through `data` (an O_DIRECT descriptor).
+    pub fn set_data_file(&mut self, data: iov::DataFile) {
+        self.data = data;
     }
 
     /// Attaches the backing layer (done once, before the image is shared).

@@ -3,7 +3,7 @@
 use super::{Meta, Qcow2};
 use crate::entry::{self, Mapping, SUBCLUSTERS};
 use crate::error::Result;
-use crate::iov::{self, Bufs};
+use crate::iov::Bufs;
 
 impl Qcow2 {
     /// Bytes per mapping unit: a subcluster with extended L2 entries, else a cluster.
@@ -101,7 +101,8 @@ impl Qcow2 {
             let part = bufs.sub(pos, n);
             match map {
                 Mapping::Data { host, .. } => {
-                    iov::read_exact_at(&self.file, &part, host)
+                    self.data
+                        .read(&self.file, &part, host)
                         .map_err(crate::error::Error::io(&self.path))?;
                 }
                 Mapping::Zero { .. } => Bufs::new(&part).zero(0, n),

@@ -281,7 +281,8 @@ impl Qcow2 {
             };
             match step {
                 Step::InPlace { host, len: n } => {
-                    iov::write_all_at(&self.file, &bufs.sub(pos, n), host)
+                    self.data
+                        .write(&self.file, &bufs.sub(pos, n), host)
                         .map_err(Error::io(&self.path))?;
                     pos += n;
                 }
