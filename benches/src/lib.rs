@@ -1,3 +1,5 @@
-//! Shared pieces of the benchmarks: timing a guest boot from process start.
+//! Shared pieces of the benchmarks: timing a guest boot from process start, fio jobs and reports.
 
+pub mod fio;
+pub mod guestfio;
 pub mod timing;

@@ -161,7 +161,7 @@ fn open_at_depth(
                     })?;
                 q.set_backing(Some(backing));
             }
-            Ok(Layer::Qcow2(q))
+            Ok(Layer::Qcow2(Box::new(q)))
         }
     }
 }

@@ -251,7 +251,7 @@ fn load_stored(c: &mut Counter) -> Result<Stored> {
 
 impl Stored {
     fn get(&self, h: &Header, c: u64) -> u64 {
-        let per = h.cluster_size() * 8 >> h.refcount_order;
+        let per = (h.cluster_size() * 8) >> h.refcount_order;
         let off = self.table.get((c / per) as usize).copied().unwrap_or(0);
         match self.blocks.get(&off) {
             Some(b) => refcount::get(b, h.refcount_order, (c % per) as usize),
@@ -262,7 +262,7 @@ impl Stored {
 
 fn compare(c: &mut Counter, stored: &Stored) {
     let h = c.h.clone();
-    let per = c.cs * 8 >> h.refcount_order;
+    let per = (c.cs * 8) >> h.refcount_order;
     let n = c.refs.len() as u64;
     for i in 0..n {
         let s = stored.get(&h, i);
@@ -356,7 +356,7 @@ pub(crate) fn rebuild_refcounts(path: &Path, file: &File, h: &Header) -> Result<
 /// the header to them. The old structures become free space.
 fn write_refcounts(path: &Path, file: &File, h: &Header, mut refs: Vec<u64>) -> Result<()> {
     let cs = h.cluster_size();
-    let per = cs * 8 >> h.refcount_order;
+    let per = (cs * 8) >> h.refcount_order;
     let start = refs.len() as u64;
     let (mut r, mut t) = (1u64, 1u64);
     loop {

@@ -106,7 +106,7 @@ pub fn create(path: &Path, opts: &CreateOptions) -> Result<()> {
         )));
     }
     let l1_clusters = (l1_entries * 8).div_ceil(cs).max(1);
-    let rb_entries = cs * 8 >> refcount_order;
+    let rb_entries = (cs * 8) >> refcount_order;
     // Header, refcount table, refcount blocks, L1: find sizes that cover themselves.
     let (mut t, mut r) = (1u64, 1u64);
     loop {

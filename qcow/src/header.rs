@@ -364,7 +364,7 @@ impl Header {
                 EXT_DATA_FILE => return Err(Error::unsupported(path, "external data files")),
                 // Feature names are informational; unknown extensions are ignored as the spec
                 // requires.
-                EXT_FEATURE_TABLE | _ => {}
+                _ => {}
             }
             off = data_start + len.next_multiple_of(8);
         }

@@ -100,7 +100,7 @@ pub fn slice_of_ro(buf: &[u8]) -> VolatileSlice<'_> {
 fn iovecs(slices: &[VolatileSlice<'_>]) -> Vec<libc::iovec> {
     slices
         .iter()
-        .filter(|s| s.len() > 0)
+        .filter(|s| !s.is_empty())
         .map(|s| libc::iovec {
             iov_base: s.ptr_guard_mut().as_ptr().cast(),
             iov_len: s.len(),

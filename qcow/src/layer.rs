@@ -13,7 +13,7 @@ pub enum Layer {
     /// Raw.
     Raw(Raw),
     /// qcow2 (with its own backing layer inside).
-    Qcow2(Qcow2),
+    Qcow2(Box<Qcow2>),
 }
 
 impl Layer {

@@ -60,7 +60,7 @@ mod tests {
     fn every_width_round_trips_without_touching_neighbours() {
         for order in 0..=6u32 {
             let mut block = vec![0u8; 64];
-            let entries = 64 * 8 >> order;
+            let entries = (64 * 8) >> order;
             for i in 0..entries {
                 set(&mut block, order, i, (i as u64 * 7 + 1) & max(order));
             }

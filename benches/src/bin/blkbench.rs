@@ -8,8 +8,9 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
-use base64::Engine;
 use clap::Parser;
+use lightbyte_benches::fio::{figure, job_file, report, Job, Metric};
+use lightbyte_benches::guestfio::GuestFio;
 use lightbyte_tests::artifacts::{self, run_script};
 use lightbyte_tests::guest::sh_quote;
 use lightbyte_tests::paths::binary;
@@ -27,109 +28,14 @@ struct Cli {
     size_mib: u32,
 }
 
-#[derive(Clone, Copy, PartialEq)]
-enum Metric {
-    MibPerSec,
-    Iops,
-}
-
-struct Job {
-    name: &'static str,
-    rw: &'static str,
-    bs: &'static str,
-    iodepth: u32,
-    metric: Metric,
-}
-
 const JOBS: [Job; 6] = [
-    Job {
-        name: "seq-read-1m",
-        rw: "read",
-        bs: "1M",
-        iodepth: 16,
-        metric: Metric::MibPerSec,
-    },
-    Job {
-        name: "seq-write-1m",
-        rw: "write",
-        bs: "1M",
-        iodepth: 16,
-        metric: Metric::MibPerSec,
-    },
-    Job {
-        name: "rand-read-4k-qd1",
-        rw: "randread",
-        bs: "4k",
-        iodepth: 1,
-        metric: Metric::Iops,
-    },
-    Job {
-        name: "rand-read-4k-qd32",
-        rw: "randread",
-        bs: "4k",
-        iodepth: 32,
-        metric: Metric::Iops,
-    },
-    Job {
-        name: "rand-write-4k-qd1",
-        rw: "randwrite",
-        bs: "4k",
-        iodepth: 1,
-        metric: Metric::Iops,
-    },
-    Job {
-        name: "rand-write-4k-qd32",
-        rw: "randwrite",
-        bs: "4k",
-        iodepth: 32,
-        metric: Metric::Iops,
-    },
+    Job::new("seq-read-1m", "read", "1M", 16, Metric::MibPerSec),
+    Job::new("seq-write-1m", "write", "1M", 16, Metric::MibPerSec),
+    Job::new("rand-read-4k-qd1", "randread", "4k", 1, Metric::Iops),
+    Job::new("rand-read-4k-qd32", "randread", "4k", 32, Metric::Iops),
+    Job::new("rand-write-4k-qd1", "randwrite", "4k", 1, Metric::Iops),
+    Job::new("rand-write-4k-qd32", "randwrite", "4k", 32, Metric::Iops),
 ];
-
-fn job_file(filename: &str, runtime: u32) -> String {
-    let mut s = format!(
-        "[global]\nioengine=libaio\ndirect=1\nthread=1\ntime_based=1\nruntime={runtime}\nramp_time=1\n\
-         filename={filename}\ngroup_reporting=1\n"
-    );
-    for j in &JOBS {
-        s.push_str(&format!(
-            "[{}]\nstonewall\nrw={}\nbs={}\niodepth={}\n",
-            j.name, j.rw, j.bs, j.iodepth
-        ));
-    }
-    s
-}
-
-/// The figure of `job` in a fio JSON report.
-fn figure(report: &serde_json::Value, job: &Job) -> Result<f64> {
-    let entry = report["jobs"]
-        .as_array()
-        .context("no jobs in fio report")?
-        .iter()
-        .find(|j| j["jobname"] == job.name)
-        .with_context(|| format!("{} missing from fio report", job.name))?;
-    let side = if job.rw.contains("read") {
-        "read"
-    } else {
-        "write"
-    };
-    let v = match job.metric {
-        Metric::MibPerSec => entry[side]["bw"].as_f64().context("bw")? / 1024.0,
-        Metric::Iops => entry[side]["iops"].as_f64().context("iops")?,
-    };
-    Ok(v)
-}
-
-/// fio's JSON from a console log (between the guest init's markers) or a plain fio output.
-fn report(text: &str) -> Result<serde_json::Value> {
-    let body = match (text.find("FIO-JSON-BEGIN"), text.find("FIO-JSON-END")) {
-        (Some(b), Some(e)) if b < e => &text[b + "FIO-JSON-BEGIN".len()..e],
-        _ => text,
-    };
-    let start = body.find('{').context("no JSON in fio output")?;
-    let end = body.rfind('}').context("no JSON in fio output")?;
-    serde_json::from_str(&body[start..=end]).context("parsing fio JSON")
-}
 
 fn run(cli: Cli) -> Result<()> {
     let host = testhost::shared()?;
@@ -142,14 +48,13 @@ fn run(cli: Cli) -> Result<()> {
     let _ = fs::remove_dir_all(&dir);
     fs::create_dir_all(&dir)?;
     let q = |p: &std::path::Path| sh_quote(&p.display().to_string());
-    let enc = |s: String| base64::engine::general_purpose::STANDARD.encode(s);
-    let guest_job = enc(job_file("/dev/vdb", cli.runtime));
-    let cmdline = format!(
-        "console=ttyS0 quiet reboot=k panic=1 nmi_watchdog=0 root=/dev/vda ro init=/init lbfio64={guest_job}"
-    );
-    let vmlinux = a.minimal_vmlinux.display().to_string();
-    let vmm = binary("vmm")?.display().to_string();
-    let timeout = 120 + 12 * cli.runtime;
+    let g = GuestFio {
+        vmm: binary("vmm")?.display().to_string(),
+        vmlinux: a.minimal_vmlinux.display().to_string(),
+        rootfs,
+        timeout: 120 + 12 * cli.runtime,
+    };
+    let guest_job = job_file("/dev/vdb", cli.runtime, &JOBS);
     let mut script = host.scratch_setup();
     script.push_str(&format!(
         "BENCH=$SCRATCH/bench.raw\n\
@@ -159,27 +64,15 @@ fn run(cli: Cli) -> Result<()> {
          cat > {hostjob} <<'JOB'\n{host_job}JOB\n\
          sed -i \"s|^filename=.*|filename=$BENCH|\" {hostjob}\n\
          echo '== host' >&2; fio --output-format=json {hostjob} > {hostout} 2>&1\n\
-         echo '== vmm' >&2; timeout {timeout} {vmm} --kernel {vmlinux} --memory 512M \
-           --cmdline {cmdline} --disk path={rootfs},readonly=on --disk path=$BENCH,direct=on \
-           > {vmmout} 2>&1\n\
-         echo '== qemu' >&2; timeout {timeout} qemu-system-x86_64 -M q35 -accel kvm -cpu host \
-           -smp 1 -m 512M -nodefaults -no-user-config -no-reboot -display none -serial stdio \
-           -kernel {vmlinux} -append {cmdline} \
-           -drive if=none,id=root,file={rootfs},format=raw,readonly=on \
-           -device virtio-blk-pci,drive=root \
-           -drive if=none,id=bench,file=$BENCH,format=raw,cache=none,aio=io_uring \
-           -device virtio-blk-pci,drive=bench > {qemuout} 2>&1\n",
+         echo '== vmm' >&2\n{vmm}\
+         echo '== qemu' >&2\n{qemu}",
         bytes = u64::from(cli.size_mib) << 20,
         mib = cli.size_mib,
         hostjob = q(&dir.join("host.fio")),
-        host_job = job_file("HOST", cli.runtime),
+        host_job = job_file("HOST", cli.runtime, &JOBS),
         hostout = q(&dir.join("host.json")),
-        vmm = sh_quote(&vmm),
-        vmlinux = sh_quote(&vmlinux),
-        cmdline = sh_quote(&cmdline),
-        rootfs = rootfs,
-        vmmout = q(&dir.join("vmm.log")),
-        qemuout = q(&dir.join("qemu.log")),
+        vmm = g.vmm(&guest_job, "$BENCH", "raw", &q(&dir.join("vmm.log"))),
+        qemu = g.qemu(&guest_job, "$BENCH", "raw", &q(&dir.join("qemu.log"))),
     ));
     let out = host.run(
         "blkbench",
@@ -203,10 +96,7 @@ fn run(cli: Cli) -> Result<()> {
     println!("|---|---|---|---|---|---|");
     for job in &JOBS {
         let (hf, vf, qf) = (figure(&h, job)?, figure(&v, job)?, figure(&qm, job)?);
-        let unit = match job.metric {
-            Metric::MibPerSec => "MiB/s",
-            Metric::Iops => "IOPS",
-        };
+        let unit = job.metric.unit();
         println!(
             "| {} ({unit}) | {hf:.0} | {vf:.0} | {qf:.0} | {:.2} | {:.2} |",
             job.name,

@@ -60,7 +60,7 @@ impl Geometry {
             ext: h.extended_l2(),
             v3: h.version == 3,
             rc_order: h.refcount_order,
-            rb_entries: h.cluster_size() * 8 >> h.refcount_order,
+            rb_entries: (h.cluster_size() * 8) >> h.refcount_order,
             compression: h.compression,
         }
     }
