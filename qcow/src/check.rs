@@ -126,10 +126,14 @@ impl Counter {
                         self.add("data cluster", host, self.cs);
                         if active {
                             self.copied.push((host / self.cs, copied));
+                            self.report.allocated_clusters += 1;
                         }
                     }
                     Ok(Mapping::Compressed { offset, len }) => {
                         self.add("compressed cluster", offset, len);
+                        if active {
+                            self.report.allocated_clusters += 1;
+                        }
                     }
                     Ok(_) => {}
                     Err(r) => self.corrupt(format!("L2 table at {l2:#x} entry {j}: {r}")),
@@ -271,9 +275,6 @@ fn compare(c: &mut Counter, stored: &Stored) {
             c.corrupt(format!("cluster {i} refcount={s} reference={r}"));
         } else if s > r {
             c.leak(format!("cluster {i} refcount={s} reference={r}"));
-        }
-        if r > 0 {
-            c.report.allocated_clusters += 1;
         }
     }
     // Refcounts of clusters past the end of the file: nothing can reference them.

@@ -11,12 +11,14 @@ pub type Result<T> = std::result::Result<T, Error>;
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// A host I/O call failed.
-    #[error("{path}: {source}")]
+    // The OS error is part of the message and deliberately not the error's `source`: chains
+    // printed by anyhow would otherwise repeat it.
+    #[error("{path}: {err}")]
     Io {
         /// The file.
         path: PathBuf,
         /// The OS error.
-        source: io::Error,
+        err: io::Error,
     },
     /// The image's metadata is malformed or unsafe to use.
     #[error("{path}: invalid qcow2 image: {reason}")]
@@ -51,8 +53,8 @@ impl Error {
     /// True for problems with the input (image contents, arguments) rather than the host.
     pub fn is_bad_input(&self) -> bool {
         match self {
-            Error::Io { source, .. } => matches!(
-                source.kind(),
+            Error::Io { err, .. } => matches!(
+                err.kind(),
                 io::ErrorKind::NotFound | io::ErrorKind::PermissionDenied
             ),
             _ => true,
@@ -60,9 +62,9 @@ impl Error {
     }
 
     pub(crate) fn io(path: &std::path::Path) -> impl FnOnce(io::Error) -> Error + '_ {
-        move |source| Error::Io {
+        move |err| Error::Io {
             path: path.to_path_buf(),
-            source,
+            err,
         }
     }
 
@@ -84,7 +86,7 @@ impl Error {
 impl From<Error> for io::Error {
     fn from(e: Error) -> io::Error {
         match e {
-            Error::Io { source, .. } => source,
+            Error::Io { err, .. } => err,
             other => io::Error::other(other.to_string()),
         }
     }

@@ -200,7 +200,7 @@ pub struct CheckReport {
     pub repaired: bool,
     /// One line per problem (capped).
     pub messages: Vec<String>,
-    /// Clusters in use.
+    /// Guest clusters with data in this image (qemu-img's "allocated clusters").
     pub allocated_clusters: u64,
     /// Clusters of the virtual disk.
     pub total_clusters: u64,
@@ -304,8 +304,9 @@ impl Image {
         }
     }
 
-    /// Drops the contents of a range (reads return zeroes or, on v2 images with a backing
-    /// file, the backing file's data).
+    /// Drops the contents of a range: a hint, as in virtio and SCSI. Whole qcow2 clusters in it
+    /// read as zeroes afterwards (or, on v2 images with a backing file, as the backing file);
+    /// parts of clusters keep their data. Raw files get a hole punched (zeroes).
     pub fn discard(&self, offset: u64, len: u64) -> Result<()> {
         self.writable()?;
         self.range(offset, len)?;
@@ -394,13 +395,20 @@ impl Image {
         layer_info(&self.top, &self.path)
     }
 
-    /// Flushes and releases clusters reserved for writes; errors are reported (dropping the
-    /// image does the same but can only log them).
-    pub fn close(self) -> Result<()> {
+    /// Flushes and returns clusters reserved for writes, so that an image nobody writes to any
+    /// more has no leaked clusters. The image stays usable (later writes reserve again). Call
+    /// it when the VM ends: a process that exits without dropping the image skips it.
+    pub fn release(&self) -> Result<()> {
         match &self.top {
             Layer::Raw(r) => r.flush(),
             Layer::Qcow2(q) => q.close(),
         }
+    }
+
+    /// [`Image::release`], then drop. Errors are reported (dropping the image does the same but
+    /// can only log them).
+    pub fn close(self) -> Result<()> {
+        self.release()
     }
 }
 

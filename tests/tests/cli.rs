@@ -66,12 +66,101 @@ fn bad_inputs_exit_2_with_a_clear_message() {
         &["--kernel", t, "--disk", "path=/nonexistent/disk.raw"],
         "disk /nonexistent/disk.raw: no such file",
     );
+    assert_bad_input(
+        &["--kernel", t, "--disk", "path=x,format=vmdk"],
+        "format=vmdk: expected raw or qcow2",
+    );
     assert_bad_input(&[], "--kernel <PATH>");
     // A kernel file that claims to be ELF but is cut short fails when loaded; with KVM absent it
     // still fails cleanly (status 1 or 2), never with a panic.
     let (code, stderr) = vmm(&["--kernel", elf_stub.to_str().unwrap()]);
     assert!(code == 1 || code == 2, "{stderr}");
     assert!(!stderr.contains("panicked"), "{stderr}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A file that passes the kernel check (a bzImage header signature) so that the disks are
+/// opened; they are checked before KVM is touched, so these cases run without KVM.
+fn fake_bzimage(path: &std::path::Path) {
+    let mut head = vec![0u8; 0x206];
+    head[0x202..].copy_from_slice(b"HdrS");
+    std::fs::write(path, head).unwrap();
+}
+
+fn qemu_img(args: &[&str]) {
+    let out = Command::new("qemu-img").args(args).output().unwrap();
+    assert!(out.status.success(), "qemu-img {args:?}: {out:?}");
+}
+
+#[test]
+fn bad_disk_images_exit_2_naming_the_disk() {
+    let dir = std::env::temp_dir().join(format!("lb-cli-disk-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let p = |name: &str| dir.join(name).to_str().unwrap().to_string();
+    let kernel = dir.join("bzImage");
+    fake_bzimage(&kernel);
+    let k = kernel.to_str().unwrap();
+
+    // A qcow2 header with a cluster size of 2^40 bytes.
+    qemu_img(&["create", "-f", "qcow2", &p("corrupt.qcow2"), "64M"]);
+    let mut bytes = std::fs::read(p("corrupt.qcow2")).unwrap();
+    bytes[20..24].copy_from_slice(&40u32.to_be_bytes());
+    std::fs::write(p("corrupt.qcow2"), &bytes).unwrap();
+    let disk = format!("path={}", p("corrupt.qcow2"));
+    assert_bad_input(
+        &["--kernel", k, "--disk", &disk],
+        &format!("disk {}", p("corrupt.qcow2")),
+    );
+    // Asked for explicitly, a non-qcow2 file is refused as qcow2.
+    std::fs::write(p("plain.raw"), vec![0u8; 1 << 20]).unwrap();
+    let disk = format!("path={},format=qcow2", p("plain.raw"));
+    assert_bad_input(
+        &["--kernel", k, "--disk", &disk],
+        &format!("disk {}", p("plain.raw")),
+    );
+
+    // A backing file that is gone.
+    qemu_img(&["create", "-f", "raw", &p("base.raw"), "64M"]);
+    qemu_img(&[
+        "create",
+        "-f",
+        "qcow2",
+        "-b",
+        "base.raw",
+        "-F",
+        "raw",
+        &p("orphan.qcow2"),
+    ]);
+    std::fs::remove_file(p("base.raw")).unwrap();
+    let disk = format!("path={},readonly=on", p("orphan.qcow2"));
+    assert_bad_input(&["--kernel", k, "--disk", &disk], "base.raw");
+
+    // Two images backing each other.
+    qemu_img(&["create", "-f", "qcow2", &p("a.qcow2"), "64M"]);
+    qemu_img(&[
+        "create",
+        "-f",
+        "qcow2",
+        "-b",
+        "a.qcow2",
+        "-F",
+        "qcow2",
+        &p("b.qcow2"),
+    ]);
+    qemu_img(&[
+        "rebase",
+        "-u",
+        "-b",
+        "b.qcow2",
+        "-F",
+        "qcow2",
+        &p("a.qcow2"),
+    ]);
+    let disk = format!("path={}", p("b.qcow2"));
+    assert_bad_input(
+        &["--kernel", k, "--disk", &disk],
+        &format!("disk {}", p("b.qcow2")),
+    );
     let _ = std::fs::remove_dir_all(&dir);
 }
 
@@ -90,6 +179,9 @@ fn help_explains_and_exits_0() {
         "--cpus",
         "--memory",
         "--serial",
+        "--disk",
+        "format=raw|qcow2",
+        "img",
     ] {
         assert!(help.contains(flag), "{flag} missing from --help:\n{help}");
     }

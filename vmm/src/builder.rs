@@ -22,8 +22,9 @@ use crate::devices::pci::root::{CONFIG_IO_PORT, CONFIG_IO_PORTS};
 use crate::devices::pci::{self, PciConfigIo, PciEcam, PciRoot};
 use crate::devices::pvpanic::{PvPanic, PVPANIC_PORT};
 use crate::devices::serial::{self, SerialDevice, SerialOut};
-use crate::devices::virtio::block::backend::RawFile;
-use crate::devices::virtio::block::{Block, BlockOptions};
+use crate::devices::virtio::block::backend::DiskBackend;
+use crate::devices::virtio::block::open::{open_disk, OpenError};
+use crate::devices::virtio::block::{Block, BlockOptions, SharedDisk};
 use crate::devices::virtio::pci::{self as virtio_pci, VirtioPciDevice};
 use crate::devices::{ExitHandle, VmEvent};
 use crate::vstate::irq_routing;
@@ -63,6 +64,14 @@ pub enum Error {
     /// Interrupt routing failed.
     #[error(transparent)]
     Irq(#[from] irq_routing::Error),
+    /// A disk image could not be opened.
+    #[error("disk {}: {source}", path.display())]
+    Disk {
+        /// The image given with --disk.
+        path: std::path::PathBuf,
+        /// Why it could not be opened.
+        source: OpenError,
+    },
     /// Any other host-side failure (eventfds, threads, files).
     #[error("{what}: {source}")]
     Host {
@@ -76,6 +85,9 @@ pub enum Error {
 impl Error {
     /// True when the user gave input that cannot work (as opposed to a host failure).
     pub fn is_bad_input(&self) -> bool {
+        if let Error::Disk { source, .. } = self {
+            return source.is_bad_input();
+        }
         matches!(
             self,
             Error::Config(_)
@@ -124,6 +136,7 @@ pub struct RunningVm {
     serial: Arc<Mutex<SerialDevice>>,
     _vm: Arc<Vm>,
     _terminal: Option<console::RawTerminal>,
+    disks: Vec<SharedDisk>,
 }
 
 impl RunningVm {
@@ -138,6 +151,13 @@ impl RunningVm {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .flush();
+        // The process exits right after this without dropping devices: images must be left
+        // consistent now.
+        for disk in &self.disks {
+            if let Err(e) = disk.lock().unwrap_or_else(|e| e.into_inner()).close() {
+                tracing::warn!("closing disk: {e}");
+            }
+        }
         exit
     }
 }
@@ -193,16 +213,29 @@ pub fn legacy_devices(
     Ok((pio, serial))
 }
 
-/// Adds a virtio-blk PCI device for `disk`, with one request queue per vCPU.
-fn attach_disk(vm: &Vm, pci: &mut PciRoot, disk: &DiskConfig, cpus: u8) -> Result<(), Error> {
-    let backend = RawFile::open(&disk.path, disk.read_only, disk.direct)
-        .map_err(host(format!("disk {}", disk.path.display())))?;
+/// Opens the image of `disk` (with its backing chain) in the format given or probed.
+fn open_backend(disk: &DiskConfig) -> Result<Box<dyn DiskBackend>, Error> {
+    open_disk(&disk.path, disk.format, disk.read_only, disk.direct).map_err(|source| Error::Disk {
+        path: disk.path.clone(),
+        source,
+    })
+}
+
+/// Adds a virtio-blk PCI device serving `backend` as `disk`, with one request queue per vCPU.
+fn attach_disk(
+    vm: &Vm,
+    pci: &mut PciRoot,
+    disk: &DiskConfig,
+    backend: Box<dyn DiskBackend>,
+    cpus: u8,
+) -> Result<SharedDisk, Error> {
     let opts = BlockOptions {
         read_only: disk.read_only,
         serial: disk.serial.clone().unwrap_or_default(),
         num_queues: u16::from(cpus),
     };
-    let block = Block::new(Box::new(backend), &opts);
+    let block = Block::new(backend, &opts);
+    let shared = block.backend();
     let vectors = opts.num_queues + 1;
     let sink = vm.irq_router().msi_sink(vectors)?;
     let bar = pci.allocate_bar(virtio_pci::BAR_SIZE)?;
@@ -215,7 +248,7 @@ fn attach_disk(vm: &Vm, pci: &mut PciRoot, disk: &DiskConfig, cpus: u8) -> Resul
     )?;
     let slot = pci.add_device(Arc::new(Mutex::new(dev)))?;
     tracing::info!(disk = %disk.path.display(), slot, "virtio-blk attached");
-    Ok(())
+    Ok(shared)
 }
 
 /// Builds the VM described by `cfg` and starts its vCPUs.
@@ -223,6 +256,11 @@ pub fn start(cfg: &VmConfig) -> Result<RunningVm, Error> {
     // Everything the user can get wrong is checked before KVM is touched.
     cfg.validate(u32::from(MAX_CPUS))?;
     boot::check_kernel(&cfg.kernel)?;
+    let backends = cfg
+        .disks
+        .iter()
+        .map(open_backend)
+        .collect::<Result<Vec<_>, _>>()?;
     let kvm = Kvm::new().map_err(Error::Kvm)?;
     cfg.check_cpus(kvm.get_max_vcpus() as u32)?;
 
@@ -247,13 +285,15 @@ pub fn start(cfg: &VmConfig) -> Result<RunningVm, Error> {
         PCI_ECAM_START,
         PCI_ECAM_SIZE,
     )?;
-    for disk in &cfg.disks {
-        attach_disk(
+    let mut disks = Vec::with_capacity(cfg.disks.len());
+    for (disk, backend) in cfg.disks.iter().zip(backends) {
+        disks.push(attach_disk(
             &vm,
             &mut pci.lock().unwrap_or_else(|e| e.into_inner()),
             disk,
+            backend,
             cfg.cpus,
-        )?;
+        )?);
     }
     let buses = Buses {
         pio: Arc::new(pio),
@@ -320,5 +360,6 @@ pub fn start(cfg: &VmConfig) -> Result<RunningVm, Error> {
         serial,
         _vm: vm,
         _terminal: terminal,
+        disks,
     })
 }

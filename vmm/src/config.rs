@@ -3,6 +3,8 @@
 
 use std::path::PathBuf;
 
+pub use qcow::Format as DiskFormat;
+
 use crate::arch::memory::MIN_MEMORY;
 
 /// Largest vCPU count we describe: APIC IDs are 8 bits in our MADT and 0xff is broadcast.
@@ -25,8 +27,10 @@ pub enum SerialConfig {
 /// A virtio-blk disk.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct DiskConfig {
-    /// Image file (raw).
+    /// Image file.
     pub path: PathBuf,
+    /// Image format; None means "what the file's header says" (qcow2 or else raw).
+    pub format: Option<DiskFormat>,
     /// The guest may not write.
     pub read_only: bool,
     /// Serial number the guest reads with GET_ID (at most 20 bytes).
@@ -152,7 +156,7 @@ fn on_off(key: &str, v: &str) -> Result<bool, String> {
     }
 }
 
-/// Parses `path=FILE[,readonly=on][,serial=ID][,direct=on]`.
+/// Parses `path=FILE[,format=raw|qcow2][,readonly=on][,serial=ID][,direct=on]`.
 pub fn parse_disk(s: &str) -> Result<DiskConfig, ConfigError> {
     let err = |reason: String| ConfigError::InvalidDisk {
         value: s.to_string(),
@@ -160,6 +164,7 @@ pub fn parse_disk(s: &str) -> Result<DiskConfig, ConfigError> {
     };
     let mut disk = DiskConfig {
         path: PathBuf::new(),
+        format: None,
         read_only: false,
         serial: None,
         direct: false,
@@ -170,6 +175,13 @@ pub fn parse_disk(s: &str) -> Result<DiskConfig, ConfigError> {
             .ok_or_else(|| err(format!("{part:?} is not key=value")))?;
         match key {
             "path" if !value.is_empty() => disk.path = PathBuf::from(value),
+            "format" => {
+                disk.format = Some(match value {
+                    "raw" => DiskFormat::Raw,
+                    "qcow2" => DiskFormat::Qcow2,
+                    _ => return Err(err(format!("format={value}: expected raw or qcow2"))),
+                })
+            }
             "readonly" => disk.read_only = on_off(key, value).map_err(err)?,
             "direct" => disk.direct = on_off(key, value).map_err(err)?,
             "serial" if value.len() <= MAX_SERIAL_LEN => disk.serial = Some(value.to_string()),
@@ -177,7 +189,7 @@ pub fn parse_disk(s: &str) -> Result<DiskConfig, ConfigError> {
             "path" => return Err(err("empty path".into())),
             other => {
                 return Err(err(format!(
-                    "unknown key {other:?} (path, readonly, serial, direct)"
+                    "unknown key {other:?} (path, format, readonly, serial, direct)"
                 )))
             }
         }
@@ -272,15 +284,21 @@ mod tests {
     fn disks() {
         let d = parse_disk("path=/img/root.raw").unwrap();
         assert_eq!(d.path, PathBuf::from("/img/root.raw"));
-        assert!(!d.read_only && !d.direct && d.serial.is_none());
+        assert!(!d.read_only && !d.direct && d.serial.is_none() && d.format.is_none());
         let d = parse_disk("path=a.raw,readonly=on,serial=disk-1,direct=on").unwrap();
         assert!(d.read_only && d.direct);
         assert_eq!(d.serial.as_deref(), Some("disk-1"));
+        let d = parse_disk("path=a.img,format=qcow2").unwrap();
+        assert_eq!(d.format, Some(DiskFormat::Qcow2));
+        let d = parse_disk("format=raw,path=a.img").unwrap();
+        assert_eq!(d.format, Some(DiskFormat::Raw));
         for (bad, needle) in [
             ("readonly=on", "path=FILE is required"),
             ("path=", "empty path"),
             ("path=a,readonly=maybe", "expected on or off"),
             ("path=a,color=red", "unknown key"),
+            ("path=a,format=vmdk", "format=vmdk: expected raw or qcow2"),
+            ("path=a,format=", "format=: expected raw or qcow2"),
             ("path=a,serial=012345678901234567890", "longer than 20"),
             ("a.raw", "not key=value"),
         ] {

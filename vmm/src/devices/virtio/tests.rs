@@ -9,7 +9,8 @@ use std::time::{Duration, Instant};
 
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
-use super::block::backend::RawFile;
+use super::block::backend::{DiskBackend, RawFile};
+use super::block::image::ImageDisk;
 use super::block::{Block, BlockOptions};
 use super::pci::VirtioPciDevice;
 use super::*;
@@ -48,16 +49,40 @@ struct Driver {
 
 impl Driver {
     fn new(read_only: bool) -> Self {
+        Self::build(read_only, false)
+    }
+
+    /// A driver whose device serves `disk` from a raw file (io_uring), or from a qcow2 image
+    /// (the thread-pool engine) when `qcow2`.
+    fn build(read_only: bool, qcow2: bool) -> Self {
         let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("disk.raw");
         let disk: Vec<u8> = (0..65536u32).map(|i| (i / 512) as u8 ^ (i as u8)).collect();
-        std::fs::File::create(&path)
-            .unwrap()
-            .write_all(&disk)
-            .unwrap();
-        let backend = RawFile::open(&path, read_only, false).unwrap();
+        let backend: Box<dyn DiskBackend> = if qcow2 {
+            let path = dir.path().join("disk.qcow2");
+            let opts = qcow::CreateOptions {
+                size: Some(disk.len() as u64),
+                cluster_size: 4096,
+                ..Default::default()
+            };
+            qcow::create(&path, &opts).unwrap();
+            let writable = qcow::OpenOptions {
+                writable: true,
+                ..Default::default()
+            };
+            let image = qcow::Image::open(&path, &writable).unwrap();
+            image.write_at(0, &disk).unwrap();
+            image.close().unwrap();
+            Box::new(ImageDisk::open(&path, read_only, false).unwrap())
+        } else {
+            let path = dir.path().join("disk.raw");
+            std::fs::File::create(&path)
+                .unwrap()
+                .write_all(&disk)
+                .unwrap();
+            Box::new(RawFile::open(&path, read_only, false).unwrap())
+        };
         let block = Block::new(
-            Box::new(backend),
+            backend,
             &BlockOptions {
                 read_only,
                 serial: "sim".into(),
@@ -226,6 +251,26 @@ fn simulated_driver_reads_through_the_queue_and_gets_an_interrupt() {
     let (status, data) = drv.read_sector(7, 0);
     assert_eq!(status, 0);
     assert_eq!(data, drv.disk[3584..4096]);
+}
+
+#[test]
+fn a_qcow2_disk_is_served_through_the_thread_pool_and_survives_reset() {
+    let mut drv = Driver::build(false, true);
+    drv.bring_up();
+    for (i, sector) in [3u64, 100, 0, 127].into_iter().enumerate() {
+        let (status, data) = drv.read_sector(sector, i as u16);
+        assert_eq!(status, 0);
+        let off = sector as usize * 512;
+        assert_eq!(data, drv.disk[off..off + 512], "sector {sector}");
+    }
+    drv.set_status(0);
+    assert_eq!(drv.status(), 0);
+    drv.mem.write_obj(0u16, GuestAddress(USED + 2)).unwrap();
+    drv.mem.write_obj(0u16, GuestAddress(AVAIL + 2)).unwrap();
+    drv.bring_up();
+    let (status, data) = drv.read_sector(64, 0);
+    assert_eq!(status, 0);
+    assert_eq!(data, drv.disk[32768..33280]);
 }
 
 #[test]

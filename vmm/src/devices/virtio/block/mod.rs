@@ -2,6 +2,10 @@
 //! which serves every queue's kicks through epoll and answers requests with [`request::handle`].
 
 pub mod backend;
+pub mod engine;
+pub mod image;
+pub mod open;
+pub mod pool;
 pub mod request;
 pub mod uring;
 
@@ -20,6 +24,8 @@ use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
 use self::backend::DiskBackend;
+use self::engine::Engine;
+use self::pool::Pool;
 use self::request::{complete, plan, Desc, DiskInfo, Plan, SECTOR_SIZE};
 use self::uring::{merge_runs, Uring, MAX_IOVECS};
 use super::{ActivateError, Activation, ActiveQueue, Interrupt, VirtioDevice, VIRTIO_F_VERSION_1};
@@ -48,6 +54,9 @@ struct Worker {
     thread: JoinHandle<()>,
 }
 
+/// A disk backend shared between its device and whoever closes it at the end.
+pub type SharedDisk = Arc<Mutex<Box<dyn DiskBackend>>>;
+
 /// A virtio-blk device.
 pub struct Block {
     disk: Arc<Mutex<Box<dyn DiskBackend>>>,
@@ -72,6 +81,11 @@ impl Block {
         }
     }
 
+    /// The backend, shared with the device, for closing it when the VM ends.
+    pub fn backend(&self) -> SharedDisk {
+        self.disk.clone()
+    }
+
     fn config_bytes(&self) -> [u8; CONFIG_SIZE] {
         let mut c = [0u8; CONFIG_SIZE];
         let mut put = |off: usize, bytes: &[u8]| c[off..off + bytes.len()].copy_from_slice(bytes);
@@ -91,22 +105,26 @@ impl Block {
         c
     }
 
-    /// An io_uring for the disk's file, when it has one and the kernel offers io_uring; otherwise
+    /// The transfer engine for this activation: io_uring on the disk's file when it has one and
+    /// the kernel offers io_uring, else a thread pool when the disk serves concurrent calls, else
     /// transfers run synchronously on the worker thread.
-    fn start_uring(&self, queues: usize) -> Option<Uring> {
-        let fd = self
-            .disk
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .raw_fd()?;
-        let depth = (u32::from(QUEUE_SIZE) * queues as u32).next_power_of_two();
-        match Uring::new(fd, depth) {
-            Ok(u) => Some(u),
-            Err(e) => {
-                tracing::warn!("virtio-blk: io_uring unavailable ({e}); using synchronous I/O");
-                None
+    fn start_engine(&self, queues: usize) -> Engine {
+        let disk = self.disk.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(fd) = disk.raw_fd() {
+            let depth = (u32::from(QUEUE_SIZE) * queues as u32).next_power_of_two();
+            match Uring::new(fd, depth) {
+                Ok(u) => return Engine::Uring(Box::new(u)),
+                Err(e) => tracing::warn!("virtio-blk: io_uring unavailable ({e})"),
             }
         }
+        if let Some(concurrent) = disk.concurrent() {
+            match Pool::new(concurrent, pool::DEFAULT_THREADS) {
+                Ok(p) => return Engine::Pool(p),
+                Err(e) => tracing::warn!("virtio-blk: no I/O threads ({e})"),
+            }
+        }
+        tracing::debug!("virtio-blk: serving transfers synchronously");
+        Engine::Sync
     }
 
     fn stop_worker(&mut self) {
@@ -171,11 +189,11 @@ impl VirtioDevice for Block {
             stop.as_raw_fd(),
             EpollEvent::new(EventSet::IN, STOP_TOKEN),
         )?;
-        let uring = self.start_uring(activation.queues.len());
-        if let Some(u) = &uring {
+        let engine = self.start_engine(activation.queues.len());
+        if let Some(fd) = engine.completion_fd() {
             epoll.ctl(
                 ControlOperation::Add,
-                u.completion_fd(),
+                fd,
                 EpollEvent::new(EventSet::IN, COMPLETION_TOKEN),
             )?;
         }
@@ -185,7 +203,7 @@ impl VirtioDevice for Block {
             interrupt: activation.interrupt,
             disk: self.disk.clone(),
             info: self.info.clone(),
-            uring,
+            engine,
         };
         let thread = std::thread::Builder::new()
             .name("virtio-blk".into())
@@ -209,7 +227,7 @@ struct QueueWorker {
     interrupt: Arc<dyn Interrupt>,
     disk: Arc<Mutex<Box<dyn DiskBackend>>>,
     info: DiskInfo,
-    uring: Option<Uring>,
+    engine: Engine,
 }
 
 impl QueueWorker {
@@ -228,9 +246,7 @@ impl QueueWorker {
                 match ev.data() {
                     STOP_TOKEN => {
                         // Nothing may still write into guest memory once the device is reset.
-                        if let Some(u) = self.uring.as_mut() {
-                            u.drain();
-                        }
+                        self.engine.drain();
                         return;
                     }
                     COMPLETION_TOKEN => self.complete_transfers(),
@@ -244,13 +260,10 @@ impl QueueWorker {
         }
     }
 
-    /// Posts the transfers io_uring finished and interrupts the queues that need it.
+    /// Posts the transfers the engine finished and interrupts the queues that need it.
     fn complete_transfers(&mut self) {
-        let Some(uring) = self.uring.as_mut() else {
-            return;
-        };
         let mut touched = vec![false; self.queues.len()];
-        for done in uring.reap() {
+        for done in self.engine.reap() {
             let used = complete(&self.mem, &done.completion).unwrap_or(0);
             if let Some(aq) = self.queues.get_mut(done.queue) {
                 if let Err(e) = aq.queue.add_used(&self.mem, done.head, used) {
@@ -280,7 +293,7 @@ impl QueueWorker {
         let queue = &mut self.queues[q].queue;
         let mut disk = self.disk.lock().unwrap_or_else(|e| e.into_inner());
         let mut served = false;
-        // Transfers for io_uring, merged and submitted once the available ring is drained.
+        // Transfers for the engine, merged and submitted once the available ring is drained.
         let mut transfers = Vec::new();
         loop {
             if let Err(e) = queue.disable_notification(mem) {
@@ -298,7 +311,7 @@ impl QueueWorker {
                     .collect();
                 let completion = match plan(mem, disk.as_mut(), &self.info, &descs) {
                     Ok(Plan::Complete(c)) => Some(c),
-                    Ok(Plan::Transfer(t)) if self.uring.is_some() => {
+                    Ok(Plan::Transfer(t)) if self.engine.is_async() => {
                         transfers.push((head, t));
                         None
                     }
@@ -329,10 +342,10 @@ impl QueueWorker {
                 }
             }
         }
-        if let Some(u) = self.uring.as_mut() {
+        if self.engine.is_async() {
             for run in merge_runs(transfers, MAX_IOVECS) {
-                if let Err(run) = u.push_run(mem, q, run) {
-                    // Ring full: serve these synchronously.
+                if let Err(run) = self.engine.push_run(mem, q, run) {
+                    // The engine is full: serve these synchronously.
                     for (head, t) in run {
                         let used = complete(mem, &t.run_sync(mem, disk.as_mut())).unwrap_or(0);
                         if let Err(e) = queue.add_used(mem, head, used) {
@@ -342,8 +355,8 @@ impl QueueWorker {
                     }
                 }
             }
-            if let Err(e) = u.submit() {
-                tracing::error!("virtio-blk: io_uring submit: {e}");
+            if let Err(e) = self.engine.submit() {
+                tracing::error!("virtio-blk: submitting transfers: {e}");
             }
         }
         drop(disk);

@@ -9,7 +9,8 @@ use io_uring::{opcode, types, IoUring};
 use vm_memory::{GuestMemoryBackend, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
-use super::request::{Completion, Transfer};
+use super::engine::Done;
+use super::request::Transfer;
 
 /// One operation on the ring: one request, or several that continue one another on disk.
 struct InFlight {
@@ -59,16 +60,6 @@ pub struct Uring {
 // SAFETY: the iovec pointers refer to guest memory, which is mapped for the life of the VM and
 // valid from any thread; nothing else in `Uring` is tied to the creating thread.
 unsafe impl Send for Uring {}
-
-/// A transfer the engine finished.
-pub struct Done {
-    /// Queue the request came from.
-    pub queue: usize,
-    /// Head descriptor index of its chain.
-    pub head: u16,
-    /// Its outcome.
-    pub completion: Completion,
-}
 
 impl Uring {
     /// A ring with room for `depth` transfers in flight on `fd`.
