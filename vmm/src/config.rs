@@ -14,7 +14,8 @@ pub const MAX_CPUS: u8 = 254;
 pub const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=1";
 
 /// Where the guest's serial console goes.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
 pub enum SerialConfig {
     /// The VMM's standard output.
     Stdout,
@@ -25,7 +26,7 @@ pub enum SerialConfig {
 }
 
 /// A virtio-blk disk.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
 pub struct DiskConfig {
     /// Image file.
     pub path: PathBuf,
@@ -43,7 +44,7 @@ pub struct DiskConfig {
 pub const MAX_SERIAL_LEN: usize = 20;
 
 /// Everything needed to start a VM.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
 pub struct VmConfig {
     /// Kernel image: ELF vmlinux (PVH or 64-bit entry) or bzImage.
     pub kernel: PathBuf,

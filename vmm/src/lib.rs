@@ -9,6 +9,7 @@ pub mod arch;
 pub mod boot;
 pub mod builder;
 pub mod config;
+pub mod control;
 pub mod console;
 pub mod devices;
 pub mod vstate;
