@@ -1,7 +1,22 @@
 #!/usr/bin/env bash
 # Runs a fuzz target for a while (cargo fuzz, nightly toolchain). Installs cargo-fuzz when missing.
 # Usage: scripts/fuzz.sh [TARGET] [SECONDS]   (default: virtio_blk_request, 60 s)
+# Targets: virtio_blk_request (vmm/fuzz), qcow2_open (qcow/fuzz; seeded from qcow/fuzz/seeds).
 set -euo pipefail
-cd "$(dirname "$0")/../vmm"
+cd "$(dirname "$0")/.."
 command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz --locked
-exec cargo +nightly fuzz run "${1:-virtio_blk_request}" -- -max_total_time="${2:-60}"
+target="${1:-virtio_blk_request}"
+secs="${2:-60}"
+case "$target" in
+  qcow2_*)
+    cd qcow
+    # New inputs go to fuzz/corpus/TARGET (ignored by git); the committed seeds are read too.
+    mkdir -p "fuzz/corpus/$target"
+    exec cargo +nightly fuzz run "$target" "fuzz/corpus/$target" "fuzz/seeds/$target" -- \
+      -max_total_time="$secs" -rss_limit_mb=2048 -timeout=30
+    ;;
+  *)
+    cd vmm
+    exec cargo +nightly fuzz run "$target" -- -max_total_time="$secs"
+    ;;
+esac

@@ -347,15 +347,10 @@ impl Image {
                     self.path.display()
                 )));
             }
-            let data: u64 = self
-                .map(new_size, size - new_size)?
-                .iter()
-                .filter(|e| !e.zero)
-                .map(|e| e.len)
-                .sum();
+            let data = self.nonzero_bytes(new_size, size - new_size)?;
             if data > 0 {
                 return Err(Error::Invalid(format!(
-                    "{}: refusing to shrink: {data} bytes of data lie past the new size {new_size}",
+                    "{}: refusing to shrink: {data} non-zero bytes lie past the new size {new_size}",
                     self.path.display()
                 )));
             }
@@ -368,6 +363,22 @@ impl Image {
             Layer::Raw(r) => r.resize(new_size),
             Layer::Qcow2(q) => q.resize(new_size),
         }
+    }
+
+    /// Bytes in `offset..offset+len` that are not zero (allocated extents are read).
+    fn nonzero_bytes(&self, offset: u64, len: u64) -> Result<u64> {
+        let mut found = 0;
+        let mut buf = vec![0u8; 1 << 20];
+        for e in self.map(offset, len)?.into_iter().filter(|e| !e.zero) {
+            let mut pos = e.offset;
+            while pos < e.offset + e.len {
+                let n = (e.offset + e.len - pos).min(buf.len() as u64) as usize;
+                self.read_at(pos, &mut buf[..n])?;
+                found += buf[..n].iter().filter(|b| **b != 0).count() as u64;
+                pos += n as u64;
+            }
+        }
+        Ok(found)
     }
 
     /// How `offset..offset+len` reads through the whole chain.

@@ -166,6 +166,21 @@ impl Qcow2 {
             }
         }
         let g = Geometry::of(&h);
+        for (what, off, bytes) in [
+            ("L1 table", h.l1_offset, u64::from(h.l1_size) * 8),
+            (
+                "refcount table",
+                h.reftable_offset,
+                u64::from(h.reftable_clusters) * g.cs,
+            ),
+        ] {
+            if bytes > 0 && off + bytes > len.next_multiple_of(g.cs) {
+                return Err(Error::corrupt(
+                    path,
+                    format!("{what} at {off:#x} ({bytes} bytes) lies past the end of the file"),
+                ));
+            }
+        }
         let mut l1_bytes = vec![0u8; h.l1_size as usize * 8];
         iov::pread(&file, &mut l1_bytes, h.l1_offset).map_err(Error::io(path))?;
         let l1 = be64_words(&l1_bytes);
@@ -357,7 +372,29 @@ impl Qcow2 {
             }
             self.write_dirty_refblocks(&mut m)?;
         }
-        self.flush()
+        self.flush()?;
+        self.trim_tail()
+    }
+
+    /// Cuts free clusters off the end of the file (reservations handed back leave them).
+    fn trim_tail(&self) -> Result<()> {
+        let mut m = self.lock();
+        if !m.pending_free.is_empty() || !m.reserved.is_empty() || !m.inflight.is_empty() {
+            return Ok(());
+        }
+        let mut end = m.eof;
+        while end > 1 && self.refcount(&mut m, end - 1)? == 0 {
+            end -= 1;
+        }
+        let len = self.file.metadata().map_err(Error::io(&self.path))?.len();
+        if end * self.g.cs < len {
+            self.file
+                .set_len(end * self.g.cs)
+                .map_err(Error::io(&self.path))?;
+            m.eof = end;
+            m.free_cursor = m.free_cursor.min(end);
+        }
+        Ok(())
     }
 
     /// Reads and caches decompressed cluster data.

@@ -320,6 +320,18 @@ impl Qcow2 {
         Ok(())
     }
 
+    /// Writes zeroes over `start..end` (nothing when empty).
+    fn write_zero_bytes(&self, start: u64, end: u64) -> Result<()> {
+        let zeroes = vec![0u8; (1 << 20).min(end.saturating_sub(start)) as usize];
+        let mut pos = start;
+        while pos < end {
+            let n = (end - pos).min(zeroes.len() as u64);
+            self.write(pos, Bufs::new(&[iov::slice_of_ro(&zeroes[..n as usize])]))?;
+            pos += n;
+        }
+        Ok(())
+    }
+
     /// Applies `mode` to the whole clusters in `guest..guest+len`; partial clusters at either
     /// end are zero-filled for the zeroing modes and left alone for a discard.
     pub(crate) fn zero_range(&self, guest: u64, len: u64, mode: ZeroMode) -> Result<()> {
@@ -339,15 +351,11 @@ impl Qcow2 {
             b = guest;
         }
         if mode != ZeroMode::Discard {
-            let zeroes = vec![0u8; cs as usize];
-            for (s, e) in [(guest, a.min(end)), (b.max(guest), end)] {
-                if e > s {
-                    self.write(
-                        s,
-                        Bufs::new(&[iov::slice_of_ro(&zeroes[..(e - s) as usize])]),
-                    )?;
-                }
+            if a >= b {
+                return self.write_zero_bytes(guest, end);
             }
+            self.write_zero_bytes(guest, a)?;
+            self.write_zero_bytes(b, end)?;
         }
         if a >= b {
             return Ok(());
@@ -355,14 +363,7 @@ impl Qcow2 {
         let v2_with_backing = !self.g.v3 && self.backing.is_some();
         if v2_with_backing && mode != ZeroMode::Discard {
             // v2 has no zero flag: zeroes over a backing file must be written out.
-            let zeroes = vec![0u8; (cs as usize).max(1 << 20)];
-            let mut pos = a;
-            while pos < b.min(size) {
-                let n = (b.min(size) - pos).min(zeroes.len() as u64);
-                self.write(pos, Bufs::new(&[iov::slice_of_ro(&zeroes[..n as usize])]))?;
-                pos += n;
-            }
-            return Ok(());
+            return self.write_zero_bytes(a, b.min(size));
         }
         let _shared = self.gate.read().unwrap_or_else(|e| e.into_inner());
         let mut m = self.lock();
