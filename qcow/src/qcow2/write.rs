@@ -107,6 +107,25 @@ impl Qcow2 {
         self.write_meta(&value.to_be_bytes(), off + i as u64 * 8)
     }
 
+    /// Sets the L2 entries of consecutive guest clusters `(index, value)` (tables exist),
+    /// writing each table's run through in one go.
+    fn set_l2_entries(&self, m: &mut Meta, entries: &[(u64, u64)]) -> Result<()> {
+        let per = self.g.l2_entries;
+        for run in entries.chunk_by(|a, b| b.0 == a.0 + 1 && b.0 % per != 0) {
+            let first = run[0].0;
+            let off = self.l2_offset(m, first * self.g.cs)?;
+            let i = (first % per) as usize;
+            let table = self.l2_table(m, off)?;
+            let mut bytes = Vec::with_capacity(run.len() * 8);
+            for (k, (_, v)) in run.iter().enumerate() {
+                table[i + k] = *v;
+                bytes.extend_from_slice(&v.to_be_bytes());
+            }
+            self.write_meta(&bytes, off + i as u64 * 8)?;
+        }
+        Ok(())
+    }
+
     /// Clusters that hold a reference because of `map`.
     fn held_by(&self, map: Mapping) -> Vec<u64> {
         match map {
@@ -297,8 +316,10 @@ impl Qcow2 {
                         m.inflight.remove(&n.index);
                     }
                     let committed = filled.and_then(|()| {
+                        let entries: Vec<(u64, u64)> =
+                            news.iter().map(|n| (n.index, n.host | COPIED)).collect();
+                        self.set_l2_entries(&mut m, &entries)?;
                         for n in &news {
-                            self.set_l2(&mut m, n.index, n.host | COPIED)?;
                             m.pending_free.extend(&n.release);
                         }
                         Ok(())
