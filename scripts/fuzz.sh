@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runs a fuzz target for a while (cargo fuzz, nightly toolchain). Installs cargo-fuzz when missing.
 # Usage: scripts/fuzz.sh [TARGET] [SECONDS]   (default: virtio_blk_request, 60 s)
-# Targets: virtio_blk_request (vmm/fuzz), qcow2_open (qcow/fuzz; seeded from qcow/fuzz/seeds).
+# Targets: virtio_blk_request (vmm/fuzz), qcow2_open (qcow/fuzz; seeded from qcow/fuzz/seeds),
+#          api_create_body (vmm/fuzz; the API's request bodies, seeded and with a dictionary).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz --locked
@@ -14,6 +15,12 @@ case "$target" in
     mkdir -p "fuzz/corpus/$target"
     exec cargo +nightly fuzz run "$target" "fuzz/corpus/$target" "fuzz/seeds/$target" -- \
       -max_total_time="$secs" -rss_limit_mb=2048 -timeout=30
+    ;;
+  api_*)
+    cd vmm
+    mkdir -p "fuzz/corpus/$target"
+    exec cargo +nightly fuzz run "$target" "fuzz/corpus/$target" "fuzz/seeds/$target" -- \
+      -max_total_time="$secs" -dict="fuzz/$target.dict" -timeout=10
     ;;
   *)
     cd vmm

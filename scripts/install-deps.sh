@@ -9,6 +9,8 @@ packages=(
   linux-source-6.1 build-essential bc bison flex libelf-dev libssl-dev cpio xz-utils kmod
   # Disk images and I/O benchmarks.
   e2fsprogs fio
+  # API tests drive the VMM socket with curl.
+  curl
   # qcow2: qemu-img is the independent oracle of the qcow2 tests and the peer in benchmarks.
   qemu-utils
 )

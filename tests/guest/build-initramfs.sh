@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
-# Builds the test initramfs: busybox-static, tests/guest/init, and the virtio/vsock/pvpanic modules
-# of Debian's cloud kernel (loaded only when that kernel boots; the minimal kernel has them built
-# in). Cached by a hash of its recipe. Prints the path of the cpio archive.
+# Builds the test initramfs: busybox-static, tests/guest/init, and the virtio/vsock/pvpanic and
+# ACPI power button (button, evdev) modules of Debian's cloud kernel (loaded only when that kernel
+# boots; the minimal kernel has them built in). Cached by a hash of its recipe. Prints the path of
+# the cpio archive.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 cache=${LIGHTBYTE_CACHE:-$HOME/.cache/lightbyte}
 cloud=$("$here/fetch-debian-kernel.sh" cloud-amd64)
 busybox=/bin/busybox
 modules=(virtio_pci virtio_blk virtio_net virtio_console virtio_rng virtio_balloon
-         vmw_vsock_virtio_transport pvpanic_mmio button)
+         vmw_vsock_virtio_transport pvpanic_mmio button evdev)
 key=$( (cat "$here/init" "$here/build-initramfs.sh" "$here/copy-modules.sh" "$busybox"; echo "$cloud") \
        | sha256sum | cut -c1-16)
 out="$cache/initramfs-$key.cpio"

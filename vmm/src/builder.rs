@@ -14,9 +14,11 @@ use crate::arch::{acpi, bios};
 use crate::boot::{self, BootPayload};
 use crate::config::{ConfigError, DiskConfig, SerialConfig, VmConfig, MAX_CPUS};
 use crate::console;
+use crate::control::DiskCounters;
 use crate::devices::acpi_pm::{self, AcpiPm};
 use crate::devices::bus::{self, Bus};
 use crate::devices::cmos::{self, Cmos};
+use crate::devices::ged::{self, PowerButton};
 use crate::devices::i8042::{self, I8042};
 use crate::devices::pci::root::{CONFIG_IO_PORT, CONFIG_IO_PORTS};
 use crate::devices::pci::{self, PciConfigIo, PciEcam, PciRoot};
@@ -24,9 +26,11 @@ use crate::devices::pvpanic::{PvPanic, PVPANIC_PORT};
 use crate::devices::serial::{self, SerialDevice, SerialOut};
 use crate::devices::virtio::block::backend::DiskBackend;
 use crate::devices::virtio::block::open::{open_disk, OpenError};
+use crate::devices::virtio::block::request::Counters;
 use crate::devices::virtio::block::{Block, BlockOptions, SharedDisk};
 use crate::devices::virtio::pci::{self as virtio_pci, VirtioPciDevice};
 use crate::devices::{ExitHandle, VmEvent};
+use crate::vstate::control::VcpuControl;
 use crate::vstate::irq_routing;
 use crate::vstate::vcpu::{self, Buses, Vcpu};
 use crate::vstate::vm::{self, Vm};
@@ -37,6 +41,9 @@ pub enum Error {
     /// The configuration is invalid.
     #[error(transparent)]
     Config(#[from] ConfigError),
+    /// Snapshot state could not be applied.
+    #[error("restoring the snapshot: {0}")]
+    Restore(String),
     /// The boot payload could not be loaded.
     #[error(transparent)]
     Boot(#[from] boot::Error),
@@ -64,6 +71,9 @@ pub enum Error {
     /// Interrupt routing failed.
     #[error(transparent)]
     Irq(#[from] irq_routing::Error),
+    /// The ACPI power button could not be wired.
+    #[error(transparent)]
+    PowerButton(#[from] ged::Error),
     /// A disk image could not be opened.
     #[error("disk {}: {source}", path.display())]
     Disk {
@@ -130,35 +140,133 @@ impl From<VmEvent> for VmExit {
     }
 }
 
-/// A started VM. Its vCPU threads run until the guest stops them or the process exits.
+/// A started VM. Its vCPU threads run until the guest stops them or [`RunningVm::finish`].
 pub struct RunningVm {
-    events: Receiver<VmEvent>,
+    events: Option<Receiver<VmEvent>>,
     serial: Arc<Mutex<SerialDevice>>,
-    _vm: Arc<Vm>,
+    vm: Arc<Vm>,
     _terminal: Option<console::RawTerminal>,
-    disks: Vec<SharedDisk>,
+    disks: Vec<(SharedDisk, Arc<Counters>)>,
+    control: Arc<VcpuControl>,
+    power_button: PowerButton,
+    pci: Arc<Mutex<PciRoot>>,
 }
 
 impl RunningVm {
-    /// Blocks until the VM stops and says why.
-    pub fn wait(self) -> VmExit {
+    /// Presses the ACPI power button once. A guest that handles it shuts down and powers off,
+    /// which ends the VM as [`VmExit::PowerOff`]; one that ignores it keeps running, so the caller
+    /// bounds the wait and stops the VM the hard way after it.
+    pub fn power_button(&self) -> Result<(), ged::Error> {
+        self.power_button.press()
+    }
+
+    /// The channel on which the VM reports why it stops (taken once).
+    pub fn take_events(&mut self) -> Option<Receiver<VmEvent>> {
+        self.events.take()
+    }
+
+    /// Blocks until the VM stops, stops it completely and says why.
+    pub fn wait(mut self) -> VmExit {
         let exit = self
-            .events
-            .recv()
+            .take_events()
+            .and_then(|rx| rx.recv().ok())
             .map(VmExit::from)
-            .unwrap_or_else(|_| VmExit::Error("all vCPU threads ended".into()));
+            .unwrap_or_else(|| VmExit::Error("all vCPU threads ended".into()));
+        self.finish();
+        exit
+    }
+
+    /// Parks every vCPU, then lets every device finish the requests it took: afterwards guest
+    /// memory and device state stand still.
+    pub fn pause(&self) -> Result<(), String> {
+        self.control.pause().map_err(|e| e.to_string())?;
+        let devices = self.pci_devices();
+        for (i, (slot, dev)) in devices.iter().enumerate() {
+            if let Err(e) = dev.lock().unwrap_or_else(|e| e.into_inner()).pause() {
+                for (_, d) in &devices[..i] {
+                    d.lock().unwrap_or_else(|e| e.into_inner()).resume();
+                }
+                self.control.resume();
+                return Err(format!("PCI slot {slot}: {e}"));
+            }
+        }
+        Ok(())
+    }
+
+    /// Lets devices and vCPUs run again.
+    pub fn resume(&self) {
+        for (_, dev) in self.pci_devices() {
+            dev.lock().unwrap_or_else(|e| e.into_inner()).resume();
+        }
+        self.control.resume()
+    }
+
+    /// The serial port's registers.
+    pub fn serial_state(&self) -> vm_superio::serial::SerialState {
+        self.serial
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .state()
+    }
+
+    /// PCI devices by slot.
+    pub fn pci_devices(&self) -> Vec<(u8, crate::devices::pci::root::SharedPciDevice)> {
+        self.pci.lock().unwrap_or_else(|e| e.into_inner()).devices()
+    }
+
+    /// The PCI root complex.
+    pub fn pci(&self) -> &Arc<Mutex<PciRoot>> {
+        &self.pci
+    }
+
+    /// Whether the vCPUs are paused.
+    pub fn is_paused(&self) -> bool {
+        self.control.is_paused()
+    }
+
+    /// vCPU run control (state save jobs).
+    pub fn vcpus(&self) -> &Arc<VcpuControl> {
+        &self.control
+    }
+
+    /// The KVM VM.
+    pub fn vm(&self) -> &Arc<Vm> {
+        &self.vm
+    }
+
+    /// Request counters of each disk, in configuration order.
+    pub fn disk_counters(&self) -> Vec<DiskCounters> {
+        self.disks
+            .iter()
+            .map(|(_, c)| {
+                let get =
+                    |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
+                DiskCounters {
+                    read_ops: get(&c.read_ops),
+                    read_bytes: get(&c.read_bytes),
+                    write_ops: get(&c.write_ops),
+                    write_bytes: get(&c.write_bytes),
+                    flush_ops: get(&c.flush_ops),
+                    errors: get(&c.errors),
+                    ..DiskCounters::default()
+                }
+            })
+            .collect()
+    }
+
+    /// Stops the vCPUs, flushes the console and leaves every image consistent for other tools
+    /// (the process may exit right after this without dropping devices).
+    pub fn finish(&self) {
+        self.control.stop();
         self.serial
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .flush();
-        // The process exits right after this without dropping devices: images must be left
-        // consistent now.
-        for disk in &self.disks {
+        for (disk, _) in &self.disks {
             if let Err(e) = disk.lock().unwrap_or_else(|e| e.into_inner()).close() {
                 tracing::warn!("closing disk: {e}");
             }
         }
-        exit
     }
 }
 
@@ -228,14 +336,14 @@ fn attach_disk(
     disk: &DiskConfig,
     backend: Box<dyn DiskBackend>,
     cpus: u8,
-) -> Result<SharedDisk, Error> {
+) -> Result<(SharedDisk, Arc<Counters>), Error> {
     let opts = BlockOptions {
         read_only: disk.read_only,
         serial: disk.serial.clone().unwrap_or_default(),
         num_queues: u16::from(cpus),
     };
     let block = Block::new(backend, &opts);
-    let shared = block.backend();
+    let shared = (block.backend(), block.counters());
     let vectors = opts.num_queues + 1;
     let sink = vm.irq_router().msi_sink(vectors)?;
     let bar = pci.allocate_bar(virtio_pci::BAR_SIZE)?;
@@ -253,9 +361,30 @@ fn attach_disk(
 
 /// Builds the VM described by `cfg` and starts its vCPUs.
 pub fn start(cfg: &VmConfig) -> Result<RunningVm, Error> {
+    build(cfg, None)
+}
+
+/// What a restored VM gets instead of a boot: memory and device and vCPU state from a snapshot.
+pub trait Restorer {
+    /// Guest memory, with the snapshot's contents.
+    fn memory(&mut self) -> Result<vm_memory::GuestMemoryMmap, String>;
+    /// Interrupt controllers, PIT and clock.
+    fn vm(&self, vm: &Vm) -> Result<(), String>;
+    /// The serial port's registers.
+    fn serial(&self, serial: &mut SerialDevice);
+    /// PCI devices (configuration space, BAR registers, virtio queues).
+    fn devices(&self, pci: &mut PciRoot) -> Result<(), String>;
+    /// One vCPU's registers and LAPIC.
+    fn vcpu(&self, index: u8, fd: &kvm_ioctls::VcpuFd) -> Result<(), String>;
+}
+
+/// Builds the VM of `cfg`: booted from its kernel, or from `restore` (left paused).
+pub fn build(cfg: &VmConfig, mut restore: Option<&mut dyn Restorer>) -> Result<RunningVm, Error> {
     // Everything the user can get wrong is checked before KVM is touched.
     cfg.validate(u32::from(MAX_CPUS))?;
-    boot::check_kernel(&cfg.kernel)?;
+    if restore.is_none() {
+        boot::check_kernel(&cfg.kernel)?;
+    }
     let backends = cfg
         .disks
         .iter()
@@ -264,11 +393,21 @@ pub fn start(cfg: &VmConfig) -> Result<RunningVm, Error> {
     let kvm = Kvm::new().map_err(Error::Kvm)?;
     cfg.check_cpus(kvm.get_max_vcpus() as u32)?;
 
-    let memory = vm::create_guest_memory(cfg.memory)?;
+    let memory = match restore.as_deref_mut() {
+        Some(r) => r.memory().map_err(Error::Restore)?,
+        None => vm::create_guest_memory(cfg.memory)?,
+    };
     let vm = Arc::new(Vm::new(&kvm, memory)?);
+    if let Some(r) = restore.as_deref() {
+        r.vm(&vm).map_err(Error::Restore)?;
+    }
     let (tx, events) = channel();
     let exit = ExitHandle::new(tx);
     let (pio, serial) = legacy_devices(&vm, &exit, serial_out(&cfg.serial)?)?;
+    if let Some(r) = restore.as_deref() {
+        r.serial(&mut serial.lock().unwrap_or_else(|e| e.into_inner()));
+    }
+    let power_button = PowerButton::new(vm.fd())?;
     let mmio = Arc::new(Bus::new());
     let pci = Arc::new(Mutex::new(PciRoot::new(
         mmio.clone(),
@@ -299,28 +438,39 @@ pub fn start(cfg: &VmConfig) -> Result<RunningVm, Error> {
         pio: Arc::new(pio),
         mmio,
     };
+    if let Some(r) = restore.as_deref() {
+        r.devices(&mut pci.lock().unwrap_or_else(|e| e.into_inner()))
+            .map_err(Error::Restore)?;
+    }
 
-    // Firmware tables and the kernel.
-    let rsdp = acpi::write_tables(vm.memory(), cfg.cpus)?;
-    bios::write_reset_stub(vm.memory()).map_err(acpi::Error::Write)?;
-    let boot_mode = boot::load(
-        vm.memory(),
-        &BootPayload {
-            kernel: &cfg.kernel,
-            initramfs: cfg.initramfs.as_deref(),
-            cmdline: &cfg.cmdline,
-            mem_size: cfg.memory,
-            rsdp,
-        },
-    )?;
-    tracing::info!(?boot_mode, cpus = cfg.cpus, memory = cfg.memory, "booting");
+    // Firmware tables and the kernel (a restored VM has them in memory already).
+    let boot_mode = if restore.is_none() {
+        let rsdp = acpi::write_tables(vm.memory(), cfg.cpus)?;
+        bios::write_reset_stub(vm.memory()).map_err(acpi::Error::Write)?;
+        let mode = boot::load(
+            vm.memory(),
+            &BootPayload {
+                kernel: &cfg.kernel,
+                initramfs: cfg.initramfs.as_deref(),
+                cmdline: &cfg.cmdline,
+                mem_size: cfg.memory,
+                rsdp,
+            },
+        )?;
+        tracing::info!(boot_mode = ?mode, cpus = cfg.cpus, memory = cfg.memory, "booting");
+        Some(mode)
+    } else {
+        None
+    };
 
     // vCPUs: all configured before any runs, so a failure leaves nothing half-started.
     let supported = vcpu::supported_cpuid(&kvm).map_err(Error::Kvm)?;
     let policy = CpuidPolicy::default();
     let mut vcpus = Vec::with_capacity(usize::from(cfg.cpus));
     for index in 0..cfg.cpus {
-        let boot = (index == 0).then_some((boot_mode, vm.memory()));
+        let boot = boot_mode
+            .filter(|_| index == 0)
+            .map(|mode| (mode, vm.memory()));
         vcpus.push(Vcpu::new(
             vm.fd(),
             &kvm,
@@ -333,13 +483,26 @@ pub fn start(cfg: &VmConfig) -> Result<RunningVm, Error> {
             exit.clone(),
         )?);
     }
+    if let Some(r) = restore.as_deref() {
+        for v in &vcpus {
+            r.vcpu(v.index(), v.fd()).map_err(Error::Restore)?;
+        }
+    }
+    let control = Arc::new(
+        if restore.is_some() {
+            VcpuControl::paused()
+        } else {
+            VcpuControl::new()
+        }
+        .map_err(host("vCPU signals"))?,
+    );
     for (index, vcpu) in vcpus.into_iter().enumerate() {
         // Each vCPU thread keeps the VM (and so guest memory) alive while it may still run.
         let vm = vm.clone();
-        std::thread::Builder::new()
-            .name(format!("vcpu{index}"))
-            .spawn(move || {
-                vcpu.run();
+        let ctl = control.clone();
+        control
+            .spawn(format!("vcpu{index}"), move || {
+                vcpu.run(&ctl);
                 drop(vm);
             })
             .map_err(host("spawning vCPU thread"))?;
@@ -356,10 +519,13 @@ pub fn start(cfg: &VmConfig) -> Result<RunningVm, Error> {
     };
     let _ = io::stdout().flush();
     Ok(RunningVm {
-        events,
+        events: Some(events),
         serial,
-        _vm: vm,
+        vm,
+        control,
         _terminal: terminal,
+        power_button,
+        pci,
         disks,
     })
 }

@@ -1,6 +1,10 @@
-//! VM configuration: plain data produced by the command line (and later the API), validated
-//! before anything is allocated.
+//! VM configuration: plain data produced by the command line and the API, validated before
+//! anything is allocated.
+//!
+//! The JSON form of [`VmConfig`] is the body of `PUT /api/v1/vm/create` (see [`crate::api::body`]),
+//! so what `GET /api/v1/vm/info` reports can be sent back to create the same VM.
 
+use std::fmt;
 use std::path::PathBuf;
 
 pub use qcow::Format as DiskFormat;
@@ -13,9 +17,8 @@ pub const MAX_CPUS: u8 = 254;
 /// ends the VM), and reboot one second after a panic (the pvpanic device reports it first).
 pub const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=1";
 
-/// Where the guest's serial console goes.
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
-#[serde(rename_all = "lowercase")]
+/// Where the guest's serial console goes. In JSON, the same string as `--serial`.
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub enum SerialConfig {
     /// The VMM's standard output.
     Stdout,
@@ -25,14 +28,16 @@ pub enum SerialConfig {
     Off,
 }
 
-/// A virtio-blk disk.
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+/// A virtio-blk disk. In JSON, an object with the keys of `--disk` (see [`crate::api::body`]).
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(try_from = "crate::api::body::Object<crate::api::body::DiskBody>")]
 pub struct DiskConfig {
     /// Image file.
     pub path: PathBuf,
     /// Image format; None means "what the file's header says" (qcow2 or else raw).
     pub format: Option<DiskFormat>,
     /// The guest may not write.
+    #[serde(rename = "readonly")]
     pub read_only: bool,
     /// Serial number the guest reads with GET_ID (at most 20 bytes).
     pub serial: Option<String>,
@@ -43,8 +48,10 @@ pub struct DiskConfig {
 /// Longest disk serial virtio-blk can carry.
 pub const MAX_SERIAL_LEN: usize = 20;
 
-/// Everything needed to start a VM.
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+/// Everything needed to start a VM. Deserializing applies the command line's defaults and
+/// rejects unknown fields, through [`crate::api::body::CreateBody`].
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(try_from = "crate::api::body::Object<crate::api::body::CreateBody>")]
 pub struct VmConfig {
     /// Kernel image: ELF vmlinux (PVH or 64-bit entry) or bzImage.
     pub kernel: PathBuf,
@@ -137,6 +144,30 @@ pub fn parse_size(s: &str) -> Result<u64, ConfigError> {
     n.checked_mul(1u64 << shift).ok_or_else(err)
 }
 
+impl fmt::Display for SerialConfig {
+    /// The `--serial` spelling, which [`parse_serial`] reads back.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            SerialConfig::Stdout => f.write_str("stdout"),
+            SerialConfig::Off => f.write_str("off"),
+            SerialConfig::File(path) => write!(f, "file:{}", path.display()),
+        }
+    }
+}
+
+impl serde::Serialize for SerialConfig {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_str(self)
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for SerialConfig {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let s = <std::borrow::Cow<'de, str>>::deserialize(deserializer)?;
+        parse_serial(&s).map_err(serde::de::Error::custom)
+    }
+}
+
 /// Parses `stdout`, `off` or `file:PATH`.
 pub fn parse_serial(s: &str) -> Result<SerialConfig, ConfigError> {
     match s {
@@ -157,6 +188,31 @@ fn on_off(key: &str, v: &str) -> Result<bool, String> {
     }
 }
 
+/// Checks a disk image path (`--disk path=` or the API's `path`): it may not be empty.
+pub fn check_disk_path(value: &str) -> Result<&str, String> {
+    if value.is_empty() {
+        return Err("empty path".into());
+    }
+    Ok(value)
+}
+
+/// Parses a disk format (`--disk format=` or the API's `format`): `raw` or `qcow2`.
+pub fn parse_disk_format(value: &str) -> Result<DiskFormat, String> {
+    match value {
+        "raw" => Ok(DiskFormat::Raw),
+        "qcow2" => Ok(DiskFormat::Qcow2),
+        _ => Err(format!("format={value}: expected raw or qcow2")),
+    }
+}
+
+/// Checks a disk serial (`--disk serial=` or the API's `serial`) fits virtio-blk's GET_ID.
+pub fn check_disk_serial(value: &str) -> Result<&str, String> {
+    if value.len() > MAX_SERIAL_LEN {
+        return Err(format!("serial is longer than {MAX_SERIAL_LEN} bytes"));
+    }
+    Ok(value)
+}
+
 /// Parses `path=FILE[,format=raw|qcow2][,readonly=on][,serial=ID][,direct=on]`.
 pub fn parse_disk(s: &str) -> Result<DiskConfig, ConfigError> {
     let err = |reason: String| ConfigError::InvalidDisk {
@@ -175,19 +231,11 @@ pub fn parse_disk(s: &str) -> Result<DiskConfig, ConfigError> {
             .split_once('=')
             .ok_or_else(|| err(format!("{part:?} is not key=value")))?;
         match key {
-            "path" if !value.is_empty() => disk.path = PathBuf::from(value),
-            "format" => {
-                disk.format = Some(match value {
-                    "raw" => DiskFormat::Raw,
-                    "qcow2" => DiskFormat::Qcow2,
-                    _ => return Err(err(format!("format={value}: expected raw or qcow2"))),
-                })
-            }
+            "path" => disk.path = PathBuf::from(check_disk_path(value).map_err(err)?),
+            "format" => disk.format = Some(parse_disk_format(value).map_err(err)?),
             "readonly" => disk.read_only = on_off(key, value).map_err(err)?,
             "direct" => disk.direct = on_off(key, value).map_err(err)?,
-            "serial" if value.len() <= MAX_SERIAL_LEN => disk.serial = Some(value.to_string()),
-            "serial" => return Err(err(format!("serial is longer than {MAX_SERIAL_LEN} bytes"))),
-            "path" => return Err(err("empty path".into())),
+            "serial" => disk.serial = Some(check_disk_serial(value).map_err(err)?.to_string()),
             other => {
                 return Err(err(format!(
                     "unknown key {other:?} (path, format, readonly, serial, direct)"

@@ -3,12 +3,12 @@
 
 use std::path::PathBuf;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::config::VmConfig;
 
 /// Lifecycle state of the VM a `vmm` process manages.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum VmState {
     /// No configuration yet.
@@ -24,7 +24,7 @@ pub enum VmState {
 }
 
 /// Counters of one disk.
-#[derive(Clone, Debug, Default, Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DiskCounters {
     /// Image path.
     pub path: PathBuf,
@@ -43,7 +43,7 @@ pub struct DiskCounters {
 }
 
 /// What `GET /api/v1/vm/info` returns.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VmInfo {
     /// Lifecycle state.
     pub state: VmState,

@@ -5,11 +5,14 @@
 
 #![warn(missing_docs)]
 
+pub mod api;
 pub mod arch;
 pub mod boot;
 pub mod builder;
 pub mod config;
-pub mod control;
 pub mod console;
+pub mod control;
 pub mod devices;
+pub mod snapshot;
+pub mod vmm;
 pub mod vstate;

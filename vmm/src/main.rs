@@ -1,15 +1,20 @@
-//! `vmm`: boots a Linux guest directly from a kernel image; `vmm img` manages disk images.
+//! `vmm`: boots a Linux guest directly from a kernel image, or as the API asks; `vmm img`
+//! manages disk images.
 
 mod img;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 
 use clap::{Parser, Subcommand};
-use vmm::builder::{self, VmExit};
+use vmm::api::{ApiServer, ServerOptions};
+use vmm::builder::VmExit;
 use vmm::config::{
     parse_disk, parse_serial, parse_size, DiskConfig, SerialConfig, VmConfig, DEFAULT_CMDLINE,
 };
+use vmm::control::ControlError;
+use vmm::vmm::Vmm;
 
 /// Exit status for invalid input (bad flags, missing or invalid files, impossible sizes).
 const EXIT_BAD_INPUT: u8 = 2;
@@ -19,6 +24,10 @@ const EXIT_VM_FAILED: u8 = 1;
 /// lightbyte VMM: boots a Linux kernel (ELF vmlinux through PVH, or bzImage) in a KVM virtual
 /// machine with a serial console. The process exits 0 when the guest powers off or reboots,
 /// 1 when the guest panics or the VM fails, and 2 on invalid input.
+///
+/// With --api-socket, an HTTP API on that Unix socket controls the VM (docs/api/openapi.yaml):
+/// alone, the VMM waits for the VM to be created and booted through it; with --kernel, the VM
+/// boots from the flags and the API serves too.
 ///
 /// `vmm img` creates, inspects, resizes, converts and checks raw and qcow2 disk images.
 #[derive(Parser, Debug)]
@@ -31,25 +40,42 @@ struct Cli {
     #[command(subcommand)]
     command: Option<Command>,
     /// Kernel image: an uncompressed ELF vmlinux (booted through its PVH entry when it has one)
-    /// or a bzImage.
-    // An Option only so that `vmm img ...` parses: clap still requires it without a subcommand.
-    #[arg(long, value_name = "PATH", required = true)]
+    /// or a bzImage. Required unless --api-socket is given.
+    // An Option so that `vmm img ...` and `vmm --api-socket PATH` parse; clap requires it
+    // otherwise.
+    #[arg(long, value_name = "PATH", required_unless_present = "api_socket")]
     kernel: Option<PathBuf>,
-    /// Initial ramdisk (cpio archive, optionally compressed) loaded with the kernel.
+    /// Serve the HTTP API on this Unix socket (refused when another process serves there; a
+    /// stale socket file is replaced; removed on exit).
     #[arg(long, value_name = "PATH")]
+    api_socket: Option<PathBuf>,
+    /// Initial ramdisk (cpio archive, optionally compressed) loaded with the kernel.
+    #[arg(long, value_name = "PATH", requires = "kernel")]
     initramfs: Option<PathBuf>,
     /// Kernel command line.
-    #[arg(long, value_name = "STR", default_value = DEFAULT_CMDLINE)]
+    #[arg(long, value_name = "STR", default_value = DEFAULT_CMDLINE, requires = "kernel")]
     cmdline: String,
     /// Number of vCPUs the guest sees.
-    #[arg(long, value_name = "N", default_value_t = 1)]
+    #[arg(long, value_name = "N", default_value_t = 1, requires = "kernel")]
     cpus: u8,
     /// Guest RAM: bytes, or a number with K/M/G suffix.
-    #[arg(long, value_name = "SIZE", default_value = "512M", value_parser = parse_size)]
+    #[arg(
+        long,
+        value_name = "SIZE",
+        default_value = "512M",
+        value_parser = parse_size,
+        requires = "kernel"
+    )]
     memory: u64,
     /// Serial console destination: stdout (interactive when stdin is a terminal; Ctrl-A x
     /// quits), off, or file:PATH.
-    #[arg(long, value_name = "DEST", default_value = "stdout", value_parser = parse_serial)]
+    #[arg(
+        long,
+        value_name = "DEST",
+        default_value = "stdout",
+        value_parser = parse_serial,
+        requires = "kernel"
+    )]
     serial: SerialConfig,
     /// A virtio-blk disk backed by a raw or qcow2 image; repeat for more (the first is
     /// /dev/vda). Options: format=raw|qcow2 (default: qcow2 when the file has a qcow2 header,
@@ -59,7 +85,8 @@ struct Cli {
     #[arg(
         long,
         value_name = "path=FILE[,format=raw|qcow2][,readonly=on][,serial=ID][,direct=on]",
-        value_parser = parse_disk
+        value_parser = parse_disk,
+        requires = "kernel"
     )]
     disk: Vec<DiskConfig>,
 }
@@ -92,32 +119,51 @@ fn main() -> ExitCode {
     if let Some(Command::Img { command }) = cli.command {
         return img::run(command);
     }
-    let Some(kernel) = cli.kernel else {
-        // clap already refuses a command line with neither --kernel nor a subcommand.
-        eprintln!("vmm: --kernel is required");
-        return ExitCode::from(EXIT_BAD_INPUT);
+    let vmm = Vmm::new();
+    // Started before the VM so that a socket already in use fails fast, and so that the API
+    // sees the VM from its first moment.
+    let api = match &cli.api_socket {
+        Some(path) => {
+            let options = ServerOptions {
+                exit_on_signal: true,
+                ..ServerOptions::default()
+            };
+            match ApiServer::start(path, Arc::clone(&vmm) as _, options) {
+                Ok(server) => Some(server),
+                Err(e) => {
+                    eprintln!("vmm: {e}");
+                    return ExitCode::from(if e.is_bad_input() {
+                        EXIT_BAD_INPUT
+                    } else {
+                        EXIT_VM_FAILED
+                    });
+                }
+            }
+        }
+        None => None,
     };
-    let config = VmConfig {
-        kernel,
-        initramfs: cli.initramfs,
-        cmdline: cli.cmdline,
-        cpus: cli.cpus,
-        memory: cli.memory,
-        serial: cli.serial,
-        disks: cli.disk,
-    };
-    let vm = match builder::start(&config) {
-        Ok(vm) => vm,
-        Err(e) => {
+    if let Some(kernel) = cli.kernel {
+        let config = VmConfig {
+            kernel,
+            initramfs: cli.initramfs,
+            cmdline: cli.cmdline,
+            cpus: cli.cpus,
+            memory: cli.memory,
+            serial: cli.serial,
+            disks: cli.disk,
+        };
+        if let Err(e) = vmm.boot_from_config(config) {
             eprintln!("vmm: {e}");
-            return ExitCode::from(if e.is_bad_input() {
-                EXIT_BAD_INPUT
-            } else {
-                EXIT_VM_FAILED
+            return ExitCode::from(match e {
+                ControlError::BadRequest(_) => EXIT_BAD_INPUT,
+                ControlError::Conflict(_) | ControlError::Internal(_) => EXIT_VM_FAILED,
             });
         }
-    };
-    match vm.wait() {
+    }
+    let exit = vmm.wait_exit();
+    // Stops the API (letting a request that ended the VM get its answer) and removes the socket.
+    drop(api);
+    match exit {
         VmExit::PowerOff => ExitCode::SUCCESS,
         VmExit::Reset(why) => {
             tracing::info!("guest reset ({why}): ending the VM");

@@ -15,6 +15,7 @@ use vmm::arch::regs::BootMode;
 use vmm::builder::legacy_devices;
 use vmm::devices::bus::Bus;
 use vmm::devices::{ExitHandle, VmEvent};
+use vmm::vstate::control::VcpuControl;
 use vmm::vstate::vcpu::{supported_cpuid, Buses, Vcpu};
 use vmm::vstate::vm::{create_guest_memory, Vm};
 
@@ -54,6 +55,7 @@ fn run_code(mode: BootMode, cpus: u8) -> (VmEvent, String) {
         mmio: Arc::new(Bus::new()),
     };
     let supported = supported_cpuid(&kvm).unwrap();
+    let control = std::sync::Arc::new(VcpuControl::new().unwrap());
     for index in 0..cpus {
         let boot = (index == 0).then_some((mode, vm.memory()));
         let vcpu = Vcpu::new(
@@ -69,10 +71,13 @@ fn run_code(mode: BootMode, cpus: u8) -> (VmEvent, String) {
         )
         .unwrap();
         let keep = vm.clone();
-        std::thread::spawn(move || {
-            vcpu.run();
-            drop(keep);
-        });
+        let ctl = control.clone();
+        control
+            .spawn(format!("vcpu{index}"), move || {
+                vcpu.run(&ctl);
+                drop(keep);
+            })
+            .unwrap();
     }
     let event = match rx.recv_timeout(Duration::from_secs(60)) {
         Ok(e) => e,

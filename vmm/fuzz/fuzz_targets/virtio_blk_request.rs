@@ -38,6 +38,7 @@ fuzz_target!(|data: &[u8]| {
         size: disk.data.len() as u64,
         read_only,
         serial: b"fuzz".to_vec(),
+        ..DiskInfo::default()
     };
     let _ = handle(&mem, &mut disk, &info, &descs);
     assert_eq!(disk.data.len(), 32 << 10);

@@ -5,7 +5,10 @@
 //! through the sleep control register and reset through the reset register, both I/O ports served
 //! by [`crate::devices::acpi_pm`]. Without a legacy PIC, Linux maps no ISA IRQs by itself, so every
 //! legacy device that interrupts is declared in the DSDT with its GSI (COM1 on GSI 4, edge, active
-//! high). The DSDT also declares the pvpanic device so a guest kernel can tell us it panicked.
+//! high). The DSDT also declares the pvpanic device so a guest kernel can tell us it panicked, and
+//! the power button: with no fixed-feature button on such a platform, it is a control-method
+//! button (PNP0C0C) notified by a Generic Event Device (ACPI0013) whose interrupt the VMM raises
+//! ([`crate::devices::ged`]).
 
 use acpi_tables::fadt::{FADTBuilder, Flags};
 use acpi_tables::gas::{AccessSize, AddressSpace, GAS};
@@ -16,7 +19,7 @@ use acpi_tables::mcfg::MCFG;
 use acpi_tables::rsdp::Rsdp;
 use acpi_tables::sdt::Sdt;
 use acpi_tables::xsdt::XSDT;
-use acpi_tables::{aml, Aml};
+use acpi_tables::{aml, Aml, AmlSink};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use super::layout::{
@@ -24,6 +27,7 @@ use super::layout::{
     PCI_MMIO32_START,
 };
 use crate::devices::acpi_pm::{RESET_PORT, RESET_VALUE, SLEEP_CONTROL_PORT, SLEEP_STATUS_PORT};
+use crate::devices::ged::POWER_BUTTON_GSI;
 use crate::devices::pci::root::{CONFIG_IO_PORT, CONFIG_IO_PORTS};
 use crate::devices::pvpanic::PVPANIC_PORT;
 use crate::devices::serial::{self, COM1_IRQ, COM1_PORT};
@@ -49,6 +53,35 @@ fn bytes_of(table: &dyn Aml) -> Vec<u8> {
     let mut v = Vec::new();
     table.to_aml_bytes(&mut v);
     v
+}
+
+/// Notify value a control-method power button gets when pressed (ACPI spec, "Control Method
+/// Power Button"); Linux's button driver turns it into KEY_POWER.
+const NOTIFY_BUTTON_PRESSED: u8 = 0x80;
+
+/// The power button objects of `\_SB_`: `PWRB`, the control-method power button, and `GED0`, the
+/// Generic Event Device whose `_EVT` runs when [`POWER_BUTTON_GSI`] fires and notifies `PWRB`.
+/// Linux's evged calls `_EVT` with the GSI as Arg0; checking it keeps further GED interrupts from
+/// being taken for button presses.
+struct PowerButtonAml;
+
+impl Aml for PowerButtonAml {
+    fn to_aml_bytes(&self, sink: &mut dyn AmlSink) {
+        let pwrb_hid = aml::Name::new("_HID".into(), &aml::EISAName::new("PNP0C0C"));
+        let uid = aml::Name::new("_UID".into(), &0u8);
+        aml::Device::new("PWRB".into(), vec![&pwrb_hid, &uid]).to_aml_bytes(sink);
+
+        let ged_hid = aml::Name::new("_HID".into(), &"ACPI0013");
+        // Edge-triggered, active high, exclusive: each irqfd write is one pulse, one press.
+        let irq = aml::Interrupt::new(true, true, false, false, POWER_BUTTON_GSI);
+        let ged_crs = aml::Name::new("_CRS".into(), &aml::ResourceTemplate::new(vec![&irq]));
+        let pwrb = aml::Path::new("\\_SB_.PWRB");
+        let notify = aml::Notify::new(&pwrb, &NOTIFY_BUTTON_PRESSED);
+        let is_button = aml::Equal::new(&aml::Arg(0), &POWER_BUTTON_GSI);
+        let on_button = aml::If::new(&is_button, vec![&notify]);
+        let evt = aml::Method::new("_EVT".into(), 1, false, vec![&on_button]);
+        aml::Device::new("GED0".into(), vec![&ged_hid, &uid, &ged_crs, &evt]).to_aml_bytes(sink);
+    }
 }
 
 fn dsdt() -> Vec<u8> {
@@ -107,7 +140,11 @@ fn dsdt() -> Vec<u8> {
             &pci_crs_name,
         ],
     );
-    aml::Scope::new("\\_SB_".into(), vec![&pvpanic, &com1, &pci]).to_aml_bytes(&mut dsdt);
+    aml::Scope::new(
+        "\\_SB_".into(),
+        vec![&pvpanic, &com1, &pci, &PowerButtonAml],
+    )
+    .to_aml_bytes(&mut dsdt);
     dsdt.update_checksum();
     dsdt.as_slice().to_vec()
 }
@@ -125,6 +162,11 @@ fn fadt(dsdt_addr: u64) -> Vec<u8> {
     let mut fadt = FADTBuilder::new(OEM_ID, OEM_TABLE_ID, OEM_REVISION)
         .flag(Flags::HwReducedAcpi)
         .flag(Flags::ResetRegSup)
+        // No fixed-feature buttons (they need PM1 registers and an SCI): the power button is the
+        // DSDT's PNP0C0C device, and there is no sleep button. Linux would otherwise add fixed
+        // "Power Button"/"Sleep Button" devices that can never fire.
+        .flag(Flags::PwrButton)
+        .flag(Flags::SlpButton)
         .dsdt_64(dsdt_addr);
     fadt.reset_reg = io(RESET_PORT);
     fadt.reset_value = RESET_VALUE;
@@ -252,6 +294,9 @@ mod tests {
         assert!(sums_to_zero(&fadt));
         let flags = u32::from_le_bytes(fadt[112..116].try_into().unwrap());
         assert_ne!(flags & Flags::HwReducedAcpi as u32, 0);
+        // No fixed-feature power or sleep button: the power button is a DSDT device.
+        assert_ne!(flags & Flags::PwrButton as u32, 0);
+        assert_ne!(flags & Flags::SlpButton as u32, 0);
         let x_dsdt = u64::from_le_bytes(fadt[140..148].try_into().unwrap());
         let dsdt = read_table(&mem, x_dsdt);
         assert_eq!(&dsdt[0..4], b"DSDT");
@@ -264,11 +309,42 @@ mod tests {
         assert!(dsdt
             .windows(9)
             .any(|w| w == [0x89, 6, 0, 0x3, 1, 4, 0, 0, 0]));
+        let power_button = bytes_of(&PowerButtonAml);
+        assert!(dsdt
+            .windows(power_button.len())
+            .any(|w| w == power_button.as_slice()));
         let madt = read_table(&mem, entries[1]);
         assert_eq!(&madt[0..4], b"APIC");
         assert!(sums_to_zero(&madt));
         // Three 8-byte local APIC entries and one 12-byte IOAPIC entry.
         assert_eq!(madt.len(), 44 + 3 * 8 + 12);
+    }
+
+    fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+        haystack.windows(needle.len()).any(|w| w == needle)
+    }
+
+    #[test]
+    fn power_button_is_a_ged_notifying_a_pnp0c0c_device() {
+        let aml = bytes_of(&PowerButtonAml);
+        // Device (PWRB) { Name (_HID, EisaId ("PNP0C0C")) ... }: the EISA ID is a DWord.
+        assert!(contains(&aml, b"PWRB\x08_HID\x0c\x41\xd0\x0c\x0c"));
+        // Device (GED0) { Name (_HID, "ACPI0013") ... }
+        assert!(contains(&aml, b"GED0\x08_HID\x0dACPI0013\0"));
+        // _CRS: one extended interrupt descriptor (consumer, edge, active high, exclusive) on
+        // GSI 10, then the end tag.
+        assert_eq!(POWER_BUTTON_GSI, 10);
+        assert!(contains(&aml, &[0x89, 6, 0, 0x3, 1, 10, 0, 0, 0, 0x79]));
+        // Method (_EVT, 1) { If (LEqual (Arg0, 10)) { Notify (\_SB_.PWRB, 0x80) } }
+        let evt: &[u8] = &[
+            0x14, 0x19, b'_', b'E', b'V', b'T', 0x01, // Method, length, name, 1 arg
+            0xa0, 0x12, 0x93, 0x68, 0x0a, 10, // If, length, LEqual (Arg0, 10)
+            0x86, b'\\', 0x2e, b'_', b'S', b'B', b'_', b'P', b'W', b'R',
+            b'B', // Notify (\_SB_.PWRB,
+            0x0a, 0x80, // 0x80)
+        ];
+        // _EVT is GED0's last object, and GED0 comes last.
+        assert!(aml.ends_with(evt), "{aml:02x?}");
     }
 
     #[test]

@@ -60,6 +60,29 @@ impl SerialDevice {
         }
     }
 
+    /// The UART's registers and receive buffer.
+    pub fn state(&self) -> vm_superio::serial::SerialState {
+        self.serial.state()
+    }
+
+    /// Programs the registers of `state` through the register interface, as the driver did.
+    pub fn set_state(&mut self, state: &vm_superio::serial::SerialState) {
+        const DLAB: u8 = 0x80;
+        let mut w = |reg: u8, v: u8| {
+            let _ = self.serial.write(reg, v);
+        };
+        w(3, state.line_control | DLAB);
+        w(0, state.baud_divisor_low);
+        w(1, state.baud_divisor_high);
+        w(3, state.line_control & !DLAB);
+        w(1, state.interrupt_enable);
+        w(4, state.modem_control);
+        w(7, state.scratch);
+        if !state.in_buffer.is_empty() {
+            self.enqueue_input(&state.in_buffer);
+        }
+    }
+
     /// Flushes buffered output.
     pub fn flush(&mut self) {
         let _ = self.serial.writer_mut().flush();

@@ -12,6 +12,7 @@ use crate::arch::msr::boot_msrs;
 use crate::arch::regs::{self, BootMode};
 use crate::devices::bus::Bus;
 use crate::devices::{ExitHandle, VmEvent};
+use crate::vstate::control::{Next, TlsVcpu, VcpuControl};
 
 const KVM_SYSTEM_EVENT_SHUTDOWN: u32 = 1;
 const KVM_SYSTEM_EVENT_RESET: u32 = 2;
@@ -164,77 +165,98 @@ impl Vcpu {
         }
     }
 
-    /// Runs the vCPU until the guest stops it or it fails; the reason goes to the exit handle.
-    pub fn run(mut self) {
+    /// Runs the vCPU until the guest stops it, it fails (the reason goes to the exit handle)
+    /// or `control` stops it; parks while `control` says so.
+    pub fn run(mut self, control: &VcpuControl) {
+        let _tls = TlsVcpu::set(&mut self.fd);
         let event = loop {
-            match self.fd.run() {
-                Ok(VcpuExit::IoIn(port, data)) => {
-                    if !self.buses.pio.read(u64::from(port), data) {
-                        tracing::trace!(port, len = data.len(), "unhandled port read");
-                        data.fill(0xff);
-                    }
-                }
-                Ok(VcpuExit::IoOut(port, data)) => {
-                    if !self.buses.pio.write(u64::from(port), data) {
-                        tracing::trace!(port, ?data, "unhandled port write");
-                    }
-                }
-                Ok(VcpuExit::MmioRead(addr, data)) => {
-                    if !self.buses.mmio.read(addr, data) {
-                        data.fill(0xff);
-                    }
-                }
-                Ok(VcpuExit::MmioWrite(addr, data)) => {
-                    self.buses.mmio.write(addr, data);
-                }
-                Ok(VcpuExit::Hlt) | Ok(VcpuExit::Intr) | Ok(VcpuExit::IrqWindowOpen) => {}
-                Ok(VcpuExit::Shutdown) => break VmEvent::Reset("triple fault"),
-                Ok(VcpuExit::SystemEvent(kind, _)) => match kind {
-                    KVM_SYSTEM_EVENT_SHUTDOWN => break VmEvent::PowerOff,
-                    KVM_SYSTEM_EVENT_RESET => break VmEvent::Reset("KVM system reset"),
-                    KVM_SYSTEM_EVENT_CRASH => break VmEvent::Panic,
-                    other => {
-                        break VmEvent::Error(format!(
-                            "vCPU {}: unknown KVM system event {other} at RIP {}",
-                            self.index,
-                            self.rip()
-                        ))
-                    }
-                },
-                Ok(VcpuExit::InternalError) => {
-                    break VmEvent::Error(format!(
-                        "vCPU {}: KVM internal error (emulation failure) at RIP {}",
-                        self.index,
-                        self.rip()
-                    ))
-                }
-                Ok(VcpuExit::FailEntry(reason, cpu)) => {
-                    break VmEvent::Error(format!(
-                        "vCPU {}: KVM entry failed, hardware reason {reason:#x} on host CPU {cpu}, RIP {}",
-                        self.index,
-                        self.rip()
-                    ))
-                }
-                Ok(other) => {
-                    let what = format!("{other:?}");
-                    break VmEvent::Error(format!(
-                        "vCPU {}: unexpected KVM exit {what} at RIP {}",
-                        self.index,
-                        self.rip()
-                    ));
-                }
-                Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {}
-                Err(e) => {
-                    break VmEvent::Error(format!(
-                        "vCPU {}: KVM_RUN failed: {e} at RIP {}",
-                        self.index,
-                        self.rip()
-                    ))
-                }
+            if let Next::Stop = control.next(self.index, &self.fd) {
+                break None;
+            }
+            if let Some(event) = self.step() {
+                break Some(event);
             }
         };
         tracing::debug!(vcpu = self.index, ?event, "vCPU stopped");
-        self.exit.send(event);
+        if let Some(event) = event {
+            self.exit.send(event);
+        }
+        control.exited();
+    }
+
+    /// One KVM_RUN and the handling of its exit; `Some` when the VM must stop.
+    fn step(&mut self) -> Option<VmEvent> {
+        let index = self.index;
+        match self.fd.run() {
+            Ok(VcpuExit::IoIn(port, data)) => {
+                if !self.buses.pio.read(u64::from(port), data) {
+                    tracing::trace!(port, len = data.len(), "unhandled port read");
+                    data.fill(0xff);
+                }
+                None
+            }
+            Ok(VcpuExit::IoOut(port, data)) => {
+                if !self.buses.pio.write(u64::from(port), data) {
+                    tracing::trace!(port, ?data, "unhandled port write");
+                }
+                None
+            }
+            Ok(VcpuExit::MmioRead(addr, data)) => {
+                if !self.buses.mmio.read(addr, data) {
+                    data.fill(0xff);
+                }
+                None
+            }
+            Ok(VcpuExit::MmioWrite(addr, data)) => {
+                self.buses.mmio.write(addr, data);
+                None
+            }
+            Ok(VcpuExit::Hlt) | Ok(VcpuExit::Intr) | Ok(VcpuExit::IrqWindowOpen) => None,
+            Ok(VcpuExit::Shutdown) => Some(VmEvent::Reset("triple fault")),
+            Ok(VcpuExit::SystemEvent(kind, _)) => Some(match kind {
+                KVM_SYSTEM_EVENT_SHUTDOWN => VmEvent::PowerOff,
+                KVM_SYSTEM_EVENT_RESET => VmEvent::Reset("KVM system reset"),
+                KVM_SYSTEM_EVENT_CRASH => VmEvent::Panic,
+                other => VmEvent::Error(format!(
+                    "vCPU {index}: unknown KVM system event {other} at RIP {}",
+                    self.rip()
+                )),
+            }),
+            Ok(VcpuExit::InternalError) => Some(VmEvent::Error(format!(
+                "vCPU {index}: KVM internal error (emulation failure) at RIP {}",
+                self.rip()
+            ))),
+            Ok(VcpuExit::FailEntry(reason, cpu)) => Some(VmEvent::Error(format!(
+                "vCPU {index}: KVM entry failed, hardware reason {reason:#x} on host CPU {cpu}, RIP {}",
+                self.rip()
+            ))),
+            Ok(other) => {
+                let what = format!("{other:?}");
+                Some(VmEvent::Error(format!(
+                    "vCPU {index}: unexpected KVM exit {what} at RIP {}",
+                    self.rip()
+                )))
+            }
+            // Kicked out of KVM_RUN (pause, stop): clear the flag the kick set.
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                self.fd.set_kvm_immediate_exit(0);
+                None
+            }
+            Err(e) => Some(VmEvent::Error(format!(
+                "vCPU {index}: KVM_RUN failed: {e} at RIP {}",
+                self.rip()
+            ))),
+        }
+    }
+
+    /// The vCPU's file descriptor (state save and restore).
+    pub fn fd(&self) -> &VcpuFd {
+        &self.fd
+    }
+
+    /// Index of this vCPU.
+    pub fn index(&self) -> u8 {
+        self.index
     }
 }
 

@@ -23,6 +23,23 @@ pub trait PciDevice: Send {
     /// BAR `bar` is now decoded at `addr`, or not at all. Devices with ioeventfds in a BAR move
     /// them here.
     fn bar_mapped(&mut self, _bar: usize, _addr: Option<u64>) {}
+    /// Stops taking work from the guest and finishes what is in flight (VM pause).
+    fn pause(&mut self) -> Result<(), String> {
+        Ok(())
+    }
+    /// Undoes [`PciDevice::pause`].
+    fn resume(&mut self) {}
+    /// BAR 0 register writes that bring a freshly created device to its current programmed
+    /// state (snapshot); configuration space is saved separately.
+    fn save_registers(&mut self) -> Vec<(u64, Vec<u8>)> {
+        Vec::new()
+    }
+    /// Replays [`PciDevice::save_registers`] (restore).
+    fn restore_registers(&mut self, writes: &[(u64, Vec<u8>)]) {
+        for (off, data) in writes {
+            self.bar_write(0, *off, data);
+        }
+    }
 }
 
 /// A shared PCI device.
@@ -188,6 +205,15 @@ impl PciRoot {
             return None;
         }
         self.slots.get(usize::from(slot))?.as_ref().map(|s| &s.dev)
+    }
+
+    /// The devices, by slot.
+    pub fn devices(&self) -> Vec<(u8, SharedPciDevice)> {
+        self.slots
+            .iter()
+            .enumerate()
+            .filter_map(|(i, s)| s.as_ref().map(|s| (i as u8, s.dev.clone())))
+            .collect()
     }
 
     /// Reads the dword at `offset` (aligned down) of a function; absent functions read all ones.

@@ -88,6 +88,13 @@ pub trait VirtioDevice: Send {
     fn activate(&mut self, activation: Activation) -> Result<(), ActivateError>;
     /// Stops serving the queues and returns to the pre-activation state (device reset).
     fn reset(&mut self);
+    /// Takes no new requests and waits for those in flight (VM pause, snapshot): afterwards
+    /// every request the device took is answered in guest memory.
+    fn pause(&mut self) -> Result<(), String> {
+        Ok(())
+    }
+    /// Serves the queues again after [`VirtioDevice::pause`].
+    fn resume(&mut self) {}
 }
 
 /// Copies `src[offset..offset + data.len()]` into `data`, zero-filling what lies outside `src`.

@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use kvm_ioctls::{IoEventAddress, NoDatamatch, VmFd};
 use virtio_queue::{Queue, QueueT};
-use vm_memory::GuestMemoryMmap;
+use vm_memory::{Bytes, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::{
@@ -138,6 +138,8 @@ pub struct VirtioPciDevice {
     config_generation: u8,
     queue_select: u16,
     config_vector: u16,
+    /// Register writes are replaying a snapshot: queues resume where they stood.
+    restoring: bool,
     queues: Vec<QueueConfig>,
 }
 
@@ -230,6 +232,7 @@ impl VirtioPciDevice {
             config_generation: 0,
             queue_select: 0,
             config_vector: NO_VECTOR,
+            restoring: false,
             queues: max_sizes.into_iter().map(QueueConfig::new).collect(),
         })
     }
@@ -385,6 +388,16 @@ impl VirtioPciDevice {
             if qc.ready && !q.is_valid(&self.mem) {
                 return Err(bad("rings outside guest memory or misaligned"));
             }
+            if self.restoring && qc.ready {
+                // Restored from a snapshot taken with the device quiesced: every request taken
+                // from the ring was answered, so the next one to take is the next one to answer.
+                let idx: u16 = self
+                    .mem
+                    .read_obj(vm_memory::GuestAddress(qc.used + 2))
+                    .map_err(|_| bad("used ring outside guest memory"))?;
+                q.set_next_avail(idx);
+                q.set_next_used(idx);
+            }
             queues.push(ActiveQueue {
                 queue: q,
                 kick: self.kicks[i].try_clone()?,
@@ -510,5 +523,65 @@ impl PciDevice for VirtioPciDevice {
         if bar == 0 {
             self.set_ioeventfds(addr);
         }
+    }
+
+    fn pause(&mut self) -> Result<(), String> {
+        self.device.pause()
+    }
+
+    fn save_registers(&mut self) -> Vec<(u64, Vec<u8>)> {
+        let mut w: Vec<(u64, Vec<u8>)> = Vec::new();
+        let vectors = self.queues.len() as u64 + 1;
+        for v in 0..vectors {
+            for dword in 0..4 {
+                let off = v * 16 + dword * 4;
+                let mut b = [0u8; 4];
+                self.msix().table_read(off, &mut b);
+                w.push((MSIX_TABLE_OFFSET + off, b.to_vec()));
+            }
+        }
+        for sel in 0..2u32 {
+            w.push((COMMON_OFFSET + 0x08, sel.to_le_bytes().to_vec()));
+            let half = (self.driver_features >> (32 * sel)) as u32;
+            w.push((COMMON_OFFSET + 0x0c, half.to_le_bytes().to_vec()));
+        }
+        w.push((
+            COMMON_OFFSET + 0x10,
+            self.config_vector.to_le_bytes().to_vec(),
+        ));
+        for (i, q) in self.queues.iter().enumerate() {
+            let c = |o: u64, b: Vec<u8>| (COMMON_OFFSET + o, b);
+            w.push(c(0x16, (i as u16).to_le_bytes().to_vec()));
+            w.push(c(0x18, q.size.to_le_bytes().to_vec()));
+            w.push(c(0x1a, q.vector.to_le_bytes().to_vec()));
+            for (o, addr) in [(0x20, q.desc), (0x28, q.avail), (0x30, q.used)] {
+                w.push(c(o, (addr as u32).to_le_bytes().to_vec()));
+                w.push(c(o + 4, ((addr >> 32) as u32).to_le_bytes().to_vec()));
+            }
+            if q.ready {
+                w.push(c(0x1c, 1u16.to_le_bytes().to_vec()));
+            }
+        }
+        // Status last, in the order a driver sets it: DRIVER_OK activates the device.
+        let mut built = 0u8;
+        for bit in [1u8, 2, STATUS_FEATURES_OK, STATUS_DRIVER_OK] {
+            if self.status & bit != 0 {
+                built |= bit;
+                w.push((COMMON_OFFSET + 0x14, vec![built]));
+            }
+        }
+        w
+    }
+
+    fn restore_registers(&mut self, writes: &[(u64, Vec<u8>)]) {
+        self.restoring = true;
+        for (off, data) in writes {
+            self.bar_write(0, *off, data);
+        }
+        self.restoring = false;
+    }
+
+    fn resume(&mut self) {
+        self.device.resume()
     }
 }

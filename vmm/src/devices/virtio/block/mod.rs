@@ -10,6 +10,7 @@ pub mod request;
 pub mod uring;
 
 use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
@@ -52,7 +53,22 @@ pub struct BlockOptions {
 struct Worker {
     stop: EventFd,
     thread: JoinHandle<()>,
+    /// Clones of the queues' kick eventfds, to make the worker look at its queues again.
+    kicks: Vec<EventFd>,
 }
+
+/// Lets the VMM hold the worker still (pause, snapshot) without tearing it down.
+#[derive(Debug, Default)]
+struct RunState {
+    /// The worker takes no new requests.
+    paused: AtomicBool,
+    /// Requests taken from the queues and not yet answered, plus one while a queue is being
+    /// served.
+    busy: AtomicUsize,
+}
+
+/// How long a pause waits for requests in flight.
+const QUIESCE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// A disk backend shared between its device and whoever closes it at the end.
 pub type SharedDisk = Arc<Mutex<Box<dyn DiskBackend>>>;
@@ -63,6 +79,7 @@ pub struct Block {
     info: DiskInfo,
     num_queues: u16,
     worker: Option<Worker>,
+    run: Arc<RunState>,
 }
 
 impl Block {
@@ -72,13 +89,20 @@ impl Block {
             size: disk.size(),
             read_only: opts.read_only,
             serial: opts.serial.as_bytes().iter().take(20).copied().collect(),
+            counters: Arc::default(),
         };
         Self {
             disk: Arc::new(Mutex::new(disk)),
             info,
             num_queues: opts.num_queues.max(1),
             worker: None,
+            run: Arc::default(),
         }
+    }
+
+    /// Request counters.
+    pub fn counters(&self) -> Arc<request::Counters> {
+        self.info.counters.clone()
     }
 
     /// The backend, shared with the device, for closing it when the VM ends.
@@ -176,6 +200,11 @@ impl VirtioDevice for Block {
     fn activate(&mut self, activation: Activation) -> Result<(), ActivateError> {
         self.stop_worker();
         let stop = EventFd::new(libc::EFD_NONBLOCK)?;
+        let kicks = activation
+            .queues
+            .iter()
+            .map(|q| q.kick.try_clone())
+            .collect::<Result<Vec<_>, _>>()?;
         let epoll = Epoll::new()?;
         for (i, q) in activation.queues.iter().enumerate() {
             epoll.ctl(
@@ -203,6 +232,7 @@ impl VirtioDevice for Block {
             interrupt: activation.interrupt,
             disk: self.disk.clone(),
             info: self.info.clone(),
+            run: self.run.clone(),
             engine,
         };
         let thread = std::thread::Builder::new()
@@ -211,12 +241,39 @@ impl VirtioDevice for Block {
         self.worker = Some(Worker {
             stop: stop.try_clone()?,
             thread,
+            kicks,
         });
         Ok(())
     }
 
     fn reset(&mut self) {
         self.stop_worker();
+    }
+
+    fn pause(&mut self) -> Result<(), String> {
+        self.run.paused.store(true, Ordering::SeqCst);
+        let deadline = std::time::Instant::now() + QUIESCE_TIMEOUT;
+        while self.run.busy.load(Ordering::SeqCst) > 0 {
+            if std::time::Instant::now() > deadline {
+                self.run.paused.store(false, Ordering::SeqCst);
+                return Err(format!(
+                    "virtio-blk: {} requests still in flight after {QUIESCE_TIMEOUT:?}",
+                    self.run.busy.load(Ordering::SeqCst)
+                ));
+            }
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        Ok(())
+    }
+
+    fn resume(&mut self) {
+        self.run.paused.store(false, Ordering::SeqCst);
+        // Kicks that arrived while paused were consumed without serving: look again.
+        if let Some(w) = &self.worker {
+            for k in &w.kicks {
+                let _ = k.write(1);
+            }
+        }
     }
 }
 
@@ -227,6 +284,7 @@ struct QueueWorker {
     interrupt: Arc<dyn Interrupt>,
     disk: Arc<Mutex<Box<dyn DiskBackend>>>,
     info: DiskInfo,
+    run: Arc<RunState>,
     engine: Engine,
 }
 
@@ -264,6 +322,8 @@ impl QueueWorker {
     fn complete_transfers(&mut self) {
         let mut touched = vec![false; self.queues.len()];
         for done in self.engine.reap() {
+            self.run.busy.fetch_sub(1, Ordering::SeqCst);
+            self.info.counters.completed(&done.completion);
             let used = complete(&self.mem, &done.completion).unwrap_or(0);
             if let Some(aq) = self.queues.get_mut(done.queue) {
                 if let Err(e) = aq.queue.add_used(&self.mem, done.head, used) {
@@ -289,6 +349,14 @@ impl QueueWorker {
 
     /// Serves every available request of queue `q`, then interrupts the driver if it asked to be.
     fn process_queue(&mut self, q: usize) {
+        self.run.busy.fetch_add(1, Ordering::SeqCst);
+        if !self.run.paused.load(Ordering::SeqCst) {
+            self.serve_queue(q);
+        }
+        self.run.busy.fetch_sub(1, Ordering::SeqCst);
+    }
+
+    fn serve_queue(&mut self, q: usize) {
         let mem = &self.mem;
         let queue = &mut self.queues[q].queue;
         let mut disk = self.disk.lock().unwrap_or_else(|e| e.into_inner());
@@ -326,6 +394,7 @@ impl QueueWorker {
                     }
                 };
                 if let Some(c) = completion {
+                    self.info.counters.completed(&c);
                     let used = complete(mem, &c).unwrap_or(0);
                     if let Err(e) = queue.add_used(mem, head, used) {
                         tracing::warn!("virtio-blk queue {q}: add_used: {e:?}");
@@ -344,10 +413,15 @@ impl QueueWorker {
         }
         if self.engine.is_async() {
             for run in merge_runs(transfers, MAX_IOVECS) {
+                let n = run.len();
+                self.run.busy.fetch_add(n, Ordering::SeqCst);
                 if let Err(run) = self.engine.push_run(mem, q, run) {
+                    self.run.busy.fetch_sub(n, Ordering::SeqCst);
                     // The engine is full: serve these synchronously.
                     for (head, t) in run {
-                        let used = complete(mem, &t.run_sync(mem, disk.as_mut())).unwrap_or(0);
+                        let c = t.run_sync(mem, disk.as_mut());
+                        self.info.counters.completed(&c);
+                        let used = complete(mem, &c).unwrap_or(0);
                         if let Err(e) = queue.add_used(mem, head, used) {
                             tracing::warn!("virtio-blk queue {q}: add_used: {e:?}");
                         }

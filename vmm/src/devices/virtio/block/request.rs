@@ -2,11 +2,13 @@
 //! [`DiskBackend`]. Every malformed chain is answered with an error status when the chain has
 //! somewhere to put one; nothing here panics on guest input.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_ID_BYTES, VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP,
     VIRTIO_BLK_T_DISCARD, VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN,
     VIRTIO_BLK_T_OUT, VIRTIO_BLK_T_WRITE_ZEROES,
 };
+
 use vm_memory::{
     Address, ByteValued, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, Le32, Le64,
 };
@@ -30,7 +32,7 @@ pub struct Desc {
 }
 
 /// What the device knows about its disk while serving requests.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Default)]
 pub struct DiskInfo {
     /// Disk size in bytes.
     pub size: u64,
@@ -38,6 +40,38 @@ pub struct DiskInfo {
     pub read_only: bool,
     /// The serial number GET_ID returns (up to 20 bytes).
     pub serial: Vec<u8>,
+    /// Request counters, shared with whoever reports them.
+    pub counters: std::sync::Arc<Counters>,
+}
+
+/// Requests served, by kind (accepted requests; `errors` counts answers other than OK).
+#[derive(Debug, Default)]
+pub struct Counters {
+    /// Read requests.
+    pub read_ops: AtomicU64,
+    /// Bytes asked for by reads.
+    pub read_bytes: AtomicU64,
+    /// Write requests.
+    pub write_ops: AtomicU64,
+    /// Bytes written.
+    pub write_bytes: AtomicU64,
+    /// Flushes.
+    pub flush_ops: AtomicU64,
+    /// Requests answered with an error status.
+    pub errors: AtomicU64,
+}
+
+impl Counters {
+    fn add(c: &AtomicU64, n: u64) {
+        c.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// Counts a completion's status.
+    pub fn completed(&self, c: &Completion) {
+        if u32::from(c.status) != VIRTIO_BLK_S_OK {
+            Self::add(&self.errors, 1);
+        }
+    }
 }
 
 /// A request that could not even be parsed far enough to answer.
@@ -265,6 +299,9 @@ fn plan_request(
         })
     };
     let len = data_len(&req.data);
+    if req.kind == VIRTIO_BLK_T_FLUSH {
+        Counters::add(&info.counters.flush_ops, 1);
+    }
     match req.kind {
         VIRTIO_BLK_T_IN | VIRTIO_BLK_T_OUT => {
             let write = req.kind == VIRTIO_BLK_T_OUT;
@@ -272,13 +309,23 @@ fn plan_request(
                 return done(VIRTIO_BLK_S_IOERR, 0);
             }
             match checked_range(info, req.sector, len) {
-                Some(offset) => Plan::Transfer(Transfer {
-                    write,
-                    offset,
-                    segments: req.data,
-                    len: len as u32,
-                    status: req.status,
-                }),
+                Some(offset) => {
+                    let c = &info.counters;
+                    if write {
+                        Counters::add(&c.write_ops, 1);
+                        Counters::add(&c.write_bytes, len);
+                    } else {
+                        Counters::add(&c.read_ops, 1);
+                        Counters::add(&c.read_bytes, len);
+                    }
+                    Plan::Transfer(Transfer {
+                        write,
+                        offset,
+                        segments: req.data,
+                        len: len as u32,
+                        status: req.status,
+                    })
+                }
                 None => done(VIRTIO_BLK_S_IOERR, 0),
             }
         }
@@ -413,6 +460,7 @@ mod tests {
             size: data.len() as u64,
             read_only: false,
             serial: b"lb-serial".to_vec(),
+            ..DiskInfo::default()
         };
         (
             mem,

@@ -1,0 +1,225 @@
+//! The VMM API end to end with a real guest, through the Unix socket (curl in the test host):
+//! create and boot, a second boot refused, pause (the guest's tick counter stops) and resume,
+//! info with disk counters, reboot, snapshot of a paused VM, graceful shutdown through the ACPI
+//! power button, and restore in a new process: the guest continues its tick count with the
+//! random token it drew before the snapshot, its uptime continues, and its disk still works.
+
+use std::fs;
+use std::time::Duration;
+
+use serde_json::json;
+
+use lightbyte_tests::artifacts;
+use lightbyte_tests::data::pattern;
+use lightbyte_tests::guest::{sh_quote, Boot, Scenario};
+use lightbyte_tests::paths;
+use lightbyte_tests::testhost;
+
+/// Ticks of one serial log: (count, token, uptime seconds).
+fn ticks(log: &str) -> Vec<(u64, String, f64)> {
+    log.lines()
+        .filter_map(|l| {
+            let mut w = l.trim().strip_prefix("TICK ")?.split_whitespace();
+            Some((
+                w.next()?.parse().ok()?,
+                w.next()?.to_string(),
+                w.next()?.parse().ok()?,
+            ))
+        })
+        .collect()
+}
+
+#[test]
+fn api_lifecycle_snapshot_and_restore() {
+    let host = testhost::shared().unwrap();
+    let a = artifacts::get().unwrap();
+    let mut s = Scenario::new(host, "api").unwrap();
+    let dir = s.dir().to_path_buf();
+    let vmm = paths::binary("vmm").unwrap().display().to_string();
+    let disk = dir.join("data.raw");
+    fs::write(&disk, pattern(7, 1 << 20)).unwrap();
+    let serial = dir.join("vm.serial");
+    let snap = dir.join("snap");
+
+    // A guest that counts, with a token only this boot knows, reading its disk every tick.
+    let guest = "tok=$(head -c 8 /dev/urandom | od -An -tx1 | tr -d ' \\n'); i=0; \
+                 while :; do echo \"TICK $i $tok $(cut -d' ' -f1 /proc/uptime)\"; \
+                 dd if=/dev/vda of=/dev/null bs=4k count=1 skip=$((i % 256)) iflag=direct 2>/dev/null || echo DISK-ERROR; \
+                 i=$((i+1)); sleep 1; done";
+    let boot = Boot::new(&a.minimal_vmlinux)
+        .unwrap()
+        .cpus(2)
+        .param("lbacpid=1")
+        .run(guest);
+    let q = |p: &std::path::Path| sh_quote(&p.display().to_string());
+    let create = json!({
+        "kernel": a.minimal_vmlinux,
+        "initramfs": a.initramfs,
+        "cmdline": boot.full_cmdline(),
+        "cpus": 2,
+        "memory": "512M",
+        "serial": format!("file:{}", serial.display()),
+        "disks": [{"path": disk, "format": "raw"}],
+    });
+    s.shell(&format!(
+        r#"{{ cd {dir}; VMM={vmm}; SER={ser}; SNAP={snap}; SOCKS=$(mktemp -d); API=$SOCKS/api-1.sock; API2=$SOCKS/api-2.sock
+c() {{ sock=$1; shift; m=$1; p=$2; shift 2
+      curl -s -S --max-time 60 --unix-socket "$sock" -X "$m" -H 'Content-Type: application/json' "$@" \
+        -w ' HTTP%{{http_code}}\n' "http://localhost/api/v1/$p"; }}
+ticks() {{ n=$(grep -c '^TICK' "$SER" 2>/dev/null); echo "${{n:-0}}"; }}
+wait_ticks() {{ for _ in $(seq 1 600); do [ "$(ticks)" -ge "$1" ] && return 0; sleep 0.2; done; echo "TIMEOUT waiting for $1 ticks"; }}
+wait_sock() {{ for _ in $(seq 1 100); do [ -S "$1" ] && return 0; sleep 0.1; done; echo "NO SOCKET $1"; }}
+$VMM --api-socket "$API" > vmm-1.log 2>&1 & pid=$!
+wait_sock "$API"
+echo "== ping"; c "$API" GET vmm/ping
+echo "== pause-before-create"; c "$API" PUT vm/pause
+echo "== create"; c "$API" PUT vm/create -d {create}
+echo "== boot"; c "$API" PUT vm/boot
+echo "== boot-again"; c "$API" PUT vm/boot
+wait_ticks 3
+echo "== pause"; c "$API" PUT vm/pause
+n1=$(ticks); sleep 4; n2=$(ticks); echo "PAUSED-TICKS $n1 $n2"
+echo "== pause-again"; c "$API" PUT vm/pause
+echo "== info"; c "$API" GET vm/info
+echo "== resume"; c "$API" PUT vm/resume
+wait_ticks $((n2 + 2)); echo "RESUMED-TICKS $(ticks)"
+echo "== reboot"; c "$API" PUT vm/reboot
+for _ in $(seq 1 600); do [ "$(grep -c '^TICK 1 ' "$SER")" -ge 2 ] && break; sleep 0.2; done
+echo "== pause-for-snapshot"; c "$API" PUT vm/pause
+echo "== snapshot-running"; c "$API" PUT vm/resume; c "$API" PUT vm/snapshot -d "{{\"destination_dir\":\"$SNAP-x\"}}"; c "$API" PUT vm/pause
+echo "== snapshot"; c "$API" PUT vm/snapshot -d "{{\"destination_dir\":\"$SNAP\"}}"
+grep '^TICK' "$SER" | tail -1 | sed 's/^/LAST-BEFORE-SNAPSHOT /'
+echo "SNAPSHOT-SIZE $(du -k --apparent-size "$SNAP/memory" | cut -f1) $(du -k "$SNAP/memory" | cut -f1)"
+echo "== resume-after-snapshot"; c "$API" PUT vm/resume
+echo "== shutdown"; c "$API" PUT vm/shutdown -d '{{"timeout_ms": 30000}}'
+wait $pid; echo "VMM-1-EXIT $?"
+mv "$SER" "$SER.first"
+$VMM --api-socket "$API2" > vmm-2.log 2>&1 & pid2=$!
+wait_sock "$API2"
+t0=$(date +%s%N)
+echo "== restore"; c "$API2" PUT vm/restore -d "{{\"source_dir\":\"$SNAP\",\"resume\":true}}"
+t1=$(date +%s%N); echo "RESTORE-MS $(( (t1 - t0) / 1000000 ))"
+echo "== restore-again"; c "$API2" PUT vm/restore -d "{{\"source_dir\":\"$SNAP\"}}"
+wait_ticks 4
+echo "== info-2"; c "$API2" GET vm/info
+echo "== shutdown-2"; c "$API2" PUT vm/shutdown -d '{{"timeout_ms": 30000}}'
+wait $pid2; echo "VMM-2-EXIT $?"
+}} > {dir}/script.log 2>&1
+"#,
+        dir = q(&dir),
+        vmm = sh_quote(&vmm),
+        ser = q(&serial),
+        snap = q(&snap),
+        create = sh_quote(&create.to_string()),
+    ));
+    let out = s.run(host, Duration::from_secs(900)).unwrap();
+    let log = out
+        .values()
+        .map(|b| b.output.clone())
+        .collect::<Vec<_>>()
+        .join("\n");
+    let script = fs::read_to_string(dir.join("script.log")).unwrap_or_default();
+    let all = format!("{log}\n{script}");
+    let section = |name: &str| -> String {
+        let start = all
+            .find(&format!("== {name}\n"))
+            .unwrap_or_else(|| panic!("no section {name}:\n{all}"));
+        let rest = &all[start + name.len() + 4..];
+        rest[..rest.find("\n== ").unwrap_or(rest.len())].to_string()
+    };
+    let status = |name: &str| -> u16 {
+        let sec = section(name);
+        let i = sec
+            .rfind("HTTP")
+            .unwrap_or_else(|| panic!("{name}: no status\n{sec}"));
+        sec[i + 4..i + 7].parse().unwrap()
+    };
+    assert_eq!(status("ping"), 200, "{}", section("ping"));
+    assert!(section("ping").contains("version"), "{}", section("ping"));
+    assert_eq!(status("pause-before-create"), 409, "{all}");
+    assert_eq!(status("create"), 204, "{}", section("create"));
+    assert_eq!(status("boot"), 204, "{}", section("boot"));
+    assert_eq!(status("boot-again"), 409, "{}", section("boot-again"));
+    assert_eq!(status("pause"), 204, "{}", section("pause"));
+    let paused = all
+        .lines()
+        .find_map(|l| l.strip_prefix("PAUSED-TICKS "))
+        .unwrap_or_else(|| panic!("{all}"));
+    let n: Vec<u64> = paused
+        .split_whitespace()
+        .map(|v| v.parse().unwrap())
+        .collect();
+    assert_eq!(n[0], n[1], "ticks moved while paused: {paused}");
+    assert_eq!(status("pause-again"), 409);
+    let info = section("info");
+    assert!(info.contains("\"paused\""), "{info}");
+    assert!(info.contains("read_ops"), "{info}");
+    assert_eq!(status("resume"), 204);
+    assert_eq!(status("reboot"), 204, "{}", section("reboot"));
+    let first = fs::read_to_string(dir.join("vm.serial.first")).unwrap();
+    let t = ticks(&first);
+    let tokens: std::collections::BTreeSet<&String> = t.iter().map(|x| &x.1).collect();
+    assert_eq!(tokens.len(), 2, "one token per boot (reboot):\n{first}");
+    assert_eq!(
+        status("snapshot-running"),
+        204,
+        "resume before the refused snapshot"
+    );
+    assert!(
+        section("snapshot-running").contains("HTTP409"),
+        "{}",
+        section("snapshot-running")
+    );
+    assert_eq!(status("snapshot"), 204, "{}", section("snapshot"));
+    assert_eq!(status("shutdown"), 204, "{}", section("shutdown"));
+    assert!(
+        all.contains("VMM-1-EXIT 0"),
+        "graceful shutdown exits 0:\n{all}"
+    );
+    assert!(
+        first.contains("LIGHTBYTE-POWER-BUTTON"),
+        "power button seen by the guest:\n{first}"
+    );
+    assert!(!first.contains("DISK-ERROR"), "{first}");
+
+    assert_eq!(status("restore"), 204, "{}", section("restore"));
+    assert_eq!(status("restore-again"), 409, "{}", section("restore-again"));
+    let last: Vec<&str> = all
+        .lines()
+        .find_map(|l| l.strip_prefix("LAST-BEFORE-SNAPSHOT TICK "))
+        .unwrap_or_else(|| panic!("{all}"))
+        .split_whitespace()
+        .collect();
+    let (last_n, last_tok, last_up): (u64, &str, f64) =
+        (last[0].parse().unwrap(), last[1], last[2].parse().unwrap());
+    let second = fs::read_to_string(&serial).unwrap();
+    let after = ticks(&second);
+    assert!(after.len() >= 3, "restored guest ticks:\n{second}");
+    assert_eq!(after[0].0, last_n + 1, "the count continues:\n{second}");
+    assert!(
+        after.iter().all(|t| t.1 == last_tok),
+        "same token after restore:\n{second}"
+    );
+    assert!(
+        after[0].2 >= last_up && after[0].2 < last_up + 30.0,
+        "uptime continues ({last_up} then {}):\n{second}",
+        after[0].2
+    );
+    assert!(
+        !second.contains("DISK-ERROR"),
+        "disk after restore:\n{second}"
+    );
+    assert!(
+        section("info-2").contains("\"running\""),
+        "{}",
+        section("info-2")
+    );
+    assert_eq!(status("shutdown-2"), 204, "{}", section("shutdown-2"));
+    assert!(all.contains("VMM-2-EXIT 0"), "{all}");
+    for l in all
+        .lines()
+        .filter(|l| l.starts_with("RESTORE-MS") || l.starts_with("SNAPSHOT-SIZE"))
+    {
+        println!("{l}");
+    }
+}

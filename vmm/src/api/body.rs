@@ -1,0 +1,674 @@
+//! JSON bodies of the API: what requests carry, what responses return, and how a request body
+//! becomes typed data. Parsing is pure (no file system access), so the fuzz target can drive it;
+//! [`crate::config::VmConfig::validate`] checks files afterwards.
+//!
+//! The create body mirrors the command line: the same defaults, and the same parsers
+//! ([`parse_size`], [`crate::config::parse_serial`], the `--disk` pieces) for the same values.
+
+use std::fmt;
+use std::marker::PhantomData;
+use std::path::PathBuf;
+
+use serde::de::{self, DeserializeOwned, MapAccess, Visitor};
+use serde::{Deserialize, Deserializer, Serialize};
+
+use crate::config::{
+    check_disk_path, check_disk_serial, parse_disk_format, parse_size, ConfigError, DiskConfig,
+    SerialConfig, VmConfig, DEFAULT_CMDLINE, MAX_CPUS,
+};
+
+/// Default of `PUT /api/v1/vm/shutdown`'s `timeout_ms`.
+pub const DEFAULT_SHUTDOWN_TIMEOUT_MS: u64 = 10_000;
+/// Longest `timeout_ms` accepted: an hour. Longer would hold an API request (and its caller)
+/// for longer than any orderly guest shutdown takes.
+pub const MAX_SHUTDOWN_TIMEOUT_MS: u64 = 3_600_000;
+
+/// Why a request body was refused (always a 400). Messages name the offending field.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum BodyError {
+    /// Not JSON at all.
+    #[error("malformed JSON: {0}")]
+    Syntax(String),
+    /// JSON of the wrong shape: unknown field, wrong type, missing field.
+    #[error("{0}")]
+    Shape(String),
+    /// A body on an endpoint that needs one is missing.
+    #[error("this endpoint needs a JSON request body")]
+    Missing,
+    /// A documented field whose feature this build does not have.
+    #[error("{field}: {feature} is not available in this build")]
+    Unavailable {
+        /// The field used.
+        field: &'static str,
+        /// What it would need.
+        feature: &'static str,
+    },
+    /// A value the configuration rules refuse.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// Any other invalid value, with the field named.
+    #[error("{field}: {reason}")]
+    Invalid {
+        /// The field.
+        field: &'static str,
+        /// What is wrong.
+        reason: String,
+    },
+}
+
+/// A `T` read only from a JSON object. serde's derived struct impls also accept an array of
+/// the fields in order, which would let `["/img/vmlinux"]` through as a create body; every body
+/// struct is read through this instead.
+#[derive(Debug)]
+pub struct Object<T>(pub T);
+
+impl<'de, T: Deserialize<'de>> Deserialize<'de> for Object<T> {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Fields<T>(PhantomData<T>);
+        impl<'de, T: Deserialize<'de>> Visitor<'de> for Fields<T> {
+            type Value = Object<T>;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a JSON object")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Object<T>, A::Error> {
+                T::deserialize(de::value::MapAccessDeserializer::new(map)).map(Object)
+            }
+        }
+        deserializer.deserialize_map(Fields(PhantomData))
+    }
+}
+
+/// `PUT /api/v1/vm/create`: the VM configuration, as on the command line. Every field but
+/// `kernel` has the command line's default. Converted into [`VmConfig`] (whose `Deserialize` goes
+/// through this type, so the two cannot disagree).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateBody {
+    /// `--kernel`. Optional in the schema only because `firmware` would replace it.
+    kernel: Option<PathBuf>,
+    /// `--initramfs`.
+    initramfs: Option<PathBuf>,
+    /// `--cmdline`.
+    #[serde(default = "default_cmdline")]
+    cmdline: String,
+    /// `--cpus`. Wider than the configuration's u8 so that 300 gets the range message rather
+    /// than a type error.
+    #[serde(default = "default_cpus")]
+    cpus: u64,
+    /// `--memory`: bytes, or a size string.
+    #[serde(default = "default_memory", deserialize_with = "memory_size")]
+    memory: u64,
+    /// `--serial`.
+    #[serde(default = "default_serial")]
+    serial: SerialConfig,
+    /// `--disk`, in order.
+    #[serde(default)]
+    disks: Vec<DiskConfig>,
+    /// UEFI firmware: documented, not built yet.
+    firmware: Option<PathBuf>,
+    /// virtio-net devices: documented, not built yet.
+    nets: Option<Vec<Object<NetBody>>>,
+    /// A virtio-vsock device: documented, not built yet.
+    vsock: Option<Object<VsockBody>>,
+}
+
+/// One element of `disks`: the keys of `--disk`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DiskBody {
+    path: String,
+    format: Option<String>,
+    #[serde(default)]
+    readonly: bool,
+    serial: Option<String>,
+    #[serde(default)]
+    direct: bool,
+}
+
+/// One element of `nets` (schema only until virtio-net exists).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NetBody {
+    /// Host tap device.
+    pub tap: String,
+    /// Guest MAC address.
+    pub mac: Option<String>,
+}
+
+/// `vsock` (schema only until virtio-vsock exists).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VsockBody {
+    /// Guest context ID.
+    pub cid: u32,
+    /// Host Unix socket the guest's connections arrive on.
+    pub socket: PathBuf,
+}
+
+fn default_cmdline() -> String {
+    DEFAULT_CMDLINE.to_string()
+}
+
+fn default_cpus() -> u64 {
+    1
+}
+
+fn default_memory() -> u64 {
+    512 << 20
+}
+
+fn default_serial() -> SerialConfig {
+    SerialConfig::Stdout
+}
+
+/// `memory`: a byte count (JSON number) or a size string read by [`parse_size`].
+fn memory_size<'de, D: Deserializer<'de>>(deserializer: D) -> Result<u64, D::Error> {
+    struct Size;
+    impl Visitor<'_> for Size {
+        type Value = u64;
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("a byte count or a size string such as \"512M\"")
+        }
+        fn visit_u64<E: de::Error>(self, v: u64) -> Result<u64, E> {
+            Ok(v)
+        }
+        fn visit_i64<E: de::Error>(self, v: i64) -> Result<u64, E> {
+            u64::try_from(v).map_err(|_| E::invalid_value(de::Unexpected::Signed(v), &self))
+        }
+        fn visit_str<E: de::Error>(self, v: &str) -> Result<u64, E> {
+            parse_size(v).map_err(E::custom)
+        }
+    }
+    deserializer.deserialize_any(Size)
+}
+
+impl TryFrom<Object<CreateBody>> for VmConfig {
+    type Error = BodyError;
+
+    fn try_from(Object(b): Object<CreateBody>) -> Result<VmConfig, BodyError> {
+        // Refused before anything else: a body that relies on them must not half-work.
+        if b.firmware.is_some() {
+            return Err(BodyError::Unavailable {
+                field: "firmware",
+                feature: "UEFI firmware boot",
+            });
+        }
+        if b.nets.as_ref().is_some_and(|n| !n.is_empty()) {
+            return Err(BodyError::Unavailable {
+                field: "nets",
+                feature: "virtio-net",
+            });
+        }
+        if b.vsock.is_some() {
+            return Err(BodyError::Unavailable {
+                field: "vsock",
+                feature: "virtio-vsock",
+            });
+        }
+        let kernel = b
+            .kernel
+            .ok_or_else(|| BodyError::Shape("missing field `kernel`".into()))?;
+        let cpus = u8::try_from(b.cpus).map_err(|_| ConfigError::CpuCount {
+            got: u32::try_from(b.cpus).unwrap_or(u32::MAX),
+            max: u32::from(MAX_CPUS),
+        })?;
+        let config = VmConfig {
+            kernel,
+            initramfs: b.initramfs,
+            cmdline: b.cmdline,
+            cpus,
+            memory: b.memory,
+            serial: b.serial,
+            disks: b.disks,
+        };
+        config.check_cpus(u32::from(MAX_CPUS))?;
+        Ok(config)
+    }
+}
+
+impl TryFrom<Object<DiskBody>> for DiskConfig {
+    type Error = ConfigError;
+
+    fn try_from(Object(b): Object<DiskBody>) -> Result<DiskConfig, ConfigError> {
+        let err = |reason: String| ConfigError::InvalidDisk {
+            value: b.path.clone(),
+            reason,
+        };
+        let path = check_disk_path(&b.path).map_err(err)?;
+        let format = match &b.format {
+            Some(f) => Some(parse_disk_format(f).map_err(err)?),
+            None => None,
+        };
+        let serial = match &b.serial {
+            Some(s) => Some(check_disk_serial(s).map_err(err)?.to_string()),
+            None => None,
+        };
+        Ok(DiskConfig {
+            path: PathBuf::from(path),
+            format,
+            read_only: b.readonly,
+            serial,
+            direct: b.direct,
+        })
+    }
+}
+
+/// `PUT /api/v1/vm/shutdown` (body optional).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ShutdownBody {
+    /// How long the guest has to power off after the ACPI power button before it is stopped.
+    #[serde(default = "default_shutdown_timeout")]
+    pub timeout_ms: u64,
+}
+
+impl Default for ShutdownBody {
+    fn default() -> Self {
+        ShutdownBody {
+            timeout_ms: DEFAULT_SHUTDOWN_TIMEOUT_MS,
+        }
+    }
+}
+
+fn default_shutdown_timeout() -> u64 {
+    DEFAULT_SHUTDOWN_TIMEOUT_MS
+}
+
+/// `PUT /api/v1/vm/snapshot`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SnapshotBody {
+    /// Directory the snapshot is written to (created if missing, must be empty).
+    pub destination_dir: PathBuf,
+}
+
+/// `PUT /api/v1/vm/restore`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RestoreBody {
+    /// Directory holding the snapshot.
+    pub source_dir: PathBuf,
+    /// Run the VM once restored (else it stays paused).
+    #[serde(default)]
+    pub resume: bool,
+}
+
+/// The body of endpoints that take none: absent, or an empty object.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NoFields {}
+
+/// `GET /api/v1/vmm/ping`'s answer.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Ping {
+    /// The `vmm` version.
+    pub version: String,
+    /// The API version, the path segment of every endpoint.
+    pub api: String,
+    /// Process ID of the `vmm`.
+    pub pid: u32,
+}
+
+impl Ping {
+    /// This process's answer.
+    pub fn current() -> Ping {
+        Ping {
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            api: "v1".to_string(),
+            pid: std::process::id(),
+        }
+    }
+}
+
+/// Every error response's body.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorBody {
+    /// What went wrong, naming the field or state at fault.
+    pub error: String,
+}
+
+/// True when a body carries nothing (absent, or only whitespace).
+fn is_empty(bytes: &[u8]) -> bool {
+    bytes.iter().all(u8::is_ascii_whitespace)
+}
+
+/// Parses one JSON value of type `T`, naming the field at fault in errors (e.g.
+/// `disks[0]: unknown field ...`).
+fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, BodyError> {
+    let mut de = serde_json::Deserializer::from_slice(bytes);
+    let Object(value) = serde_path_to_error::deserialize(&mut de).map_err(|e| {
+        let segments: Vec<_> = e.path().iter().cloned().collect();
+        let inner = e.into_inner();
+        if inner.is_syntax() || inner.is_eof() {
+            return BodyError::Syntax(inner.to_string());
+        }
+        let msg = strip_position(&inner);
+        // An unknown field's path ends with the field, which the message already names.
+        let segments = match segments.split_last() {
+            Some((_, parent)) if msg.starts_with("unknown field") => parent,
+            _ => &segments[..],
+        };
+        match field_path(segments) {
+            path if path.is_empty() => BodyError::Shape(msg),
+            path => BodyError::Shape(format!("{path}: {msg}")),
+        }
+    })?;
+    de.end()
+        .map_err(|e| BodyError::Syntax(format!("trailing data after the JSON value: {e}")))?;
+    Ok(value)
+}
+
+/// `disks[0].format`-style path of a value in the body.
+fn field_path(segments: &[serde_path_to_error::Segment]) -> String {
+    use serde_path_to_error::Segment;
+    let mut path = String::new();
+    for segment in segments {
+        match segment {
+            Segment::Seq { index } => path.push_str(&format!("[{index}]")),
+            Segment::Map { key } | Segment::Enum { variant: key } => {
+                if !path.is_empty() {
+                    path.push('.');
+                }
+                path.push_str(key);
+            }
+            Segment::Unknown => path.push_str(if path.is_empty() { "?" } else { ".?" }),
+        }
+    }
+    path
+}
+
+/// serde_json's message without " at line L column C": the field path says where, and the
+/// position of a value inside a one-line body says nothing more.
+fn strip_position(e: &serde_json::Error) -> String {
+    let msg = e.to_string();
+    let suffix = format!(" at line {} column {}", e.line(), e.column());
+    match msg.strip_suffix(&suffix) {
+        Some(m) => m.to_string(),
+        None => msg,
+    }
+}
+
+/// Parses a body that may be absent: then `T::default()`.
+fn parse_optional<T: DeserializeOwned + Default>(bytes: &[u8]) -> Result<T, BodyError> {
+    if is_empty(bytes) {
+        return Ok(T::default());
+    }
+    parse_json(bytes)
+}
+
+/// Parses a body that must be present.
+fn parse_required<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, BodyError> {
+    if is_empty(bytes) {
+        return Err(BodyError::Missing);
+    }
+    parse_json(bytes)
+}
+
+/// `PUT /api/v1/vm/create`: the configuration, checked for shape and values but not for files.
+pub fn parse_create(bytes: &[u8]) -> Result<VmConfig, BodyError> {
+    parse_required(bytes)
+}
+
+/// `PUT /api/v1/vm/shutdown`.
+pub fn parse_shutdown(bytes: &[u8]) -> Result<ShutdownBody, BodyError> {
+    let body: ShutdownBody = parse_optional(bytes)?;
+    if body.timeout_ms > MAX_SHUTDOWN_TIMEOUT_MS {
+        return Err(BodyError::Invalid {
+            field: "timeout_ms",
+            reason: format!(
+                "{} is longer than the maximum {MAX_SHUTDOWN_TIMEOUT_MS} ms",
+                body.timeout_ms
+            ),
+        });
+    }
+    Ok(body)
+}
+
+/// `PUT /api/v1/vm/snapshot`.
+pub fn parse_snapshot(bytes: &[u8]) -> Result<SnapshotBody, BodyError> {
+    let body: SnapshotBody = parse_required(bytes)?;
+    non_empty("destination_dir", &body.destination_dir)?;
+    Ok(body)
+}
+
+/// `PUT /api/v1/vm/restore`.
+pub fn parse_restore(bytes: &[u8]) -> Result<RestoreBody, BodyError> {
+    let body: RestoreBody = parse_required(bytes)?;
+    non_empty("source_dir", &body.source_dir)?;
+    Ok(body)
+}
+
+/// Endpoints without a body: nothing, or `{}`.
+pub fn parse_no_body(bytes: &[u8]) -> Result<(), BodyError> {
+    parse_optional::<NoFields>(bytes).map(|_| ())
+}
+
+fn non_empty(field: &'static str, path: &std::path::Path) -> Result<(), BodyError> {
+    if path.as_os_str().is_empty() {
+        return Err(BodyError::Invalid {
+            field,
+            reason: "empty path".into(),
+        });
+    }
+    Ok(())
+}
+
+/// Renders an error body; never fails (a message is always serializable).
+pub fn error_json(message: &str) -> Vec<u8> {
+    serde_json::to_vec(&ErrorBody {
+        error: message.to_string(),
+    })
+    .unwrap_or_else(|_| b"{\"error\":\"internal error\"}".to_vec())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::DiskFormat;
+
+    fn create(json: &str) -> Result<VmConfig, String> {
+        parse_create(json.as_bytes()).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn create_defaults_match_the_command_line() {
+        let c = create(r#"{"kernel": "/img/vmlinux"}"#).unwrap();
+        assert_eq!(c.kernel, PathBuf::from("/img/vmlinux"));
+        assert_eq!(c.cmdline, DEFAULT_CMDLINE);
+        assert_eq!(c.cpus, 1);
+        assert_eq!(c.memory, 512 << 20);
+        assert_eq!(c.serial, SerialConfig::Stdout);
+        assert!(c.disks.is_empty() && c.initramfs.is_none());
+    }
+
+    #[test]
+    fn create_full_body() {
+        let c = create(
+            r#"{"kernel":"/img/vmlinux","initramfs":"/img/initrd.cpio","cmdline":"console=ttyS0",
+                "cpus":2,"memory":"1G","serial":"file:/tmp/console",
+                "disks":[{"path":"/img/root.qcow2","format":"qcow2","readonly":true,
+                          "serial":"x","direct":true},{"path":"/img/data.raw"}],
+                "nets":[]}"#,
+        )
+        .unwrap();
+        assert_eq!(c.cpus, 2);
+        assert_eq!(c.memory, 1 << 30);
+        assert_eq!(c.serial, SerialConfig::File("/tmp/console".into()));
+        assert_eq!(c.initramfs, Some(PathBuf::from("/img/initrd.cpio")));
+        assert_eq!(
+            c.disks[0],
+            DiskConfig {
+                path: "/img/root.qcow2".into(),
+                format: Some(DiskFormat::Qcow2),
+                read_only: true,
+                serial: Some("x".into()),
+                direct: true,
+            }
+        );
+        assert_eq!(c.disks[1].format, None);
+        assert!(!c.disks[1].read_only);
+        assert_eq!(
+            create(r#"{"kernel":"k","memory":268435456}"#)
+                .unwrap()
+                .memory,
+            256 << 20
+        );
+    }
+
+    #[test]
+    fn create_errors_name_the_field() {
+        for (body, needle) in [
+            ("", "needs a JSON request body"),
+            ("{", "malformed JSON"),
+            ("[1]", "invalid type: sequence, expected a JSON object"),
+            (
+                r#"["/k"]"#,
+                "invalid type: sequence, expected a JSON object",
+            ),
+            (
+                r#"{"kernel":"k","disks":[["/d"]]}"#,
+                "disks[0]: invalid type: sequence",
+            ),
+            (
+                r#"{"kernel":"k","vsock":[3,"/v"]}"#,
+                "vsock: invalid type: sequence",
+            ),
+            (r#"{"kernel":"k"} x"#, "trailing data"),
+            (r#"{"cpus":1}"#, "missing field `kernel`"),
+            (r#"{"kernel":"k","colour":1}"#, "unknown field `colour`"),
+            (
+                r#"{"kernel":"k","disks":[{"path":"a","color":1}]}"#,
+                "disks[0]: unknown field `color`",
+            ),
+            (r#"{"kernel":"k","cpus":"2"}"#, "cpus: invalid type: string"),
+            (
+                r#"{"kernel":"k","cpus":-1}"#,
+                "cpus: invalid value: integer `-1`",
+            ),
+            (r#"{"kernel":"k","cpus":0}"#, "cpus 0 is out of range"),
+            (r#"{"kernel":"k","cpus":300}"#, "cpus 300 is out of range"),
+            (
+                r#"{"kernel":"k","memory":"lots"}"#,
+                "memory: invalid size \"lots\"",
+            ),
+            (
+                r#"{"kernel":"k","memory":1.5}"#,
+                "memory: invalid type: floating point",
+            ),
+            (
+                r#"{"kernel":"k","memory":-4096}"#,
+                "memory: invalid value: integer `-4096`",
+            ),
+            (
+                r#"{"kernel":"k","serial":"tcp:1"}"#,
+                "serial: invalid serial \"tcp:1\"",
+            ),
+            (
+                r#"{"kernel":"k","serial":1}"#,
+                "serial: invalid type: integer",
+            ),
+            (
+                r#"{"kernel":"k","disks":[{"path":""}]}"#,
+                "disks[0]: invalid disk \"\": empty path",
+            ),
+            (
+                r#"{"kernel":"k","disks":[{"path":"a","format":"vmdk"}]}"#,
+                "expected raw or qcow2",
+            ),
+            (
+                r#"{"kernel":"k","disks":[{"path":"a","serial":"012345678901234567890"}]}"#,
+                "longer than 20",
+            ),
+            (
+                r#"{"kernel":"k","disks":[{"format":"raw"}]}"#,
+                "disks[0]: missing field `path`",
+            ),
+            (r#"{"kernel":"k","disks":{}}"#, "disks: invalid type: map"),
+            (
+                r#"{"kernel":"k","firmware":"/fw"}"#,
+                "firmware: UEFI firmware boot is not available in this build",
+            ),
+            (
+                r#"{"firmware":"/fw"}"#,
+                "firmware: UEFI firmware boot is not available",
+            ),
+            (
+                r#"{"kernel":"k","nets":[{"tap":"tap0"}]}"#,
+                "nets: virtio-net is not available in this build",
+            ),
+            (
+                r#"{"kernel":"k","vsock":{"cid":3,"socket":"/v"}}"#,
+                "vsock: virtio-vsock is not available in this build",
+            ),
+            (
+                r#"{"kernel":"k","nets":[{"tap":"t","speed":1}]}"#,
+                "nets[0]: unknown field `speed`",
+            ),
+        ] {
+            let e = create(body).expect_err(body);
+            assert!(e.contains(needle), "{body}: {e:?} lacks {needle:?}");
+        }
+    }
+
+    #[test]
+    fn config_json_round_trips_through_the_create_body() {
+        let c = create(
+            r#"{"kernel":"/k","cpus":3,"memory":"256M","serial":"off",
+                "disks":[{"path":"/d","format":"raw","serial":"s"},{"path":"/e","readonly":true}]}"#,
+        )
+        .unwrap();
+        let json = serde_json::to_vec(&c).unwrap();
+        assert_eq!(parse_create(&json).unwrap(), c);
+        let text = String::from_utf8(json).unwrap();
+        assert!(text.contains(r#""serial":"off""#), "{text}");
+        assert!(text.contains(r#""readonly":true"#), "{text}");
+    }
+
+    #[test]
+    fn action_bodies() {
+        assert_eq!(parse_shutdown(b"").unwrap().timeout_ms, 10_000);
+        assert_eq!(parse_shutdown(b"{}").unwrap().timeout_ms, 10_000);
+        assert_eq!(
+            parse_shutdown(br#"{"timeout_ms":5}"#).unwrap().timeout_ms,
+            5
+        );
+        assert!(parse_shutdown(br#"{"timeout_ms":-5}"#).is_err());
+        let e = parse_shutdown(br#"{"timeout_ms":3600001}"#).unwrap_err();
+        assert!(e.to_string().starts_with("timeout_ms: "), "{e}");
+        assert!(parse_shutdown(br#"{"timeout":5}"#)
+            .unwrap_err()
+            .to_string()
+            .contains("unknown field `timeout`"));
+
+        assert_eq!(
+            parse_snapshot(br#"{"destination_dir":"/s"}"#)
+                .unwrap()
+                .destination_dir,
+            PathBuf::from("/s")
+        );
+        assert_eq!(parse_snapshot(b" ").unwrap_err(), BodyError::Missing);
+        assert!(parse_snapshot(br#"{"destination_dir":""}"#).is_err());
+        assert!(parse_snapshot(br#"{}"#)
+            .unwrap_err()
+            .to_string()
+            .contains("missing field `destination_dir`"));
+
+        let r = parse_restore(br#"{"source_dir":"/s"}"#).unwrap();
+        assert!(!r.resume);
+        assert!(
+            parse_restore(br#"{"source_dir":"/s","resume":true}"#)
+                .unwrap()
+                .resume
+        );
+        assert!(parse_restore(br#"{"source_dir":"/s","resume":"yes"}"#).is_err());
+
+        assert!(parse_no_body(b"").is_ok());
+        assert!(parse_no_body(b" {} \n").is_ok());
+        assert!(parse_no_body(br#"{"force":true}"#)
+            .unwrap_err()
+            .to_string()
+            .contains("unknown field `force`"));
+        assert!(parse_no_body(b"null").is_err());
+    }
+}

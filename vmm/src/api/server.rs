@@ -1,0 +1,246 @@
+//! The API server: HTTP/1.1 on a Unix socket, served by hyper on a current-thread tokio runtime
+//! in a thread of its own, so the VMM's threads stay plain threads. Each connection is a task of
+//! its own (a slow or idle client holds only its task); VMM calls go to the blocking pool (see
+//! [`super::handler`]).
+//!
+//! hyper (with hyper-util and http-body-util) rather than a framework: a dozen fixed routes need
+//! no router, and hyper gives the few things that matter here directly — header read timeouts,
+//! bounded header buffers, and bodies that are streamed (so a size limit refuses a 100 MB body
+//! without buffering it).
+
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::server::graceful::GracefulShutdown;
+use tokio::net::UnixListener;
+use tokio::sync::{oneshot, Semaphore};
+
+use super::handler::{self, Shared};
+use super::signals;
+use super::socket::{self, FileId};
+use crate::control::VmControl;
+
+/// Largest request head (request line and headers) a connection buffers; hyper answers 431
+/// beyond it. Our requests have a handful of short headers.
+const MAX_HEAD_BUF: usize = 64 << 10;
+/// Pause after a failed accept (out of descriptors, say), so the loop does not spin.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
+
+/// Limits of one API server.
+#[derive(Clone, Debug)]
+pub struct ServerOptions {
+    /// Time a client has to send a request's headers, counted from when the server starts
+    /// waiting for them (so it also bounds an idle connection); then the connection is closed.
+    pub header_timeout: Duration,
+    /// Time a client has to send a request's body after its headers: then 408 and close.
+    pub body_timeout: Duration,
+    /// Largest request body: larger gets 413.
+    pub max_body: usize,
+    /// Connections served at once; further clients wait in the socket's backlog.
+    pub max_connections: usize,
+    /// On stop, how long requests in progress get to finish.
+    pub drain_timeout: Duration,
+    /// On SIGTERM, SIGINT or SIGHUP, remove the socket file and then die of the signal as
+    /// the process would have without a handler. For the `vmm` binary, not for library users.
+    pub exit_on_signal: bool,
+}
+
+impl Default for ServerOptions {
+    fn default() -> Self {
+        ServerOptions {
+            header_timeout: Duration::from_secs(10),
+            body_timeout: Duration::from_secs(10),
+            max_body: 1 << 20,
+            max_connections: 64,
+            drain_timeout: Duration::from_secs(2),
+            exit_on_signal: false,
+        }
+    }
+}
+
+/// Why the API server could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    /// A server answers on the socket.
+    #[error("API socket {0}: another process is serving on it")]
+    InUse(PathBuf),
+    /// The path is taken by something that is not a socket; it is left alone.
+    #[error("API socket {0}: the path exists and is not a socket")]
+    NotASocket(PathBuf),
+    /// Creating or checking the socket failed.
+    #[error("API socket {path}: {source}")]
+    Socket {
+        /// The socket path.
+        path: PathBuf,
+        /// What failed.
+        #[source]
+        source: io::Error,
+    },
+    /// The runtime or the thread could not be created.
+    #[error("starting the API server: {0}")]
+    Start(#[source] io::Error),
+}
+
+impl ServerError {
+    /// True when the socket path given is at fault rather than the host.
+    pub fn is_bad_input(&self) -> bool {
+        !matches!(self, ServerError::Start(_))
+    }
+}
+
+/// A running API server; dropping it stops it and removes its socket file.
+pub struct ApiServer {
+    path: PathBuf,
+    id: FileId,
+    stop: Option<oneshot::Sender<()>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl ApiServer {
+    /// Binds `path` and serves `control` on it until stopped.
+    pub fn start(
+        path: impl AsRef<Path>,
+        control: Arc<dyn VmControl>,
+        options: ServerOptions,
+    ) -> Result<ApiServer, ServerError> {
+        let path = path.as_ref().to_path_buf();
+        let (listener, id) = socket::bind(&path)?;
+        let started = Self::spawn(listener, control, options, &path, id);
+        let (stop, thread) = started.inspect_err(|_| socket::remove(&path, id))?;
+        Ok(ApiServer {
+            path,
+            id,
+            stop: Some(stop),
+            thread: Some(thread),
+        })
+    }
+
+    fn spawn(
+        listener: std::os::unix::net::UnixListener,
+        control: Arc<dyn VmControl>,
+        options: ServerOptions,
+        path: &Path,
+        id: FileId,
+    ) -> Result<(oneshot::Sender<()>, JoinHandle<()>), ServerError> {
+        listener.set_nonblocking(true).map_err(ServerError::Start)?;
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(ServerError::Start)?;
+        let (stop_tx, stop_rx) = oneshot::channel();
+        let shared = Arc::new(Shared {
+            control,
+            max_body: options.max_body,
+            body_timeout: options.body_timeout,
+        });
+        let path = path.to_path_buf();
+        let thread = std::thread::Builder::new()
+            .name("vmm-api".into())
+            .spawn(move || {
+                runtime.block_on(async move {
+                    if options.exit_on_signal {
+                        signals::remove_socket_on_exit_signals(path, id);
+                    }
+                    match UnixListener::from_std(listener) {
+                        Ok(l) => serve(l, shared, options, stop_rx).await,
+                        Err(e) => tracing::error!("API server: {e}"),
+                    }
+                });
+                // VMM calls still running on the blocking pool finish on their own; the
+                // server does not wait for them.
+                runtime.shutdown_background();
+            })
+            .map_err(ServerError::Start)?;
+        Ok((stop_tx, thread))
+    }
+
+    /// The socket path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Stops accepting, removes the socket file, lets requests in progress finish (up to
+    /// [`ServerOptions::drain_timeout`]) and returns.
+    pub fn stop(mut self) {
+        self.shutdown();
+    }
+
+    fn shutdown(&mut self) {
+        socket::remove(&self.path, self.id);
+        if let Some(stop) = self.stop.take() {
+            // Err: the server thread already ended.
+            let _ = stop.send(());
+        }
+        if let Some(thread) = self.thread.take() {
+            if thread.join().is_err() {
+                tracing::error!("the API server thread panicked");
+            }
+        }
+    }
+}
+
+impl Drop for ApiServer {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+/// Accepts connections until `stop`, then drains them.
+async fn serve(
+    listener: UnixListener,
+    shared: Arc<Shared>,
+    options: ServerOptions,
+    mut stop: oneshot::Receiver<()>,
+) {
+    let graceful = GracefulShutdown::new();
+    let slots = Arc::new(Semaphore::new(options.max_connections.max(1)));
+    loop {
+        let slot = tokio::select! {
+            biased;
+            _ = &mut stop => break,
+            slot = Arc::clone(&slots).acquire_owned() => match slot {
+                Ok(slot) => slot,
+                Err(_) => break,
+            },
+        };
+        let stream = tokio::select! {
+            biased;
+            _ = &mut stop => break,
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(e) => {
+                    tracing::warn!("API accept: {e}");
+                    tokio::time::sleep(ACCEPT_BACKOFF).await;
+                    continue;
+                }
+            },
+        };
+        let shared = Arc::clone(&shared);
+        let service = service_fn(move |req| handler::handle(req, Arc::clone(&shared)));
+        let conn = http1::Builder::new()
+            .timer(TokioTimer::new())
+            .header_read_timeout(options.header_timeout)
+            .max_buf_size(MAX_HEAD_BUF)
+            .serve_connection(TokioIo::new(stream), service);
+        let conn = graceful.watch(conn);
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!("API connection ended: {e}");
+            }
+            drop(slot);
+        });
+    }
+    drop(listener);
+    if tokio::time::timeout(options.drain_timeout, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::debug!("API connections still open at stop: closing them");
+    }
+}
