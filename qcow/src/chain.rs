@@ -60,20 +60,29 @@ fn lock(file: &File, path: &Path, writable: bool) -> Result<()> {
     } else {
         libc::LOCK_SH
     } | libc::LOCK_NB;
-    // SAFETY: plain syscall on an fd we own.
-    if unsafe { libc::flock(file.as_raw_fd(), op) } != 0 {
+    // A lock can outlive its holder's close for a moment: a child process forked by another
+    // thread keeps a copy of the descriptor until it execs. Retry briefly before giving up.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_millis(500);
+    loop {
+        // SAFETY: plain syscall on an fd we own.
+        if unsafe { libc::flock(file.as_raw_fd(), op) } == 0 {
+            return Ok(());
+        }
         let e = std::io::Error::last_os_error();
-        if e.kind() == std::io::ErrorKind::WouldBlock {
+        if e.kind() != std::io::ErrorKind::WouldBlock {
+            // Filesystems without locks (some network mounts) still get the image.
+            tracing::warn!(path = %path.display(), "cannot lock image: {e}");
+            return Ok(());
+        }
+        if std::time::Instant::now() >= deadline {
             return Err(Error::Invalid(format!(
                 "{}: image is in use by another process ({} lock held)",
                 path.display(),
                 if writable { "a" } else { "a write" }
             )));
         }
-        // Filesystems without locks (some network mounts) still get the image.
-        tracing::warn!(path = %path.display(), "cannot lock image: {e}");
+        std::thread::sleep(std::time::Duration::from_millis(10));
     }
-    Ok(())
 }
 
 /// Opens `path` and its backing chain.
