@@ -371,7 +371,7 @@ pub trait Restorer {
     /// Interrupt controllers, PIT and clock.
     fn vm(&self, vm: &Vm) -> Result<(), String>;
     /// The serial port's registers.
-    fn serial(&self, serial: &mut SerialDevice);
+    fn serial(&self, serial: &mut SerialDevice) -> Result<(), String>;
     /// PCI devices (configuration space, BAR registers, virtio queues).
     fn devices(&self, pci: &mut PciRoot) -> Result<(), String>;
     /// One vCPU's registers and LAPIC.
@@ -405,7 +405,8 @@ pub fn build(cfg: &VmConfig, mut restore: Option<&mut dyn Restorer>) -> Result<R
     let exit = ExitHandle::new(tx);
     let (pio, serial) = legacy_devices(&vm, &exit, serial_out(&cfg.serial)?)?;
     if let Some(r) = restore.as_deref() {
-        r.serial(&mut serial.lock().unwrap_or_else(|e| e.into_inner()));
+        r.serial(&mut serial.lock().unwrap_or_else(|e| e.into_inner()))
+            .map_err(Error::Restore)?;
     }
     let power_button = PowerButton::new(vm.fd())?;
     let mmio = Arc::new(Bus::new());

@@ -65,22 +65,22 @@ impl SerialDevice {
         self.serial.state()
     }
 
-    /// Programs the registers of `state` through the register interface, as the driver did.
-    pub fn set_state(&mut self, state: &vm_superio::serial::SerialState) {
-        const DLAB: u8 = 0x80;
-        let mut w = |reg: u8, v: u8| {
-            let _ = self.serial.write(reg, v);
-        };
-        w(3, state.line_control | DLAB);
-        w(0, state.baud_divisor_low);
-        w(1, state.baud_divisor_high);
-        w(3, state.line_control & !DLAB);
-        w(1, state.interrupt_enable);
-        w(4, state.modem_control);
-        w(7, state.scratch);
-        if !state.in_buffer.is_empty() {
-            self.enqueue_input(&state.in_buffer);
+    /// Takes over the registers and receive buffer of `state` (snapshot restore), and raises
+    /// the interrupt the saved identification register reports as pending: its edge was lost
+    /// with the process that saved it.
+    pub fn set_state(&mut self, state: &vm_superio::serial::SerialState) -> io::Result<()> {
+        let evt = || self.serial.interrupt_evt().0.try_clone();
+        let placeholder = Serial::new(EventFdTrigger(evt()?), Box::new(io::sink()) as SerialOut);
+        let trigger = EventFdTrigger(evt()?);
+        let old = std::mem::replace(&mut self.serial, placeholder);
+        let out = old.into_writer();
+        self.serial = Serial::from_state(state, trigger, NoEvents, out)
+            .map_err(|e| io::Error::other(format!("serial state: {e:?}")))?;
+        // Bit 0 of the IIR is "no interrupt pending".
+        if state.interrupt_identification & 1 == 0 {
+            self.serial.interrupt_evt().trigger()?;
         }
+        Ok(())
     }
 
     /// Flushes buffered output.

@@ -124,8 +124,11 @@ struct SavedSerialState {
     baud_divisor_low: u8,
     baud_divisor_high: u8,
     interrupt_enable: u8,
+    interrupt_identification: u8,
     line_control: u8,
+    line_status: u8,
     modem_control: u8,
+    modem_status: u8,
     scratch: u8,
     in_buffer: Vec<u8>,
 }
@@ -221,8 +224,11 @@ pub fn save(vm: &RunningVm, cfg: &VmConfig, dir: &Path) -> Result<(), ControlErr
             baud_divisor_low: serial.baud_divisor_low,
             baud_divisor_high: serial.baud_divisor_high,
             interrupt_enable: serial.interrupt_enable,
+            interrupt_identification: serial.interrupt_identification,
             line_control: serial.line_control,
+            line_status: serial.line_status,
             modem_control: serial.modem_control,
+            modem_status: serial.modem_status,
             scratch: serial.scratch,
             in_buffer: serial.in_buffer,
         },
@@ -250,18 +256,22 @@ impl Restorer for FromSnapshot<'_> {
         self.state.vm.restore(vm.fd())
     }
 
-    fn serial(&self, serial: &mut SerialDevice) {
+    fn serial(&self, serial: &mut SerialDevice) -> Result<(), String> {
         let s = &self.state.serial;
-        serial.set_state(&vm_superio::serial::SerialState {
-            baud_divisor_low: s.baud_divisor_low,
-            baud_divisor_high: s.baud_divisor_high,
-            interrupt_enable: s.interrupt_enable,
-            line_control: s.line_control,
-            modem_control: s.modem_control,
-            scratch: s.scratch,
-            in_buffer: s.in_buffer.clone(),
-            ..Default::default()
-        });
+        serial
+            .set_state(&vm_superio::serial::SerialState {
+                baud_divisor_low: s.baud_divisor_low,
+                baud_divisor_high: s.baud_divisor_high,
+                interrupt_enable: s.interrupt_enable,
+                interrupt_identification: s.interrupt_identification,
+                line_control: s.line_control,
+                line_status: s.line_status,
+                modem_control: s.modem_control,
+                modem_status: s.modem_status,
+                scratch: s.scratch,
+                in_buffer: s.in_buffer.clone(),
+            })
+            .map_err(|e| e.to_string())
     }
 
     fn devices(&self, pci: &mut PciRoot) -> Result<(), String> {
