@@ -9,6 +9,9 @@ use kvm_bindings::{
 use kvm_ioctls::{Kvm, VcpuFd, VmFd};
 use serde::{Deserialize, Serialize};
 
+const MSR_IA32_TSC: u32 = 0x10;
+const MSR_IA32_TSC_DEADLINE: u32 = 0x6e0;
+
 /// One vCPU.
 #[derive(Serialize, Deserialize)]
 pub struct VcpuState {
@@ -85,13 +88,22 @@ impl VcpuState {
         fd.set_debug_regs(&self.debugregs)
             .map_err(e("set debug regs"))?;
         fd.set_lapic(&self.lapic).map_err(e("set LAPIC"))?;
-        let msrs = Msrs::from_entries(&self.msrs).map_err(|e| format!("MSRs: {e:?}"))?;
+        // The TSC first and the TSC deadline last: KVM arms the LAPIC timer against the TSC
+        // it has when the deadline is written, so a deadline written before the TSC fires
+        // as late as the saved TSC is large.
+        let mut ordered = self.msrs.clone();
+        ordered.sort_by_key(|m| match m.index {
+            MSR_IA32_TSC => 0,
+            MSR_IA32_TSC_DEADLINE => 2,
+            _ => 1,
+        });
+        let msrs = Msrs::from_entries(&ordered).map_err(|e| format!("MSRs: {e:?}"))?;
         let n = fd.set_msrs(&msrs).map_err(e("set MSRs"))?;
-        if n != self.msrs.len() {
+        if n != ordered.len() {
             return Err(format!(
                 "KVM took {n} of {} MSRs (MSR {:#x} refused)",
-                self.msrs.len(),
-                self.msrs[n].index
+                ordered.len(),
+                ordered[n].index
             ));
         }
         fd.set_vcpu_events(&self.events)
