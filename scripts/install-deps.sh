@@ -13,6 +13,10 @@ packages=(
   curl
   # qcow2: qemu-img is the independent oracle of the qcow2 tests and the peer in benchmarks.
   qemu-utils
+  # Orchestrator: its tests run a real etcd (etcd-server; etcdctl from etcd-client helps when
+  # debugging a cluster), and the etcd-client crate compiles etcd's protobuf files with protoc,
+  # which needs protobuf's well-known types (descriptor.proto, struct.proto) from libprotobuf-dev.
+  etcd-server etcd-client protobuf-compiler libprotobuf-dev
 )
 missing=()
 for p in "${packages[@]}"; do

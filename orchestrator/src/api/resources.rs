@@ -1,0 +1,182 @@
+//! The CRUD handlers, one generic set for every kind.
+
+use axum::body::Bytes;
+use axum::extract::rejection::{BytesRejection, PathRejection};
+use axum::extract::{Path, RawQuery, State};
+use axum::http::StatusCode;
+use axum::Json;
+use serde::Serialize;
+
+use super::admission::{check_references, check_unused};
+use super::error::ApiError;
+use crate::model::{validate, Object, ObjectInput, Spec};
+use crate::store::Store;
+
+/// `GET /api/v1/<kind>`: every object and the revision they were read at.
+#[derive(Debug, Serialize)]
+#[serde(bound = "")]
+pub struct List<S: Spec> {
+    pub items: Vec<Object<S>>,
+    pub resource_version: i64,
+}
+
+pub async fn list<S: Spec>(State(store): State<Store>) -> Result<Json<List<S>>, ApiError> {
+    let (items, resource_version) = store.list::<S>().await?;
+    Ok(Json(List {
+        items,
+        resource_version,
+    }))
+}
+
+pub async fn get<S: Spec>(
+    State(store): State<Store>,
+    path: Result<Path<String>, PathRejection>,
+) -> Result<Json<Object<S>>, ApiError> {
+    let name = path_name(path)?;
+    Ok(Json(store.get::<S>(&name).await?))
+}
+
+/// `POST /api/v1/<kind>`: 201 with the stored object.
+pub async fn create<S: Spec>(
+    State(store): State<Store>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<(StatusCode, Json<Object<S>>), ApiError> {
+    let input = parse::<S>(body)?;
+    let obj = Object {
+        metadata: crate::model::Metadata {
+            name: input.metadata.name,
+            ..Default::default()
+        },
+        spec: input.spec,
+        status: S::Status::default(),
+    };
+    obj.validate()
+        .map_err(|e| ApiError::field(StatusCode::UNPROCESSABLE_ENTITY, e))?;
+    check_references(&store, &obj.spec).await?;
+    let created = store.create(obj).await?;
+    Ok((StatusCode::CREATED, Json(created)))
+}
+
+/// `PUT /api/v1/<kind>/<name>`: replaces the spec if `metadata.resource_version` is still the
+/// object's (409 otherwise). The status is the controllers' and is kept.
+pub async fn replace<S: Spec>(
+    State(store): State<Store>,
+    path: Result<Path<String>, PathRejection>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Json<Object<S>>, ApiError> {
+    let name = path_name(path)?;
+    let input = parse::<S>(body)?;
+    if input.metadata.name != name {
+        return Err(ApiError::field(
+            StatusCode::BAD_REQUEST,
+            validate::FieldError::new(
+                "metadata.name",
+                format!(
+                    "{:?} does not match the name in the path {name:?}",
+                    input.metadata.name
+                ),
+            ),
+        ));
+    }
+    let expected = input.metadata.resource_version;
+    if expected <= 0 {
+        return Err(ApiError::field(
+            StatusCode::BAD_REQUEST,
+            validate::FieldError::new(
+                "metadata.resource_version",
+                "is required: send back the resource_version of the object you read",
+            ),
+        ));
+    }
+    input
+        .spec
+        .validate()
+        .map_err(|e| ApiError::field(StatusCode::UNPROCESSABLE_ENTITY, e))?;
+    check_references(&store, &input.spec).await?;
+    let updated = store
+        .update_at::<S, _>(&name, expected, |o| {
+            o.spec = input.spec.clone();
+            Ok(())
+        })
+        .await?;
+    Ok(Json(updated))
+}
+
+/// `DELETE /api/v1/<kind>/<name>[?resource_version=N]`: the deleted object; 409 while another
+/// object names it or when it changed since version N.
+pub async fn delete<S: Spec>(
+    State(store): State<Store>,
+    path: Result<Path<String>, PathRejection>,
+    RawQuery(query): RawQuery,
+) -> Result<Json<Object<S>>, ApiError> {
+    let name = path_name(path)?;
+    let expected = parse_delete_query(query.as_deref())?;
+    // Fail with 404 before looking for users of something that does not exist.
+    store.get::<S>(&name).await?;
+    check_unused(&store, S::KIND, &name).await?;
+    Ok(Json(store.delete::<S>(&name, expected).await?))
+}
+
+/// The object name from the URL; 400 when it cannot be a name.
+fn path_name(path: Result<Path<String>, PathRejection>) -> Result<String, ApiError> {
+    let Path(name) = path.map_err(|r| ApiError::new(r.status(), r.body_text()))?;
+    validate::dns_label("name", &name).map_err(|e| ApiError::field(StatusCode::BAD_REQUEST, e))?;
+    Ok(name)
+}
+
+/// The body as an object of kind `S`; 400 naming the JSON path of the first problem.
+fn parse<S: Spec>(body: Result<Bytes, BytesRejection>) -> Result<ObjectInput<S>, ApiError> {
+    let body = body.map_err(|r| ApiError::new(r.status(), r.body_text()))?;
+    let de = &mut serde_json::Deserializer::from_slice(&body);
+    serde_path_to_error::deserialize(de).map_err(|e| {
+        let path = e.path().to_string();
+        let inner = e.into_inner();
+        if path == "." || path.is_empty() {
+            ApiError::bad_request(format!("invalid JSON body: {inner}"))
+        } else {
+            ApiError::field(
+                StatusCode::BAD_REQUEST,
+                validate::FieldError::new(path, inner.to_string()),
+            )
+        }
+    })
+}
+
+fn parse_delete_query(query: Option<&str>) -> Result<Option<i64>, ApiError> {
+    let mut expected = None;
+    for pair in query.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
+        match pair.split_once('=') {
+            Some(("resource_version", v)) => match v.parse::<i64>() {
+                Ok(n) if n > 0 => expected = Some(n),
+                _ => {
+                    return Err(ApiError::bad_request(format!(
+                        "query parameter resource_version: {v:?} is not a resource version"
+                    )))
+                }
+            },
+            _ => {
+                return Err(ApiError::bad_request(format!(
+                    "unknown query parameter {pair:?}: only resource_version is accepted"
+                )))
+            }
+        }
+    }
+    Ok(expected)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn delete_query() {
+        assert_eq!(parse_delete_query(None).unwrap(), None);
+        assert_eq!(
+            parse_delete_query(Some("resource_version=42")).unwrap(),
+            Some(42)
+        );
+        assert!(parse_delete_query(Some("resource_version=x")).is_err());
+        assert!(parse_delete_query(Some("resource_version=0")).is_err());
+        assert!(parse_delete_query(Some("force=true")).is_err());
+    }
+}

@@ -1,0 +1,306 @@
+//! What each subcommand does.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use serde::Serialize;
+
+use super::table::Table;
+use super::{
+    Cli, Command, ImageCommand, Output, ServerArgs, VmCommand, VolumeCommand, WorkerCommand,
+};
+use orchestrator::client::{ApiClient, DEFAULT_SERVER};
+use orchestrator::controllers::ControllerConfig;
+use orchestrator::model::{
+    ByteSize, Image, ImageSpec, Object, Spec, Vm, VmSpec, Volume, VolumeSpec, Worker, WorkerSpec,
+};
+use orchestrator::server::{ControlPlane, ServerConfig};
+
+/// Client requests give up after this: the server itself answers within a few seconds even
+/// when etcd is down.
+const CLIENT_TIMEOUT: Duration = Duration::from_secs(10);
+
+pub async fn run(cli: Cli) -> Result<()> {
+    let output = cli.output;
+    let client = || -> Result<ApiClient> {
+        let url = cli
+            .server
+            .clone()
+            .or_else(|| std::env::var("LIGHTBYTE_SERVER").ok())
+            .unwrap_or_else(|| DEFAULT_SERVER.to_string());
+        Ok(ApiClient::new(&url, CLIENT_TIMEOUT)?)
+    };
+    match cli.command {
+        Command::Server(args) => server(args).await,
+        Command::Vm(cmd) => vm(&client()?, cmd, output).await,
+        Command::Image(cmd) => image(&client()?, cmd, output).await,
+        Command::Volume(cmd) => volume(&client()?, cmd, output).await,
+        Command::Worker(cmd) => worker(&client()?, cmd, output).await,
+    }
+}
+
+async fn server(args: ServerArgs) -> Result<()> {
+    let id = match args.id {
+        Some(id) => id,
+        None => {
+            let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .unwrap_or_else(|_| "lightbyte".into());
+            format!("{}-{}", host.trim(), std::process::id())
+        }
+    };
+    // A random suffix keeps two instances started with the same --id from taking each other's
+    // leader keys for their own.
+    let holder = format!("{id}-{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
+    let config = ServerConfig {
+        etcd: args.etcd,
+        listen: args.listen,
+        etcd_timeout: args.etcd_timeout,
+        controllers: ControllerConfig {
+            holder,
+            lease_ttl: args.lease_ttl,
+            resync: args.resync,
+        },
+    };
+    let plane = ControlPlane::start(config).await?;
+    // Scripts and tests read the address from this line when they pass port 0.
+    eprintln!("lightbyte server listening on http://{}", plane.addr());
+    wait_for_signal().await?;
+    eprintln!("lightbyte server stopping");
+    plane.shutdown(Duration::from_secs(5)).await;
+    Ok(())
+}
+
+async fn wait_for_signal() -> Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).context("SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("SIGINT handler")?;
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+    Ok(())
+}
+
+async fn vm(client: &ApiClient, cmd: VmCommand, output: Output) -> Result<()> {
+    match cmd {
+        VmCommand::Create {
+            name,
+            image,
+            cpus,
+            memory,
+            volumes,
+            network,
+            group,
+        } => {
+            let spec = VmSpec {
+                cpus,
+                memory,
+                image,
+                volumes,
+                network,
+                group,
+            };
+            let vm = client.create(&name, &spec).await?;
+            done(output, &vm, "created")
+        }
+        VmCommand::List => show(output, &client.list::<VmSpec>().await?, vm_table),
+        VmCommand::Get { name } => show_one(output, client.get::<VmSpec>(&name).await?, vm_table),
+        VmCommand::Delete { name } => {
+            done(output, &client.delete::<VmSpec>(&name).await?, "deleted")
+        }
+    }
+}
+
+async fn image(client: &ApiClient, cmd: ImageCommand, output: Output) -> Result<()> {
+    match cmd {
+        ImageCommand::Add {
+            name,
+            path,
+            format,
+            size,
+        } => {
+            let spec = ImageSpec {
+                path,
+                format: format.into(),
+                size,
+            };
+            done(output, &client.create(&name, &spec).await?, "added")
+        }
+        ImageCommand::List => show(output, &client.list::<ImageSpec>().await?, image_table),
+        ImageCommand::Get { name } => {
+            show_one(output, client.get::<ImageSpec>(&name).await?, image_table)
+        }
+        ImageCommand::Delete { name } => {
+            done(output, &client.delete::<ImageSpec>(&name).await?, "deleted")
+        }
+    }
+}
+
+async fn volume(client: &ApiClient, cmd: VolumeCommand, output: Output) -> Result<()> {
+    match cmd {
+        VolumeCommand::Create { name, image, size } => {
+            let spec = VolumeSpec { image, size };
+            done(output, &client.create(&name, &spec).await?, "created")
+        }
+        VolumeCommand::List => show(output, &client.list::<VolumeSpec>().await?, volume_table),
+        VolumeCommand::Get { name } => {
+            show_one(output, client.get::<VolumeSpec>(&name).await?, volume_table)
+        }
+        VolumeCommand::Delete { name } => done(
+            output,
+            &client.delete::<VolumeSpec>(&name).await?,
+            "deleted",
+        ),
+    }
+}
+
+async fn worker(client: &ApiClient, cmd: WorkerCommand, output: Output) -> Result<()> {
+    let workers = match cmd {
+        WorkerCommand::List => client.list::<WorkerSpec>().await?,
+        WorkerCommand::Get { name } => vec![client.get::<WorkerSpec>(&name).await?],
+    };
+    if output == Output::Json {
+        return print_json_list(&workers);
+    }
+    // What is allocated on each worker comes from the VMs placed on it.
+    let vms = client.list::<VmSpec>().await?;
+    print!("{}", worker_table(&workers, &vms).render());
+    Ok(())
+}
+
+fn done<S: Spec>(output: Output, obj: &Object<S>, what: &str) -> Result<()> {
+    match output {
+        Output::Json => print_json(obj),
+        Output::Table => {
+            println!("{}/{} {what}", S::KIND, obj.name());
+            Ok(())
+        }
+    }
+}
+
+fn show<S: Spec>(
+    output: Output,
+    items: &[Object<S>],
+    table: fn(&[Object<S>]) -> Table,
+) -> Result<()> {
+    match output {
+        Output::Json => print_json_list(items),
+        Output::Table => {
+            print!("{}", table(items).render());
+            Ok(())
+        }
+    }
+}
+
+fn show_one<S: Spec>(
+    output: Output,
+    obj: Object<S>,
+    table: fn(&[Object<S>]) -> Table,
+) -> Result<()> {
+    match output {
+        Output::Json => print_json(&obj),
+        Output::Table => show(output, &[obj], table),
+    }
+}
+
+fn print_json<T: Serialize>(value: &T) -> Result<()> {
+    println!("{}", serde_json::to_string_pretty(value)?);
+    Ok(())
+}
+
+fn print_json_list<T: Serialize>(items: &[T]) -> Result<()> {
+    print_json(&items)
+}
+
+fn or_dash(v: Option<&str>) -> String {
+    v.unwrap_or("-").to_string()
+}
+
+fn vm_table(vms: &[Vm]) -> Table {
+    let mut t = Table::new(&[
+        "NAME", "STATE", "WORKER", "CPUS", "MEMORY", "IMAGE", "IP", "MESSAGE",
+    ]);
+    for vm in vms {
+        t.row(vec![
+            vm.name().to_string(),
+            vm.status.state.to_string(),
+            or_dash(vm.status.placement.as_deref()),
+            vm.spec.cpus.to_string(),
+            vm.spec.memory.to_string(),
+            vm.spec.image.clone(),
+            or_dash(vm.status.ip.as_deref()),
+            vm.status.message.clone().unwrap_or_default(),
+        ]);
+    }
+    t
+}
+
+fn image_table(images: &[Image]) -> Table {
+    let mut t = Table::new(&["NAME", "FORMAT", "SIZE", "PATH"]);
+    for i in images {
+        t.row(vec![
+            i.name().to_string(),
+            i.spec.format.as_str().to_string(),
+            i.spec.size.map_or("-".to_string(), |s| s.to_string()),
+            i.spec.path.clone(),
+        ]);
+    }
+    t
+}
+
+fn volume_table(volumes: &[Volume]) -> Table {
+    let mut t = Table::new(&["NAME", "IMAGE", "SIZE"]);
+    for v in volumes {
+        t.row(vec![
+            v.name().to_string(),
+            v.spec.image.clone(),
+            v.spec.size.to_string(),
+        ]);
+    }
+    t
+}
+
+fn worker_table(workers: &[Worker], vms: &[Vm]) -> Table {
+    #[derive(Default)]
+    struct Used {
+        vms: usize,
+        cpus: u64,
+        memory: u64,
+    }
+    let mut used: BTreeMap<&str, Used> = BTreeMap::new();
+    for vm in vms
+        .iter()
+        .filter(|vm| vm.status.state != orchestrator::model::VmState::Lost)
+    {
+        if let Some(w) = vm.status.placement.as_deref() {
+            let u = used.entry(w).or_default();
+            u.vms += 1;
+            u.cpus += u64::from(vm.spec.cpus);
+            u.memory += vm.spec.memory.bytes();
+        }
+    }
+    let mut t = Table::new(&["NAME", "STATE", "VMS", "CPUS", "MEMORY", "LABELS"]);
+    for w in workers {
+        let u = used.get(w.name());
+        let labels: Vec<String> = w
+            .spec
+            .labels
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect();
+        t.row(vec![
+            w.name().to_string(),
+            w.status.state.to_string(),
+            u.map_or(0, |u| u.vms).to_string(),
+            format!("{}/{}", u.map_or(0, |u| u.cpus), w.spec.capacity.cpus),
+            format!(
+                "{}/{}",
+                ByteSize(u.map_or(0, |u| u.memory)),
+                w.spec.capacity.memory
+            ),
+            labels.join(","),
+        ]);
+    }
+    t
+}

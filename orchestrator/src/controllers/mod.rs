@@ -1,0 +1,51 @@
+//! Controllers: level-triggered reconcile loops. Each reads the whole desired and observed
+//! state, writes what differs, and is safe to stop at any line: a write is one transaction and
+//! the next reconcile (by this instance or its successor) starts from what etcd holds.
+
+mod health;
+mod placement;
+mod runner;
+mod scheduler;
+
+use std::future::Future;
+use std::time::Duration;
+
+pub use health::WorkerHealth;
+pub use placement::Placement;
+pub use runner::run;
+pub use scheduler::Scheduler;
+
+use crate::store::{Store, StoreError};
+
+pub trait Controller: Send + Sync + 'static {
+    /// Names the leader key and the action log.
+    const NAME: &'static str;
+
+    /// Key prefixes whose changes call for a reconcile.
+    fn watches(&self) -> Vec<String>;
+
+    /// Makes one pass. `store` is fenced by the current leadership: a write after the
+    /// leadership ended fails with `StoreError::Deposed`.
+    fn reconcile(&self, store: &Store) -> impl Future<Output = Result<(), StoreError>> + Send;
+}
+
+/// How every controller of one control-plane instance runs.
+#[derive(Debug, Clone)]
+pub struct ControllerConfig {
+    /// This instance's identity in leader keys and action records.
+    pub holder: String,
+    /// Leader lease TTL: a crashed leader is replaced this long after its last renewal.
+    pub lease_ttl: Duration,
+    /// Reconcile at least this often even without changes, in case a watch missed something.
+    pub resync: Duration,
+}
+
+impl Default for ControllerConfig {
+    fn default() -> ControllerConfig {
+        ControllerConfig {
+            holder: format!("lightbyte-{}", uuid::Uuid::new_v4().simple()),
+            lease_ttl: Duration::from_secs(5),
+            resync: Duration::from_secs(30),
+        }
+    }
+}

@@ -1,0 +1,15 @@
+//! lightbyte's control plane: resources in etcd, leader-elected controllers that place VMs and
+//! watch workers, the HTTP API over them, and the client the CLI uses.
+
+pub mod api;
+pub mod client;
+pub mod controllers;
+pub mod election;
+pub mod lease;
+pub mod model;
+pub mod registration;
+pub mod server;
+pub mod store;
+mod task;
+
+pub use task::Backoff;

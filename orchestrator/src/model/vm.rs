@@ -1,0 +1,200 @@
+//! `Vm`: a virtual machine the user wants running somewhere.
+
+use std::collections::BTreeSet;
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+use super::validate::{dns_label, FieldError};
+use super::{ByteSize, Reference, Spec};
+
+/// The VMM's own vCPU limit (`vmm::config::MAX_CPUS`).
+pub const MAX_VM_CPUS: u32 = 254;
+/// Less than this does not boot a useful Linux guest.
+pub const MIN_VM_MEMORY: ByteSize = ByteSize(64 << 20);
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VmSpec {
+    pub cpus: u32,
+    pub memory: ByteSize,
+    /// The image its root volume overlays.
+    pub image: String,
+    /// Extra volumes, attached in order after the root disk.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub volumes: Vec<String>,
+    /// The network the worker attaches its TAP to.
+    #[serde(default = "default_network")]
+    pub network: String,
+    /// The scale group whose members the scheduler spreads across workers; when absent, the
+    /// name without a trailing `-<number>` (`web-1` and `web-2` are group `web`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group: Option<String>,
+}
+
+fn default_network() -> String {
+    "default".to_string()
+}
+
+/// The VM's life as controllers and its worker observe it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub enum VmState {
+    /// Waiting for the scheduler.
+    #[default]
+    Pending,
+    /// Placed on a worker that has not started it yet.
+    Scheduled,
+    Starting,
+    Running,
+    Stopping,
+    Stopped,
+    /// Its worker stopped answering; the scheduler places it again.
+    Lost,
+    Failed,
+}
+
+impl fmt::Display for VmState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(self, f)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VmStatus {
+    #[serde(default)]
+    pub state: VmState,
+    /// The worker it is placed on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub placement: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ip: Option<String>,
+    /// RFC 3339, UTC.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub boot_time: Option<String>,
+    /// Why it is in its state, when that is not obvious ("no Ready worker has 4 CPUs free").
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+}
+
+impl Spec for VmSpec {
+    type Status = VmStatus;
+    const KIND: &'static str = "vm";
+    const PLURAL: &'static str = "vms";
+
+    fn validate(&self) -> Result<(), FieldError> {
+        if !(1..=MAX_VM_CPUS).contains(&self.cpus) {
+            return Err(FieldError::new(
+                "spec.cpus",
+                format!("{} is out of range 1..={MAX_VM_CPUS}", self.cpus),
+            ));
+        }
+        if self.memory < MIN_VM_MEMORY {
+            return Err(FieldError::new(
+                "spec.memory",
+                format!("{} is less than the minimum {MIN_VM_MEMORY}", self.memory),
+            ));
+        }
+        if self.memory.bytes() % ByteSize::MIB != 0 {
+            return Err(FieldError::new(
+                "spec.memory",
+                format!("{} is not a whole number of MiB", self.memory),
+            ));
+        }
+        dns_label("spec.image", &self.image)?;
+        let mut seen = BTreeSet::new();
+        for (i, v) in self.volumes.iter().enumerate() {
+            let field = format!("spec.volumes[{i}]");
+            dns_label(&field, v)?;
+            if !seen.insert(v) {
+                return Err(FieldError::new(
+                    field,
+                    format!("volume {v:?} is listed twice"),
+                ));
+            }
+        }
+        dns_label("spec.network", &self.network)?;
+        if let Some(g) = &self.group {
+            dns_label("spec.group", g)?;
+        }
+        Ok(())
+    }
+
+    fn references(&self) -> Vec<Reference> {
+        let image = Reference {
+            field: "spec.image".into(),
+            kind: "image",
+            name: self.image.clone(),
+        };
+        let volumes = self.volumes.iter().enumerate().map(|(i, v)| Reference {
+            field: format!("spec.volumes[{i}]"),
+            kind: "volume",
+            name: v.clone(),
+        });
+        std::iter::once(image).chain(volumes).collect()
+    }
+}
+
+/// The group a VM's replicas share, for spreading.
+pub fn scale_group<'a>(name: &'a str, spec: &'a VmSpec) -> &'a str {
+    if let Some(g) = &spec.group {
+        return g;
+    }
+    match name.rsplit_once('-') {
+        Some((prefix, n)) if !prefix.is_empty() && n.bytes().all(|b| b.is_ascii_digit()) => prefix,
+        _ => name,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec() -> VmSpec {
+        VmSpec {
+            cpus: 2,
+            memory: ByteSize::mib(256),
+            image: "base".into(),
+            volumes: vec![],
+            network: "default".into(),
+            group: None,
+        }
+    }
+
+    #[test]
+    fn limits_name_the_field() {
+        let mut s = spec();
+        assert_eq!(s.validate(), Ok(()));
+        s.cpus = 0;
+        assert_eq!(s.validate().unwrap_err().field, "spec.cpus");
+        s.cpus = 255;
+        assert_eq!(s.validate().unwrap_err().field, "spec.cpus");
+        s.cpus = 254;
+        s.memory = ByteSize::mib(63);
+        assert_eq!(s.validate().unwrap_err().field, "spec.memory");
+        s.memory = ByteSize(64 * ByteSize::MIB + 1);
+        assert_eq!(s.validate().unwrap_err().field, "spec.memory");
+        s.memory = ByteSize::mib(64);
+        s.volumes = vec!["a".into(), "a".into()];
+        assert_eq!(s.validate().unwrap_err().field, "spec.volumes[1]");
+    }
+
+    #[test]
+    fn unknown_fields_are_rejected() {
+        let r: Result<VmSpec, _> =
+            serde_json::from_str(r#"{"cpus":1,"memory":"64M","image":"base","cpu":2}"#);
+        assert!(r.unwrap_err().to_string().contains("unknown field `cpu`"));
+    }
+
+    #[test]
+    fn groups_come_from_names_or_the_spec() {
+        let mut s = spec();
+        assert_eq!(scale_group("web-1", &s), "web");
+        assert_eq!(scale_group("web-12", &s), "web");
+        assert_eq!(scale_group("db", &s), "db");
+        assert_eq!(scale_group("web-a", &s), "web-a");
+        assert_eq!(scale_group("-1", &s), "-1");
+        s.group = Some("front".into());
+        assert_eq!(scale_group("web-1", &s), "front");
+    }
+}

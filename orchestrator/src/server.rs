@@ -1,0 +1,106 @@
+//! `lightbyte server`: the API and the controllers of one control-plane instance.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use crate::controllers::{self, ControllerConfig, Scheduler, WorkerHealth};
+use crate::store::{Store, StoreError};
+
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    pub etcd: Vec<String>,
+    pub listen: SocketAddr,
+    /// How long one etcd request may take before the API answers 503.
+    pub etcd_timeout: Duration,
+    pub controllers: ControllerConfig,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error("cannot listen on {addr}: {source}")]
+    Listen {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// A running control-plane instance. Dropping it aborts everything at once, like a crash (its
+/// leaderships pass to a peer when their leases expire); [`ControlPlane::shutdown`] stops it
+/// gracefully and hands its leaderships over at once.
+pub struct ControlPlane {
+    addr: SocketAddr,
+    shutdown: CancellationToken,
+    tasks: JoinSet<()>,
+}
+
+impl ControlPlane {
+    /// Listens, then serves the API and runs the controllers in the background. etcd need not
+    /// be up: the API answers 503 and the controllers retry until it is.
+    pub async fn start(config: ServerConfig) -> Result<ControlPlane, ServerError> {
+        let listener =
+            TcpListener::bind(config.listen)
+                .await
+                .map_err(|source| ServerError::Listen {
+                    addr: config.listen,
+                    source,
+                })?;
+        let addr = listener
+            .local_addr()
+            .map_err(|source| ServerError::Listen {
+                addr: config.listen,
+                source,
+            })?;
+        let store = Store::connect(&config.etcd, config.etcd_timeout).await?;
+        let shutdown = CancellationToken::new();
+        let mut tasks = JoinSet::new();
+
+        let app = crate::api::router(store.clone());
+        let stop = shutdown.clone();
+        tasks.spawn(async move {
+            let serve = axum::serve(listener, app)
+                .with_graceful_shutdown(async move { stop.cancelled().await });
+            if let Err(e) = serve.await {
+                tracing::error!(error = %e, "API server failed");
+            }
+        });
+        tasks.spawn(controllers::run(
+            Scheduler,
+            store.clone(),
+            config.controllers.clone(),
+            shutdown.clone(),
+        ));
+        tasks.spawn(controllers::run(
+            WorkerHealth,
+            store,
+            config.controllers.clone(),
+            shutdown.clone(),
+        ));
+        tracing::info!(%addr, holder = %config.controllers.holder, "control plane started");
+        Ok(ControlPlane {
+            addr,
+            shutdown,
+            tasks,
+        })
+    }
+
+    /// Where the API listens.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Stops serving, resigns leaderships and waits (up to `grace`) for everything to end.
+    pub async fn shutdown(mut self, grace: Duration) {
+        self.shutdown.cancel();
+        let all = async { while self.tasks.join_next().await.is_some() {} };
+        if tokio::time::timeout(grace, all).await.is_err() {
+            tracing::warn!("control plane did not stop within {grace:?}; aborting");
+        }
+    }
+}

@@ -1,0 +1,550 @@
+//! The HTTP API and the CLI against a real etcd: CRUD for every kind, validation, optimistic
+//! concurrency, and etcd outages.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+use common::{control_plane, http, http_async, Etcd};
+
+/// Keys of resources in etcd (the control plane's `_` bookkeeping left out).
+async fn resource_keys(etcd: &Etcd) -> Vec<String> {
+    let mut raw = etcd.client().await;
+    let opts = etcd_client::GetOptions::new()
+        .with_prefix()
+        .with_keys_only();
+    let resp = raw.get("/lightbyte/", Some(opts)).await.unwrap();
+    resp.kvs()
+        .iter()
+        .map(|kv| kv.key_str().unwrap().to_string())
+        .filter(|k| !k.starts_with("/lightbyte/_"))
+        .collect()
+}
+
+fn rv(obj: &Value) -> i64 {
+    obj["metadata"]["resource_version"].as_i64().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crud_for_every_kind() {
+    let etcd = Etcd::start();
+    let plane = control_plane(&etcd, "cp").await;
+    let addr = plane.addr();
+    let call = |method: &'static str, path: String, body: Option<Value>| async move {
+        let body = body.map(|b| b.to_string());
+        http_async(addr, method, &path, body.as_deref()).await
+    };
+
+    // Image: create, get, list, update with the current version, refuse a stale one.
+    let (s, image) = call(
+        "POST",
+        "/api/v1/images".into(),
+        Some(json!({"metadata": {"name": "base"}, "spec": {"path": "/img/base.qcow2"}})),
+    )
+    .await;
+    assert_eq!(s, 201, "{image}");
+    assert_eq!(image["metadata"]["generation"], 1);
+    assert_eq!(image["spec"]["format"], "qcow2");
+    assert!(!image["metadata"]["uid"].as_str().unwrap().is_empty());
+    let (s, got) = call("GET", "/api/v1/images/base".into(), None).await;
+    assert_eq!((s, &got), (200, &image));
+    let (s, list) = call("GET", "/api/v1/images".into(), None).await;
+    assert_eq!(s, 200);
+    assert_eq!(list["items"], json!([image]));
+
+    let mut edited = image.clone();
+    edited["spec"]["size"] = json!("2G");
+    let (s, updated) = call("PUT", "/api/v1/images/base".into(), Some(edited.clone())).await;
+    assert_eq!(s, 200, "{updated}");
+    assert_eq!(updated["metadata"]["generation"], 2);
+    assert_eq!(updated["spec"]["size"], "2G");
+    assert!(rv(&updated) > rv(&image));
+    // The same edit again, from the version it was based on: someone (we) changed it since.
+    edited["spec"]["size"] = json!("3G");
+    let (s, err) = call("PUT", "/api/v1/images/base".into(), Some(edited.clone())).await;
+    assert_eq!(s, 409, "{err}");
+    assert!(
+        err["error"].as_str().unwrap().contains("was modified"),
+        "{err}"
+    );
+    let (_, now) = call("GET", "/api/v1/images/base".into(), None).await;
+    assert_eq!(now, updated);
+
+    // Volume and VM, which name other objects.
+    let (s, vol) = call(
+        "POST",
+        "/api/v1/volumes".into(),
+        Some(json!({"metadata": {"name": "data"}, "spec": {"image": "base", "size": "10G"}})),
+    )
+    .await;
+    assert_eq!(s, 201, "{vol}");
+    let (s, vm) = call(
+        "POST",
+        "/api/v1/vms".into(),
+        Some(json!({
+            "metadata": {"name": "web-1"},
+            "spec": {"cpus": 2, "memory": "512M", "image": "base", "volumes": ["data"]},
+            // Clients cannot write status: it is ignored.
+            "status": {"state": "Running", "placement": "w9"}
+        })),
+    )
+    .await;
+    assert_eq!(s, 201, "{vm}");
+    assert_eq!(vm["spec"]["memory"], "512M");
+    assert_eq!(vm["spec"]["network"], "default");
+    assert_eq!(vm["status"], json!({"state": "Pending"}));
+
+    let (s, err) = call("DELETE", "/api/v1/images/base".into(), None).await;
+    assert_eq!(s, 409, "{err}");
+    assert!(
+        err["error"]
+            .as_str()
+            .unwrap()
+            .contains("in use by vm \"web-1\""),
+        "{err}"
+    );
+    let (s, err) = call("DELETE", "/api/v1/volumes/data".into(), None).await;
+    assert_eq!(s, 409, "{err}");
+
+    // Worker: an operator drains it with a PUT; the status stays the controllers'.
+    let (s, w) = call(
+        "POST",
+        "/api/v1/workers".into(),
+        Some(json!({"metadata": {"name": "w1"},
+                    "spec": {"capacity": {"cpus": 8, "memory": "16G"}, "labels": {"zone": "a"}}})),
+    )
+    .await;
+    assert_eq!(s, 201, "{w}");
+    // Status writes move the resource version too: read after worker-health has judged it
+    // (no heartbeat: NotReady), or the PUT below would rightly conflict.
+    let w = settled(addr, "/api/v1/workers/w1").await;
+    let mut drained = w.clone();
+    drained["spec"]["drain"] = json!(true);
+    drained["status"] = json!({"state": "Ready"});
+    let (s, w2) = call("PUT", "/api/v1/workers/w1".into(), Some(drained)).await;
+    assert_eq!(s, 200, "{w2}");
+    assert_eq!(w2["spec"]["drain"], true);
+    assert_eq!(w2["status"], w["status"]);
+
+    // Delete: a stale version conflicts, the current one deletes, then it is gone. (The
+    // scheduler has said why it cannot place the VM first.)
+    let vm = settled(addr, "/api/v1/vms/web-1").await;
+    let stale = rv(&vm) - 1;
+    let (s, _) = call(
+        "DELETE",
+        format!("/api/v1/vms/web-1?resource_version={stale}"),
+        None,
+    )
+    .await;
+    assert_eq!(s, 409);
+    let (s, deleted) = call(
+        "DELETE",
+        format!("/api/v1/vms/web-1?resource_version={}", rv(&vm)),
+        None,
+    )
+    .await;
+    assert_eq!(s, 200, "{deleted}");
+    assert_eq!(deleted["metadata"]["name"], "web-1");
+    let (s, err) = call("GET", "/api/v1/vms/web-1".into(), None).await;
+    assert_eq!(s, 404);
+    assert_eq!(err["error"], "vm \"web-1\" not found");
+    let (s, _) = call("DELETE", "/api/v1/vms/web-1".into(), None).await;
+    assert_eq!(s, 404);
+    for path in [
+        "/api/v1/volumes/data",
+        "/api/v1/images/base",
+        "/api/v1/workers/w1",
+    ] {
+        let (s, body) = call("DELETE", path.into(), None).await;
+        assert_eq!(s, 200, "{path}: {body}");
+    }
+    assert_eq!(resource_keys(&etcd).await, Vec::<String>::new());
+}
+
+/// The object at `path` once a controller has written a status message on it.
+async fn settled(addr: std::net::SocketAddr, path: &str) -> Value {
+    common::eventually(
+        "a controller to write status",
+        Duration::from_secs(30),
+        || async {
+            let (_, obj) = http_async(addr, "GET", path, None).await;
+            obj["status"]["message"].is_string().then_some(obj)
+        },
+    )
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invalid_input_is_refused_and_nothing_is_written() {
+    let etcd = Etcd::start();
+    let plane = control_plane(&etcd, "cp").await;
+    let addr = plane.addr();
+    let post = |path: &'static str, body: Value| async move {
+        http_async(addr, "POST", path, Some(&body.to_string())).await
+    };
+    let (s, _) = post(
+        "/api/v1/images",
+        json!({"metadata": {"name": "base"}, "spec": {"path": "/img/base.qcow2"}}),
+    )
+    .await;
+    assert_eq!(s, 201);
+    let before = resource_keys(&etcd).await;
+
+    let vm = |spec: Value| json!({"metadata": {"name": "web-1"}, "spec": spec});
+    let named = |name: &str| json!({"metadata": {"name": name}, "spec": {"cpus": 1, "memory": "64M", "image": "base"}});
+    // (path, body, status, field)
+    let cases: Vec<(&str, Value, u16, &str)> = vec![
+        (
+            "/api/v1/vms",
+            vm(json!({"cpus": "two", "memory": "64M", "image": "base"})),
+            400,
+            "spec.cpus",
+        ),
+        (
+            "/api/v1/vms",
+            vm(json!({"cpu": 1, "memory": "64M", "image": "base"})),
+            400,
+            "spec.cpu",
+        ),
+        (
+            "/api/v1/vms",
+            vm(json!({"cpus": 1, "memory": "64M"})),
+            400,
+            "spec",
+        ),
+        (
+            "/api/v1/vms",
+            vm(json!({"cpus": 1, "memory": "lots", "image": "base"})),
+            400,
+            "spec.memory",
+        ),
+        (
+            "/api/v1/vms",
+            vm(json!({"cpus": 0, "memory": "64M", "image": "base"})),
+            422,
+            "spec.cpus",
+        ),
+        (
+            "/api/v1/vms",
+            vm(json!({"cpus": 255, "memory": "64M", "image": "base"})),
+            422,
+            "spec.cpus",
+        ),
+        (
+            "/api/v1/vms",
+            vm(json!({"cpus": 1, "memory": "32M", "image": "base"})),
+            422,
+            "spec.memory",
+        ),
+        (
+            "/api/v1/vms",
+            vm(json!({"cpus": 1, "memory": "64M", "image": "nope"})),
+            422,
+            "spec.image",
+        ),
+        (
+            "/api/v1/vms",
+            vm(json!({"cpus": 1, "memory": "64M", "image": "base", "volumes": ["gone"]})),
+            422,
+            "spec.volumes[0]",
+        ),
+        ("/api/v1/vms", named("Web_1"), 422, "metadata.name"),
+        ("/api/v1/vms", named(""), 422, "metadata.name"),
+        ("/api/v1/vms", named(&"x".repeat(64)), 422, "metadata.name"),
+        ("/api/v1/vms", named("base"), 201, ""),
+        ("/api/v1/vms", named("base"), 409, ""),
+        (
+            "/api/v1/images",
+            json!({"metadata": {"name": "i"}, "spec": {"path": "rel/x.img"}}),
+            422,
+            "spec.path",
+        ),
+        (
+            "/api/v1/images",
+            json!({"metadata": {"name": "i"}, "spec": {"path": "/x", "format": "vmdk"}}),
+            400,
+            "spec.format",
+        ),
+        (
+            "/api/v1/volumes",
+            json!({"metadata": {"name": "v"}, "spec": {"image": "base", "size": 0}}),
+            422,
+            "spec.size",
+        ),
+        (
+            "/api/v1/workers",
+            json!({"metadata": {"name": "w"}, "spec": {"capacity": {"cpus": 0, "memory": "1G"}}}),
+            422,
+            "spec.capacity.cpus",
+        ),
+        ("/api/v1/things", json!({}), 404, ""),
+    ];
+    for (path, body, status, field) in cases {
+        let (s, resp) = post(path, body.clone()).await;
+        assert_eq!(s, status, "POST {path} {body}: {resp}");
+        if s >= 400 {
+            assert!(resp["error"].is_string(), "{resp}");
+        }
+        if !field.is_empty() {
+            assert_eq!(resp["field"], field, "POST {path} {body}: {resp}");
+            assert!(resp["error"].as_str().unwrap().starts_with(field), "{resp}");
+        }
+    }
+    // Raw bodies and URLs.
+    let raw: Vec<(&str, &str, Option<String>, u16)> = vec![
+        ("POST", "/api/v1/vms", Some("{not json".into()), 400),
+        ("POST", "/api/v1/vms", Some("x".repeat(2 << 20)), 413),
+        ("GET", "/api/v1/vms/Bad%20Name", None, 400),
+        ("GET", "/api/v1/vms/%FF", None, 400),
+        ("GET", "/api/v1/vms/a%2Fb", None, 400),
+        ("DELETE", "/api/v1/vms/base?resource_version=abc", None, 400),
+        ("DELETE", "/api/v1/vms/base?force=1", None, 400),
+        ("PATCH", "/api/v1/vms/base", Some("{}".into()), 405),
+        ("PUT", "/api/v1/vms/base", Some(named("other").to_string()), 400),
+        ("PUT", "/api/v1/vms/base", Some(named("base").to_string()), 400),
+        ("PUT", "/api/v1/vms/nope", Some(json!({"metadata": {"name": "nope", "resource_version": 5}, "spec": {"cpus": 1, "memory": "64M", "image": "base"}}).to_string()), 404),
+    ];
+    for (method, path, body, status) in raw {
+        let (s, resp) = http_async(addr, method, path, body.as_deref()).await;
+        assert_eq!(s, status, "{method} {path}: {resp}");
+        assert!(resp["error"].is_string(), "{method} {path}: {resp}");
+    }
+    let mut after = before.clone();
+    after.push("/lightbyte/vm/base".into());
+    assert_eq!(resource_keys(&etcd).await, after);
+}
+
+/// `lightbyte server` as a child process, killed on drop.
+struct Server {
+    child: Child,
+    url: String,
+}
+
+impl Server {
+    fn start(etcd: &Etcd) -> Server {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_lightbyte"))
+            .args(["server", "--etcd", &etcd.url(), "--listen", "127.0.0.1:0"])
+            .args(["--lease-ttl", "2s", "--etcd-timeout", "2s"])
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("lightbyte server");
+        let mut lines = BufReader::new(child.stderr.take().expect("stderr")).lines();
+        let url = loop {
+            let line = lines
+                .next()
+                .expect("server exited before listening")
+                .expect("server stderr");
+            if let Some(url) = line.strip_prefix("lightbyte server listening on ") {
+                break url.to_string();
+            }
+        };
+        // Keep draining its log so it never blocks on a full pipe.
+        std::thread::spawn(move || lines.for_each(drop));
+        Server { child, url }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+struct Run {
+    code: i32,
+    stdout: String,
+    stderr: String,
+    took: Duration,
+}
+
+/// Runs the CLI with `LIGHTBYTE_SERVER` set to `server`.
+fn cli(server: &str, args: &[&str]) -> Run {
+    let start = Instant::now();
+    let out = Command::new(env!("CARGO_BIN_EXE_lightbyte"))
+        .args(args)
+        .env("LIGHTBYTE_SERVER", server)
+        .stdin(Stdio::null())
+        .output()
+        .expect("lightbyte");
+    Run {
+        code: out.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        took: start.elapsed(),
+    }
+}
+
+#[test]
+fn cli_round_trip() {
+    let etcd = Etcd::start();
+    let server = Server::start(&etcd);
+    let ok = |args: &[&str]| {
+        let r = cli(&server.url, args);
+        assert_eq!(r.code, 0, "{args:?}: {}", r.stderr);
+        r.stdout
+    };
+    assert_eq!(
+        ok(&["image", "add", "base", "--path", "/img/base.qcow2"]),
+        "image/base added\n"
+    );
+    assert_eq!(
+        ok(&[
+            "image",
+            "add",
+            "raw1",
+            "--path",
+            "/img/raw.img",
+            "--format",
+            "raw",
+            "--size",
+            "1G"
+        ]),
+        "image/raw1 added\n"
+    );
+    let images = ok(&["image", "list"]);
+    assert_eq!(
+        images,
+        "NAME   FORMAT   SIZE   PATH\n\
+         base   qcow2    -      /img/base.qcow2\n\
+         raw1   raw      1G     /img/raw.img\n"
+    );
+    assert_eq!(
+        ok(&["vm", "create", "web-1", "--image", "base", "--cpus", "2", "--memory", "512M"]),
+        "vm/web-1 created\n"
+    );
+    let list = ok(&["vm", "list"]);
+    let mut lines = list.lines();
+    assert!(lines.next().unwrap().starts_with("NAME    STATE"), "{list}");
+    assert!(lines.next().unwrap().starts_with("web-1"), "{list}");
+    let json: Value = serde_json::from_str(&ok(&["vm", "list", "-o", "json"])).unwrap();
+    assert_eq!(json[0]["metadata"]["name"], "web-1");
+    assert_eq!(json[0]["spec"]["cpus"], 2);
+    assert_eq!(json[0]["spec"]["memory"], "512M");
+    let one: Value = serde_json::from_str(&ok(&["-o", "json", "vm", "get", "web-1"])).unwrap();
+    assert_eq!(one["metadata"]["name"], "web-1");
+    assert!(ok(&["worker", "list"]).starts_with("NAME   STATE"));
+
+    // --server wins over the environment.
+    let bad_env = Command::new(env!("CARGO_BIN_EXE_lightbyte"))
+        .args(["--server", &server.url, "vm", "list"])
+        .env("LIGHTBYTE_SERVER", "http://127.0.0.1:1")
+        .output()
+        .unwrap();
+    assert!(bad_env.status.success());
+
+    // Errors: the status and the server's message, exit status 1.
+    let r = cli(&server.url, &["vm", "create", "web-2", "--image", "nope"]);
+    assert_eq!(r.code, 1);
+    assert_eq!(
+        r.stderr.trim(),
+        "error: 422 Unprocessable Entity: spec.image: image \"nope\" not found"
+    );
+    let r = cli(&server.url, &["vm", "create", "web-1", "--image", "base"]);
+    assert_eq!(r.code, 1);
+    assert!(
+        r.stderr
+            .contains("409 Conflict: vm \"web-1\" already exists"),
+        "{}",
+        r.stderr
+    );
+    let r = cli(
+        &server.url,
+        &[
+            "vm", "create", "web-3", "--image", "base", "--memory", "lots",
+        ],
+    );
+    assert_eq!(r.code, 2, "{}", r.stderr);
+    let r = cli(&server.url, &["vm", "get", "missing"]);
+    assert_eq!(r.code, 1);
+    assert!(r.stderr.contains("404 Not Found"), "{}", r.stderr);
+    let r = cli("http://127.0.0.1:1", &["vm", "list"]);
+    assert_eq!(r.code, 1);
+    assert!(
+        r.stderr.contains("cannot reach http://127.0.0.1:1"),
+        "{}",
+        r.stderr
+    );
+
+    assert_eq!(ok(&["vm", "delete", "web-1"]), "vm/web-1 deleted\n");
+    assert_eq!(
+        ok(&["vm", "list"]),
+        "NAME   STATE   WORKER   CPUS   MEMORY   IMAGE   IP   MESSAGE\n"
+    );
+}
+
+#[test]
+fn etcd_down_answers_503_within_seconds() {
+    let mut etcd = Etcd::start();
+    let server = Server::start(&etcd);
+    let r = cli(
+        &server.url,
+        &["image", "add", "base", "--path", "/img/base.qcow2"],
+    );
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let addr = server.url.trim_start_matches("http://").parse().unwrap();
+
+    let (status, _) = http(addr, "GET", "/healthz", None).unwrap();
+    assert_eq!(status, 200);
+
+    etcd.stop();
+    // A bound on waiting, not a benchmark: the server gives etcd 2 s, so ten is "seconds".
+    let bound = Duration::from_secs(10);
+    for args in [
+        &["vm", "list"][..],
+        &["vm", "create", "web-1", "--image", "base"],
+        &["image", "list"],
+    ] {
+        let r = cli(&server.url, args);
+        assert_eq!(r.code, 1, "{args:?}: {}", r.stdout);
+        assert!(
+            r.stderr
+                .contains("503 Service Unavailable: etcd unavailable"),
+            "{args:?}: {}",
+            r.stderr
+        );
+        assert!(r.took < bound, "{args:?} took {:?}", r.took);
+    }
+    let start = Instant::now();
+    let (status, body) = http(addr, "GET", "/api/v1/images/base", None).unwrap();
+    assert_eq!(status, 503, "{body}");
+    let body: Value = serde_json::from_str(&body).unwrap();
+    assert!(
+        body["error"]
+            .as_str()
+            .unwrap()
+            .starts_with("etcd unavailable"),
+        "{body}"
+    );
+    assert!(start.elapsed() < bound);
+    let (status, _) = http(addr, "GET", "/healthz", None).unwrap();
+    assert_eq!(status, 503);
+
+    // Back: the same server serves again and nothing was lost or half-written.
+    etcd.restart();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let listed = loop {
+        let r = cli(&server.url, &["image", "list", "-o", "json"]);
+        if r.code == 0 {
+            break r.stdout;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "server never recovered: {}",
+            r.stderr
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let images: Value = serde_json::from_str(&listed).unwrap();
+    assert_eq!(images.as_array().unwrap().len(), 1);
+    assert_eq!(images[0]["metadata"]["name"], "base");
+    let r = cli(&server.url, &["vm", "list", "-o", "json"]);
+    assert_eq!(r.stdout.trim(), "[]");
+}

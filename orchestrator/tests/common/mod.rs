@@ -1,0 +1,276 @@
+//! Test harness: a real etcd on free loopback ports with its own data directory (killed when
+//! the handle drops, also when a test fails, and with the test process through PDEATHSIG),
+//! control planes in the test process, and a plain HTTP client that shares no code with ours.
+
+#![allow(dead_code)] // Each test file uses a different part of the harness.
+
+use std::future::Future;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::os::unix::process::CommandExt;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use orchestrator::controllers::ControllerConfig;
+use orchestrator::model::{ByteSize, Capacity, WorkerSpec};
+use orchestrator::registration::Registration;
+use orchestrator::server::{ControlPlane, ServerConfig};
+use orchestrator::store::Store;
+
+/// Leader lease TTL in tests: etcd's minimum.
+pub const TTL: Duration = Duration::from_secs(2);
+
+pub struct Etcd {
+    child: Option<Child>,
+    dir: tempfile::TempDir,
+    client_port: u16,
+    peer_port: u16,
+}
+
+impl Etcd {
+    /// Starts etcd and waits until it answers. Call it from the test's own thread: PDEATHSIG
+    /// fires when the thread that spawned the child ends.
+    pub fn start() -> Etcd {
+        let mut etcd = Etcd {
+            child: None,
+            dir: tempfile::tempdir().expect("temp dir for etcd"),
+            client_port: 0,
+            peer_port: 0,
+        };
+        for _ in 0..5 {
+            (etcd.client_port, etcd.peer_port) = free_ports();
+            if etcd.spawn() {
+                return etcd;
+            }
+            // Most likely another process took a port between our probe and etcd's bind.
+            etcd.kill();
+            let _ = std::fs::remove_dir_all(etcd.dir.path().join("data"));
+        }
+        panic!("etcd did not start in five attempts:\n{}", etcd.log_tail());
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.client_port)
+    }
+
+    /// Kills etcd (SIGKILL: as if its host died) and waits for it to exit.
+    pub fn stop(&mut self) {
+        self.kill();
+    }
+
+    /// Starts etcd again on the same ports with the same data.
+    pub fn restart(&mut self) {
+        self.kill();
+        assert!(self.spawn(), "etcd did not restart:\n{}", self.log_tail());
+    }
+
+    /// A raw etcd client, to check what is really stored.
+    pub async fn client(&self) -> etcd_client::Client {
+        etcd_client::Client::connect([self.url()], None)
+            .await
+            .expect("etcd client")
+    }
+
+    pub async fn store(&self) -> Store {
+        Store::connect(&[self.url()], Duration::from_secs(2))
+            .await
+            .expect("store")
+    }
+
+    fn spawn(&mut self) -> bool {
+        let data = self.dir.path().join("data");
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.log_path())
+            .expect("etcd log file");
+        let client = format!("http://127.0.0.1:{}", self.client_port);
+        let peer = format!("http://127.0.0.1:{}", self.peer_port);
+        let mut cmd = Command::new("etcd");
+        cmd.arg("--name=test")
+            .arg(format!("--data-dir={}", data.display()))
+            .arg(format!("--listen-client-urls={client}"))
+            .arg(format!("--advertise-client-urls={client}"))
+            .arg(format!("--listen-peer-urls={peer}"))
+            .arg(format!("--initial-advertise-peer-urls={peer}"))
+            .arg(format!("--initial-cluster=test={peer}"))
+            .arg("--logger=zap")
+            .arg("--log-level=warn")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log fd"))
+            .stderr(log);
+        // SAFETY: prctl is async-signal-safe and touches no memory of the parent; it only sets
+        // this child's parent-death signal, so etcd dies with the test process even on SIGKILL.
+        unsafe {
+            cmd.pre_exec(|| {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let child = match cmd.spawn() {
+            Ok(c) => c,
+            Err(e) => panic!("cannot run etcd (is etcd-server installed?): {e}"),
+        };
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while Instant::now() < deadline {
+            if let Some(Ok(Some(_))) = self.child.as_mut().map(|c| c.try_wait()) {
+                return false;
+            }
+            if healthy(self.client_port) {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        false
+    }
+
+    fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    fn log_path(&self) -> PathBuf {
+        self.dir.path().join("etcd.log")
+    }
+
+    pub fn log_tail(&self) -> String {
+        let log = std::fs::read_to_string(self.log_path()).unwrap_or_default();
+        let lines: Vec<&str> = log.lines().collect();
+        lines[lines.len().saturating_sub(20)..].join("\n")
+    }
+}
+
+impl Drop for Etcd {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Two distinct free ports (both held open while probing so they differ).
+fn free_ports() -> (u16, u16) {
+    let a = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let b = TcpListener::bind("127.0.0.1:0").expect("bind");
+    (
+        a.local_addr().expect("addr").port(),
+        b.local_addr().expect("addr").port(),
+    )
+}
+
+fn healthy(port: u16) -> bool {
+    matches!(http(SocketAddr::from(([127, 0, 0, 1], port)), "GET", "/health", None),
+        Ok((200, body)) if body.contains("\"health\":\"true\""))
+}
+
+/// One HTTP/1.1 request over a fresh connection: (status, body).
+pub fn http(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    body: Option<&str>,
+) -> std::io::Result<(u16, String)> {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
+    s.set_read_timeout(Some(Duration::from_secs(15)))?;
+    let body = body.unwrap_or("");
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\
+         Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )?;
+    let mut resp = String::new();
+    s.read_to_string(&mut resp)?;
+    let status = resp
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .ok_or_else(|| std::io::Error::other(format!("no status line in {resp:?}")))?;
+    let body = resp
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    Ok((status, body))
+}
+
+/// `http` from async code.
+pub async fn http_async(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    body: Option<&str>,
+) -> (u16, serde_json::Value) {
+    let (method, path, body) = (
+        method.to_string(),
+        path.to_string(),
+        body.map(str::to_string),
+    );
+    let (status, text) =
+        tokio::task::spawn_blocking(move || http(addr, &method, &path, body.as_deref()))
+            .await
+            .expect("http task")
+            .expect("http request");
+    let json = serde_json::from_str(&text).unwrap_or(serde_json::Value::String(text));
+    (status, json)
+}
+
+pub fn controller_config(holder: &str) -> ControllerConfig {
+    ControllerConfig {
+        holder: holder.to_string(),
+        lease_ttl: TTL,
+        resync: Duration::from_secs(5),
+    }
+}
+
+/// A control plane in this process on a free port.
+pub async fn control_plane(etcd: &Etcd, holder: &str) -> ControlPlane {
+    ControlPlane::start(ServerConfig {
+        etcd: vec![etcd.url()],
+        listen: "127.0.0.1:0".parse().expect("addr"),
+        etcd_timeout: Duration::from_secs(2),
+        controllers: controller_config(holder),
+    })
+    .await
+    .expect("control plane")
+}
+
+pub fn worker_spec(cpus: u32, memory: &str) -> WorkerSpec {
+    WorkerSpec {
+        capacity: Capacity {
+            cpus,
+            memory: memory.parse::<ByteSize>().expect("size"),
+        },
+        labels: Default::default(),
+        drain: false,
+    }
+}
+
+pub async fn register(store: &Store, name: &str, cpus: u32, memory: &str) -> Registration {
+    Registration::register(store, name, worker_spec(cpus, memory), TTL)
+        .await
+        .expect("register worker")
+}
+
+/// Polls `check` until it returns `Some`, failing the test after `limit`. The limit only
+/// bounds a hang; nothing is asserted about how fast the condition came.
+pub async fn eventually<T, F, Fut>(what: &str, limit: Duration, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out after {limit:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
