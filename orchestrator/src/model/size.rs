@@ -32,30 +32,10 @@ impl FromStr for ByteSize {
     type Err = SizeError;
 
     fn from_str(s: &str) -> Result<ByteSize, SizeError> {
-        let err = || SizeError(s.to_string());
-        let t = s.trim();
-        let t = t
-            .strip_suffix("iB")
-            .or_else(|| t.strip_suffix('B'))
-            .unwrap_or(t);
-        let (digits, shift) = match t.char_indices().last() {
-            Some((i, c)) if c.is_ascii_alphabetic() => {
-                let shift = match c.to_ascii_uppercase() {
-                    'K' => 10,
-                    'M' => 20,
-                    'G' => 30,
-                    'T' => 40,
-                    _ => return Err(err()),
-                };
-                (&t[..i], shift)
-            }
-            _ => (t, 0),
-        };
-        if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
-            return Err(err());
-        }
-        let n: u64 = digits.parse().map_err(|_| err())?;
-        n.checked_mul(1u64 << shift).map(ByteSize).ok_or_else(err)
+        // The VMM's own parser: sizes in specs mean exactly what `vmm --memory` accepts.
+        vmm::config::parse_size(s)
+            .map(ByteSize)
+            .map_err(|_| SizeError(s.to_string()))
     }
 }
 
