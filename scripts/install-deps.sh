@@ -11,6 +11,8 @@ packages=(
   e2fsprogs fio
   # API tests drive the VMM socket with curl.
   curl
+  # virtio-net tests make network namespaces, bridges and TAPs with ip.
+  iproute2
   # qcow2: qemu-img is the independent oracle of the qcow2 tests and the peer in benchmarks.
   qemu-utils
   # Orchestrator: its tests run a real etcd (etcd-server; etcdctl from etcd-client helps when

@@ -201,11 +201,23 @@ impl Scenario {
 
     /// Adds a `vmm` run with `args`, labelled `label`.
     pub fn vmm(&mut self, label: &str, args: &[String], timeout_secs: u32) -> Result<&mut Self> {
+        self.vmm_wrapped(label, "", args, timeout_secs)
+    }
+
+    /// Adds a `vmm` run with `args` started through `wrapper`, shell words that run the command
+    /// after them (e.g. `ip netns exec NAME`).
+    pub fn vmm_wrapped(
+        &mut self,
+        label: &str,
+        wrapper: &str,
+        args: &[String],
+        timeout_secs: u32,
+    ) -> Result<&mut Self> {
         let vmm = binary("vmm")?;
         let log = self.dir.join(format!("{label}.log"));
         let quoted: Vec<String> = args.iter().map(|a| sh_quote(a)).collect();
         self.script.push_str(&format!(
-            "echo '== {label}'; timeout -k 5 {timeout_secs} {} {} > {} 2>&1; echo $? > {}.rc\n",
+            "echo '== {label}'; timeout -k 5 {timeout_secs} {wrapper} {} {} > {} 2>&1; echo $? > {}.rc\n",
             sh_quote(&vmm.display().to_string()),
             quoted.join(" "),
             sh_quote(&log.display().to_string()),
@@ -218,6 +230,12 @@ impl Scenario {
     /// Adds a guest boot labelled `label`.
     pub fn boot(&mut self, label: &str, boot: &Boot) -> Result<&mut Self> {
         self.vmm(label, &boot.args(), boot.timeout_secs)
+    }
+
+    /// Adds a guest boot labelled `label` whose `vmm` runs through `wrapper` (see
+    /// [`Scenario::vmm_wrapped`]).
+    pub fn boot_wrapped(&mut self, label: &str, wrapper: &str, boot: &Boot) -> Result<&mut Self> {
+        self.vmm_wrapped(label, wrapper, &boot.args(), boot.timeout_secs)
     }
 
     /// Runs the scenario and returns each boot's result by label.

@@ -100,6 +100,7 @@ fn config(kernel: &Path) -> VmConfig {
         memory: 256 << 20,
         serial: SerialConfig::Off,
         disks: Vec::new(),
+        nets: Vec::new(),
     }
 }
 
@@ -206,6 +207,7 @@ impl VmControl for Mock {
             } else {
                 Vec::new()
             },
+            nets: Vec::new(),
             exit_reason: (g.state == VmState::Shutdown).then(|| "guest powered off".into()),
         }
     }
@@ -253,6 +255,7 @@ impl VmControl for AlwaysOk {
             state: VmState::NotCreated,
             config: None,
             disks: Vec::new(),
+            nets: Vec::new(),
             exit_reason: None,
         }
     }
@@ -597,10 +600,19 @@ fn raw_requests_get_the_documented_answers() {
         &put_json(
             s,
             create,
-            &format!(r#"{{"kernel":"{k}","nets":[{{"tap":"tap0"}}]}}"#),
+            &format!(r#"{{"kernel":"{k}","nets":[{{"tap":"lb-no-such-if"}}]}}"#),
         ),
         400,
-        "nets: virtio-net is not available in this build",
+        "net lb-no-such-if: no such network interface",
+    );
+    assert_error(
+        &put_json(
+            s,
+            create,
+            &format!(r#"{{"kernel":"{k}","nets":[{{"tap":"lo","mac":"01:02:03:04:05:06"}}]}}"#),
+        ),
+        400,
+        "nets[0]: invalid net \"lo\": mac=01:02:03:04:05:06: a multicast address",
     );
     assert_error(
         &put_json(
@@ -624,7 +636,7 @@ fn raw_requests_get_the_documented_answers() {
         &format!(
             r#"{{"kernel":"{k}","cmdline":"console=ttyS0","cpus":2,"memory":"512M",
                 "disks":[{{"path":"{k}","format":"raw","readonly":true,"serial":"x","direct":false}}],
-                "serial":"file:/tmp/console.log","nets":[]}}"#
+                "serial":"file:/tmp/console.log","nets":[{{"tap":"lo"}}]}}"#
         ),
     );
     assert_eq!(r.status, 204, "{r:?}");
@@ -633,7 +645,9 @@ fn raw_requests_get_the_documented_answers() {
     assert_eq!(cfg.memory, 512 << 20);
     assert_eq!(cfg.serial, SerialConfig::File("/tmp/console.log".into()));
     assert!(cfg.disks[0].read_only);
-    // What info reports is a valid create body for the same VM.
+    assert_eq!(cfg.nets[0].tap, "lo");
+    // What info reports is a valid create body for the same VM (the MAC drawn at create
+    // included).
     let info = raw(s, "GET", "/api/v1/vm/info", None, b"");
     let v: serde_json::Value = serde_json::from_str(&info.body).unwrap();
     assert_eq!(v["state"], "created");

@@ -70,6 +70,39 @@ fn bad_inputs_exit_2_with_a_clear_message() {
         &["--kernel", t, "--disk", "path=x,format=vmdk"],
         "format=vmdk: expected raw or qcow2",
     );
+    assert_bad_input(&["--kernel", t, "--net", "tap="], "empty tap name");
+    assert_bad_input(
+        &["--kernel", t, "--net", "mac=52:54:00:12:34:56"],
+        "tap=NAME is required",
+    );
+    assert_bad_input(
+        &["--kernel", t, "--net", "tap=tap0,speed=1"],
+        "unknown key \"speed\" (tap, mac)",
+    );
+    assert_bad_input(
+        &["--kernel", t, "--net", "tap=tap0,mac=52:54:00:12:34"],
+        "mac=52:54:00:12:34: expected six hex octets",
+    );
+    assert_bad_input(
+        &["--kernel", t, "--net", "tap=tap0,mac=zz:54:00:12:34:56"],
+        "expected six hex octets",
+    );
+    assert_bad_input(
+        &["--kernel", t, "--net", "tap=tap0,mac=01:00:5e:00:00:01"],
+        "a multicast address",
+    );
+    assert_bad_input(
+        &["--kernel", t, "--net", "tap=0123456789abcdef"],
+        "longer than 15 bytes",
+    );
+    assert_bad_input(
+        &["--kernel", t, "--net", "tap=lb-no-such-if"],
+        "net lb-no-such-if: no such network interface (create it first",
+    );
+    assert_bad_input(
+        &["--kernel", t, "--net", "tap=lo", "--net", "tap=lo"],
+        "the same tap is given twice",
+    );
     assert_bad_input(&[], "--kernel <PATH>");
     // A kernel file that claims to be ELF but is cut short fails when loaded; with KVM absent it
     // still fails cleanly (status 1 or 2), never with a panic.
@@ -164,6 +197,25 @@ fn bad_disk_images_exit_2_naming_the_disk() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// An interface that is not a TAP is refused before KVM is touched: by TUNSETIFF as root, by
+/// /dev/net/tun's permissions otherwise; either way the user's input, naming the interface.
+#[test]
+fn a_tap_that_cannot_be_attached_exits_2_naming_it() {
+    let dir = std::env::temp_dir().join(format!("lb-cli-net-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let kernel = dir.join("bzImage");
+    fake_bzimage(&kernel);
+    let (code, stderr) = vmm(&["--kernel", kernel.to_str().unwrap(), "--net", "tap=lo"]);
+    assert_eq!(code, 2, "{stderr}");
+    assert!(stderr.starts_with("vmm: net lo: "), "{stderr}");
+    assert!(
+        stderr.contains("lo is not a single-queue TAP interface")
+            || stderr.contains("permission denied"),
+        "{stderr}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 #[test]
 fn help_explains_and_exits_0() {
     let out = Command::new(binary("vmm").unwrap())
@@ -181,6 +233,8 @@ fn help_explains_and_exits_0() {
         "--serial",
         "--disk",
         "format=raw|qcow2",
+        "--net",
+        "tap=NAME[,mac=MAC]",
         "img",
     ] {
         assert!(help.contains(flag), "{flag} missing from --help:\n{help}");

@@ -12,9 +12,9 @@ use crate::arch::cpuid::CpuidPolicy;
 use crate::arch::layout::{PCI_ECAM_SIZE, PCI_ECAM_START, PCI_MMIO32_END, PCI_MMIO32_START};
 use crate::arch::{acpi, bios};
 use crate::boot::{self, BootPayload};
-use crate::config::{ConfigError, DiskConfig, SerialConfig, VmConfig, MAX_CPUS};
+use crate::config::{ConfigError, DiskConfig, NetConfig, SerialConfig, VmConfig, MAX_CPUS};
 use crate::console;
-use crate::control::DiskCounters;
+use crate::control::{DiskCounters, NetCounters};
 use crate::devices::acpi_pm::{self, AcpiPm};
 use crate::devices::bus::{self, Bus};
 use crate::devices::cmos::{self, Cmos};
@@ -28,6 +28,8 @@ use crate::devices::virtio::block::backend::DiskBackend;
 use crate::devices::virtio::block::open::{open_disk, OpenError};
 use crate::devices::virtio::block::request::Counters;
 use crate::devices::virtio::block::{Block, BlockOptions, SharedDisk};
+use crate::devices::virtio::net::tap::{Tap, TapError};
+use crate::devices::virtio::net::{Net, NetHandle};
 use crate::devices::virtio::pci::{self as virtio_pci, VirtioPciDevice};
 use crate::devices::{ExitHandle, VmEvent};
 use crate::vstate::control::VcpuControl;
@@ -82,6 +84,14 @@ pub enum Error {
         /// Why it could not be opened.
         source: OpenError,
     },
+    /// A TAP interface could not be opened.
+    #[error("net {tap}: {source}")]
+    Net {
+        /// The interface given with --net.
+        tap: String,
+        /// Why it could not be opened.
+        source: TapError,
+    },
     /// Any other host-side failure (eventfds, threads, files).
     #[error("{what}: {source}")]
     Host {
@@ -96,6 +106,9 @@ impl Error {
     /// True when the user gave input that cannot work (as opposed to a host failure).
     pub fn is_bad_input(&self) -> bool {
         if let Error::Disk { source, .. } = self {
+            return source.is_bad_input();
+        }
+        if let Error::Net { source, .. } = self {
             return source.is_bad_input();
         }
         matches!(
@@ -147,6 +160,7 @@ pub struct RunningVm {
     vm: Arc<Vm>,
     _terminal: Option<console::RawTerminal>,
     disks: Vec<(SharedDisk, Arc<Counters>)>,
+    nets: Vec<NetHandle>,
     control: Arc<VcpuControl>,
     power_button: PowerButton,
     pci: Arc<Mutex<PciRoot>>,
@@ -254,8 +268,30 @@ impl RunningVm {
             .collect()
     }
 
+    /// Frame counters of each network device, in configuration order.
+    pub fn net_counters(&self) -> Vec<NetCounters> {
+        self.nets
+            .iter()
+            .map(|n| {
+                let c = n.counters();
+                let get =
+                    |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
+                NetCounters {
+                    rx_packets: get(&c.rx_packets),
+                    rx_bytes: get(&c.rx_bytes),
+                    rx_dropped: get(&c.rx_dropped),
+                    tx_packets: get(&c.tx_packets),
+                    tx_bytes: get(&c.tx_bytes),
+                    tx_dropped: get(&c.tx_dropped),
+                    ..NetCounters::default()
+                }
+            })
+            .collect()
+    }
+
     /// Stops the vCPUs, flushes the console and leaves every image consistent for other tools
-    /// (the process may exit right after this without dropping devices).
+    /// (the process may exit right after this without dropping devices), and lets go of every
+    /// TAP (a reboot attaches to it again).
     pub fn finish(&self) {
         self.control.stop();
         self.serial
@@ -266,6 +302,9 @@ impl RunningVm {
             if let Err(e) = disk.lock().unwrap_or_else(|e| e.into_inner()).close() {
                 tracing::warn!("closing disk: {e}");
             }
+        }
+        for net in &self.nets {
+            net.close();
         }
     }
 }
@@ -359,6 +398,32 @@ fn attach_disk(
     Ok(shared)
 }
 
+/// Attaches to the TAP of `net`.
+fn open_tap(net: &NetConfig) -> Result<Tap, Error> {
+    Tap::open(&net.tap).map_err(|source| Error::Net {
+        tap: net.tap.clone(),
+        source,
+    })
+}
+
+/// Adds a virtio-net PCI device on `tap` for `net`.
+fn attach_net(vm: &Vm, pci: &mut PciRoot, net: &NetConfig, tap: Tap) -> Result<NetHandle, Error> {
+    let device = Net::new(Arc::new(tap), net.mac.0);
+    let handle = device.handle();
+    let sink = vm.irq_router().msi_sink(3)?;
+    let bar = pci.allocate_bar(virtio_pci::BAR_SIZE)?;
+    let dev = VirtioPciDevice::new(
+        Box::new(device),
+        vm.memory().clone(),
+        bar,
+        Box::new(sink),
+        Some(vm.fd().clone()),
+    )?;
+    let slot = pci.add_device(Arc::new(Mutex::new(dev)))?;
+    tracing::info!(tap = %net.tap, mac = %net.mac, slot, "virtio-net attached");
+    Ok(handle)
+}
+
 /// Builds the VM described by `cfg` and starts its vCPUs.
 pub fn start(cfg: &VmConfig) -> Result<RunningVm, Error> {
     build(cfg, None)
@@ -389,6 +454,11 @@ pub fn build(cfg: &VmConfig, mut restore: Option<&mut dyn Restorer>) -> Result<R
         .disks
         .iter()
         .map(open_backend)
+        .collect::<Result<Vec<_>, _>>()?;
+    let taps = cfg
+        .nets
+        .iter()
+        .map(open_tap)
         .collect::<Result<Vec<_>, _>>()?;
     let kvm = Kvm::new().map_err(Error::Kvm)?;
     cfg.check_cpus(kvm.get_max_vcpus() as u32)?;
@@ -435,13 +505,30 @@ pub fn build(cfg: &VmConfig, mut restore: Option<&mut dyn Restorer>) -> Result<R
             cfg.cpus,
         )?);
     }
+    let mut nets = CloseOnError(Vec::with_capacity(cfg.nets.len()));
+    for (net, tap) in cfg.nets.iter().zip(taps) {
+        nets.0.push(attach_net(
+            &vm,
+            &mut pci.lock().unwrap_or_else(|e| e.into_inner()),
+            net,
+            tap,
+        )?);
+    }
     let buses = Buses {
         pio: Arc::new(pio),
         mmio,
     };
     if let Some(r) = restore.as_deref() {
-        r.devices(&mut pci.lock().unwrap_or_else(|e| e.into_inner()))
-            .map_err(Error::Restore)?;
+        let mut root = pci.lock().unwrap_or_else(|e| e.into_inner());
+        r.devices(&mut root).map_err(Error::Restore)?;
+        // A restored VM starts paused as a whole: a device that does not wait for its driver
+        // (a network device receiving) must not write guest memory until it is resumed.
+        for (slot, dev) in root.devices() {
+            dev.lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .pause()
+                .map_err(|e| Error::Restore(format!("PCI slot {slot}: {e}")))?;
+        }
     }
 
     // Firmware tables and the kernel (a restored VM has them in memory already).
@@ -528,5 +615,18 @@ pub fn build(cfg: &VmConfig, mut restore: Option<&mut dyn Restorer>) -> Result<R
         power_button,
         pci,
         disks,
+        nets: std::mem::take(&mut nets.0),
     })
+}
+
+/// Closes the TAPs of devices attached to a VM whose build failed (the PCI root, which holds the
+/// devices, is never dropped), so that booting again can attach to them.
+struct CloseOnError(Vec<NetHandle>);
+
+impl Drop for CloseOnError {
+    fn drop(&mut self) {
+        for net in &self.0 {
+            net.close();
+        }
+    }
 }

@@ -48,6 +48,108 @@ pub struct DiskConfig {
 /// Longest disk serial virtio-blk can carry.
 pub const MAX_SERIAL_LEN: usize = 20;
 
+/// An Ethernet MAC address. In JSON and on the command line, six two-digit hex octets separated
+/// by colons (`52:54:00:12:34:56`).
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct MacAddr(pub [u8; 6]);
+
+impl MacAddr {
+    /// A random unicast address with the locally administered bit set, so it cannot collide with
+    /// a vendor-assigned one.
+    pub fn random() -> MacAddr {
+        let mut b = [0u8; 6];
+        // SAFETY: getrandom writes at most `b.len()` bytes into the buffer it is given.
+        let n = unsafe { libc::getrandom(b.as_mut_ptr().cast(), b.len(), 0) };
+        if usize::try_from(n).ok() != Some(b.len()) {
+            // No kernel entropy interface: the clock still tells VMs started apart.
+            let t = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_nanos())
+                .unwrap_or_default();
+            let mixed = (t as u64) ^ (u64::from(std::process::id()) << 40);
+            b.copy_from_slice(&mixed.to_le_bytes()[..6]);
+        }
+        b[0] = (b[0] & 0xfe) | 0x02;
+        MacAddr(b)
+    }
+}
+
+impl fmt::Display for MacAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let b = self.0;
+        write!(
+            f,
+            "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
+            b[0], b[1], b[2], b[3], b[4], b[5]
+        )
+    }
+}
+
+impl fmt::Debug for MacAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(self, f)
+    }
+}
+
+impl std::str::FromStr for MacAddr {
+    type Err = String;
+
+    /// Six colon-separated octets of two hex digits; a guest NIC needs a unicast address, and
+    /// all zeroes means "none" to most drivers.
+    fn from_str(s: &str) -> Result<MacAddr, String> {
+        let bad = || format!("mac={s}: expected six hex octets like 52:54:00:12:34:56");
+        let mut b = [0u8; 6];
+        let mut parts = s.split(':');
+        for octet in &mut b {
+            let p = parts.next().ok_or_else(bad)?;
+            if p.len() != 2 || !p.bytes().all(|c| c.is_ascii_hexdigit()) {
+                return Err(bad());
+            }
+            *octet = u8::from_str_radix(p, 16).map_err(|_| bad())?;
+        }
+        if parts.next().is_some() {
+            return Err(bad());
+        }
+        if b[0] & 1 != 0 {
+            return Err(format!(
+                "mac={s}: a multicast address (lowest bit of the first octet set) cannot be a NIC's"
+            ));
+        }
+        if b == [0; 6] {
+            return Err(format!("mac={s}: the all-zero address is not usable"));
+        }
+        Ok(MacAddr(b))
+    }
+}
+
+impl serde::Serialize for MacAddr {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_str(self)
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for MacAddr {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let s = <std::borrow::Cow<'de, str>>::deserialize(deserializer)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+/// A virtio-net device on a host TAP interface. In JSON, an object with the keys of `--net`
+/// (see [`crate::api::body`]); the MAC address is drawn when the configuration is made, so
+/// `info` shows it and a VM created again from that configuration keeps it.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(try_from = "crate::api::body::Object<crate::api::body::NetBody>")]
+pub struct NetConfig {
+    /// Host TAP interface (it must exist).
+    pub tap: String,
+    /// The guest's MAC address.
+    pub mac: MacAddr,
+}
+
+/// Longest interface name Linux accepts (IFNAMSIZ minus the terminating NUL).
+pub const MAX_IFNAME_LEN: usize = libc::IFNAMSIZ - 1;
+
 /// Everything needed to start a VM. Deserializing applies the command line's defaults and
 /// rejects unknown fields, through [`crate::api::body::CreateBody`].
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -67,6 +169,8 @@ pub struct VmConfig {
     pub serial: SerialConfig,
     /// virtio-blk disks, in PCI slot order (the first is /dev/vda).
     pub disks: Vec<DiskConfig>,
+    /// virtio-net devices, in PCI slot order after the disks (the first is eth0).
+    pub nets: Vec<NetConfig>,
 }
 
 /// A configuration value that cannot work. Each message names the value.
@@ -113,6 +217,17 @@ pub enum ConfigError {
     /// A serial destination that does not parse.
     #[error("invalid serial {0:?}: expected stdout, off or file:PATH")]
     InvalidSerial(String),
+    /// A `--net` value that does not parse or cannot work.
+    #[error("invalid net {value:?}: {reason}")]
+    InvalidNet {
+        /// The value given (the TAP name in the API).
+        value: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// A TAP interface that is not there.
+    #[error("net {0}: no such network interface (create it first, e.g. `ip tuntap add dev {0} mode tap`)")]
+    NoSuchInterface(String),
 }
 
 /// Parses a size: a plain byte count, or a number with a K/M/G/T suffix (binary units, an
@@ -249,6 +364,59 @@ pub fn parse_disk(s: &str) -> Result<DiskConfig, ConfigError> {
     Ok(disk)
 }
 
+/// Checks a TAP interface name (`--net tap=` or the API's `tap`) the way Linux does.
+pub fn check_tap_name(value: &str) -> Result<&str, String> {
+    if value.is_empty() {
+        return Err("empty tap name".into());
+    }
+    if value.len() > MAX_IFNAME_LEN {
+        return Err(format!("tap name is longer than {MAX_IFNAME_LEN} bytes"));
+    }
+    if value == "."
+        || value == ".."
+        || value
+            .chars()
+            .any(|c| c == '/' || c == ':' || c.is_whitespace() || c == '\0')
+    {
+        return Err(format!("{value:?} is not a valid interface name"));
+    }
+    Ok(value)
+}
+
+/// Parses `tap=NAME[,mac=MAC]`; without `mac`, a random locally administered address.
+pub fn parse_net(s: &str) -> Result<NetConfig, ConfigError> {
+    let err = |reason: String| ConfigError::InvalidNet {
+        value: s.to_string(),
+        reason,
+    };
+    let mut tap = None;
+    let mut mac = None;
+    for part in s.split(',') {
+        let (key, value) = part
+            .split_once('=')
+            .ok_or_else(|| err(format!("{part:?} is not key=value")))?;
+        match key {
+            "tap" => tap = Some(check_tap_name(value).map_err(err)?.to_string()),
+            "mac" => mac = Some(value.parse::<MacAddr>().map_err(err)?),
+            other => return Err(err(format!("unknown key {other:?} (tap, mac)"))),
+        }
+    }
+    let tap = tap.ok_or_else(|| err("tap=NAME is required".into()))?;
+    Ok(NetConfig {
+        tap,
+        mac: mac.unwrap_or_else(MacAddr::random),
+    })
+}
+
+/// True when the network interface `name` exists in this network namespace.
+pub fn interface_exists(name: &str) -> bool {
+    let Ok(c) = std::ffi::CString::new(name) else {
+        return false;
+    };
+    // SAFETY: `c` is a NUL-terminated string that outlives the call.
+    unsafe { libc::if_nametoindex(c.as_ptr()) != 0 }
+}
+
 impl VmConfig {
     /// Checks the vCPU count against `max_cpus` (what the host's KVM supports) and our own limit.
     pub fn check_cpus(&self, max_cpus: u32) -> Result<(), ConfigError> {
@@ -284,6 +452,18 @@ impl VmConfig {
                     what,
                     path: path.clone(),
                 });
+            }
+        }
+        for (i, net) in self.nets.iter().enumerate() {
+            // A TAP without IFF_MULTI_QUEUE takes one reader: the second would fail at boot.
+            if self.nets[..i].iter().any(|n| n.tap == net.tap) {
+                return Err(ConfigError::InvalidNet {
+                    value: net.tap.clone(),
+                    reason: "the same tap is given twice".into(),
+                });
+            }
+            if !interface_exists(&net.tap) {
+                return Err(ConfigError::NoSuchInterface(net.tap.clone()));
             }
         }
         Ok(())
@@ -356,6 +536,76 @@ mod tests {
         }
     }
 
+    #[test]
+    fn nets() {
+        let n = parse_net("tap=tap0,mac=52:54:00:AB:cd:0e").unwrap();
+        assert_eq!(n.tap, "tap0");
+        assert_eq!(n.mac, MacAddr([0x52, 0x54, 0, 0xab, 0xcd, 0x0e]));
+        assert_eq!(n.mac.to_string(), "52:54:00:ab:cd:0e");
+        let a = parse_net("tap=t").unwrap().mac;
+        let b = parse_net("mac=02:00:00:00:00:01,tap=t").unwrap().mac;
+        assert_eq!(b.to_string(), "02:00:00:00:00:01");
+        assert_eq!(
+            a.0[0] & 3,
+            2,
+            "random MACs are unicast and locally administered: {a}"
+        );
+        assert_ne!(
+            a,
+            parse_net("tap=t").unwrap().mac,
+            "drawn per configuration"
+        );
+        for (bad, needle) in [
+            ("tap=", "empty tap name"),
+            ("mac=52:54:00:12:34:56", "tap=NAME is required"),
+            ("tap=t,speed=1", "unknown key \"speed\""),
+            ("tap=0123456789abcdef", "longer than 15 bytes"),
+            ("tap=a/b", "not a valid interface name"),
+            ("tap=..", "not a valid interface name"),
+            ("tap=t,mac=52:54:00:12:34", "six hex octets"),
+            ("tap=t,mac=52:54:00:12:34:56:78", "six hex octets"),
+            ("tap=t,mac=52-54-00-12-34-56", "six hex octets"),
+            ("tap=t,mac=5:54:00:12:34:56", "six hex octets"),
+            ("tap=t,mac=zz:54:00:12:34:56", "six hex octets"),
+            ("tap=t,mac=+5:54:00:12:34:56", "six hex octets"),
+            ("tap=t,mac=01:00:5e:00:00:01", "multicast"),
+            ("tap=t,mac=00:00:00:00:00:00", "all-zero"),
+            ("tap0", "not key=value"),
+        ] {
+            let e = parse_net(bad).unwrap_err().to_string();
+            assert!(e.contains(needle), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn nets_must_exist_and_be_distinct() {
+        let dir = tempfile::tempdir().unwrap();
+        let net = |tap: &str| NetConfig {
+            tap: tap.into(),
+            mac: MacAddr::random(),
+        };
+        let c = VmConfig {
+            nets: vec![net("lo")],
+            ..config(dir.path())
+        };
+        assert_eq!(c.validate(8), Ok(()));
+        let c = VmConfig {
+            nets: vec![net("lb-no-such-if")],
+            ..config(dir.path())
+        };
+        let e = c.validate(8).unwrap_err().to_string();
+        assert!(
+            e.contains("net lb-no-such-if: no such network interface"),
+            "{e}"
+        );
+        let c = VmConfig {
+            nets: vec![net("lo"), net("lo")],
+            ..config(dir.path())
+        };
+        let e = c.validate(8).unwrap_err().to_string();
+        assert!(e.contains("the same tap is given twice"), "{e}");
+    }
+
     fn config(dir: &std::path::Path) -> VmConfig {
         let kernel = dir.join("k");
         std::fs::write(&kernel, b"x").unwrap();
@@ -367,6 +617,7 @@ mod tests {
             memory: 128 << 20,
             serial: SerialConfig::Stdout,
             disks: Vec::new(),
+            nets: Vec::new(),
         }
     }
 

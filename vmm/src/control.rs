@@ -42,6 +42,25 @@ pub struct DiskCounters {
     pub errors: u64,
 }
 
+/// Counters of one network device.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetCounters {
+    /// Host TAP interface.
+    pub tap: String,
+    /// Frames delivered to the guest.
+    pub rx_packets: u64,
+    /// Bytes of those frames (Ethernet header included, virtio-net header not).
+    pub rx_bytes: u64,
+    /// Frames for the guest that were lost: larger than its buffers, or unreadable.
+    pub rx_dropped: u64,
+    /// Frames the guest sent to the TAP.
+    pub tx_packets: u64,
+    /// Bytes of those frames.
+    pub tx_bytes: u64,
+    /// Frames from the guest that were malformed or refused by the TAP.
+    pub tx_dropped: u64,
+}
+
 /// What `GET /api/v1/vm/info` returns.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VmInfo {
@@ -51,6 +70,8 @@ pub struct VmInfo {
     pub config: Option<VmConfig>,
     /// Per-disk counters, once booted.
     pub disks: Vec<DiskCounters>,
+    /// Per-network-device counters, once booted.
+    pub nets: Vec<NetCounters>,
     /// Why the VM stopped, in state `shutdown`.
     pub exit_reason: Option<String>,
 }

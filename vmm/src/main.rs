@@ -11,7 +11,8 @@ use clap::{Parser, Subcommand};
 use vmm::api::{ApiServer, ServerOptions};
 use vmm::builder::VmExit;
 use vmm::config::{
-    parse_disk, parse_serial, parse_size, DiskConfig, SerialConfig, VmConfig, DEFAULT_CMDLINE,
+    parse_disk, parse_net, parse_serial, parse_size, DiskConfig, NetConfig, SerialConfig, VmConfig,
+    DEFAULT_CMDLINE,
 };
 use vmm::control::ControlError;
 use vmm::vmm::Vmm;
@@ -89,6 +90,17 @@ struct Cli {
         requires = "kernel"
     )]
     disk: Vec<DiskConfig>,
+    /// A virtio-net device on an existing host TAP interface; repeat for more (the first is
+    /// eth0 in the guest). mac=52:54:00:12:34:56 sets the guest's MAC address (unicast); without
+    /// it a random locally administered one is drawn. Checksum offload and TSO pass through the
+    /// TAP in both directions as the guest's driver accepts them.
+    #[arg(
+        long,
+        value_name = "tap=NAME[,mac=MAC]",
+        value_parser = parse_net,
+        requires = "kernel"
+    )]
+    net: Vec<NetConfig>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -151,6 +163,7 @@ fn main() -> ExitCode {
             memory: cli.memory,
             serial: cli.serial,
             disks: cli.disk,
+            nets: cli.net,
         };
         if let Err(e) = vmm.boot_from_config(config) {
             eprintln!("vmm: {e}");

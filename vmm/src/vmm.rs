@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use crate::builder::{self, RunningVm, VmExit};
 use crate::config::{VmConfig, MAX_CPUS};
-use crate::control::{ControlError, DiskCounters, VmControl, VmInfo, VmState};
+use crate::control::{ControlError, DiskCounters, NetCounters, VmControl, VmInfo, VmState};
 use crate::devices::VmEvent;
 
 struct Inner {
@@ -267,10 +267,23 @@ impl VmControl for Vmm {
                 .collect(),
             _ => Vec::new(),
         };
+        let nets = match (&g.vm, &g.config) {
+            (Some(vm), Some(cfg)) => vm
+                .net_counters()
+                .into_iter()
+                .zip(&cfg.nets)
+                .map(|(c, n)| NetCounters {
+                    tap: n.tap.clone(),
+                    ..c
+                })
+                .collect(),
+            _ => Vec::new(),
+        };
         VmInfo {
             state: g.state,
             config: g.config.clone(),
             disks,
+            nets,
             exit_reason: g.exit.as_ref().map(exit_text),
         }
     }

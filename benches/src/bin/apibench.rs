@@ -138,6 +138,7 @@ fn inner(
         memory: 512 << 20,
         serial: SerialConfig::File(serial.clone()),
         disks: Vec::new(),
+        nets: Vec::new(),
     };
     // Latency of an idle VMM, then with a running guest.
     let v = spawn(vmm, &sock)?;

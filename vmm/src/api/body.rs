@@ -3,7 +3,8 @@
 //! [`crate::config::VmConfig::validate`] checks files afterwards.
 //!
 //! The create body mirrors the command line: the same defaults, and the same parsers
-//! ([`parse_size`], [`crate::config::parse_serial`], the `--disk` pieces) for the same values.
+//! ([`parse_size`], [`crate::config::parse_serial`], the `--disk` and `--net` pieces) for the
+//! same values.
 
 use std::fmt;
 use std::marker::PhantomData;
@@ -13,8 +14,8 @@ use serde::de::{self, DeserializeOwned, MapAccess, Visitor};
 use serde::{Deserialize, Deserializer, Serialize};
 
 use crate::config::{
-    check_disk_path, check_disk_serial, parse_disk_format, parse_size, ConfigError, DiskConfig,
-    SerialConfig, VmConfig, DEFAULT_CMDLINE, MAX_CPUS,
+    check_disk_path, check_disk_serial, check_tap_name, parse_disk_format, parse_size, ConfigError,
+    DiskConfig, MacAddr, NetConfig, SerialConfig, VmConfig, DEFAULT_CMDLINE, MAX_CPUS,
 };
 
 /// Default of `PUT /api/v1/vm/shutdown`'s `timeout_ms`.
@@ -106,8 +107,8 @@ pub struct CreateBody {
     disks: Vec<DiskConfig>,
     /// UEFI firmware: documented, not built yet.
     firmware: Option<PathBuf>,
-    /// virtio-net devices: documented, not built yet.
-    nets: Option<Vec<Object<NetBody>>>,
+    /// `--net`, in order; `null` is taken as none.
+    nets: Option<Vec<NetConfig>>,
     /// A virtio-vsock device: documented, not built yet.
     vsock: Option<Object<VsockBody>>,
 }
@@ -125,14 +126,14 @@ pub struct DiskBody {
     direct: bool,
 }
 
-/// One element of `nets` (schema only until virtio-net exists).
+/// One element of `nets`: the keys of `--net`.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct NetBody {
-    /// Host tap device.
-    pub tap: String,
-    /// Guest MAC address.
-    pub mac: Option<String>,
+    /// Host TAP interface.
+    tap: String,
+    /// Guest MAC address; absent or null draws a random one.
+    mac: Option<String>,
 }
 
 /// `vsock` (schema only until virtio-vsock exists).
@@ -193,12 +194,6 @@ impl TryFrom<Object<CreateBody>> for VmConfig {
                 feature: "UEFI firmware boot",
             });
         }
-        if b.nets.as_ref().is_some_and(|n| !n.is_empty()) {
-            return Err(BodyError::Unavailable {
-                field: "nets",
-                feature: "virtio-net",
-            });
-        }
         if b.vsock.is_some() {
             return Err(BodyError::Unavailable {
                 field: "vsock",
@@ -220,6 +215,7 @@ impl TryFrom<Object<CreateBody>> for VmConfig {
             memory: b.memory,
             serial: b.serial,
             disks: b.disks,
+            nets: b.nets.unwrap_or_default(),
         };
         config.check_cpus(u32::from(MAX_CPUS))?;
         Ok(config)
@@ -250,6 +246,23 @@ impl TryFrom<Object<DiskBody>> for DiskConfig {
             serial,
             direct: b.direct,
         })
+    }
+}
+
+impl TryFrom<Object<NetBody>> for NetConfig {
+    type Error = ConfigError;
+
+    fn try_from(Object(b): Object<NetBody>) -> Result<NetConfig, ConfigError> {
+        let err = |reason: String| ConfigError::InvalidNet {
+            value: b.tap.clone(),
+            reason,
+        };
+        let tap = check_tap_name(&b.tap).map_err(err)?.to_string();
+        let mac = match &b.mac {
+            Some(m) => m.parse::<MacAddr>().map_err(err)?,
+            None => MacAddr::random(),
+        };
+        Ok(NetConfig { tap, mac })
     }
 }
 
@@ -479,7 +492,7 @@ mod tests {
         assert_eq!(c.cpus, 1);
         assert_eq!(c.memory, 512 << 20);
         assert_eq!(c.serial, SerialConfig::Stdout);
-        assert!(c.disks.is_empty() && c.initramfs.is_none());
+        assert!(c.disks.is_empty() && c.nets.is_empty() && c.initramfs.is_none());
     }
 
     #[test]
@@ -508,6 +521,21 @@ mod tests {
         );
         assert_eq!(c.disks[1].format, None);
         assert!(!c.disks[1].read_only);
+        assert!(c.nets.is_empty());
+        let c = create(
+            r#"{"kernel":"k","nets":[{"tap":"tap0","mac":"52:54:00:12:34:56"},{"tap":"tap1"},
+                {"tap":"tap2","mac":null}]}"#,
+        )
+        .unwrap();
+        assert_eq!(c.nets[0].tap, "tap0");
+        assert_eq!(c.nets[0].mac.to_string(), "52:54:00:12:34:56");
+        assert_eq!(c.nets[1].tap, "tap1");
+        assert_eq!(c.nets[1].mac.0[0] & 3, 2, "drawn: {}", c.nets[1].mac);
+        assert_ne!(c.nets[1].mac, c.nets[2].mac);
+        assert!(create(r#"{"kernel":"k","nets":null}"#)
+            .unwrap()
+            .nets
+            .is_empty());
         assert_eq!(
             create(r#"{"kernel":"k","memory":268435456}"#)
                 .unwrap()
@@ -594,9 +622,26 @@ mod tests {
                 "firmware: UEFI firmware boot is not available",
             ),
             (
-                r#"{"kernel":"k","nets":[{"tap":"tap0"}]}"#,
-                "nets: virtio-net is not available in this build",
+                r#"{"kernel":"k","nets":[{"mac":"52:54:00:12:34:56"}]}"#,
+                "nets[0]: missing field `tap`",
             ),
+            (
+                r#"{"kernel":"k","nets":[{"tap":""}]}"#,
+                "nets[0]: invalid net \"\": empty tap name",
+            ),
+            (
+                r#"{"kernel":"k","nets":[{"tap":"t","mac":"52:54:00:12:34"}]}"#,
+                "nets[0]: invalid net \"t\": mac=52:54:00:12:34: expected six hex octets",
+            ),
+            (
+                r#"{"kernel":"k","nets":[{"tap":"t","mac":"ff:ff:ff:ff:ff:ff"}]}"#,
+                "multicast",
+            ),
+            (
+                r#"{"kernel":"k","nets":[{"tap":"t","mac":5}]}"#,
+                "nets[0].mac: invalid type: integer",
+            ),
+            (r#"{"kernel":"k","nets":{}}"#, "nets: invalid type: map"),
             (
                 r#"{"kernel":"k","vsock":{"cid":3,"socket":"/v"}}"#,
                 "vsock: virtio-vsock is not available in this build",
@@ -615,14 +660,20 @@ mod tests {
     fn config_json_round_trips_through_the_create_body() {
         let c = create(
             r#"{"kernel":"/k","cpus":3,"memory":"256M","serial":"off",
-                "disks":[{"path":"/d","format":"raw","serial":"s"},{"path":"/e","readonly":true}]}"#,
+                "disks":[{"path":"/d","format":"raw","serial":"s"},{"path":"/e","readonly":true}],
+                "nets":[{"tap":"tap0","mac":"52:54:00:00:00:0A"},{"tap":"tap1"}]}"#,
         )
         .unwrap();
         let json = serde_json::to_vec(&c).unwrap();
+        // The drawn MAC is part of the configuration, so it survives the round trip.
         assert_eq!(parse_create(&json).unwrap(), c);
         let text = String::from_utf8(json).unwrap();
         assert!(text.contains(r#""serial":"off""#), "{text}");
         assert!(text.contains(r#""readonly":true"#), "{text}");
+        assert!(
+            text.contains(r#"{"tap":"tap0","mac":"52:54:00:00:00:0a"}"#),
+            "{text}"
+        );
     }
 
     #[test]

@@ -7,8 +7,8 @@ use serde_json::Value;
 
 use super::body::{self, Ping};
 use super::routes::{lookup, Action, Lookup, ROUTES};
-use crate::config::{DiskConfig, SerialConfig, VmConfig};
-use crate::control::{DiskCounters, VmInfo, VmState};
+use crate::config::{DiskConfig, MacAddr, NetConfig, SerialConfig, VmConfig};
+use crate::control::{DiskCounters, NetCounters, VmInfo, VmState};
 
 const HTTP_METHODS: &[&str] = &["get", "put", "post", "delete", "patch", "head", "options"];
 
@@ -187,23 +187,33 @@ fn response_schemas_name_the_serialized_fields() {
             serial: None,
             direct: false,
         }],
+        nets: vec![NetConfig {
+            tap: "tap0".into(),
+            mac: MacAddr::random(),
+        }],
     };
     let info = serde_json::to_value(VmInfo {
         state: VmState::Running,
         config: Some(config),
         disks: vec![DiskCounters::default()],
+        nets: vec![NetCounters::default()],
         exit_reason: None,
     })
     .unwrap();
     assert_eq!(keys(&info), properties(&doc, "VmInfo"));
     assert_eq!(keys(&info["disks"][0]), properties(&doc, "DiskCounters"));
+    assert_eq!(keys(&info["nets"][0]), properties(&doc, "NetCounters"));
     assert_eq!(
         keys(&info["config"]["disks"][0]),
         properties(&doc, "DiskConfig")
     );
+    assert_eq!(
+        keys(&info["config"]["nets"][0]),
+        properties(&doc, "NetConfig")
+    );
     // The info form of a configuration is the create form minus the features not built yet.
     let mut create_fields = properties(&doc, "VmConfig");
-    for unbuilt in ["firmware", "nets", "vsock"] {
+    for unbuilt in ["firmware", "vsock"] {
         assert!(create_fields.remove(unbuilt));
     }
     assert_eq!(keys(&info["config"]), create_fields);
@@ -245,6 +255,10 @@ fn documented_limits_are_the_servers() {
     assert_eq!(
         schema(&doc, "DiskConfig")["properties"]["serial"]["maxLength"],
         crate::config::MAX_SERIAL_LEN
+    );
+    assert_eq!(
+        schema(&doc, "NetConfig")["properties"]["tap"]["maxLength"],
+        crate::config::MAX_IFNAME_LEN
     );
     let defaults = body::parse_create(br#"{"kernel":"k"}"#).unwrap();
     let memory = cfg["memory"]["default"].as_str().unwrap();

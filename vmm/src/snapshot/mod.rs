@@ -19,7 +19,7 @@ use serde::{Deserialize, Serialize};
 
 use self::vcpu::{VcpuState, VmState};
 use crate::builder::{self, Restorer, RunningVm};
-use crate::config::{DiskConfig, SerialConfig, VmConfig};
+use crate::config::{DiskConfig, NetConfig, SerialConfig, VmConfig};
 use crate::control::ControlError;
 use crate::devices::pci::root::PciRoot;
 use crate::devices::serial::SerialDevice;
@@ -40,6 +40,9 @@ struct SavedConfig {
     memory: u64,
     serial: SavedSerial,
     disks: Vec<SavedDisk>,
+    /// Absent in snapshots of VMs from before virtio-net.
+    #[serde(default)]
+    nets: Vec<SavedNet>,
 }
 
 #[derive(Clone, Serialize, Deserialize)]
@@ -56,6 +59,12 @@ struct SavedDisk {
     read_only: bool,
     serial: Option<String>,
     direct: bool,
+}
+
+#[derive(Clone, Serialize, Deserialize)]
+struct SavedNet {
+    tap: String,
+    mac: String,
 }
 
 impl SavedConfig {
@@ -80,6 +89,14 @@ impl SavedConfig {
                     read_only: d.read_only,
                     serial: d.serial.clone(),
                     direct: d.direct,
+                })
+                .collect(),
+            nets: c
+                .nets
+                .iter()
+                .map(|n| SavedNet {
+                    tap: n.tap.clone(),
+                    mac: n.mac.to_string(),
                 })
                 .collect(),
         }
@@ -112,6 +129,16 @@ impl SavedConfig {
                         read_only: d.read_only,
                         serial: d.serial.clone(),
                         direct: d.direct,
+                    })
+                })
+                .collect::<Result<_, String>>()?,
+            nets: self
+                .nets
+                .iter()
+                .map(|n| {
+                    Ok(NetConfig {
+                        tap: n.tap.clone(),
+                        mac: n.mac.parse()?,
                     })
                 })
                 .collect::<Result<_, String>>()?,

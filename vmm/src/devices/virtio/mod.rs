@@ -6,6 +6,7 @@
 //! notifications (ioeventfds) and interrupts (MSI-X).
 
 pub mod block;
+pub mod net;
 pub mod pci;
 
 #[cfg(test)]
@@ -74,7 +75,7 @@ pub enum ActivateError {
 
 /// A virtio device behind a transport.
 pub trait VirtioDevice: Send {
-    /// virtio device ID (2 = block).
+    /// virtio device ID (1 = network, 2 = block).
     fn device_type(&self) -> u16;
     /// Features offered to the driver.
     fn features(&self) -> u64;
