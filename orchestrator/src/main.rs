@@ -11,8 +11,7 @@ fn main() -> ExitCode {
     // Long-running commands log what they do and get a multi-threaded runtime.
     let is_server = matches!(
         cli.command,
-        cli::Command::Server(_)
-            | cli::Command::Worker(cli::WorkerArgs { command: None, .. })
+        cli::Command::Server(_) | cli::Command::Worker(cli::WorkerArgs { command: None, .. })
     );
     // The server logs what it does; client verbs only warnings, to keep their output clean.
     let default_filter = if is_server { "info" } else { "warn" };

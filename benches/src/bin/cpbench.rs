@@ -68,7 +68,12 @@ async fn wait_http(http: &Http, url: &str) -> Result<()> {
     bail!("{url} did not answer")
 }
 
-async fn request(http: &Http, method: Method, url: &str, body: Option<String>) -> Result<(StatusCode, Bytes)> {
+async fn request(
+    http: &Http,
+    method: Method,
+    url: &str,
+    body: Option<String>,
+) -> Result<(StatusCode, Bytes)> {
     let req = Request::builder()
         .method(method)
         .uri(url)
@@ -110,7 +115,11 @@ where
     }
     let elapsed = start.elapsed().as_secs_f64();
     all.sort_by(f64::total_cmp);
-    let pct = |p: f64| all.get(((all.len() as f64 - 1.0) * p) as usize).copied().unwrap_or(0.0);
+    let pct = |p: f64| {
+        all.get(((all.len() as f64 - 1.0) * p) as usize)
+            .copied()
+            .unwrap_or(0.0)
+    };
     Ok((all.len() as f64 / elapsed, pct(0.5), pct(0.99)))
 }
 
@@ -123,10 +132,21 @@ async fn main() -> Result<()> {
     let _etcd = Proc(
         Command::new("etcd")
             .args(["--data-dir", &dir.path().join("etcd").display().to_string()])
-            .args(["--listen-client-urls", &etcd_url, "--advertise-client-urls", &etcd_url])
+            .args([
+                "--listen-client-urls",
+                &etcd_url,
+                "--advertise-client-urls",
+                &etcd_url,
+            ])
             .args(["--listen-peer-urls", &format!("http://127.0.0.1:{pport}")])
-            .args(["--initial-advertise-peer-urls", &format!("http://127.0.0.1:{pport}")])
-            .args(["--initial-cluster", &format!("default=http://127.0.0.1:{pport}")])
+            .args([
+                "--initial-advertise-peer-urls",
+                &format!("http://127.0.0.1:{pport}"),
+            ])
+            .args([
+                "--initial-cluster",
+                &format!("default=http://127.0.0.1:{pport}"),
+            ])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -137,7 +157,13 @@ async fn main() -> Result<()> {
     let api = format!("http://127.0.0.1:{aport}");
     let _server = Proc(
         Command::new(bin_dir()?.join("lightbyte"))
-            .args(["server", "--etcd", &etcd_url, "--listen", &format!("127.0.0.1:{aport}")])
+            .args([
+                "server",
+                "--etcd",
+                &etcd_url,
+                "--listen",
+                &format!("127.0.0.1:{aport}"),
+            ])
             .env("RUST_LOG", "warn")
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -172,7 +198,13 @@ async fn main() -> Result<()> {
                 let body = format!(
                     r#"{{"metadata":{{"name":"vol-{i}"}},"spec":{{"image":"base","size":"20G"}}}}"#
                 );
-                let (s, b) = request(&http, Method::POST, &format!("{api}/api/v1/volumes"), Some(body)).await?;
+                let (s, b) = request(
+                    &http,
+                    Method::POST,
+                    &format!("{api}/api/v1/volumes"),
+                    Some(body),
+                )
+                .await?;
                 if s != StatusCode::CREATED {
                     bail!("creating vol-{i}: {s} {}", String::from_utf8_lossy(&b));
                 }
@@ -226,7 +258,9 @@ async fn main() -> Result<()> {
         drive(c, secs, move |i| {
             let mut kv = etcd.kv_client();
             async move {
-                let r = kv.get(format!("/lightbyte/volume/vol-{}", i % n), None).await?;
+                let r = kv
+                    .get(format!("/lightbyte/volume/vol-{}", i % n), None)
+                    .await?;
                 if r.kvs().is_empty() {
                     bail!("etcd get: missing");
                 }
@@ -252,11 +286,17 @@ async fn main() -> Result<()> {
     };
 
     println!("control-plane API, {n} volumes, {secs} s per row (one run, same machine)\n");
-    println!("| operation | clients | API req/s | API p50 / p99 ms | etcd direct req/s | API / etcd |");
+    println!(
+        "| operation | clients | API req/s | API p50 / p99 ms | etcd direct req/s | API / etcd |"
+    );
     println!("|---|---|---|---|---|---|");
     println!(
         "| GET one object | {c} | {:.0} | {:.2} / {:.2} | {:.0} | {:.2} |",
-        get.0, get.1, get.2, etcd_get.0, get.0 / etcd_get.0
+        get.0,
+        get.1,
+        get.2,
+        etcd_get.0,
+        get.0 / etcd_get.0
     );
     println!(
         "| LIST {n} objects ({} KiB) | {list_clients} | {:.1} | {:.1} / {:.1} | {:.1} | {:.2} |",
@@ -267,6 +307,8 @@ async fn main() -> Result<()> {
         etcd_list.0,
         list.0 / etcd_list.0
     );
-    println!("\ncreate (POST, validated, transactional): {create_rate:.0} objects/s with {c} clients");
+    println!(
+        "\ncreate (POST, validated, transactional): {create_rate:.0} objects/s with {c} clients"
+    );
     Ok(())
 }

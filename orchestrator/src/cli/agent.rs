@@ -39,7 +39,8 @@ pub async fn run(args: AgentArgs) -> Result<()> {
 
 fn config(args: AgentArgs) -> Result<WorkerConfig> {
     let name = args.name.unwrap_or_default();
-    orchestrator::model::validate::dns_label("--name", &name).map_err(|e: FieldError| anyhow::anyhow!("{e}"))?;
+    orchestrator::model::validate::dns_label("--name", &name)
+        .map_err(|e: FieldError| anyhow::anyhow!("{e}"))?;
     worker::netdev::check_name(&args.bridge)?;
     let cpus = match args.cpus {
         Some(c) => c,

@@ -181,7 +181,12 @@ pub enum WorkerCommand {
 #[derive(Debug, Args)]
 pub struct AgentArgs {
     /// etcd endpoints, comma-separated
-    #[arg(long, value_name = "URL[,URL...]", value_delimiter = ',', required = true)]
+    #[arg(
+        long,
+        value_name = "URL[,URL...]",
+        value_delimiter = ',',
+        required = true
+    )]
     pub etcd: Vec<String>,
     /// This worker's name (a DNS label)
     #[arg(long, required = true)]
@@ -208,7 +213,11 @@ pub struct AgentArgs {
     #[arg(long, value_name = "PATH", requires = "kernel")]
     pub initramfs: Option<std::path::PathBuf>,
     /// Kernel command line for images that name none (the VM's ip= is appended)
-    #[arg(long, value_name = "STR", default_value = "console=ttyS0 reboot=k panic=1")]
+    #[arg(
+        long,
+        value_name = "STR",
+        default_value = "console=ttyS0 reboot=k panic=1"
+    )]
     pub cmdline: String,
     /// The network VMs name in spec.network that this worker serves
     #[arg(long, default_value = "default")]

@@ -64,7 +64,10 @@ pub async fn run(cfg: WorkerConfig, shutdown: CancellationToken) -> Result<(), W
     Ok(())
 }
 
-async fn connect(cfg: &WorkerConfig, shutdown: &CancellationToken) -> Result<Option<Store>, WorkerError> {
+async fn connect(
+    cfg: &WorkerConfig,
+    shutdown: &CancellationToken,
+) -> Result<Option<Store>, WorkerError> {
     let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(5));
     loop {
         match Store::connect(&cfg.etcd, cfg.etcd_timeout).await {
@@ -99,6 +102,8 @@ struct LocalVm {
     /// Why it is not running any more (guest powered off, or too many crashes): the state and
     /// message to report.
     ended: Option<(VmState, String)>,
+    /// Why the last restart failed, for the message when the restarts run out.
+    last_error: Option<String>,
 }
 
 enum Slot {
@@ -159,6 +164,7 @@ impl Agent {
                 process,
                 crashes: Vec::new(),
                 ended,
+                last_error: None,
                 rec,
             };
             slots.insert(vm.rec.name.clone(), Slot::Idle(Box::new(vm)));
@@ -270,6 +276,7 @@ impl Agent {
                         up: false,
                         crashes: Vec::new(),
                         ended: None,
+                        last_error: None,
                     };
                     self.slots.insert(name, Slot::Idle(Box::new(vm)));
                 }
@@ -318,7 +325,11 @@ impl Agent {
     fn start_new(&mut self, vm: Vm) {
         let taken: BTreeSet<_> = self.slots.values().map(|s| s.rec().ip).collect();
         let Some(ip) = self.ctx.cfg.subnet.allocate(&taken) else {
-            let why = format!("worker {} has no free address in {}", self.me(), self.ctx.cfg.subnet);
+            let why = format!(
+                "worker {} has no free address in {}",
+                self.me(),
+                self.ctx.cfg.subnet
+            );
             self.fail_later(&vm, why);
             return;
         };
@@ -347,9 +358,11 @@ impl Agent {
             up: false,
             crashes: Vec::new(),
             ended: None,
+            last_error: None,
         });
         let task = tokio::spawn(start(self.ctx.clone(), local, vm));
-        self.slots.insert(rec.name.clone(), Slot::Busy { rec, task });
+        self.slots
+            .insert(rec.name.clone(), Slot::Busy { rec, task });
     }
 
     /// Marks a VM Failed without having started anything for it.
@@ -388,7 +401,10 @@ impl Agent {
                         let (ip, port) = (vm.rec.ip, self.ctx.cfg.probe_port);
                         let name = name.clone();
                         probes.spawn(async move {
-                            (name, probe::guest_answers(ip, port, Duration::from_millis(300)).await)
+                            (
+                                name,
+                                probe::guest_answers(ip, port, Duration::from_millis(300)).await,
+                            )
                         });
                     }
                 }
@@ -404,9 +420,14 @@ impl Agent {
                         vm.ended = Some((VmState::Stopped, "the guest powered off".into()));
                     } else {
                         let now = Instant::now();
-                        vm.crashes.retain(|t| now.duration_since(*t) < RESTART_WINDOW);
+                        vm.crashes
+                            .retain(|t| now.duration_since(*t) < RESTART_WINDOW);
                         vm.crashes.push(now);
-                        let how = status.map_or("vmm is gone".to_string(), |s| format!("vmm exited ({s})"));
+                        let how = match (vm.last_error.take(), status) {
+                            (Some(why), _) => format!("restart failed: {why}"),
+                            (None, Some(s)) => format!("vmm exited ({s})"),
+                            (None, None) => "vmm is gone".to_string(),
+                        };
                         let tail = log_tail(&self.ctx.layout.vmm_log(name), 300);
                         if vm.crashes.len() > self.ctx.cfg.max_restarts as usize {
                             tracing::warn!(vm = %name, "{how}; too many restarts");
@@ -440,7 +461,9 @@ impl Agent {
         }
         for name in restarts {
             // Only what is still placed here comes back; the rest is stopped by converge.
-            let Some(vm) = self.placed.get(&name).cloned() else { continue };
+            let Some(vm) = self.placed.get(&name).cloned() else {
+                continue;
+            };
             if let Some(Slot::Idle(mut local)) = self.slots.remove(&name) {
                 local.rec.restarts += 1;
                 let rec = local.rec.clone();
@@ -458,7 +481,9 @@ impl Agent {
         let mut writes = Vec::new();
         for (name, slot) in &self.slots {
             let Slot::Idle(vm) = slot else { continue };
-            let Some(obj) = self.placed.get(name) else { continue };
+            let Some(obj) = self.placed.get(name) else {
+                continue;
+            };
             if obj.metadata.uid != vm.rec.uid {
                 continue;
             }
@@ -482,7 +507,12 @@ impl Agent {
             .await;
             match r {
                 Ok(Some(obj)) => {
-                    if obj.status.state != self.placed.get(&name).map_or(VmState::Pending, |o| o.status.state) {
+                    if obj.status.state
+                        != self
+                            .placed
+                            .get(&name)
+                            .map_or(VmState::Pending, |o| o.status.state)
+                    {
                         tracing::info!(vm = %name, state = %obj.status.state, "status");
                     }
                     self.placed.insert(name, obj);
@@ -533,12 +563,18 @@ fn observed(vm: &LocalVm) -> VmStatus {
             s.state = VmState::Starting;
             s.boot_time = vm.rec.boot_time.clone();
             if vm.rec.restarts > 0 {
-                s.message = Some(format!("restarted {} times after its vmm died", vm.rec.restarts));
+                s.message = Some(format!(
+                    "restarted {} times after its vmm died",
+                    vm.rec.restarts
+                ));
             }
         }
     }
     if vm.ended.is_none() && vm.up && vm.rec.restarts > 0 {
-        s.message = Some(format!("restarted {} times after its vmm died", vm.rec.restarts));
+        s.message = Some(format!(
+            "restarted {} times after its vmm died",
+            vm.rec.restarts
+        ));
     }
     s
 }
@@ -568,9 +604,10 @@ async fn write_status(
     }
 }
 
-/// Starts (or restarts) a VM: disks, TAP, `vmm` process, create and boot through its API. On
-/// failure everything made is removed, except a restarted VM's disks, and the VM is marked
-/// Failed.
+/// Starts (or restarts) a VM: disks, TAP, `vmm` process, create and boot through its API. When
+/// a first start fails, everything made is removed and the VM is marked Failed. A failed restart
+/// counts as one more crash: the VM keeps its record and disks and is restarted again until the
+/// restart budget runs out.
 async fn start(ctx: Arc<Ctx>, mut vm: Box<LocalVm>, obj: Vm) -> Option<Box<LocalVm>> {
     let restart = vm.rec.restarts > 0;
     let name = vm.rec.name.clone();
@@ -589,10 +626,25 @@ async fn start(ctx: Arc<Ctx>, mut vm: Box<LocalVm>, obj: Vm) -> Option<Box<Local
             if let Err(e) = netdev::delete_tap(&vm.rec.tap).await {
                 tracing::warn!(vm = %name, error = %e, "cannot remove TAP");
             }
-            if !restart {
-                if let Err(e) = ctx.layout.remove_vm(&name) {
-                    tracing::warn!(vm = %name, error = %e, "cannot remove VM directory");
+            if let Some(why) = why.strip_prefix(TRANSIENT) {
+                // Nothing is wrong with the VM: drop this attempt (its record and directory go,
+                // the disks are remade in milliseconds) and let a later pass start it again.
+                tracing::info!(vm = %name, why, "will retry the start");
+                if !restart {
+                    let _ = ctx.layout.remove_vm(&name);
+                    return None;
                 }
+            }
+            if restart {
+                vm.process = None;
+                vm.rec.pid = None;
+                vm.rec.pid_start = None;
+                vm.last_error = Some(why);
+                let _ = ctx.layout.save(&vm.rec);
+                return Some(vm);
+            }
+            if let Err(e) = ctx.layout.remove_vm(&name) {
+                tracing::warn!(vm = %name, error = %e, "cannot remove VM directory");
             }
             let r = write_status(&ctx, &name, &uid, |s| {
                 s.state = VmState::Failed;
@@ -602,15 +654,6 @@ async fn start(ctx: Arc<Ctx>, mut vm: Box<LocalVm>, obj: Vm) -> Option<Box<Local
             .await;
             if let Err(e) = r {
                 tracing::warn!(vm = %name, error = %e, "cannot report failure");
-            }
-            if restart {
-                // Keep the record (and the disks it names) so the failure stays reported and
-                // a delete cleans up.
-                vm.process = None;
-                vm.rec.stopped = true;
-                vm.ended = Some((VmState::Failed, why));
-                let _ = ctx.layout.save(&vm.rec);
-                return Some(vm);
             }
             None
         }
@@ -650,7 +693,8 @@ async fn launch(ctx: &Ctx, vm: &mut LocalVm, obj: &Vm) -> Result<(), String> {
         image.cmdline.as_deref().unwrap_or(&cfg.cmdline),
         ip_param(vm.rec.ip, &cfg.subnet, &name)
     );
-    let cpus = u8::try_from(obj.spec.cpus).map_err(|_| format!("{} vCPUs is too many", obj.spec.cpus))?;
+    let cpus =
+        u8::try_from(obj.spec.cpus).map_err(|_| format!("{} vCPUs is too many", obj.spec.cpus))?;
 
     // Disks: the root overlay, then the named volumes in order.
     let root = ctx.layout.root_disk(&name);
@@ -711,7 +755,10 @@ async fn launch(ctx: &Ctx, vm: &mut LocalVm, obj: &Vm) -> Result<(), String> {
         .create(&config)
         .await
         .map_err(|e| format!("vmm refused the VM: {e}"))?;
-    client.boot().await.map_err(|e| format!("vmm could not boot the VM: {e}"))?;
+    client
+        .boot()
+        .await
+        .map_err(|e| format!("vmm could not boot the VM: {e}"))?;
     vm.rec.boot_time = Some(humantime::format_rfc3339_seconds(SystemTime::now()).to_string());
     vm.up = false;
     ctx.layout
@@ -720,6 +767,8 @@ async fn launch(ctx: &Ctx, vm: &mut LocalVm, obj: &Vm) -> Result<(), String> {
     Ok(())
 }
 
+/// Reads an object the VM needs. etcd being unreachable is not the VM's fault: that error is
+/// marked [`TRANSIENT`] so the start is retried instead of failing the VM.
 async fn get<S: crate::model::Spec>(ctx: &Ctx, name: &str) -> Result<S, String> {
     ctx.store
         .get::<S>(name)
@@ -727,9 +776,13 @@ async fn get<S: crate::model::Spec>(ctx: &Ctx, name: &str) -> Result<S, String> 
         .map(|o| o.spec)
         .map_err(|e| match e {
             StoreError::NotFound { .. } => format!("{} {name} does not exist", S::KIND),
+            e if e.is_unavailable() => format!("{TRANSIENT}{e}"),
             e => e.to_string(),
         })
 }
+
+/// Prefix of start errors worth retrying as they are (etcd unreachable).
+const TRANSIENT: &str = "transient: ";
 
 /// Stops a VM that is no longer placed here and removes everything it had: power button, then
 /// kill after the stop timeout; TAP; directory (root volume, logs, record — last).

@@ -60,7 +60,10 @@ mod tests {
         drop(img);
         let before = std::fs::metadata(&root).unwrap().modified().unwrap();
         ensure_overlay(&root, &image, Some(2 << 20)).unwrap();
-        assert_eq!(std::fs::metadata(&root).unwrap().modified().unwrap(), before);
+        assert_eq!(
+            std::fs::metadata(&root).unwrap().modified().unwrap(),
+            before
+        );
 
         let vol = dir.path().join("vol.qcow2");
         ensure_overlay(&vol, &image, Some(8 << 20)).unwrap();

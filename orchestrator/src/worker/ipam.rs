@@ -92,7 +92,13 @@ mod tests {
         assert_eq!(s.gateway(), Ipv4Addr::new(10, 124, 1, 1));
         assert_eq!(s.netmask(), Ipv4Addr::new(255, 255, 255, 0));
         assert_eq!(s.to_string(), "10.124.1.0/24");
-        for bad in ["10.124.1.1/24", "10.124.1.0", "10.124.1.0/31", "x/24", "10.0.0.0/7"] {
+        for bad in [
+            "10.124.1.1/24",
+            "10.124.1.0",
+            "10.124.1.0/31",
+            "x/24",
+            "10.0.0.0/7",
+        ] {
             assert!(bad.parse::<Subnet>().is_err(), "{bad}");
         }
     }

@@ -4,7 +4,6 @@
 //! ones operators know.
 
 use std::net::Ipv4Addr;
-use std::path::Path;
 
 use tokio::process::Command;
 
@@ -57,8 +56,15 @@ async fn ip(args: &[&str]) -> Result<(), NetError> {
     }
 }
 
+/// Whether the interface exists in this process's network namespace. Asked of the kernel
+/// through a socket: /sys/class/net shows the namespace sysfs was mounted in, which need not be
+/// ours.
 pub fn exists(name: &str) -> bool {
-    Path::new("/sys/class/net").join(name).exists()
+    let Ok(c) = std::ffi::CString::new(name) else {
+        return false;
+    };
+    // SAFETY: if_nametoindex reads the NUL-terminated string we own and returns an index.
+    unsafe { libc::if_nametoindex(c.as_ptr()) != 0 }
 }
 
 /// Creates the bridge if needed, gives it `gateway/prefix` and brings it up. Idempotent.
@@ -67,7 +73,14 @@ pub async fn ensure_bridge(name: &str, gateway: Ipv4Addr, prefix: u8) -> Result<
     if !exists(name) {
         ip(&["link", "add", name, "type", "bridge"]).await?;
     }
-    ip(&["addr", "replace", &format!("{gateway}/{prefix}"), "dev", name]).await?;
+    ip(&[
+        "addr",
+        "replace",
+        &format!("{gateway}/{prefix}"),
+        "dev",
+        name,
+    ])
+    .await?;
     ip(&["link", "set", name, "up"]).await
 }
 

@@ -170,11 +170,8 @@ mod tests {
         // `sleep` stands in for vmm: it ignores the arguments' meaning but takes them.
         let script = dir.path().join("fake-vmm");
         std::fs::write(&script, "#!/bin/sh\necho started \"$@\"\nexec sleep 30\n").unwrap();
-        std::fs::set_permissions(
-            &script,
-            std::os::unix::fs::PermissionsExt::from_mode(0o755),
-        )
-        .unwrap();
+        std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+            .unwrap();
         let mut p = VmmProcess::spawn(&script, Path::new("/tmp/x.sock"), &log).unwrap();
         assert_eq!(p.liveness(), Liveness::Alive);
         let mut adopted = VmmProcess::adopt(p.pid, p.start).unwrap();
