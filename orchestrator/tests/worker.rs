@@ -124,6 +124,8 @@ impl Agent {
             "1s",
             "--max-restarts",
             "2",
+            "--resync",
+            "2s",
         ]
         .map(String::from)
         .to_vec();
@@ -386,8 +388,15 @@ fn worker_starts_restarts_readopts_and_cleans_up() {
             failed.status.message
         );
 
-        // Delete: the rest is removed.
-        api.create("c", &vm("spin", "default")).await.unwrap();
+        // A named volume is made on first use and removed once its Volume is deleted.
+        let data = orchestrator::model::VolumeSpec {
+            image: "spin".into(),
+            size: ByteSize::mib(8),
+        };
+        api.create("data", &data).await.unwrap();
+        let mut with_volume = vm("spin", "default");
+        with_volume.volumes = vec!["data".into()];
+        api.create("c", &with_volume).await.unwrap();
         let c = eventually("c's vmm", LIMIT, || async {
             record(&state, "c").filter(|r| r.pid.is_some() && r.boot_time.is_some())
         })
@@ -400,6 +409,15 @@ fn worker_starts_restarts_readopts_and_cleans_up() {
                 && !orchestrator::worker::netdev::exists(&c.tap)
                 && std::fs::read_dir(state.join("vms")).ok()?.next().is_none();
             gone.then_some(())
+        })
+        .await;
+        let volume = state.join("volumes/data.qcow2");
+        assert!(volume.is_file(), "the named volume outlives its VM");
+        api.delete::<orchestrator::model::VolumeSpec>("data")
+            .await
+            .unwrap();
+        eventually("the volume's file removed", LIMIT, || async {
+            (!volume.exists()).then_some(())
         })
         .await;
         let log = agent.log();

@@ -244,7 +244,42 @@ impl Agent {
             .map(|vm| (vm.metadata.name.clone(), vm))
             .collect();
         self.listed = true;
+        self.remove_deleted_volumes().await?;
         Ok(revision)
+    }
+
+    /// Deletes the files of named volumes whose Volume object is gone. The API refuses to delete
+    /// a volume a VM names, so no VM here uses such a file; the check against the VMs placed
+    /// here is a second guard.
+    async fn remove_deleted_volumes(&self) -> Result<(), StoreError> {
+        let Ok(entries) = std::fs::read_dir(self.ctx.layout.volumes_dir()) else {
+            return Ok(());
+        };
+        let files: Vec<String> = entries
+            .filter_map(|e| e.ok()?.file_name().into_string().ok())
+            .filter_map(|n| n.strip_suffix(".qcow2").map(str::to_string))
+            .collect();
+        if files.is_empty() {
+            return Ok(());
+        }
+        let (volumes, _) = self.ctx.store.list::<VolumeSpec>().await?;
+        let keep: BTreeSet<&str> = volumes
+            .iter()
+            .map(|v| v.name())
+            .chain(
+                self.placed
+                    .values()
+                    .flat_map(|vm| vm.spec.volumes.iter().map(String::as_str)),
+            )
+            .collect();
+        for name in files.iter().filter(|n| !keep.contains(n.as_str())) {
+            let path = self.ctx.layout.volume(name);
+            match std::fs::remove_file(&path) {
+                Ok(()) => tracing::info!(volume = %name, "volume deleted; removed its file"),
+                Err(e) => tracing::warn!(volume = %name, error = %e, "cannot remove volume file"),
+            }
+        }
+        Ok(())
     }
 
     /// Takes back the VMs whose start or stop finished.
