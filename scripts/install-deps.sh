@@ -19,6 +19,9 @@ packages=(
   # debugging a cluster), and the etcd-client crate compiles etcd's protobuf files with protoc,
   # which needs protobuf's well-known types (descriptor.proto, struct.proto) from libprotobuf-dev.
   etcd-server etcd-client protobuf-compiler libprotobuf-dev
+  # Worker agents and the local cluster: bridges, TAPs, namespaces and veths (ip), pkill/setsid
+  # (procps, util-linux), and ping to check that VMs answer on their addresses.
+  iproute2 procps util-linux iputils-ping
 )
 missing=()
 for p in "${packages[@]}"; do

@@ -11,5 +11,6 @@ pub mod registration;
 pub mod server;
 pub mod store;
 mod task;
+pub mod worker;
 
 pub use task::Backoff;

@@ -8,7 +8,11 @@ use clap::Parser;
 
 fn main() -> ExitCode {
     let cli = cli::Cli::parse();
-    let is_server = matches!(cli.command, cli::Command::Server(_));
+    // Long-running commands log what they do and get a multi-threaded runtime.
+    let is_server = matches!(
+        cli.command,
+        cli::Command::Server(_) | cli::Command::Worker(cli::WorkerArgs { command: None, .. })
+    );
     // The server logs what it does; client verbs only warnings, to keep their output clean.
     let default_filter = if is_server { "info" } else { "warn" };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
@@ -16,6 +20,8 @@ fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        // Daemons' logs go to files: colour codes only on a terminal.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let runtime = if is_server {
         tokio::runtime::Builder::new_multi_thread()

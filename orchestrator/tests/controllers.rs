@@ -30,6 +30,9 @@ async fn api(addr: std::net::SocketAddr) -> ApiClient {
         path: "/img/base.qcow2".into(),
         format: Default::default(),
         size: None,
+        kernel: None,
+        initramfs: None,
+        cmdline: None,
     };
     api.create("base", &image).await.unwrap();
     api

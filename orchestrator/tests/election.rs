@@ -21,6 +21,9 @@ fn image(name: &str, path: &str) -> Object<ImageSpec> {
             path: path.into(),
             format: Default::default(),
             size: None,
+            kernel: None,
+            initramfs: None,
+            cmdline: None,
         },
         status: Default::default(),
     }

@@ -103,8 +103,7 @@ sink_done() {{ kill $NC 2>/dev/null; wait $NC 2>/dev/null
     for (label, kernel, mac) in guests {
         let boot = Boot::new(kernel)
             .unwrap()
-            .param("lbip=10.99.0.2/24")
-            .param(&format!("lbgw={HOST_IP}"))
+            .param(&format!("ip=10.99.0.2::{HOST_IP}:255.255.255.0::eth0:off"))
             .arg("--net")
             .arg(&format!("tap=tap0,mac={mac}"))
             .run(GUEST_CMD);
@@ -121,7 +120,7 @@ sink_done() {{ kill $NC 2>/dev/null; wait $NC 2>/dev/null
                   else echo \"NOPONG $i\"; fi; i=$((i+1)); sleep 1; done";
     let boot = Boot::new(&a.minimal_vmlinux)
         .unwrap()
-        .param("lbip=10.99.0.3/24")
+        .param("ip=10.99.0.3:::255.255.255.0::eth0:off")
         .run(pinger);
     let create = json!({
         "kernel": a.minimal_vmlinux,
@@ -174,7 +173,7 @@ wait $P2; echo "VMM-2-EXIT $?"
         b.assert_clean(label);
         let out = &b.output;
         assert!(
-            out.contains("LIGHTBYTE-NET-UP eth0 10.99.0.2/24"),
+            out.contains("LIGHTBYTE-NET eth0 10.99.0.2"),
             "{label}:\n{out}"
         );
         assert_eq!(value(out, "MAC "), Some(mac), "{label}:\n{out}");

@@ -8,7 +8,8 @@ use serde::Serialize;
 
 use super::table::Table;
 use super::{
-    Cli, Command, ImageCommand, Output, ServerArgs, VmCommand, VolumeCommand, WorkerCommand,
+    Cli, Command, ImageCommand, Output, ServerArgs, VmCommand, VolumeCommand, WorkerArgs,
+    WorkerCommand,
 };
 use orchestrator::client::{ApiClient, DEFAULT_SERVER};
 use orchestrator::controllers::ControllerConfig;
@@ -36,7 +37,13 @@ pub async fn run(cli: Cli) -> Result<()> {
         Command::Vm(cmd) => vm(&client()?, cmd, output).await,
         Command::Image(cmd) => image(&client()?, cmd, output).await,
         Command::Volume(cmd) => volume(&client()?, cmd, output).await,
-        Command::Worker(cmd) => worker(&client()?, cmd, output).await,
+        Command::Worker(WorkerArgs {
+            command: Some(cmd), ..
+        }) => worker(&client()?, cmd, output).await,
+        Command::Worker(WorkerArgs {
+            command: None,
+            agent,
+        }) => super::agent::run(*agent).await,
     }
 }
 
@@ -71,7 +78,7 @@ async fn server(args: ServerArgs) -> Result<()> {
     Ok(())
 }
 
-async fn wait_for_signal() -> Result<()> {
+pub(super) async fn wait_for_signal() -> Result<()> {
     use tokio::signal::unix::{signal, SignalKind};
     let mut term = signal(SignalKind::terminate()).context("SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("SIGINT handler")?;
@@ -119,11 +126,17 @@ async fn image(client: &ApiClient, cmd: ImageCommand, output: Output) -> Result<
             path,
             format,
             size,
+            kernel,
+            initramfs,
+            cmdline,
         } => {
             let spec = ImageSpec {
                 path,
                 format: format.into(),
                 size,
+                kernel,
+                initramfs,
+                cmdline,
             };
             done(output, &client.create(&name, &spec).await?, "added")
         }

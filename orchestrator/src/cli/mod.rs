@@ -1,5 +1,6 @@
 //! The `lightbyte` command line: `server`, and client verbs over the HTTP API.
 
+mod agent;
 mod commands;
 mod table;
 
@@ -44,9 +45,8 @@ pub enum Command {
     /// Volumes (overlays of images)
     #[command(subcommand)]
     Volume(VolumeCommand),
-    /// Worker hosts
-    #[command(subcommand)]
-    Worker(WorkerCommand),
+    /// Run the worker agent on this host (with --etcd and --name), or list workers
+    Worker(WorkerArgs),
 }
 
 #[derive(Debug, Args)]
@@ -118,6 +118,15 @@ pub enum ImageCommand {
         /// Virtual size, when known
         #[arg(long, value_parser = size)]
         size: Option<ByteSize>,
+        /// Kernel its VMs boot (absolute path on every worker) [default: the worker's --kernel]
+        #[arg(long, value_name = "PATH")]
+        kernel: Option<String>,
+        /// Initramfs loaded with --kernel
+        #[arg(long, value_name = "PATH")]
+        initramfs: Option<String>,
+        /// Kernel command line; workers append the VM's network configuration (ip=...)
+        #[arg(long, value_name = "STR")]
+        cmdline: Option<String>,
     },
     List,
     Get {
@@ -147,10 +156,96 @@ pub enum VolumeCommand {
     },
 }
 
+/// `lightbyte worker --etcd URL --name NAME [...]` runs the agent; `lightbyte worker list|get`
+/// are client verbs.
+#[derive(Debug, Args)]
+#[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
+pub struct WorkerArgs {
+    #[command(subcommand)]
+    pub command: Option<WorkerCommand>,
+    #[command(flatten)]
+    pub agent: Box<AgentArgs>,
+}
+
 #[derive(Debug, Subcommand)]
 pub enum WorkerCommand {
+    /// List the workers with what is allocated on them
     List,
+    /// Show one worker
     Get { name: String },
+}
+
+/// The worker agent: registers this host and runs the VMs placed on it, one `vmm` process per
+/// VM. Needs root (TAP devices, the bridge). VMs keep running when the agent stops; an agent
+/// started again on the same --state-dir re-adopts them.
+#[derive(Debug, Args)]
+pub struct AgentArgs {
+    /// etcd endpoints, comma-separated
+    #[arg(
+        long,
+        value_name = "URL[,URL...]",
+        value_delimiter = ',',
+        required = true
+    )]
+    pub etcd: Vec<String>,
+    /// This worker's name (a DNS label)
+    #[arg(long, required = true)]
+    pub name: Option<String>,
+    /// vCPUs offered to VMs [default: the host's CPUs]
+    #[arg(long)]
+    pub cpus: Option<u32>,
+    /// Memory offered to VMs [default: the host's memory minus 256 MiB]
+    #[arg(long, value_parser = size)]
+    pub memory: Option<ByteSize>,
+    /// A label for placement, KEY=VALUE (repeatable)
+    #[arg(long = "label", value_name = "KEY=VALUE", value_parser = key_value)]
+    pub labels: Vec<(String, String)>,
+    /// Where VM records, disks, sockets and logs live [default: /var/lib/lightbyte/worker-NAME]
+    #[arg(long, value_name = "DIR")]
+    pub state_dir: Option<std::path::PathBuf>,
+    /// The vmm binary [default: `vmm` next to this binary, else on PATH]
+    #[arg(long, value_name = "PATH")]
+    pub vmm: Option<std::path::PathBuf>,
+    /// Kernel for images that name none
+    #[arg(long, value_name = "PATH")]
+    pub kernel: Option<std::path::PathBuf>,
+    /// Initramfs loaded with --kernel
+    #[arg(long, value_name = "PATH", requires = "kernel")]
+    pub initramfs: Option<std::path::PathBuf>,
+    /// Kernel command line for images that name none (the VM's ip= is appended)
+    #[arg(
+        long,
+        value_name = "STR",
+        default_value = "console=ttyS0 reboot=k panic=1"
+    )]
+    pub cmdline: String,
+    /// The network VMs name in spec.network that this worker serves
+    #[arg(long, default_value = "default")]
+    pub network: String,
+    /// Bridge the VMs' TAP devices join (created if missing)
+    #[arg(long, default_value = "lbbr0")]
+    pub bridge: String,
+    /// The VMs' subnet; the bridge takes its first address, the VMs' gateway
+    #[arg(long, value_name = "CIDR", default_value = "10.124.0.0/24")]
+    pub subnet: orchestrator::worker::Subnet,
+    /// Heartbeat lease TTL: the worker goes NotReady this long after the agent dies
+    #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = duration)]
+    pub lease_ttl: Duration,
+    /// How long an etcd request may take
+    #[arg(long, value_name = "DURATION", default_value = "2s", value_parser = duration)]
+    pub etcd_timeout: Duration,
+    /// List the VMs this often even when nothing changed
+    #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = duration)]
+    pub resync: Duration,
+    /// How long a deleted VM gets to power off after the ACPI power button before it is killed
+    #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = duration)]
+    pub stop_timeout: Duration,
+    /// TCP port probed to see that a guest is up on its address (open or closed both count)
+    #[arg(long, default_value_t = 22)]
+    pub probe_port: u16,
+    /// Restarts of a VM whose vmm died within ten minutes before it is marked Failed
+    #[arg(long, default_value_t = 3)]
+    pub max_restarts: u32,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -171,6 +266,12 @@ impl From<FormatArg> for DiskFormat {
 fn size(s: &str) -> Result<ByteSize, String> {
     s.parse()
         .map_err(|e: orchestrator::model::SizeError| e.to_string())
+}
+
+fn key_value(s: &str) -> Result<(String, String), String> {
+    s.split_once('=')
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .ok_or_else(|| format!("{s:?} is not KEY=VALUE"))
 }
 
 fn duration(s: &str) -> Result<Duration, String> {

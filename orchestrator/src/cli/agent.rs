@@ -1,0 +1,103 @@
+//! `lightbyte worker --etcd URL --name NAME`: the worker agent, until SIGTERM or Ctrl-C.
+
+use std::path::PathBuf;
+
+use anyhow::{bail, Context, Result};
+use tokio_util::sync::CancellationToken;
+
+use orchestrator::model::{ByteSize, Capacity, FieldError};
+use orchestrator::worker::{self, WorkerConfig};
+
+use super::AgentArgs;
+
+pub async fn run(args: AgentArgs) -> Result<()> {
+    let cfg = config(args)?;
+    tracing::info!(
+        worker = %cfg.name,
+        cpus = cfg.capacity.cpus,
+        memory = %cfg.capacity.memory,
+        state_dir = %cfg.state_dir.display(),
+        vmm = %cfg.vmm.display(),
+        "worker agent starting"
+    );
+    let shutdown = CancellationToken::new();
+    let mut agent = tokio::spawn(worker::run(cfg, shutdown.clone()));
+    tokio::select! {
+        r = super::commands::wait_for_signal() => {
+            r?;
+            eprintln!("lightbyte worker stopping (its VMs keep running)");
+            shutdown.cancel();
+            (&mut agent).await.context("worker agent task")??;
+            Ok(())
+        }
+        r = &mut agent => {
+            r.context("worker agent task")??;
+            bail!("worker agent ended")
+        }
+    }
+}
+
+fn config(args: AgentArgs) -> Result<WorkerConfig> {
+    let name = args.name.unwrap_or_default();
+    orchestrator::model::validate::dns_label("--name", &name)
+        .map_err(|e: FieldError| anyhow::anyhow!("{e}"))?;
+    worker::netdev::check_name(&args.bridge)?;
+    let cpus = match args.cpus {
+        Some(c) => c,
+        None => std::thread::available_parallelism()
+            .map(|n| u32::try_from(n.get()).unwrap_or(u32::MAX))
+            .unwrap_or(1),
+    };
+    let memory = match args.memory {
+        Some(m) => m,
+        None => ByteSize(host_memory()?.saturating_sub(256 << 20)),
+    };
+    let state_dir = args
+        .state_dir
+        .unwrap_or_else(|| PathBuf::from(format!("/var/lib/lightbyte/worker-{name}")));
+    let vmm = match args.vmm {
+        Some(p) => p,
+        None => std::env::current_exe()
+            .ok()
+            .and_then(|e| Some(e.parent()?.join("vmm")))
+            .filter(|p| p.exists())
+            .unwrap_or_else(|| PathBuf::from("vmm")),
+    };
+    for (what, path) in [("--kernel", &args.kernel), ("--initramfs", &args.initramfs)] {
+        if let Some(p) = path {
+            if !p.is_file() {
+                bail!("{what} {}: no such file", p.display());
+            }
+        }
+    }
+    Ok(WorkerConfig {
+        etcd: args.etcd,
+        name,
+        capacity: Capacity { cpus, memory },
+        labels: args.labels.into_iter().collect(),
+        state_dir,
+        vmm,
+        kernel: args.kernel,
+        initramfs: args.initramfs,
+        cmdline: args.cmdline,
+        network: args.network,
+        bridge: args.bridge,
+        subnet: args.subnet,
+        lease_ttl: args.lease_ttl,
+        etcd_timeout: args.etcd_timeout,
+        resync: args.resync,
+        stop_timeout: args.stop_timeout,
+        probe_port: args.probe_port,
+        max_restarts: args.max_restarts,
+    })
+}
+
+/// MemTotal from /proc/meminfo, in bytes.
+fn host_memory() -> Result<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").context("reading /proc/meminfo")?;
+    text.lines()
+        .find_map(|l| l.strip_prefix("MemTotal:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .map(|kb| kb * 1024)
+        .context("no MemTotal in /proc/meminfo")
+}

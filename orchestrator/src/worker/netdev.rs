@@ -1,0 +1,120 @@
+//! The worker's network devices: one bridge per worker carrying its VMs' subnet, and a TAP per
+//! VM enslaved to it. Set up through iproute2's `ip`, which every Linux host has: the handful of
+//! operations here do not justify a netlink implementation, and `ip`'s error messages are the
+//! ones operators know.
+
+use std::net::Ipv4Addr;
+
+use tokio::process::Command;
+
+#[derive(Debug, thiserror::Error)]
+pub enum NetError {
+    #[error("cannot run `ip {args}`: {source} (is iproute2 installed?)")]
+    Spawn {
+        args: String,
+        source: std::io::Error,
+    },
+    #[error("`ip {args}` failed: {stderr}")]
+    Failed { args: String, stderr: String },
+    #[error("invalid interface name {0:?}: 1 to 15 characters of letters, digits, '-' and '_'")]
+    BadName(String),
+}
+
+/// Longest interface name Linux takes (IFNAMSIZ - 1).
+pub const MAX_IFNAME: usize = 15;
+
+pub fn check_name(name: &str) -> Result<(), NetError> {
+    let ok = !name.is_empty()
+        && name.len() <= MAX_IFNAME
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+    if ok {
+        Ok(())
+    } else {
+        Err(NetError::BadName(name.to_string()))
+    }
+}
+
+async fn ip(args: &[&str]) -> Result<(), NetError> {
+    let joined = args.join(" ");
+    let out = Command::new("ip")
+        .args(args)
+        .output()
+        .await
+        .map_err(|source| NetError::Spawn {
+            args: joined.clone(),
+            source,
+        })?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(NetError::Failed {
+            args: joined,
+            stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        })
+    }
+}
+
+/// Whether the interface exists in this process's network namespace. Asked of the kernel
+/// through a socket: /sys/class/net shows the namespace sysfs was mounted in, which need not be
+/// ours.
+pub fn exists(name: &str) -> bool {
+    let Ok(c) = std::ffi::CString::new(name) else {
+        return false;
+    };
+    // SAFETY: if_nametoindex reads the NUL-terminated string we own and returns an index.
+    unsafe { libc::if_nametoindex(c.as_ptr()) != 0 }
+}
+
+/// Creates the bridge if needed, gives it `gateway/prefix` and brings it up. Idempotent.
+pub async fn ensure_bridge(name: &str, gateway: Ipv4Addr, prefix: u8) -> Result<(), NetError> {
+    check_name(name)?;
+    if !exists(name) {
+        ip(&["link", "add", name, "type", "bridge"]).await?;
+    }
+    ip(&[
+        "addr",
+        "replace",
+        &format!("{gateway}/{prefix}"),
+        "dev",
+        name,
+    ])
+    .await?;
+    ip(&["link", "set", name, "up"]).await
+}
+
+/// Creates the TAP `name` on `bridge`, up. An existing TAP of that name (left by an earlier
+/// attempt) is reused.
+pub async fn create_tap(name: &str, bridge: &str) -> Result<(), NetError> {
+    check_name(name)?;
+    if !exists(name) {
+        ip(&["tuntap", "add", "dev", name, "mode", "tap"]).await?;
+    }
+    ip(&["link", "set", name, "master", bridge, "up"]).await
+}
+
+/// Removes the TAP `name`; nothing to do when it is gone already.
+pub async fn delete_tap(name: &str) -> Result<(), NetError> {
+    check_name(name)?;
+    if !exists(name) {
+        return Ok(());
+    }
+    match ip(&["link", "del", name]).await {
+        Err(_) if !exists(name) => Ok(()),
+        r => r,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_are_checked() {
+        assert!(check_name("lbt-0123456789").is_ok());
+        assert!(check_name("").is_err());
+        assert!(check_name("a-name-that-is-too-long").is_err());
+        assert!(check_name("tap0; rm").is_err());
+    }
+}
