@@ -16,7 +16,8 @@ lb() { echo "\$ lightbyte $*"; "$LIGHTBYTE_BIN/lightbyte" "$@"; }
 cluster() { bash "$here/scripts/dev-cluster.sh" "$@"; }
 [ "$keep" = 1 ] || trap 'cluster down >/dev/null 2>&1 || true' EXIT
 
-cluster up --workers 2 --kernel "$kernel" --initramfs "$initramfs" --worker-memory 768M
+cluster up --workers 2 --kernel "$kernel" --initramfs "$initramfs" --worker-cpus 4 \
+  --worker-memory 768M
 base=$(mktemp -d /tmp/lightbyte-demo.XXXXXX)/base.raw
 "$LIGHTBYTE_BIN/vmm" img create -f raw "$base" 256M >/dev/null
 lb image add base --path "$base" --format raw --cmdline "console=ttyS0 reboot=k panic=1 lbacpid=1"
