@@ -23,13 +23,7 @@ base=$(mktemp -d /tmp/lightbyte-demo.XXXXXX)/base.raw
 lb image add base --path "$base" --format raw --cmdline "console=ttyS0 reboot=k panic=1 lbacpid=1"
 lb vm create web-1 --image base --cpus 1 --memory 128M
 lb vm create web-2 --image base --cpus 1 --memory 128M
-echo "waiting for the VMs to run ..."
-for _ in $(seq 600); do
-  n=$("$LIGHTBYTE_BIN/lightbyte" vm list -o json | grep -c '"state": *"Running"' || true)
-  [ "$n" -ge 2 ] && break
-  sleep 0.5
-done
-lb vm list
+lb vm wait web-1 web-2 --timeout 10m
 lb worker list
 for ip in $("$LIGHTBYTE_BIN/lightbyte" vm list -o json | sed -n 's/.*"ip": *"\([^"]*\)".*/\1/p'); do
   ping -c 1 -W 5 "$ip" | grep -E 'bytes from|packet loss'

@@ -334,6 +334,23 @@ fn worker_starts_restarts_readopts_and_cleans_up() {
             blue.status.message
         );
         assert!(!state.join("vms/blue-1").exists());
+        // `lightbyte vm wait`, the scripts' way to wait for these states.
+        let server = format!("http://{}", plane.addr());
+        let wait = |args: &[&str]| {
+            let out = Command::new(env!("CARGO_BIN_EXE_lightbyte"))
+                .args(["--server", &server, "vm", "wait"])
+                .args(args)
+                .output()
+                .unwrap();
+            (out.status.success(), String::from_utf8_lossy(&out.stderr).to_string())
+        };
+        assert!(wait(&["off-1", "--for", "stopped", "--timeout", "10s"]).0);
+        let (ok, err) = wait(&["blue-1", "--timeout", "10s"]);
+        assert!(!ok && err.contains("vm blue-1 failed: worker w1 serves network"), "{err}");
+        let (ok, err) = wait(&["nope", "--timeout", "10s"]);
+        assert!(!ok && err.contains("vm nope does not exist"), "{err}");
+        let (ok, err) = wait(&["off-1", "--timeout", "1s"]);
+        assert!(!ok && err.contains("timed out after 1s waiting for: off-1 (Stopped)"), "{err}");
 
         // Agent crash: VMs keep running; b is deleted while no agent runs.
         api.create("b", &vm("spin", "default")).await.unwrap();

@@ -25,9 +25,8 @@ check() { # name, condition..., prints the result
 fail() { echo "CHECK $1 FAILED: $2"; }
 # A field of `lightbyte vm get NAME -o json`'s status.
 field() { lb vm get "$1" -o json 2>/dev/null | sed -n "s/.*\"$2\": *\"\\([^\"]*\\)\".*/\\1/p" | head -1; }
-wait_state() { # vm, state, seconds
-  for _ in $(seq $(($3 * 5))); do [ "$(field "$1" state)" = "$2" ] && return 0; sleep 0.2; done
-  echo "vm $1 never reached $2:"; lb vm get "$1"; return 1
+wait_state() { # vm, Running|Stopped, seconds
+  lb vm wait "$1" --for "${2,,}" --timeout "$3s" >/dev/null || { lb vm get "$1"; return 1; }
 }
 vmm_pid() { cat "$D/$1/vms/$2/vm.json" 2>/dev/null | sed -n 's/.*"pid": *\([0-9]*\).*/\1/p'; }
 tap_of() { sed -n 's/.*"tap": *"\([^"]*\)".*/\1/p' "$D/$1/vms/$2/vm.json" 2>/dev/null; }

@@ -3,18 +3,19 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use serde::Serialize;
 
 use super::table::Table;
 use super::{
-    Cli, Command, ImageCommand, Output, ServerArgs, VmCommand, VolumeCommand, WorkerArgs,
+    Cli, Command, ImageCommand, Output, ServerArgs, VmCommand, VolumeCommand, WaitFor, WorkerArgs,
     WorkerCommand,
 };
 use orchestrator::client::{ApiClient, DEFAULT_SERVER};
 use orchestrator::controllers::ControllerConfig;
 use orchestrator::model::{
-    ByteSize, Image, ImageSpec, Object, Spec, Vm, VmSpec, Volume, VolumeSpec, Worker, WorkerSpec,
+    ByteSize, Image, ImageSpec, Object, Spec, Vm, VmSpec, VmState, Volume, VolumeSpec, Worker,
+    WorkerSpec,
 };
 use orchestrator::server::{ControlPlane, ServerConfig};
 
@@ -89,6 +90,62 @@ pub(super) async fn wait_for_signal() -> Result<()> {
     Ok(())
 }
 
+/// Polls the VMs (one process, every 100 ms) until each is in the state asked for.
+async fn wait_vms(
+    client: &ApiClient,
+    names: &[String],
+    until: WaitFor,
+    timeout: Duration,
+    output: Output,
+) -> Result<()> {
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        let mut pending = Vec::new();
+        let mut found = Vec::new();
+        for name in names {
+            match client.get::<VmSpec>(name).await {
+                Ok(vm) => {
+                    let state = vm.status.state;
+                    let done = match until {
+                        WaitFor::Running => state == VmState::Running,
+                        WaitFor::Stopped => state == VmState::Stopped,
+                        WaitFor::Deleted => false,
+                    };
+                    if state == VmState::Failed && until != WaitFor::Deleted {
+                        bail!(
+                            "vm {name} failed: {}",
+                            vm.status.message.as_deref().unwrap_or("no reason given")
+                        );
+                    }
+                    if !done {
+                        pending.push(format!("{name} ({state})"));
+                    }
+                    found.push(vm);
+                }
+                Err(e) if e.status() == Some(hyper::StatusCode::NOT_FOUND) => {
+                    if until != WaitFor::Deleted {
+                        bail!("vm {name} does not exist");
+                    }
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        if pending.is_empty() {
+            if until != WaitFor::Deleted {
+                show(output, &found, vm_table)?;
+            }
+            return Ok(());
+        }
+        if tokio::time::Instant::now() >= deadline {
+            bail!(
+                "timed out after {timeout:?} waiting for: {}",
+                pending.join(", ")
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 async fn vm(client: &ApiClient, cmd: VmCommand, output: Output) -> Result<()> {
     match cmd {
         VmCommand::Create {
@@ -112,6 +169,11 @@ async fn vm(client: &ApiClient, cmd: VmCommand, output: Output) -> Result<()> {
             done(output, &vm, "created")
         }
         VmCommand::List => show(output, &client.list::<VmSpec>().await?, vm_table),
+        VmCommand::Wait {
+            names,
+            until,
+            timeout,
+        } => wait_vms(client, &names, until, timeout, output).await,
         VmCommand::Get { name } => show_one(output, client.get::<VmSpec>(&name).await?, vm_table),
         VmCommand::Delete { name } => {
             done(output, &client.delete::<VmSpec>(&name).await?, "deleted")

@@ -104,6 +104,25 @@ pub enum VmCommand {
     Delete {
         name: String,
     },
+    /// Wait until every named VM is Running (or Stopped, or deleted); exits 1 on timeout or when
+    /// a VM fails while waited for
+    Wait {
+        #[arg(required = true)]
+        names: Vec<String>,
+        /// What to wait for
+        #[arg(long = "for", value_enum, default_value_t = WaitFor::Running)]
+        until: WaitFor,
+        /// Give up after this long
+        #[arg(long, value_name = "DURATION", default_value = "5m", value_parser = duration)]
+        timeout: Duration,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum WaitFor {
+    Running,
+    Stopped,
+    Deleted,
 }
 
 #[derive(Debug, Subcommand)]

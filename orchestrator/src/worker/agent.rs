@@ -786,7 +786,11 @@ async fn launch(ctx: &Ctx, vm: &mut LocalVm, obj: &Vm) -> Result<(), String> {
             .collect(),
         nets: vec![vmm::config::NetConfig {
             tap: vm.rec.tap.clone(),
-            mac: vm.rec.mac.parse().map_err(|e| format!("MAC {}: {e}", vm.rec.mac))?,
+            mac: vm
+                .rec
+                .mac
+                .parse()
+                .map_err(|e| format!("MAC {}: {e}", vm.rec.mac))?,
         }],
     };
     client
