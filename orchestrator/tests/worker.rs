@@ -342,15 +342,24 @@ fn worker_starts_restarts_readopts_and_cleans_up() {
                 .args(args)
                 .output()
                 .unwrap();
-            (out.status.success(), String::from_utf8_lossy(&out.stderr).to_string())
+            (
+                out.status.success(),
+                String::from_utf8_lossy(&out.stderr).to_string(),
+            )
         };
         assert!(wait(&["off-1", "--for", "stopped", "--timeout", "10s"]).0);
         let (ok, err) = wait(&["blue-1", "--timeout", "10s"]);
-        assert!(!ok && err.contains("vm blue-1 failed: worker w1 serves network"), "{err}");
+        assert!(
+            !ok && err.contains("vm blue-1 failed: worker w1 serves network"),
+            "{err}"
+        );
         let (ok, err) = wait(&["nope", "--timeout", "10s"]);
         assert!(!ok && err.contains("vm nope does not exist"), "{err}");
         let (ok, err) = wait(&["off-1", "--timeout", "1s"]);
-        assert!(!ok && err.contains("timed out after 1s waiting for: off-1 (Stopped)"), "{err}");
+        assert!(
+            !ok && err.contains("timed out after 1s waiting for: off-1 (Stopped)"),
+            "{err}"
+        );
 
         // Agent crash: VMs keep running; b is deleted while no agent runs.
         api.create("b", &vm("spin", "default")).await.unwrap();
