@@ -33,8 +33,16 @@ impl Backoff {
 
     /// Sleeps for the current delay (±25 %) and doubles it, up to the maximum.
     pub async fn wait(&mut self) {
-        tokio::time::sleep(jitter(self.next)).await;
+        let d = self.delay();
+        tokio::time::sleep(d).await;
+    }
+
+    /// The current delay (±25 %), doubling it for next time: for loops that must keep doing
+    /// other work while they wait to retry.
+    pub fn delay(&mut self) -> Duration {
+        let d = jitter(self.next);
         self.next = (self.next * 2).min(self.max);
+        d
     }
 
     pub fn reset(&mut self) {

@@ -104,6 +104,8 @@ struct LocalVm {
     ended: Option<(VmState, String)>,
     /// Why the last restart failed, for the message when the restarts run out.
     last_error: Option<String>,
+    /// Its vmm died and the crash is counted: restart it when possible, count nothing more.
+    down: bool,
 }
 
 enum Slot {
@@ -165,6 +167,7 @@ impl Agent {
                 crashes: Vec::new(),
                 ended,
                 last_error: None,
+                down: false,
                 rec,
             };
             slots.insert(vm.rec.name.clone(), Slot::Idle(Box::new(vm)));
@@ -219,11 +222,9 @@ impl Agent {
                     }
                     Err(e) => {
                         tracing::warn!(error = %e, "cannot list VMs; keeping what runs");
-                        // Bounded retries while etcd is down, without holding up the local
-                        // checks below.
-                        let wait = tokio::time::Instant::now();
-                        backoff.wait().await;
-                        retry_at = Instant::now() + wait.elapsed();
+                        // Retries back off while etcd is down; the local checks below go on
+                        // every tick meanwhile (processes, probes).
+                        retry_at = Instant::now() + backoff.delay();
                     }
                 }
             }
@@ -312,6 +313,7 @@ impl Agent {
                         crashes: Vec::new(),
                         ended: None,
                         last_error: None,
+                        down: false,
                     };
                     self.slots.insert(name, Slot::Idle(Box::new(vm)));
                 }
@@ -394,6 +396,7 @@ impl Agent {
             crashes: Vec::new(),
             ended: None,
             last_error: None,
+            down: false,
         });
         let task = tokio::spawn(start(self.ctx.clone(), local, vm));
         self.slots
@@ -443,7 +446,12 @@ impl Agent {
                         });
                     }
                 }
+                Liveness::Exited(_) if vm.down => {
+                    // Counted already; waiting to be restarted (once placed here is known).
+                    restarts.push(name.clone());
+                }
                 Liveness::Exited(status) => {
+                    vm.down = true;
                     vm.process = None;
                     vm.up = false;
                     vm.rec.pid = None;
@@ -495,7 +503,8 @@ impl Agent {
             }
         }
         for name in restarts {
-            // Only what is still placed here comes back; the rest is stopped by converge.
+            // Only what is still placed here comes back; the rest is stopped by converge. Until
+            // a list says where it is placed (etcd down), it waits, its crash counted once.
             let Some(vm) = self.placed.get(&name).cloned() else {
                 continue;
             };
@@ -584,28 +593,19 @@ fn should_start(vm: &Vm) -> bool {
 /// The status this worker observes for one of its VMs.
 fn observed(vm: &LocalVm) -> VmStatus {
     let mut s = VmStatus::default();
-    match &vm.ended {
-        Some((state, why)) => {
-            s.state = *state;
-            s.message = Some(why.clone());
-        }
-        None if vm.up => {
-            s.state = VmState::Running;
-            s.ip = Some(vm.rec.ip.to_string());
-            s.boot_time = vm.rec.boot_time.clone();
-        }
-        None => {
-            s.state = VmState::Starting;
-            s.boot_time = vm.rec.boot_time.clone();
-            if vm.rec.restarts > 0 {
-                s.message = Some(format!(
-                    "restarted {} times after its vmm died",
-                    vm.rec.restarts
-                ));
-            }
-        }
+    if let Some((state, why)) = &vm.ended {
+        s.state = *state;
+        s.message = Some(why.clone());
+        return s;
     }
-    if vm.ended.is_none() && vm.up && vm.rec.restarts > 0 {
+    s.state = if vm.up {
+        VmState::Running
+    } else {
+        VmState::Starting
+    };
+    s.ip = vm.up.then(|| vm.rec.ip.to_string());
+    s.boot_time = vm.rec.boot_time.clone();
+    if vm.rec.restarts > 0 {
         s.message = Some(format!(
             "restarted {} times after its vmm died",
             vm.rec.restarts
@@ -650,6 +650,7 @@ async fn start(ctx: Arc<Ctx>, mut vm: Box<LocalVm>, obj: Vm) -> Option<Box<Local
     match launch(&ctx, &mut vm, &obj).await {
         Ok(()) => {
             tracing::info!(vm = %name, pid = vm.process.as_ref().map_or(0, |p| p.pid), "booted");
+            vm.down = false;
             Some(vm)
         }
         Err(why) => {
@@ -662,19 +663,28 @@ async fn start(ctx: Arc<Ctx>, mut vm: Box<LocalVm>, obj: Vm) -> Option<Box<Local
                 tracing::warn!(vm = %name, error = %e, "cannot remove TAP");
             }
             if let Some(why) = why.strip_prefix(TRANSIENT) {
-                // Nothing is wrong with the VM: drop this attempt (its record and directory go,
-                // the disks are remade in milliseconds) and let a later pass start it again.
+                // Nothing is wrong with the VM: a later pass tries again. A first start drops
+                // its record and directory (the disks are remade in milliseconds); a restart
+                // keeps everything and stays counted as the one crash it was.
                 tracing::info!(vm = %name, why, "will retry the start");
                 if !restart {
                     let _ = ctx.layout.remove_vm(&name);
                     return None;
                 }
+                vm.process = None;
+                vm.rec.pid = None;
+                vm.rec.pid_start = None;
+                vm.rec.restarts -= 1;
+                let _ = ctx.layout.save(&vm.rec);
+                return Some(vm);
             }
             if restart {
                 vm.process = None;
                 vm.rec.pid = None;
                 vm.rec.pid_start = None;
                 vm.last_error = Some(why);
+                // The failure counts as the next crash when the agent looks again.
+                vm.down = false;
                 let _ = ctx.layout.save(&vm.rec);
                 return Some(vm);
             }
