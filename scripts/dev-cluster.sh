@@ -102,7 +102,12 @@ down() {
     ip netns del "$ns" 2>/dev/null || true
   done
   ip link del lbdev0 2>/dev/null || true
-  rm -rf "$dir"
+  # Only ever delete a directory `up` made (it leaves a marker): --dir may be mistyped.
+  if [ -f "$dir/.lightbyte-dev" ]; then
+    rm -rf "$dir"
+  elif [ -e "$dir" ]; then
+    echo "dev-cluster.sh: $dir is not a dev cluster directory; not deleting it" >&2
+  fi
 }
 
 wait_for() { # what, tries (0.2 s each), command...
@@ -125,10 +130,12 @@ up() {
   done
   command -v etcd >/dev/null || { echo "etcd is not installed (scripts/install-deps.sh installs it)" >&2; exit 1; }
   if [ -e "$dir" ]; then
+    [ -f "$dir/.lightbyte-dev" ] || { echo "dev-cluster.sh: $dir exists and is not a dev cluster directory" >&2; exit 1; }
     echo "dev-cluster.sh: $dir exists; taking the old cluster down first" >&2
     down
   fi
   mkdir -p "$dir"
+  touch "$dir/.lightbyte-dev"
   echo "== host bridge lbdev0 10.123.0.1/24"
   ip link add lbdev0 type bridge
   ip addr add 10.123.0.1/24 dev lbdev0
