@@ -33,7 +33,7 @@ tap_of() { sed -n 's/.*"tap": *"\([^"]*\)".*/\1/p' "$D/$1/vms/$2/vm.json" 2>/dev
 
 echo "== cluster up"
 cluster up --workers 2 --kernel "$KERNEL" --initramfs "$INITRAMFS" \
-  --worker-cpus 2 --worker-memory 768M --lease-ttl 4s || { fail cluster-up "see above"; exit 1; }
+  --worker-cpus 2 --worker-memory 768M --lease-ttl 15s || { fail cluster-up "see above"; exit 1; }
 
 base=$WORK/base.raw
 truncate -s 64M "$base"
@@ -63,6 +63,8 @@ check root-overlay test -f "$D/$w/vms/web-1/root.qcow2"
 # The running vmm holds the image's lock, so the header is read as bytes: it names the base.
 check overlay-backing grep -qaF "$base" "$D/$w/vms/web-1/root.qcow2"
 
+# The agent comes back within the worker lease TTL (15 s; TCG is slow): longer, and the VM
+# would be marked Lost and placed on the other worker, which the agent then respects.
 echo "== worker crash: kill -9 the agent of $w, restart it, it re-adopts the VM"
 cluster stop "$w"
 sleep 1
