@@ -252,18 +252,14 @@ impl RunningVm {
     pub fn disk_counters(&self) -> Vec<DiskCounters> {
         self.disks
             .iter()
-            .map(|(_, c)| {
-                let get =
-                    |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
-                DiskCounters {
-                    read_ops: get(&c.read_ops),
-                    read_bytes: get(&c.read_bytes),
-                    write_ops: get(&c.write_ops),
-                    write_bytes: get(&c.write_bytes),
-                    flush_ops: get(&c.flush_ops),
-                    errors: get(&c.errors),
-                    ..DiskCounters::default()
-                }
+            .map(|(_, c)| DiskCounters {
+                read_ops: get(&c.read_ops),
+                read_bytes: get(&c.read_bytes),
+                write_ops: get(&c.write_ops),
+                write_bytes: get(&c.write_bytes),
+                flush_ops: get(&c.flush_ops),
+                errors: get(&c.errors),
+                ..DiskCounters::default()
             })
             .collect()
     }
@@ -274,8 +270,6 @@ impl RunningVm {
             .iter()
             .map(|n| {
                 let c = n.counters();
-                let get =
-                    |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
                 NetCounters {
                     rx_packets: get(&c.rx_packets),
                     rx_bytes: get(&c.rx_bytes),
@@ -366,6 +360,11 @@ fn open_backend(disk: &DiskConfig) -> Result<Box<dyn DiskBackend>, Error> {
         path: disk.path.clone(),
         source,
     })
+}
+
+/// A device counter's current value (counters are statistics: no ordering needed).
+fn get(a: &std::sync::atomic::AtomicU64) -> u64 {
+    a.load(std::sync::atomic::Ordering::Relaxed)
 }
 
 /// Adds a virtio-blk PCI device serving `backend` as `disk`, with one request queue per vCPU.

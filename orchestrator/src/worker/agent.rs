@@ -108,6 +108,30 @@ struct LocalVm {
     down: bool,
 }
 
+impl LocalVm {
+    /// The VM a record describes: its `vmm` adopted if that process still runs, ended if the
+    /// guest had stopped. A new record (no pid yet) gives a VM about to be started.
+    fn from_record(rec: Record) -> LocalVm {
+        let process = rec
+            .pid
+            .zip(rec.pid_start)
+            .and_then(|(pid, start)| VmmProcess::adopt(pid, start));
+        let ended = rec
+            .stopped
+            .then(|| (VmState::Stopped, "the guest powered off".to_string()));
+        LocalVm {
+            rec,
+            process,
+            // An adopted guest was up before; the first probe confirms it.
+            up: false,
+            crashes: Vec::new(),
+            ended,
+            last_error: None,
+            down: false,
+        }
+    }
+}
+
 enum Slot {
     Idle(Box<LocalVm>),
     /// A start or stop is under way; the task hands the VM back, or None when it is gone.
@@ -146,30 +170,14 @@ impl Agent {
         }
         let mut slots = BTreeMap::new();
         for rec in records {
-            let process = rec
-                .pid
-                .zip(rec.pid_start)
-                .and_then(|(pid, start)| VmmProcess::adopt(pid, start));
-            match &process {
-                Some(p) => tracing::info!(vm = %rec.name, pid = p.pid, "re-adopted running vmm"),
-                None if !rec.stopped => {
-                    tracing::info!(vm = %rec.name, "vmm is not running; it will be restarted if still placed here")
+            let vm = LocalVm::from_record(rec);
+            match &vm.process {
+                Some(p) => tracing::info!(vm = %vm.rec.name, pid = p.pid, "re-adopted running vmm"),
+                None if vm.ended.is_none() => {
+                    tracing::info!(vm = %vm.rec.name, "vmm is not running; it will be restarted if still placed here")
                 }
                 None => {}
             }
-            let ended = rec
-                .stopped
-                .then(|| (VmState::Stopped, "the guest powered off".to_string()));
-            let vm = LocalVm {
-                // An adopted guest was up before; the first probe confirms it.
-                up: false,
-                process,
-                crashes: Vec::new(),
-                ended,
-                last_error: None,
-                down: false,
-                rec,
-            };
             slots.insert(vm.rec.name.clone(), Slot::Idle(Box::new(vm)));
         }
         Ok(Agent {
@@ -303,18 +311,7 @@ impl Agent {
                 Err(e) => {
                     // A panicked task: keep the record so the next pass cleans up or restarts.
                     tracing::error!(vm = %name, error = %e, "VM task failed");
-                    let vm = LocalVm {
-                        process: rec
-                            .pid
-                            .zip(rec.pid_start)
-                            .and_then(|(p, s)| VmmProcess::adopt(p, s)),
-                        rec,
-                        up: false,
-                        crashes: Vec::new(),
-                        ended: None,
-                        last_error: None,
-                        down: false,
-                    };
+                    let vm = LocalVm::from_record(rec);
                     self.slots.insert(name, Slot::Idle(Box::new(vm)));
                 }
             }
@@ -389,15 +386,7 @@ impl Agent {
             return;
         }
         tracing::info!(vm = %rec.name, ip = %rec.ip, tap = %rec.tap, "starting");
-        let local = Box::new(LocalVm {
-            rec: rec.clone(),
-            process: None,
-            up: false,
-            crashes: Vec::new(),
-            ended: None,
-            last_error: None,
-            down: false,
-        });
+        let local = Box::new(LocalVm::from_record(rec.clone()));
         let task = tokio::spawn(start(self.ctx.clone(), local, vm));
         self.slots
             .insert(rec.name.clone(), Slot::Busy { rec, task });
