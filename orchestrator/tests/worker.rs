@@ -429,6 +429,22 @@ fn worker_starts_restarts_readopts_and_cleans_up() {
             "{:?}",
             failed.status.message
         );
+        // The failure is kept on disk: a new agent keeps reporting Failed, not a power-off.
+        let why = record(&state, "a")
+            .and_then(|r| r.failed)
+            .unwrap_or_default();
+        assert!(why.contains("not restarting"), "{why:?}");
+        let registered = |log: &str| log.matches("registered worker=w1").count();
+        let before = registered(&agent.log());
+        agent.kill();
+        agent.spawn();
+        eventually("the agent back", LIMIT, || async {
+            (registered(&agent.log()) > before).then_some(())
+        })
+        .await;
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let still = api.get::<VmSpec>("a").await.unwrap();
+        assert_eq!(still.status.state, VmState::Failed, "{:?}", still.status);
 
         // A named volume is made on first use and removed once its Volume is deleted.
         let data = orchestrator::model::VolumeSpec {

@@ -116,9 +116,11 @@ impl LocalVm {
             .pid
             .zip(rec.pid_start)
             .and_then(|(pid, start)| VmmProcess::adopt(pid, start));
-        let ended = rec
-            .stopped
-            .then(|| (VmState::Stopped, "the guest powered off".to_string()));
+        let ended = match (&rec.failed, rec.stopped) {
+            (Some(why), _) => Some((VmState::Failed, why.clone())),
+            (None, true) => Some((VmState::Stopped, "the guest powered off".to_string())),
+            (None, false) => None,
+        };
         LocalVm {
             rec,
             process,
@@ -379,6 +381,7 @@ impl Agent {
             boot_time: None,
             restarts: 0,
             stopped: false,
+            failed: None,
         };
         // The record comes first: whatever the start leaves behind, the record names it.
         if let Err(e) = self.ctx.layout.save(&rec) {
@@ -463,15 +466,14 @@ impl Agent {
                         let tail = log_tail(&self.ctx.layout.vmm_log(name), 300);
                         if vm.crashes.len() > self.ctx.cfg.max_restarts as usize {
                             tracing::warn!(vm = %name, "{how}; too many restarts");
+                            let why = format!(
+                                "{how}, {} times in {} minutes; not restarting. vmm log: {tail}",
+                                vm.crashes.len(),
+                                RESTART_WINDOW.as_secs() / 60
+                            );
                             vm.rec.stopped = true;
-                            vm.ended = Some((
-                                VmState::Failed,
-                                format!(
-                                    "{how}, {} times in {} minutes; not restarting. vmm log: {tail}",
-                                    vm.crashes.len(),
-                                    RESTART_WINDOW.as_secs() / 60
-                                ),
-                            ));
+                            vm.rec.failed = Some(why.clone());
+                            vm.ended = Some((VmState::Failed, why));
                         } else {
                             tracing::warn!(vm = %name, "{how}; restarting");
                             restarts.push(name.clone());

@@ -35,9 +35,12 @@ pub struct Record {
     /// Times the VM was started again after its `vmm` died.
     #[serde(default)]
     pub restarts: u32,
-    /// The guest powered itself off; it is not restarted.
+    /// The guest powered itself off, or the VM failed; it is not restarted.
     #[serde(default)]
     pub stopped: bool,
+    /// Why the VM failed, when `stopped` is a failure rather than a guest power-off.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failed: Option<String>,
 }
 
 /// A VM directory whose record cannot be read, and why.
@@ -162,6 +165,7 @@ mod tests {
             boot_time: None,
             restarts: 0,
             stopped: false,
+            failed: None,
         };
         layout.save(&rec).unwrap();
         std::fs::create_dir_all(layout.vm_dir("junk")).unwrap();
