@@ -243,6 +243,16 @@ impl Image {
         self.top.format()
     }
 
+    /// For a raw image, the file descriptor guest data goes through (the O_DIRECT one when
+    /// opened direct): its offsets are disk offsets, so callers may run transfers on it
+    /// themselves (io_uring). None for qcow2, whose offsets map through metadata.
+    pub fn raw_data_fd(&self) -> Option<std::os::fd::RawFd> {
+        match &self.top {
+            Layer::Raw(r) => Some(r.data_fd()),
+            Layer::Qcow2(_) => None,
+        }
+    }
+
     /// Opened read-only.
     pub fn read_only(&self) -> bool {
         !self.writable

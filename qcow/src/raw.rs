@@ -32,6 +32,12 @@ impl Raw {
         })
     }
 
+    /// The descriptor guest data goes through: the O_DIRECT one when the image was opened
+    /// direct, else the file itself. Its offsets are disk offsets.
+    pub fn data_fd(&self) -> std::os::fd::RawFd {
+        self.data.direct.as_ref().unwrap_or(&self.file).as_raw_fd()
+    }
+
     /// Size in bytes.
     pub fn size(&self) -> u64 {
         self.size.load(Ordering::Acquire)

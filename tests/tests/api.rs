@@ -15,12 +15,13 @@ use std::sync::{Arc, Barrier, Mutex};
 use std::time::{Duration, Instant};
 
 use lightbyte_tests::paths::binary;
-use vmm::api::client::blocking::Client;
-use vmm::api::client::ClientError;
-use vmm::api::routes::ROUTES;
 use vmm::api::{ApiServer, ServerOptions};
-use vmm::config::{SerialConfig, VmConfig, DEFAULT_CMDLINE};
-use vmm::control::{ControlError, DiskCounters, VmControl, VmInfo, VmState};
+use vmm::control::{ControlError, VmControl};
+use vmm_api::client::blocking::Client;
+use vmm_api::client::ClientError;
+use vmm_api::config::{SerialConfig, VmConfig, DEFAULT_CMDLINE};
+use vmm_api::routes::ROUTES;
+use vmm_api::types::{DiskCounters, VmInfo, VmState};
 
 // ---------------------------------------------------------------------------------------------
 // Fixtures
@@ -789,7 +790,7 @@ fn async_client_works_inside_a_runtime() {
         .enable_all()
         .build()
         .unwrap();
-    let c = vmm::api::client::Client::new(&srv.sock);
+    let c = vmm_api::client::Client::new(&srv.sock);
     let (ping, info) = rt.block_on(async { tokio::join!(c.ping(), c.info()) });
     assert_eq!(ping.unwrap().api, "v1");
     assert_eq!(info.unwrap().state, VmState::NotCreated);

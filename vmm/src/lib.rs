@@ -1,7 +1,9 @@
 //! lightbyte's virtual machine monitor.
 //!
-//! The boot path reads top to bottom in [`builder::start`]: KVM, guest memory, the VM, legacy
-//! devices, ACPI tables, the kernel, vCPUs.
+//! The boot path reads top to bottom in [`builder::build_for_boot`]: configuration and host
+//! resources, guest memory, the VM, devices, ACPI tables and the kernel, vCPUs. A restore
+//! ([`snapshot::restore`]) takes the same steps with saved state. The API's types and client
+//! are in the `vmm_api` crate; disks are the `block` crate's.
 
 #![warn(missing_docs)]
 
@@ -13,6 +15,8 @@ pub mod config;
 pub mod console;
 pub mod control;
 pub mod devices;
+pub mod persist;
+pub mod running;
 pub mod snapshot;
 pub mod vmm;
 pub mod vstate;

@@ -9,13 +9,11 @@ use std::sync::Arc;
 
 use clap::{Parser, Subcommand};
 use vmm::api::{ApiServer, ServerOptions};
-use vmm::builder::VmExit;
-use vmm::config::{
-    parse_disk, parse_net, parse_serial, parse_size, DiskConfig, NetConfig, SerialConfig, VmConfig,
-    DEFAULT_CMDLINE,
-};
 use vmm::control::ControlError;
+use vmm::running::VmExit;
 use vmm::vmm::Vmm;
+use vmm_api::config::{DiskConfig, NetConfig, SerialConfig, VmConfig, DEFAULT_CMDLINE};
+use vmm_api::parse::{parse_disk, parse_net, parse_serial, parse_size};
 
 /// Exit status for invalid input (bad flags, missing or invalid files, impossible sizes).
 const EXIT_BAD_INPUT: u8 = 2;

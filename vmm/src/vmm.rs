@@ -7,10 +7,11 @@ use std::sync::mpsc::Receiver;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use crate::builder::{self, RunningVm, VmExit};
-use crate::config::{VmConfig, MAX_CPUS};
+use crate::builder;
+use crate::config::{self, VmConfig, MAX_CPUS};
 use crate::control::{ControlError, DiskCounters, NetCounters, VmControl, VmInfo, VmState};
 use crate::devices::VmEvent;
+use crate::running::{RunningVm, VmExit};
 
 struct Inner {
     state: VmState,
@@ -29,17 +30,7 @@ pub struct Vmm {
 }
 
 fn conflict(state: VmState, what: &str) -> ControlError {
-    ControlError::Conflict(format!("cannot {what}: the VM is {}", state_name(state)))
-}
-
-fn state_name(s: VmState) -> &'static str {
-    match s {
-        VmState::NotCreated => "not created",
-        VmState::Created => "created but not booted",
-        VmState::Running => "running",
-        VmState::Paused => "paused",
-        VmState::Shutdown => "shut down",
-    }
+    ControlError::Conflict(format!("cannot {what}: the VM is {}", state.describe()))
 }
 
 fn exit_text(e: &VmExit) -> String {
@@ -94,7 +85,7 @@ impl Vmm {
             .config
             .clone()
             .ok_or_else(|| ControlError::Conflict("no configuration".into()))?;
-        let mut vm = builder::start(&config).map_err(|e| {
+        let mut vm = builder::build_for_boot(&config).map_err(|e| {
             if e.is_bad_input() {
                 ControlError::BadRequest(e.to_string())
             } else {
@@ -161,8 +152,7 @@ impl VmControl for Vmm {
             VmState::NotCreated | VmState::Created => {}
             s => return Err(conflict(s, "create")),
         }
-        config
-            .validate(u32::from(MAX_CPUS))
+        config::validate(&config, u32::from(MAX_CPUS))
             .map_err(|e| ControlError::BadRequest(e.to_string()))?;
         g.config = Some(config);
         g.state = VmState::Created;
@@ -291,7 +281,7 @@ impl VmControl for Vmm {
     fn snapshot(&self, dir: PathBuf) -> Result<(), ControlError> {
         let g = self.lock();
         match (g.state, g.vm.as_ref(), g.config.as_ref()) {
-            (VmState::Paused, Some(vm), Some(cfg)) => crate::snapshot::save(vm, cfg, &dir),
+            (VmState::Paused, Some(vm), Some(cfg)) => Ok(crate::snapshot::save(vm, cfg, &dir)?),
             (s, _, _) => Err(conflict(s, "snapshot (pause the VM first)")),
         }
     }

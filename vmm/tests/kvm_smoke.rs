@@ -12,7 +12,7 @@ use kvm_ioctls::Kvm;
 use vm_memory::{Bytes, GuestAddress};
 use vmm::arch::cpuid::CpuidPolicy;
 use vmm::arch::regs::BootMode;
-use vmm::builder::legacy_devices;
+use vmm::builder::steps::legacy_devices;
 use vmm::devices::bus::Bus;
 use vmm::devices::{ExitHandle, VmEvent};
 use vmm::vstate::control::VcpuControl;

@@ -16,8 +16,8 @@ use lightbyte_tests::artifacts;
 use lightbyte_tests::guest::{sh_quote, Boot};
 use lightbyte_tests::paths::binary;
 use lightbyte_tests::testhost;
-use vmm::api::client::blocking::Client;
-use vmm::config::{SerialConfig, VmConfig};
+use vmm_api::client::blocking::Client;
+use vmm_api::config::{SerialConfig, VmConfig};
 
 /// VMM API benchmark (latency, API boot, snapshot, restore), one test host run.
 #[derive(Parser)]

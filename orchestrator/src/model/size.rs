@@ -33,7 +33,7 @@ impl FromStr for ByteSize {
 
     fn from_str(s: &str) -> Result<ByteSize, SizeError> {
         // The VMM's own parser: sizes in specs mean exactly what `vmm --memory` accepts.
-        vmm::config::parse_size(s)
+        vmm_api::parse::parse_size(s)
             .map(ByteSize)
             .map_err(|_| SizeError(s.to_string()))
     }

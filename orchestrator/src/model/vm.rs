@@ -8,8 +8,8 @@ use serde::{Deserialize, Serialize};
 use super::validate::{dns_label, FieldError};
 use super::{ByteSize, Reference, Spec};
 
-/// The VMM's own vCPU limit (`vmm::config::MAX_CPUS`).
-pub const MAX_VM_CPUS: u32 = 254;
+/// The VMM's own vCPU limit.
+pub const MAX_VM_CPUS: u32 = vmm_api::limits::MAX_CPUS as u32;
 /// Less than this does not boot a useful Linux guest.
 pub const MIN_VM_MEMORY: ByteSize = ByteSize(64 << 20);
 

@@ -3,19 +3,19 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use tokio::task::{JoinHandle, JoinSet};
 use tokio_util::sync::CancellationToken;
-use vmm::api::client::Client;
-use vmm::config::{DiskConfig, SerialConfig, VmConfig};
+use vmm_api::client::Client;
 
-use super::disks::ensure_overlay;
+use super::launch::launch;
+use super::local::{write_status, Ctx, LocalVm};
 use super::netdev;
-use super::process::{log_tail, Liveness, VmmProcess};
+use super::process::{log_tail, Liveness};
 use super::record::{Layout, Record};
-use super::{ip_param, mac_address, probe, tap_name, WorkerConfig, WorkerError};
-use crate::model::{ImageSpec, Vm, VmSpec, VmState, VmStatus, VolumeSpec, WorkerSpec};
+use super::{mac_address, probe, tap_name, WorkerConfig, WorkerError};
+use crate::model::{Vm, VmSpec, VmState, VmStatus, VolumeSpec, WorkerSpec};
 use crate::registration::Registration;
 use crate::store::{keys, Store, StoreError, Watch};
 use crate::task::Backoff;
@@ -24,8 +24,6 @@ use crate::task::Backoff;
 const TICK: Duration = Duration::from_millis(500);
 /// Window in which `max_restarts` counts.
 const RESTART_WINDOW: Duration = Duration::from_secs(600);
-/// How long a new `vmm` gets to answer on its socket.
-const API_READY: Duration = Duration::from_secs(10);
 
 /// Runs the agent until `shutdown` is cancelled. The VMs keep running after it returns; the
 /// next agent on this state directory re-adopts them.
@@ -84,56 +82,6 @@ async fn connect(
     }
 }
 
-/// What the agent shares with the tasks that start and stop VMs.
-struct Ctx {
-    cfg: WorkerConfig,
-    layout: Layout,
-    store: Store,
-}
-
-/// A VM that runs (or ran) here.
-struct LocalVm {
-    rec: Record,
-    process: Option<VmmProcess>,
-    /// The guest answered on its address since this `vmm` booted it.
-    up: bool,
-    /// When its `vmm` died, recently.
-    crashes: Vec<Instant>,
-    /// Why it is not running any more (guest powered off, or too many crashes): the state and
-    /// message to report.
-    ended: Option<(VmState, String)>,
-    /// Why the last restart failed, for the message when the restarts run out.
-    last_error: Option<String>,
-    /// Its vmm died and the crash is counted: restart it when possible, count nothing more.
-    down: bool,
-}
-
-impl LocalVm {
-    /// The VM a record describes: its `vmm` adopted if that process still runs, ended if the
-    /// guest had stopped. A new record (no pid yet) gives a VM about to be started.
-    fn from_record(rec: Record) -> LocalVm {
-        let process = rec
-            .pid
-            .zip(rec.pid_start)
-            .and_then(|(pid, start)| VmmProcess::adopt(pid, start));
-        let ended = match (&rec.failed, rec.stopped) {
-            (Some(why), _) => Some((VmState::Failed, why.clone())),
-            (None, true) => Some((VmState::Stopped, "the guest powered off".to_string())),
-            (None, false) => None,
-        };
-        LocalVm {
-            rec,
-            process,
-            // An adopted guest was up before; the first probe confirms it.
-            up: false,
-            crashes: Vec::new(),
-            ended,
-            last_error: None,
-            down: false,
-        }
-    }
-}
-
 enum Slot {
     Idle(Box<LocalVm>),
     /// A start or stop is under way; the task hands the VM back, or None when it is gone.
@@ -168,7 +116,7 @@ impl Agent {
             .load_all()
             .map_err(|e| WorkerError::Setup(format!("reading VM records: {e}")))?;
         for (dir, why) in broken {
-            tracing::warn!(dir = %dir.display(), why, "unreadable VM record; leaving the directory alone");
+            tracing::warn!(dir = %dir.display(), error = %why, "unreadable VM record; leaving the directory alone");
         }
         let mut slots = BTreeMap::new();
         for rec in records {
@@ -605,31 +553,6 @@ fn observed(vm: &LocalVm) -> VmStatus {
     s
 }
 
-/// Updates the VM's status if it is still this VM (same uid) and still placed on this worker:
-/// a VM deleted or moved meanwhile is left alone. Returns the object, None when it is gone.
-async fn write_status(
-    ctx: &Ctx,
-    name: &str,
-    uid: &str,
-    mut change: impl FnMut(&mut VmStatus),
-) -> Result<Option<Vm>, StoreError> {
-    let me = ctx.cfg.name.as_str();
-    let r = ctx
-        .store
-        .update::<VmSpec, _>(name, |o| {
-            if o.metadata.uid == uid && o.status.placement.as_deref() == Some(me) {
-                change(&mut o.status);
-            }
-            Ok(())
-        })
-        .await;
-    match r {
-        Ok(o) => Ok(Some(o)),
-        Err(StoreError::NotFound { .. }) => Ok(None),
-        Err(e) => Err(e),
-    }
-}
-
 /// Starts (or restarts) a VM: disks, TAP, `vmm` process, create and boot through its API. When
 /// a first start fails, everything made is removed and the VM is marked Failed. A failed restart
 /// counts as one more crash: the VM keeps its record and disks and is restarted again until the
@@ -644,8 +567,8 @@ async fn start(ctx: Arc<Ctx>, mut vm: Box<LocalVm>, obj: Vm) -> Option<Box<Local
             vm.down = false;
             Some(vm)
         }
-        Err(why) => {
-            tracing::warn!(vm = %name, why, "start failed");
+        Err(err) => {
+            tracing::warn!(vm = %name, error = %err, "start failed");
             if let Some(p) = &mut vm.process {
                 p.kill();
                 p.wait_exit(Duration::from_secs(5)).await;
@@ -653,11 +576,11 @@ async fn start(ctx: Arc<Ctx>, mut vm: Box<LocalVm>, obj: Vm) -> Option<Box<Local
             if let Err(e) = netdev::delete_tap(&vm.rec.tap).await {
                 tracing::warn!(vm = %name, error = %e, "cannot remove TAP");
             }
-            if let Some(why) = why.strip_prefix(TRANSIENT) {
+            if err.is_transient() {
                 // Nothing is wrong with the VM: a later pass tries again. A first start drops
                 // its record and directory (the disks are remade in milliseconds); a restart
                 // keeps everything and stays counted as the one crash it was.
-                tracing::info!(vm = %name, why, "will retry the start");
+                tracing::info!(vm = %name, error = %err, "will retry the start");
                 if !restart {
                     let _ = ctx.layout.remove_vm(&name);
                     return None;
@@ -669,6 +592,7 @@ async fn start(ctx: Arc<Ctx>, mut vm: Box<LocalVm>, obj: Vm) -> Option<Box<Local
                 let _ = ctx.layout.save(&vm.rec);
                 return Some(vm);
             }
+            let why = err.to_string();
             if restart {
                 vm.process = None;
                 vm.rec.pid = None;
@@ -695,137 +619,6 @@ async fn start(ctx: Arc<Ctx>, mut vm: Box<LocalVm>, obj: Vm) -> Option<Box<Local
         }
     }
 }
-
-async fn launch(ctx: &Ctx, vm: &mut LocalVm, obj: &Vm) -> Result<(), String> {
-    let cfg = &ctx.cfg;
-    let name = vm.rec.name.clone();
-    if obj.spec.network != cfg.network {
-        return Err(format!(
-            "worker {} serves network {:?}, not {:?}",
-            cfg.name, cfg.network, obj.spec.network
-        ));
-    }
-    let _ = write_status(ctx, &name, &vm.rec.uid, |s| {
-        s.state = VmState::Starting;
-        s.message = None;
-        s.ip = None;
-    })
-    .await;
-    let image = get::<ImageSpec>(ctx, &obj.spec.image).await?;
-    let (kernel, initramfs) = match &image.kernel {
-        Some(k) => (k.into(), image.initramfs.as_ref().map(Into::into)),
-        None => match &cfg.kernel {
-            Some(k) => (k.clone(), cfg.initramfs.clone()),
-            None => {
-                return Err(format!(
-                    "image {} names no kernel and worker {} has no --kernel",
-                    obj.spec.image, cfg.name
-                ))
-            }
-        },
-    };
-    let cmdline = format!(
-        "{} {}",
-        image.cmdline.as_deref().unwrap_or(&cfg.cmdline),
-        ip_param(vm.rec.ip, &cfg.subnet, &name)
-    );
-    let cpus =
-        u8::try_from(obj.spec.cpus).map_err(|_| format!("{} vCPUs is too many", obj.spec.cpus))?;
-
-    // Disks: the root overlay, then the named volumes in order.
-    let root = ctx.layout.root_disk(&name);
-    let mut disks = vec![(root, image.clone(), None)];
-    for v in &obj.spec.volumes {
-        let vol = get::<VolumeSpec>(ctx, v).await?;
-        let vimg = get::<ImageSpec>(ctx, &vol.image).await?;
-        disks.push((ctx.layout.volume(v), vimg, Some(vol.size.bytes())));
-    }
-    let disk_paths: Vec<_> = disks.iter().map(|(p, _, _)| p.clone()).collect();
-    tokio::task::spawn_blocking(move || {
-        disks
-            .iter()
-            .try_for_each(|(path, img, size)| ensure_overlay(path, img, *size))
-    })
-    .await
-    .map_err(|e| format!("creating disks: {e}"))??;
-
-    netdev::create_tap(&vm.rec.tap, &cfg.bridge)
-        .await
-        .map_err(|e| e.to_string())?;
-
-    let socket = ctx.layout.socket(&name);
-    let _ = std::fs::remove_file(&socket);
-    let log = ctx.layout.vmm_log(&name);
-    let mut process = VmmProcess::spawn(&cfg.vmm, &socket, &log)
-        .map_err(|e| format!("cannot start {}: {e}", cfg.vmm.display()))?;
-    vm.rec.pid = Some(process.pid);
-    vm.rec.pid_start = Some(process.start);
-    ctx.layout
-        .save(&vm.rec)
-        .map_err(|e| format!("writing the VM record: {e}"))?;
-    let client = Client::new(&socket).with_timeout(Duration::from_secs(30));
-    let ready = process.wait_api(&client, API_READY).await;
-    vm.process = Some(process);
-    ready.map_err(|e| format!("{e}; vmm log: {}", log_tail(&log, 300)))?;
-
-    let config = VmConfig {
-        kernel,
-        initramfs,
-        cmdline,
-        cpus,
-        memory: obj.spec.memory.bytes(),
-        serial: SerialConfig::File(ctx.layout.console(&name)),
-        disks: disk_paths
-            .into_iter()
-            .map(|path| DiskConfig {
-                path,
-                format: Some(vmm::config::DiskFormat::Qcow2),
-                read_only: false,
-                serial: None,
-                direct: false,
-            })
-            .collect(),
-        nets: vec![vmm::config::NetConfig {
-            tap: vm.rec.tap.clone(),
-            mac: vm
-                .rec
-                .mac
-                .parse()
-                .map_err(|e| format!("MAC {}: {e}", vm.rec.mac))?,
-        }],
-    };
-    client
-        .create(&config)
-        .await
-        .map_err(|e| format!("vmm refused the VM: {e}"))?;
-    client
-        .boot()
-        .await
-        .map_err(|e| format!("vmm could not boot the VM: {e}"))?;
-    vm.rec.boot_time = Some(humantime::format_rfc3339_seconds(SystemTime::now()).to_string());
-    vm.up = false;
-    ctx.layout
-        .save(&vm.rec)
-        .map_err(|e| format!("writing the VM record: {e}"))?;
-    Ok(())
-}
-
-/// Reads an object the VM needs. etcd being unreachable is not the VM's fault: that error is
-/// marked [`TRANSIENT`] so the start is retried instead of failing the VM.
-async fn get<S: crate::model::Spec>(ctx: &Ctx, name: &str) -> Result<S, String> {
-    ctx.store
-        .get::<S>(name)
-        .await
-        .map(|o| o.spec)
-        .map_err(|e| match e {
-            StoreError::NotFound { .. } => format!("{} {name} does not exist", S::KIND),
-            e if e.is_unavailable() => format!("{TRANSIENT}{e}"),
-            e => e.to_string(),
-        })
-}
-
-/// Prefix of start errors worth retrying as they are (etcd unreachable).
-const TRANSIENT: &str = "transient: ";
 
 /// Stops a VM that is no longer placed here and removes everything it had: power button, then
 /// kill after the stop timeout; TAP; directory (root volume, logs, record — last).

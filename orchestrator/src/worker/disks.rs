@@ -12,7 +12,29 @@ use crate::model::{DiskFormat, ImageSpec};
 /// Creates `path` as a qcow2 overlay of `image` of `size` bytes (the image's size when None),
 /// unless it exists. Made under a temporary name and renamed, so a crash never leaves a
 /// half-written overlay under the real name.
-pub fn ensure_overlay(path: &Path, image: &ImageSpec, size: Option<u64>) -> Result<(), String> {
+/// Why a VM's disk could not be made.
+#[derive(Debug, thiserror::Error)]
+pub enum OverlayError {
+    /// The qcow2 overlay could not be created.
+    #[error("creating overlay {} of {image}: {source}", path.display())]
+    Create {
+        path: std::path::PathBuf,
+        image: String,
+        source: qcow::Error,
+    },
+    /// The finished overlay could not be put in place.
+    #[error("renaming {}: {source}", tmp.display())]
+    Rename {
+        tmp: std::path::PathBuf,
+        source: std::io::Error,
+    },
+}
+
+pub fn ensure_overlay(
+    path: &Path,
+    image: &ImageSpec,
+    size: Option<u64>,
+) -> Result<(), OverlayError> {
     if path.exists() {
         return Ok(());
     }
@@ -28,9 +50,12 @@ pub fn ensure_overlay(path: &Path, image: &ImageSpec, size: Option<u64>) -> Resu
         }),
         ..CreateOptions::default()
     };
-    qcow::create(&tmp, &opts)
-        .map_err(|e| format!("creating overlay {} of {}: {e}", path.display(), image.path))?;
-    std::fs::rename(&tmp, path).map_err(|e| format!("renaming {}: {e}", tmp.display()))
+    qcow::create(&tmp, &opts).map_err(|source| OverlayError::Create {
+        path: path.to_path_buf(),
+        image: image.path.clone(),
+        source,
+    })?;
+    std::fs::rename(&tmp, path).map_err(|source| OverlayError::Rename { tmp, source })
 }
 
 #[cfg(test)]
@@ -74,7 +99,9 @@ mod tests {
             path: "/nonexistent/base.qcow2".into(),
             ..image
         };
-        let err = ensure_overlay(&dir.path().join("x.qcow2"), &missing, None).unwrap_err();
+        let err = ensure_overlay(&dir.path().join("x.qcow2"), &missing, None)
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("/nonexistent/base.qcow2"), "{err}");
         assert!(!dir.path().join("x.qcow2").exists());
     }

@@ -11,6 +11,8 @@
 mod agent;
 pub mod disks;
 pub mod ipam;
+mod launch;
+mod local;
 pub mod netdev;
 pub mod probe;
 pub mod process;

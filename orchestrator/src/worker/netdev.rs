@@ -6,6 +6,7 @@
 use std::net::Ipv4Addr;
 
 use tokio::process::Command;
+use vmm_api::ifname::{self, IfNameError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum NetError {
@@ -16,24 +17,13 @@ pub enum NetError {
     },
     #[error("`ip {args}` failed: {stderr}")]
     Failed { args: String, stderr: String },
-    #[error("invalid interface name {0:?}: 1 to 15 characters of letters, digits, '-' and '_'")]
-    BadName(String),
+    #[error(transparent)]
+    BadName(#[from] IfNameError),
 }
 
-/// Longest interface name Linux takes (IFNAMSIZ - 1).
-pub const MAX_IFNAME: usize = 15;
-
+/// Checks an interface name the way the kernel does (shared with `vmm --net tap=`).
 pub fn check_name(name: &str) -> Result<(), NetError> {
-    let ok = !name.is_empty()
-        && name.len() <= MAX_IFNAME
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
-    if ok {
-        Ok(())
-    } else {
-        Err(NetError::BadName(name.to_string()))
-    }
+    Ok(ifname::check(name)?)
 }
 
 async fn ip(args: &[&str]) -> Result<(), NetError> {
@@ -56,16 +46,8 @@ async fn ip(args: &[&str]) -> Result<(), NetError> {
     }
 }
 
-/// Whether the interface exists in this process's network namespace. Asked of the kernel
-/// through a socket: /sys/class/net shows the namespace sysfs was mounted in, which need not be
-/// ours.
-pub fn exists(name: &str) -> bool {
-    let Ok(c) = std::ffi::CString::new(name) else {
-        return false;
-    };
-    // SAFETY: if_nametoindex reads the NUL-terminated string we own and returns an index.
-    unsafe { libc::if_nametoindex(c.as_ptr()) != 0 }
-}
+/// Whether the interface exists in this process's network namespace.
+pub use vmm_api::ifname::exists;
 
 /// Creates the bridge if needed, gives it `gateway/prefix` and brings it up. Idempotent.
 pub async fn ensure_bridge(name: &str, gateway: Ipv4Addr, prefix: u8) -> Result<(), NetError> {

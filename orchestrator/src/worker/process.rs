@@ -9,7 +9,7 @@ use std::path::Path;
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
-use vmm::api::client::Client;
+use vmm_api::client::Client;
 
 /// A `vmm` process this agent started (it can reap it and read its exit status) or adopted
 /// from an earlier agent (it can only watch its pid).
@@ -104,24 +104,32 @@ impl VmmProcess {
     }
 
     /// Waits until the API answers, failing early if the process exits.
-    pub async fn wait_api(&mut self, client: &Client, limit: Duration) -> Result<(), String> {
+    pub async fn wait_api(&mut self, client: &Client, limit: Duration) -> Result<(), ApiWaitError> {
         let deadline = Instant::now() + limit;
         loop {
             if client.ping().await.is_ok() {
                 return Ok(());
             }
             if let Liveness::Exited(status) = self.liveness() {
-                return Err(match status {
-                    Some(s) => format!("vmm exited before its API answered ({s})"),
-                    None => "vmm exited before its API answered".into(),
-                });
+                return Err(ApiWaitError::Exited(status));
             }
             if Instant::now() >= deadline {
-                return Err(format!("vmm's API did not answer within {limit:?}"));
+                return Err(ApiWaitError::Timeout(limit));
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
+}
+
+/// Why a `vmm`'s API never answered.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiWaitError {
+    /// The process ended first (with this status, when it was our child).
+    #[error("vmm exited before its API answered{}", .0.as_ref().map(|s| format!(" ({s})")).unwrap_or_default())]
+    Exited(Option<std::process::ExitStatus>),
+    /// It kept running without answering.
+    #[error("vmm's API did not answer within {0:?}")]
+    Timeout(Duration),
 }
 
 /// State letter and start time (clock ticks after boot) of process `pid`.

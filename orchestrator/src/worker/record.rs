@@ -44,7 +44,7 @@ pub struct Record {
 }
 
 /// A VM directory whose record cannot be read, and why.
-pub type Unreadable = (PathBuf, String);
+pub type Unreadable = (PathBuf, RecordError);
 
 /// Paths under a worker's state directory.
 #[derive(Debug, Clone)]
@@ -140,9 +140,29 @@ impl Layout {
     }
 }
 
-fn read_record(path: &Path) -> Result<Record, String> {
-    let bytes = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
-    serde_json::from_slice(&bytes).map_err(|e| format!("{}: {e}", path.display()))
+/// Why a VM's record could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum RecordError {
+    /// The file could not be read.
+    #[error("{}: {source}", path.display())]
+    Io { path: PathBuf, source: io::Error },
+    /// The file is not a record.
+    #[error("{}: {source}", path.display())]
+    Parse {
+        path: PathBuf,
+        source: serde_json::Error,
+    },
+}
+
+fn read_record(path: &Path) -> Result<Record, RecordError> {
+    let bytes = std::fs::read(path).map_err(|source| RecordError::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    serde_json::from_slice(&bytes).map_err(|source| RecordError::Parse {
+        path: path.to_path_buf(),
+        source,
+    })
 }
 
 #[cfg(test)]

@@ -1,28 +1,27 @@
-//! JSON bodies of the API: what requests carry, what responses return, and how a request body
-//! becomes typed data. Parsing is pure (no file system access), so the fuzz target can drive it;
-//! [`crate::config::VmConfig::validate`] checks files afterwards.
+//! JSON request bodies as the server reads them, and how a create body becomes a [`VmConfig`].
+//! Parsing is pure (no file system access), so the fuzz target can drive it;
+//! [`crate::config::validate`] checks files afterwards.
 //!
 //! The create body mirrors the command line: the same defaults, and the same parsers
-//! ([`parse_size`], [`crate::config::parse_serial`], the `--disk` and `--net` pieces) for the
-//! same values.
+//! ([`parse_size`], [`vmm_api::parse::parse_serial`], the `--disk` and `--net` pieces) for the
+//! same values. These rules are the API's: [`VmConfig`] itself is plain data.
 
 use std::fmt;
 use std::marker::PhantomData;
 use std::path::PathBuf;
 
 use serde::de::{self, DeserializeOwned, MapAccess, Visitor};
-use serde::{Deserialize, Deserializer, Serialize};
+use serde::{Deserialize, Deserializer};
+use vmm_api::config::{check_cpu_count, DEFAULT_CPUS, DEFAULT_MEMORY};
+use vmm_api::parse::{
+    check_disk_path, check_disk_serial, check_tap_name, parse_disk_format, parse_size,
+};
+use vmm_api::types::{RestoreBody, ShutdownBody, SnapshotBody, MAX_SHUTDOWN_TIMEOUT_MS};
 
 use crate::config::{
-    check_disk_path, check_disk_serial, check_tap_name, parse_disk_format, parse_size, ConfigError,
-    DiskConfig, MacAddr, NetConfig, SerialConfig, VmConfig, DEFAULT_CMDLINE, MAX_CPUS,
+    ConfigError, DiskConfig, NetConfig, SerialConfig, VmConfig, DEFAULT_CMDLINE, MAX_CPUS,
 };
-
-/// Default of `PUT /api/v1/vm/shutdown`'s `timeout_ms`.
-pub const DEFAULT_SHUTDOWN_TIMEOUT_MS: u64 = 10_000;
-/// Longest `timeout_ms` accepted: an hour. Longer would hold an API request (and its caller)
-/// for longer than any orderly guest shutdown takes.
-pub const MAX_SHUTDOWN_TIMEOUT_MS: u64 = 3_600_000;
+use vmm_api::MacAddr;
 
 /// Why a request body was refused (always a 400). Messages name the offending field.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -80,8 +79,7 @@ impl<'de, T: Deserialize<'de>> Deserialize<'de> for Object<T> {
 }
 
 /// `PUT /api/v1/vm/create`: the VM configuration, as on the command line. Every field but
-/// `kernel` has the command line's default. Converted into [`VmConfig`] (whose `Deserialize` goes
-/// through this type, so the two cannot disagree).
+/// `kernel` has the command line's default.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CreateBody {
@@ -104,19 +102,42 @@ pub struct CreateBody {
     serial: SerialConfig,
     /// `--disk`, in order.
     #[serde(default)]
-    disks: Vec<DiskConfig>,
+    disks: Vec<ApiDisk>,
     /// UEFI firmware: documented, not built yet.
     firmware: Option<PathBuf>,
     /// `--net`, in order; `null` is taken as none.
-    nets: Option<Vec<NetConfig>>,
+    nets: Option<Vec<ApiNet>>,
     /// A virtio-vsock device: documented, not built yet.
     vsock: Option<Object<VsockBody>>,
 }
 
-/// One element of `disks`: the keys of `--disk`.
+/// One element of `disks`: the keys of `--disk`, checked as the command line checks them while
+/// the body is read (so errors carry the element's path, `disks[0]: ...`).
+#[derive(Debug)]
+struct ApiDisk(DiskConfig);
+
+impl<'de> Deserialize<'de> for ApiDisk {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let Object(b) = Object::<DiskBody>::deserialize(deserializer)?;
+        b.into_config().map(ApiDisk).map_err(de::Error::custom)
+    }
+}
+
+/// One element of `nets`: the keys of `--net`, checked like [`ApiDisk`].
+#[derive(Debug)]
+struct ApiNet(NetConfig);
+
+impl<'de> Deserialize<'de> for ApiNet {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let Object(b) = Object::<NetBody>::deserialize(deserializer)?;
+        b.into_config().map(ApiNet).map_err(de::Error::custom)
+    }
+}
+
+/// The keys of `--disk`.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct DiskBody {
+struct DiskBody {
     path: String,
     format: Option<String>,
     #[serde(default)]
@@ -126,10 +147,10 @@ pub struct DiskBody {
     direct: bool,
 }
 
-/// One element of `nets`: the keys of `--net`.
+/// The keys of `--net`.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct NetBody {
+struct NetBody {
     /// Host TAP interface.
     tap: String,
     /// Guest MAC address; absent or null draws a random one.
@@ -151,11 +172,11 @@ fn default_cmdline() -> String {
 }
 
 fn default_cpus() -> u64 {
-    1
+    u64::from(DEFAULT_CPUS)
 }
 
 fn default_memory() -> u64 {
-    512 << 20
+    DEFAULT_MEMORY
 }
 
 fn default_serial() -> SerialConfig {
@@ -183,163 +204,90 @@ fn memory_size<'de, D: Deserializer<'de>>(deserializer: D) -> Result<u64, D::Err
     deserializer.deserialize_any(Size)
 }
 
-impl TryFrom<Object<CreateBody>> for VmConfig {
-    type Error = BodyError;
-
-    fn try_from(Object(b): Object<CreateBody>) -> Result<VmConfig, BodyError> {
+impl CreateBody {
+    /// The configuration the body asks for.
+    fn into_config(self) -> Result<VmConfig, BodyError> {
         // Refused before anything else: a body that relies on them must not half-work.
-        if b.firmware.is_some() {
+        if self.firmware.is_some() {
             return Err(BodyError::Unavailable {
                 field: "firmware",
                 feature: "UEFI firmware boot",
             });
         }
-        if b.vsock.is_some() {
+        if self.vsock.is_some() {
             return Err(BodyError::Unavailable {
                 field: "vsock",
                 feature: "virtio-vsock",
             });
         }
-        let kernel = b
+        let kernel = self
             .kernel
             .ok_or_else(|| BodyError::Shape("missing field `kernel`".into()))?;
-        let cpus = u8::try_from(b.cpus).map_err(|_| ConfigError::CpuCount {
-            got: u32::try_from(b.cpus).unwrap_or(u32::MAX),
-            max: u32::from(MAX_CPUS),
-        })?;
-        let config = VmConfig {
+        let wide = u32::try_from(self.cpus).unwrap_or(u32::MAX);
+        check_cpu_count(wide, u32::from(MAX_CPUS))?;
+        Ok(VmConfig {
             kernel,
-            initramfs: b.initramfs,
-            cmdline: b.cmdline,
-            cpus,
-            memory: b.memory,
-            serial: b.serial,
-            disks: b.disks,
-            nets: b.nets.unwrap_or_default(),
-        };
-        config.check_cpus(u32::from(MAX_CPUS))?;
-        Ok(config)
-    }
-}
-
-impl TryFrom<Object<DiskBody>> for DiskConfig {
-    type Error = ConfigError;
-
-    fn try_from(Object(b): Object<DiskBody>) -> Result<DiskConfig, ConfigError> {
-        let err = |reason: String| ConfigError::InvalidDisk {
-            value: b.path.clone(),
-            reason,
-        };
-        let path = check_disk_path(&b.path).map_err(err)?;
-        let format = match &b.format {
-            Some(f) => Some(parse_disk_format(f).map_err(err)?),
-            None => None,
-        };
-        let serial = match &b.serial {
-            Some(s) => Some(check_disk_serial(s).map_err(err)?.to_string()),
-            None => None,
-        };
-        Ok(DiskConfig {
-            path: PathBuf::from(path),
-            format,
-            read_only: b.readonly,
-            serial,
-            direct: b.direct,
+            initramfs: self.initramfs,
+            cmdline: self.cmdline,
+            // In range: checked just above.
+            cpus: u8::try_from(self.cpus).unwrap_or(MAX_CPUS),
+            memory: self.memory,
+            serial: self.serial,
+            disks: self.disks.into_iter().map(|d| d.0).collect(),
+            nets: self
+                .nets
+                .unwrap_or_default()
+                .into_iter()
+                .map(|n| n.0)
+                .collect(),
         })
     }
 }
 
-impl TryFrom<Object<NetBody>> for NetConfig {
-    type Error = ConfigError;
-
-    fn try_from(Object(b): Object<NetBody>) -> Result<NetConfig, ConfigError> {
-        let err = |reason: String| ConfigError::InvalidNet {
-            value: b.tap.clone(),
+impl DiskBody {
+    fn into_config(self) -> Result<DiskConfig, ConfigError> {
+        let err = |reason| ConfigError::InvalidDisk {
+            value: self.path.clone(),
             reason,
         };
-        let tap = check_tap_name(&b.tap).map_err(err)?.to_string();
-        let mac = match &b.mac {
-            Some(m) => m.parse::<MacAddr>().map_err(err)?,
+        let path = PathBuf::from(check_disk_path(&self.path).map_err(err)?);
+        let format = match &self.format {
+            Some(f) => Some(parse_disk_format(f).map_err(err)?),
+            None => None,
+        };
+        let serial = match &self.serial {
+            Some(s) => Some(check_disk_serial(s).map_err(err)?.to_string()),
+            None => None,
+        };
+        Ok(DiskConfig {
+            path,
+            format,
+            read_only: self.readonly,
+            serial,
+            direct: self.direct,
+        })
+    }
+}
+
+impl NetBody {
+    fn into_config(self) -> Result<NetConfig, ConfigError> {
+        let err = |reason| ConfigError::InvalidNet {
+            value: self.tap.clone(),
+            reason,
+        };
+        let tap = check_tap_name(&self.tap).map_err(err)?.to_string();
+        let mac = match &self.mac {
+            Some(m) => m.parse::<MacAddr>().map_err(|e| err(e.into()))?,
             None => MacAddr::random(),
         };
         Ok(NetConfig { tap, mac })
     }
 }
 
-/// `PUT /api/v1/vm/shutdown` (body optional).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ShutdownBody {
-    /// How long the guest has to power off after the ACPI power button before it is stopped.
-    #[serde(default = "default_shutdown_timeout")]
-    pub timeout_ms: u64,
-}
-
-impl Default for ShutdownBody {
-    fn default() -> Self {
-        ShutdownBody {
-            timeout_ms: DEFAULT_SHUTDOWN_TIMEOUT_MS,
-        }
-    }
-}
-
-fn default_shutdown_timeout() -> u64 {
-    DEFAULT_SHUTDOWN_TIMEOUT_MS
-}
-
-/// `PUT /api/v1/vm/snapshot`.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct SnapshotBody {
-    /// Directory the snapshot is written to (created if missing, must be empty).
-    pub destination_dir: PathBuf,
-}
-
-/// `PUT /api/v1/vm/restore`.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct RestoreBody {
-    /// Directory holding the snapshot.
-    pub source_dir: PathBuf,
-    /// Run the VM once restored (else it stays paused).
-    #[serde(default)]
-    pub resume: bool,
-}
-
 /// The body of endpoints that take none: absent, or an empty object.
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct NoFields {}
-
-/// `GET /api/v1/vmm/ping`'s answer.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Ping {
-    /// The `vmm` version.
-    pub version: String,
-    /// The API version, the path segment of every endpoint.
-    pub api: String,
-    /// Process ID of the `vmm`.
-    pub pid: u32,
-}
-
-impl Ping {
-    /// This process's answer.
-    pub fn current() -> Ping {
-        Ping {
-            version: env!("CARGO_PKG_VERSION").to_string(),
-            api: "v1".to_string(),
-            pid: std::process::id(),
-        }
-    }
-}
-
-/// Every error response's body.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ErrorBody {
-    /// What went wrong, naming the field or state at fault.
-    pub error: String,
-}
 
 /// True when a body carries nothing (absent, or only whitespace).
 fn is_empty(bytes: &[u8]) -> bool {
@@ -420,7 +368,7 @@ fn parse_required<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, BodyError> {
 
 /// `PUT /api/v1/vm/create`: the configuration, checked for shape and values but not for files.
 pub fn parse_create(bytes: &[u8]) -> Result<VmConfig, BodyError> {
-    parse_required(bytes)
+    parse_required::<CreateBody>(bytes)?.into_config()
 }
 
 /// `PUT /api/v1/vm/shutdown`.
@@ -469,7 +417,7 @@ fn non_empty(field: &'static str, path: &std::path::Path) -> Result<(), BodyErro
 
 /// Renders an error body; never fails (a message is always serializable).
 pub fn error_json(message: &str) -> Vec<u8> {
-    serde_json::to_vec(&ErrorBody {
+    serde_json::to_vec(&vmm_api::types::ErrorBody {
         error: message.to_string(),
     })
     .unwrap_or_else(|_| b"{\"error\":\"internal error\"}".to_vec())

@@ -13,9 +13,11 @@ use hyper::header::{HeaderValue, ALLOW, CONNECTION, CONTENT_TYPE};
 use hyper::{HeaderMap, Request, Response, StatusCode};
 use serde::Serialize;
 
-use super::body::{self, error_json, Ping};
+use vmm_api::routes::{self, Action, Lookup};
+use vmm_api::types::{Ping, API_VERSION};
+
+use super::body::{self, error_json};
 use super::error::ApiError;
-use super::routes::{self, Action, Lookup};
 use crate::config::MAX_CPUS;
 use crate::control::{ControlError, VmControl};
 
@@ -68,14 +70,13 @@ async fn serve(req: Request<Incoming>, shared: &Shared) -> Result<Reply, ApiErro
     match action {
         Action::Ping => {
             body::parse_no_body(&bytes)?;
-            json(&Ping::current())
+            json(&ping())
         }
         Action::Create => {
             let config = body::parse_create(&bytes)?;
             call(shared, move |vmm| {
                 // The host's own vCPU limit is checked again at boot, when KVM is open.
-                config
-                    .validate(u32::from(MAX_CPUS))
+                crate::config::validate(&config, u32::from(MAX_CPUS))
                     .map_err(|e| ControlError::BadRequest(e.to_string()))?;
                 vmm.create(config)
             })
@@ -106,6 +107,15 @@ async fn serve(req: Request<Incoming>, shared: &Shared) -> Result<Reply, ApiErro
             call(shared, move |vmm| vmm.restore(b.source_dir, b.resume)).await?;
             Ok(no_content())
         }
+    }
+}
+
+/// This process's answer to a ping.
+pub(crate) fn ping() -> Ping {
+    Ping {
+        version: env!("CARGO_PKG_VERSION").to_string(),
+        api: API_VERSION.to_string(),
+        pid: std::process::id(),
     }
 }
 

@@ -5,10 +5,15 @@ use std::collections::BTreeSet;
 
 use serde_json::Value;
 
-use super::body::{self, Ping};
-use super::routes::{lookup, Action, Lookup, ROUTES};
-use crate::config::{DiskConfig, MacAddr, NetConfig, SerialConfig, VmConfig};
-use crate::control::{DiskCounters, NetCounters, VmInfo, VmState};
+use vmm_api::routes::{lookup, Action, Lookup, ROUTES};
+use vmm_api::types::{
+    DiskCounters, ErrorBody, NetCounters, VmInfo, VmState, DEFAULT_SHUTDOWN_TIMEOUT_MS,
+    MAX_SHUTDOWN_TIMEOUT_MS,
+};
+use vmm_api::MacAddr;
+
+use super::body;
+use crate::config::{DiskConfig, NetConfig, SerialConfig, VmConfig};
 
 const HTTP_METHODS: &[&str] = &["get", "put", "post", "delete", "patch", "head", "options"];
 
@@ -168,9 +173,9 @@ fn keys(v: &Value) -> BTreeSet<String> {
 #[test]
 fn response_schemas_name_the_serialized_fields() {
     let doc = document();
-    let ping = serde_json::to_value(Ping::current()).unwrap();
+    let ping = serde_json::to_value(super::handler::ping()).unwrap();
     assert_eq!(keys(&ping), properties(&doc, "Ping"));
-    let error = serde_json::to_value(body::ErrorBody { error: "x".into() }).unwrap();
+    let error = serde_json::to_value(ErrorBody { error: "x".into() }).unwrap();
     assert_eq!(keys(&error), properties(&doc, "Error"));
 
     let config = VmConfig {
@@ -247,22 +252,22 @@ fn response_schemas_name_the_serialized_fields() {
 fn documented_limits_are_the_servers() {
     let doc = document();
     let shutdown = &schema(&doc, "ShutdownRequest")["properties"]["timeout_ms"];
-    assert_eq!(shutdown["default"], body::DEFAULT_SHUTDOWN_TIMEOUT_MS);
-    assert_eq!(shutdown["maximum"], body::MAX_SHUTDOWN_TIMEOUT_MS);
+    assert_eq!(shutdown["default"], DEFAULT_SHUTDOWN_TIMEOUT_MS);
+    assert_eq!(shutdown["maximum"], MAX_SHUTDOWN_TIMEOUT_MS);
     let cfg = &schema(&doc, "VmConfig")["properties"];
     assert_eq!(cfg["cmdline"]["default"], crate::config::DEFAULT_CMDLINE);
     assert_eq!(cfg["cpus"]["maximum"], crate::config::MAX_CPUS);
     assert_eq!(
         schema(&doc, "DiskConfig")["properties"]["serial"]["maxLength"],
-        crate::config::MAX_SERIAL_LEN
+        vmm_api::limits::MAX_DISK_SERIAL_LEN
     );
     assert_eq!(
         schema(&doc, "NetConfig")["properties"]["tap"]["maxLength"],
-        crate::config::MAX_IFNAME_LEN
+        vmm_api::limits::MAX_IFNAME_LEN
     );
     let defaults = body::parse_create(br#"{"kernel":"k"}"#).unwrap();
     let memory = cfg["memory"]["default"].as_str().unwrap();
-    assert_eq!(crate::config::parse_size(memory), Ok(defaults.memory));
+    assert_eq!(vmm_api::parse::parse_size(memory), Ok(defaults.memory));
     assert_eq!(
         cfg["serial"]["default"].as_str().unwrap(),
         defaults.serial.to_string()

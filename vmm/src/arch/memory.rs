@@ -2,9 +2,6 @@
 
 use super::layout::*;
 
-/// Smallest guest we agree to start: below this a Linux guest cannot even unpack itself.
-pub const MIN_MEMORY: u64 = 32 << 20;
-
 /// Kind of an E820 entry, with the numeric values of the E820 specification.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum E820Kind {

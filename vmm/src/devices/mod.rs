@@ -11,6 +11,19 @@ pub mod serial;
 pub mod virtio;
 
 use std::sync::mpsc::Sender;
+use std::time::Duration;
+
+/// A device that did not come to rest when the VM paused.
+#[derive(Debug, thiserror::Error)]
+#[error("{device}: {busy} requests or events still in flight after {waited:?}")]
+pub struct PauseError {
+    /// Which device.
+    pub device: &'static str,
+    /// What was still going on.
+    pub busy: usize,
+    /// How long the pause waited.
+    pub waited: Duration,
+}
 
 /// Why the VM stops: sent by devices and vCPU threads to the thread that owns the VM.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -2,11 +2,13 @@
 
 use std::io::{self, Write};
 
-use vm_superio::serial::NoEvents;
+use serde::{Deserialize, Serialize};
+use vm_superio::serial::{NoEvents, SerialState};
 use vm_superio::{Serial, Trigger};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::bus::BusDevice;
+use crate::persist::Persist;
 
 /// COM1 base port.
 pub const COM1_PORT: u16 = 0x3f8;
@@ -60,32 +62,70 @@ impl SerialDevice {
         }
     }
 
-    /// The UART's registers and receive buffer.
-    pub fn state(&self) -> vm_superio::serial::SerialState {
-        self.serial.state()
+    /// Flushes buffered output.
+    pub fn flush(&mut self) {
+        let _ = self.serial.writer_mut().flush();
+    }
+}
+
+/// vm-superio's own state type, serialized field for field (serde's remote derive: the type
+/// has no serde support of its own).
+#[derive(Serialize, Deserialize)]
+#[serde(remote = "SerialState")]
+struct SerialStateDef {
+    baud_divisor_low: u8,
+    baud_divisor_high: u8,
+    interrupt_enable: u8,
+    interrupt_identification: u8,
+    line_control: u8,
+    line_status: u8,
+    modem_control: u8,
+    modem_status: u8,
+    scratch: u8,
+    in_buffer: Vec<u8>,
+}
+
+/// The UART's registers and receive buffer, as a snapshot keeps them.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct UartState(#[serde(with = "SerialStateDef")] pub SerialState);
+
+/// Why the UART could not take a saved state.
+#[derive(Debug, thiserror::Error)]
+pub enum UartStateError {
+    /// The saved registers are not a state vm-superio accepts.
+    #[error("serial state: {0}")]
+    Invalid(String),
+    /// The interrupt eventfd could not be duplicated or signalled.
+    #[error("serial interrupt: {0}")]
+    Interrupt(#[from] io::Error),
+}
+
+impl Persist for SerialDevice {
+    type State = UartState;
+    type Error = UartStateError;
+
+    fn save(&self) -> Result<UartState, UartStateError> {
+        Ok(UartState(self.serial.state()))
     }
 
-    /// Takes over the registers and receive buffer of `state` (snapshot restore), and raises
-    /// the interrupt the saved identification register reports as pending: its edge was lost
-    /// with the process that saved it.
-    pub fn set_state(&mut self, state: &vm_superio::serial::SerialState) -> io::Result<()> {
+    /// Takes over the registers and receive buffer, and raises the interrupt the saved
+    /// identification register reports as pending: its edge was lost with the process that
+    /// saved it.
+    fn restore(&mut self, state: &UartState) -> Result<(), UartStateError> {
+        let state = &state.0;
         let evt = || self.serial.interrupt_evt().0.try_clone();
         let placeholder = Serial::new(EventFdTrigger(evt()?), Box::new(io::sink()) as SerialOut);
         let trigger = EventFdTrigger(evt()?);
         let old = std::mem::replace(&mut self.serial, placeholder);
         let out = old.into_writer();
         self.serial = Serial::from_state(state, trigger, NoEvents, out)
-            .map_err(|e| io::Error::other(format!("serial state: {e:?}")))?;
+            .map_err(|e| UartStateError::Invalid(format!("{e:?}")))?;
         // Bit 0 of the IIR is "no interrupt pending".
         if state.interrupt_identification & 1 == 0 {
             self.serial.interrupt_evt().trigger()?;
         }
         Ok(())
-    }
-
-    /// Flushes buffered output.
-    pub fn flush(&mut self) {
-        let _ = self.serial.writer_mut().flush();
     }
 }
 

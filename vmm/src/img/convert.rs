@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use qcow::{Format, Image};
-use vmm::config::parse_size;
+use vmm_api::parse::parse_size;
 
 use super::create::NewImage;
 use super::progress::Progress;

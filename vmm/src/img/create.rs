@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result};
 use clap::ValueEnum;
 use qcow::{Compat, CreateOptions, Format};
-use vmm::config::parse_size;
+use vmm_api::parse::parse_size;
 
 use super::{bad, open_image, probe_backing, refuse_existing, size_both, FormatArg};
 

@@ -5,7 +5,7 @@ use std::time::Instant;
 
 use anyhow::Result;
 use qcow::Format;
-use vmm::config::parse_size;
+use vmm_api::parse::parse_size;
 
 use super::create::NewImage;
 use super::{open_image, size_both, FormatArg};

@@ -3,7 +3,8 @@
 use std::path::PathBuf;
 
 use anyhow::{Context, Result};
-use vmm::config::{parse_size, ConfigError};
+use vmm_api::config::ConfigError;
+use vmm_api::parse::parse_size;
 
 use super::{bad, open_image, size_both, FormatArg};
 

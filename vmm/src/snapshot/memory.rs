@@ -18,6 +18,47 @@ use vm_memory::{
 const CHUNK: usize = 1 << 20;
 const PAGE: usize = 4096;
 
+/// Why guest memory could not be saved or mapped.
+#[derive(Debug, thiserror::Error)]
+pub enum MemoryError {
+    /// The memory file could not be created, written, read or mapped.
+    #[error("{}: {source}", path.display())]
+    File {
+        /// The memory file.
+        path: std::path::PathBuf,
+        /// What failed.
+        source: std::io::Error,
+    },
+    /// Guest memory could not be read.
+    #[error("reading guest memory at {addr:#x}: {source}")]
+    Guest {
+        /// Where.
+        addr: u64,
+        /// What failed.
+        source: vm_memory::GuestMemoryError,
+    },
+    /// The saved layout does not fit the file or the address space.
+    #[error("{}: region at {addr:#x}: {reason}", path.display())]
+    Layout {
+        /// The memory file.
+        path: std::path::PathBuf,
+        /// The region's guest address.
+        addr: u64,
+        /// What is wrong.
+        reason: &'static str,
+    },
+    /// The mapped regions do not make a guest memory.
+    #[error("guest memory layout: {0}")]
+    Regions(String),
+}
+
+fn file_err(path: &Path) -> impl FnOnce(std::io::Error) -> MemoryError + '_ {
+    move |source| MemoryError::File {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
 /// Where one RAM region lives in the memory file.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Region {
@@ -30,12 +71,12 @@ pub struct Region {
 }
 
 /// Writes every region of `mem` to `path`; returns the layout.
-pub fn save(mem: &GuestMemoryMmap, path: &Path) -> Result<Vec<Region>, String> {
+pub fn save(mem: &GuestMemoryMmap, path: &Path) -> Result<Vec<Region>, MemoryError> {
     let file = OpenOptions::new()
         .write(true)
         .create_new(true)
         .open(path)
-        .map_err(|e| format!("{}: {e}", path.display()))?;
+        .map_err(file_err(path))?;
     let mut regions = Vec::new();
     let mut offset = 0u64;
     let mut buf = vec![0u8; CHUNK];
@@ -46,11 +87,14 @@ pub fn save(mem: &GuestMemoryMmap, path: &Path) -> Result<Vec<Region>, String> {
         while done < size {
             let n = (size - done).min(CHUNK as u64) as usize;
             mem.read_slice(&mut buf[..n], GuestAddress(start + done))
-                .map_err(|e| format!("reading guest memory at {:#x}: {e}", start + done))?;
+                .map_err(|source| MemoryError::Guest {
+                    addr: start + done,
+                    source,
+                })?;
             for (i, page) in buf[..n].chunks(PAGE).enumerate() {
                 if page.iter().any(|b| *b != 0) {
                     file.write_all_at(page, offset + done + (i * PAGE) as u64)
-                        .map_err(|e| format!("{}: {e}", path.display()))?;
+                        .map_err(file_err(path))?;
                 }
             }
             done += n as u64;
@@ -64,41 +108,39 @@ pub fn save(mem: &GuestMemoryMmap, path: &Path) -> Result<Vec<Region>, String> {
     }
     file.set_len(offset)
         .and_then(|()| file.sync_all())
-        .map_err(|e| format!("{}: {e}", path.display()))?;
+        .map_err(file_err(path))?;
     Ok(regions)
 }
 
 /// Maps the memory file privately (copy-on-write) at the saved guest addresses.
-pub fn restore(path: &Path, regions: &[Region]) -> Result<GuestMemoryMmap, String> {
-    let file = File::open(path).map_err(|e| format!("{}: {e}", path.display()))?;
-    let len = file
-        .metadata()
-        .map_err(|e| format!("{}: {e}", path.display()))?
-        .len();
+pub fn restore(path: &Path, regions: &[Region]) -> Result<GuestMemoryMmap, MemoryError> {
+    let file = File::open(path).map_err(file_err(path))?;
+    let len = file.metadata().map_err(file_err(path))?.len();
+    let layout = |addr, reason| MemoryError::Layout {
+        path: path.to_path_buf(),
+        addr,
+        reason,
+    };
     let mut mapped = Vec::with_capacity(regions.len());
     for r in regions {
         if r.file_offset
             .checked_add(r.size)
             .is_none_or(|end| end > len)
         {
-            return Err(format!(
-                "{}: region at {:#x} lies past the end of the memory file",
-                path.display(),
-                r.guest_addr
-            ));
+            return Err(layout(r.guest_addr, "lies past the end of the memory file"));
         }
-        let fo = FileOffset::new(file.try_clone().map_err(|e| e.to_string())?, r.file_offset);
+        let fo = FileOffset::new(file.try_clone().map_err(file_err(path))?, r.file_offset);
         let region = MmapRegion::build(
             Some(fo),
             r.size as usize,
             libc::PROT_READ | libc::PROT_WRITE,
             libc::MAP_PRIVATE | libc::MAP_NORESERVE,
         )
-        .map_err(|e| format!("mapping guest memory: {e}"))?;
+        .map_err(|e| file_err(path)(std::io::Error::other(format!("mapping: {e}"))))?;
         mapped.push(
             GuestRegionMmap::new(region, GuestAddress(r.guest_addr))
-                .ok_or_else(|| format!("region at {:#x} overflows", r.guest_addr))?,
+                .ok_or_else(|| layout(r.guest_addr, "overflows the address space"))?,
         );
     }
-    GuestMemoryMmap::from_regions(mapped).map_err(|e| format!("guest memory layout: {e}"))
+    GuestMemoryMmap::from_regions(mapped).map_err(|e| MemoryError::Regions(e.to_string()))
 }

@@ -2,5 +2,6 @@
 
 pub mod control;
 pub mod irq_routing;
+pub mod kvm_state;
 pub mod vcpu;
 pub mod vm;

@@ -8,7 +8,9 @@ use std::sync::Arc;
 
 use crate::arch::layout::KVM_TSS_ADDRESS;
 use crate::arch::memory::ram_ranges;
+use crate::persist::Persist;
 use crate::vstate::irq_routing::IrqRouter;
+use crate::vstate::kvm_state::{StateError, VmState};
 
 /// Error creating or configuring the VM.
 #[derive(Debug, thiserror::Error)]
@@ -100,5 +102,19 @@ impl Vm {
     /// Guest memory.
     pub fn memory(&self) -> &GuestMemoryMmap {
         &self.memory
+    }
+}
+
+/// The VM-wide state KVM keeps: interrupt controllers, PIT and clock.
+impl Persist for Vm {
+    type State = VmState;
+    type Error = StateError;
+
+    fn save(&self) -> Result<VmState, StateError> {
+        VmState::save(&self.fd)
+    }
+
+    fn restore(&mut self, state: &VmState) -> Result<(), StateError> {
+        state.restore(&self.fd)
     }
 }

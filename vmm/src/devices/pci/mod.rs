@@ -1,8 +1,9 @@
 //! PCI: configuration space, the root complex on bus 0 (host bridge, device slots, BAR mapping),
-//! and configuration access through ports 0xCF8/0xCFC and through ECAM.
+//! configuration access through ports 0xCF8/0xCFC and through ECAM, and the bus's snapshot state.
 
 pub mod config;
 pub mod msix;
+pub mod persist;
 pub mod root;
 
 pub use config::{Bar, PciConfig, PciId};

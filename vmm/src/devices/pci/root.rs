@@ -24,7 +24,7 @@ pub trait PciDevice: Send {
     /// them here.
     fn bar_mapped(&mut self, _bar: usize, _addr: Option<u64>) {}
     /// Stops taking work from the guest and finishes what is in flight (VM pause).
-    fn pause(&mut self) -> Result<(), String> {
+    fn pause(&mut self) -> Result<(), crate::devices::PauseError> {
         Ok(())
     }
     /// Undoes [`PciDevice::pause`].

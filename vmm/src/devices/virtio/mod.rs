@@ -8,6 +8,7 @@
 pub mod block;
 pub mod net;
 pub mod pci;
+pub mod worker;
 
 #[cfg(test)]
 mod tests;
@@ -17,6 +18,8 @@ use std::sync::Arc;
 use virtio_queue::Queue;
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
+
+use crate::devices::PauseError;
 
 /// Device status: the driver found the device.
 pub const STATUS_ACKNOWLEDGE: u8 = 1;
@@ -91,7 +94,7 @@ pub trait VirtioDevice: Send {
     fn reset(&mut self);
     /// Takes no new requests and waits for those in flight (VM pause, snapshot): afterwards
     /// every request the device took is answered in guest memory.
-    fn pause(&mut self) -> Result<(), String> {
+    fn pause(&mut self) -> Result<(), PauseError> {
         Ok(())
     }
     /// Serves the queues again after [`VirtioDevice::pause`].

@@ -525,7 +525,7 @@ impl PciDevice for VirtioPciDevice {
         }
     }
 
-    fn pause(&mut self) -> Result<(), String> {
+    fn pause(&mut self) -> Result<(), crate::devices::PauseError> {
         self.device.pause()
     }
 

@@ -9,13 +9,12 @@ use std::time::{Duration, Instant};
 
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
-use super::block::backend::{DiskBackend, RawFile};
-use super::block::image::ImageDisk;
 use super::block::{Block, BlockOptions};
 use super::pci::VirtioPciDevice;
 use super::*;
 use crate::devices::pci::msix::{MsiMessage, MsiSink};
 use crate::devices::pci::root::PciDevice;
+use ::block::{DiskBackend, Format, ImageDisk};
 
 const COMMON: u64 = 0x0000;
 const NOTIFY: u64 = 0x3000;
@@ -72,14 +71,14 @@ impl Driver {
             let image = qcow::Image::open(&path, &writable).unwrap();
             image.write_at(0, &disk).unwrap();
             image.close().unwrap();
-            Box::new(ImageDisk::open(&path, read_only, false).unwrap())
+            Box::new(ImageDisk::open(&path, Some(Format::Qcow2), read_only, false).unwrap())
         } else {
             let path = dir.path().join("disk.raw");
             std::fs::File::create(&path)
                 .unwrap()
                 .write_all(&disk)
                 .unwrap();
-            Box::new(RawFile::open(&path, read_only, false).unwrap())
+            Box::new(ImageDisk::open(&path, Some(Format::Raw), read_only, false).unwrap())
         };
         let block = Block::new(
             backend,

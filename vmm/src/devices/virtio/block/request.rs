@@ -13,7 +13,7 @@ use vm_memory::{
     Address, ByteValued, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, Le32, Le64,
 };
 
-use super::backend::DiskBackend;
+use block::{DiskBackend, Io, Segments};
 
 /// Bytes per virtio-blk sector.
 pub const SECTOR_SIZE: u64 = 512;
@@ -100,9 +100,6 @@ struct DiscardSegment {
 }
 // SAFETY: plain little-endian integers, every bit pattern is valid.
 unsafe impl ByteValued for DiscardSegment {}
-
-/// Guest buffers: address and length of each.
-type Segments = Vec<(GuestAddress, u32)>;
 
 /// A parsed request.
 #[derive(Debug)]
@@ -206,26 +203,12 @@ fn checked_range(info: &DiskInfo, sector: u64, len: u64) -> Option<u64> {
     (offset.checked_add(len)? <= info.size).then_some(offset)
 }
 
-fn slices<'m>(
-    mem: &'m GuestMemoryMmap,
-    data: &[(GuestAddress, u32)],
-) -> Option<Vec<vm_memory::VolatileSlice<'m>>> {
-    data.iter()
-        .map(|(a, l)| mem.get_slice(*a, *l as usize).ok())
-        .collect()
-}
-
-/// A data transfer (IN or OUT) that passed every check and only needs doing.
+/// A data transfer (IN or OUT) that passed every check and only needs doing, and where its
+/// status byte goes.
 #[derive(Debug)]
 pub struct Transfer {
-    /// OUT (guest to disk) when true.
-    pub write: bool,
-    /// Byte offset on the disk.
-    pub offset: u64,
-    /// Guest buffers, in order.
-    pub segments: Segments,
-    /// Total bytes.
-    pub len: u32,
+    /// The transfer.
+    pub io: Io,
     /// Where the status byte goes.
     pub status: GuestAddress,
 }
@@ -251,36 +234,31 @@ pub enum Plan {
 }
 
 impl Transfer {
-    /// The completion of this transfer given its outcome.
-    pub fn completion(&self, result: std::io::Result<()>) -> Completion {
-        let (status, written) = match result {
-            Ok(()) if self.write => (VIRTIO_BLK_S_OK, 0),
-            Ok(()) => (VIRTIO_BLK_S_OK, self.len),
-            Err(e) => {
-                tracing::warn!(
-                    "virtio-blk: {} of {} bytes at {:#x}: {e}",
-                    if self.write { "write" } else { "read" },
-                    self.len,
-                    self.offset
-                );
-                (VIRTIO_BLK_S_IOERR, 0)
-            }
-        };
-        Completion {
-            status_addr: self.status,
-            status: status as u8,
-            written,
-        }
-    }
-
     /// Carries the transfer out with the backend's synchronous calls.
     pub fn run_sync(&self, mem: &GuestMemoryMmap, disk: &mut dyn DiskBackend) -> Completion {
-        let result = match slices(mem, &self.segments) {
-            Some(bufs) if self.write => disk.write_at(self.offset, &bufs),
-            Some(bufs) => disk.read_at(self.offset, &bufs),
-            None => Err(std::io::Error::other("guest buffer outside memory")),
-        };
-        self.completion(result)
+        completion(&self.io, self.status, self.io.run_sync(mem, disk))
+    }
+}
+
+/// The completion of transfer `io`, whose status byte goes to `status`, given its outcome.
+pub fn completion(io: &Io, status: GuestAddress, result: std::io::Result<()>) -> Completion {
+    let (code, written) = match result {
+        Ok(()) if io.write => (VIRTIO_BLK_S_OK, 0),
+        Ok(()) => (VIRTIO_BLK_S_OK, io.len),
+        Err(e) => {
+            tracing::warn!(
+                "virtio-blk: {} of {} bytes at {:#x}: {e}",
+                if io.write { "write" } else { "read" },
+                io.len,
+                io.offset
+            );
+            (VIRTIO_BLK_S_IOERR, 0)
+        }
+    };
+    Completion {
+        status_addr: status,
+        status: code as u8,
+        written,
     }
 }
 
@@ -319,10 +297,12 @@ fn plan_request(
                         Counters::add(&c.read_bytes, len);
                     }
                     Plan::Transfer(Transfer {
-                        write,
-                        offset,
-                        segments: req.data,
-                        len: len as u32,
+                        io: Io {
+                            write,
+                            offset,
+                            segments: req.data,
+                            len: len as u32,
+                        },
                         status: req.status,
                     })
                 }
@@ -447,7 +427,7 @@ pub fn handle(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::devices::virtio::block::backend::MemoryDisk as MemDisk;
+    use block::MemoryDisk as MemDisk;
 
     const HDR: u64 = 0x1000;
     const DATA: u64 = 0x2000;

@@ -1,6 +1,6 @@
 //! virtio-net on a host TAP interface: the device (features, configuration space, activation)
-//! and its worker thread, which serves one receive and one transmit queue through epoll on the
-//! TAP and the queues' kicks.
+//! and its handler on the shared device worker, which serves one receive and one transmit queue
+//! from the queues' kicks and the TAP's readiness.
 //!
 //! Frames move between guest memory and the TAP with one readv/writev each, virtio-net header
 //! included: the TAP speaks the same header (IFF_VNET_HDR), so checksum offload and TSO need no
@@ -13,10 +13,8 @@ pub mod tx;
 #[cfg(test)]
 mod tests;
 
-use std::os::fd::AsRawFd;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::thread::JoinHandle;
 
 use virtio_bindings::virtio_net::{
     VIRTIO_NET_F_CSUM, VIRTIO_NET_F_GUEST_CSUM, VIRTIO_NET_F_GUEST_TSO4, VIRTIO_NET_F_GUEST_TSO6,
@@ -26,13 +24,14 @@ use virtio_bindings::virtio_net::{
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
 use virtio_queue::{QueueOwnedT, QueueT};
 use vm_memory::GuestMemoryMmap;
-use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
-use vmm_sys_util::eventfd::EventFd;
+use vmm_sys_util::epoll::{ControlOperation, EpollEvent, EventSet};
 
 use self::rx::{Received, RxBuffers};
 use self::tap::FrameIo;
 use self::tx::TxError;
+use super::worker::{Ctx, DeviceWorker, EventHandler, Watch};
 use super::{ActivateError, Activation, ActiveQueue, Interrupt, VirtioDevice, VIRTIO_F_VERSION_1};
+use crate::devices::PauseError;
 
 /// virtio device ID of a network device.
 pub const VIRTIO_ID_NET: u16 = 1;
@@ -43,12 +42,9 @@ const TX: usize = 1;
 const RX_TOKEN: u64 = 0;
 const TX_TOKEN: u64 = 1;
 const TAP_TOKEN: u64 = 2;
-const STOP_TOKEN: u64 = 3;
 /// Frames moved per wakeup before the worker looks at its other events, so a flood in one
 /// direction does not starve the other.
 const BATCH: usize = 128;
-/// How long a pause waits for the worker to leave guest memory alone.
-const QUIESCE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Frame counters of one device.
 #[derive(Debug, Default)]
@@ -71,44 +67,18 @@ fn add(c: &AtomicU64, n: u64) {
     c.fetch_add(n, Ordering::Relaxed);
 }
 
-/// Lets the VMM hold the worker still (pause, snapshot) without tearing it down.
-#[derive(Debug, Default)]
-struct RunState {
-    /// The worker takes no new chains and leaves the TAP alone.
-    paused: AtomicBool,
-    /// Non-zero while the worker is touching guest memory.
-    busy: AtomicUsize,
-}
-
-struct Worker {
-    stop: EventFd,
-    thread: JoinHandle<()>,
-    /// Clones of the queues' kicks, to make the worker look at its queues again.
-    kicks: Vec<EventFd>,
-}
-
 /// State shared by the device and its [`NetHandle`].
 struct Shared {
     /// The TAP; None once closed for good.
     tap: Mutex<Option<Arc<dyn FrameIo>>>,
-    worker: Mutex<Option<Worker>>,
-    run: RunState,
-    counters: Counters,
+    worker: DeviceWorker,
+    /// Shared with the worker's handler (which must not hold `Shared`: the last holder of
+    /// `Shared` stops the worker, and a thread cannot join itself).
+    counters: Arc<Counters>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-impl Shared {
-    fn stop_worker(&self) {
-        if let Some(w) = lock(&self.worker).take() {
-            let _ = w.stop.write(1);
-            if w.thread.join().is_err() {
-                tracing::error!("virtio-net worker panicked");
-            }
-        }
-    }
 }
 
 /// The VMM's handle on a device it attached: counters, and closing the TAP when the VM ends
@@ -124,7 +94,7 @@ impl NetHandle {
 
     /// Stops the worker and closes the TAP, so another VM can attach to it right away.
     pub fn close(&self) {
-        self.0.stop_worker();
+        self.0.worker.stop();
         lock(&self.0.tap).take();
     }
 }
@@ -160,9 +130,8 @@ impl Net {
             mac,
             shared: Arc::new(Shared {
                 tap: Mutex::new(Some(tap)),
-                worker: Mutex::new(None),
-                run: RunState::default(),
-                counters: Counters::default(),
+                worker: DeviceWorker::new("virtio-net"),
+                counters: Arc::default(),
             }),
         }
     }
@@ -183,7 +152,7 @@ impl Net {
 
 impl Drop for Net {
     fn drop(&mut self) {
-        self.shared.stop_worker();
+        self.shared.worker.stop();
     }
 }
 
@@ -220,7 +189,7 @@ impl VirtioDevice for Net {
     }
 
     fn activate(&mut self, activation: Activation) -> Result<(), ActivateError> {
-        self.shared.stop_worker();
+        self.shared.worker.stop();
         let Some(tap) = lock(&self.shared.tap).clone() else {
             return Err(ActivateError::BadSetup("the TAP is closed".into()));
         };
@@ -229,28 +198,17 @@ impl VirtioDevice for Net {
             .try_into()
             .map_err(|_| ActivateError::BadSetup("virtio-net needs 2 queues".into()))?;
         tap.set_offload(tap_offloads(activation.acked_features))?;
-        let stop = EventFd::new(libc::EFD_NONBLOCK)?;
-        let kicks = vec![rxq.kick.try_clone()?, txq.kick.try_clone()?];
-        let epoll = Epoll::new()?;
-        for (fd, token) in [
-            (rxq.kick.as_raw_fd(), RX_TOKEN),
-            (txq.kick.as_raw_fd(), TX_TOKEN),
-            (stop.as_raw_fd(), STOP_TOKEN),
-        ] {
-            epoll.ctl(
-                ControlOperation::Add,
-                fd,
-                EpollEvent::new(EventSet::IN, token),
-            )?;
-        }
-        let mut worker = NetWorker {
+        let watches = vec![
+            (Watch::Kick(rxq.kick.try_clone()?), RX_TOKEN),
+            (Watch::Kick(txq.kick.try_clone()?), TX_TOKEN),
+        ];
+        let handler = NetWorker {
             mem: activation.mem,
             rxq,
             txq,
             interrupt: activation.interrupt,
             tap,
-            shared: self.shared.clone(),
-            epoll,
+            counters: self.shared.counters.clone(),
             mergeable: activation.acked_features & (1u64 << VIRTIO_NET_F_MRG_RXBUF) != 0,
             rx: RxBuffers::default(),
             rx_wants_tap: true,
@@ -259,19 +217,12 @@ impl VirtioDevice for Net {
             interest: EventSet::empty(),
             rx_tap_failed: false,
         };
-        let thread = std::thread::Builder::new()
-            .name("virtio-net".into())
-            .spawn(move || worker.run())?;
-        *lock(&self.shared.worker) = Some(Worker {
-            stop,
-            thread,
-            kicks,
-        });
+        self.shared.worker.start(watches, handler)?;
         Ok(())
     }
 
     fn reset(&mut self) {
-        self.shared.stop_worker();
+        self.shared.worker.stop();
         // Frames queued from now on must not carry offloads the next driver may not accept.
         if let Some(tap) = lock(&self.shared.tap).as_ref() {
             if let Err(e) = tap.set_offload(0) {
@@ -280,31 +231,14 @@ impl VirtioDevice for Net {
         }
     }
 
-    fn pause(&mut self) -> Result<(), String> {
-        let run = &self.shared.run;
-        run.paused.store(true, Ordering::SeqCst);
-        let deadline = std::time::Instant::now() + QUIESCE_TIMEOUT;
-        while run.busy.load(Ordering::SeqCst) > 0 {
-            if std::time::Instant::now() > deadline {
-                run.paused.store(false, Ordering::SeqCst);
-                return Err(format!(
-                    "virtio-net: worker still busy after {QUIESCE_TIMEOUT:?}"
-                ));
-            }
-            std::thread::sleep(std::time::Duration::from_millis(1));
-        }
-        Ok(())
+    fn pause(&mut self) -> Result<(), PauseError> {
+        self.shared.worker.pause()
     }
 
+    /// Kicks that arrived while paused were consumed without serving, and the TAP was left
+    /// unpolled: the worker looks at everything again.
     fn resume(&mut self) {
-        self.shared.run.paused.store(false, Ordering::SeqCst);
-        // Kicks that arrived while paused were consumed without serving, and the TAP was left
-        // unpolled: look at everything again.
-        if let Some(w) = lock(&self.shared.worker).as_ref() {
-            for k in &w.kicks {
-                let _ = k.write(1);
-            }
-        }
+        self.shared.worker.resume()
     }
 }
 
@@ -315,8 +249,7 @@ struct NetWorker {
     txq: ActiveQueue,
     interrupt: Arc<dyn Interrupt>,
     tap: Arc<dyn FrameIo>,
-    shared: Arc<Shared>,
-    epoll: Epoll,
+    counters: Arc<Counters>,
     mergeable: bool,
     rx: RxBuffers,
     /// Receiving can go on, so the TAP is polled for frames; false while the guest has no room.
@@ -331,68 +264,46 @@ struct NetWorker {
     rx_tap_failed: bool,
 }
 
-impl NetWorker {
-    fn run(&mut self) {
-        let mut events = [EpollEvent::default(); 4];
-        loop {
-            self.update_tap_interest();
-            let n = match self.epoll.wait(-1, &mut events) {
-                Ok(n) => n,
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-                Err(e) => {
-                    tracing::error!("virtio-net: epoll: {e}");
-                    return;
+impl EventHandler for NetWorker {
+    fn handle(&mut self, token: u64, set: EventSet, _: &Ctx<'_>) {
+        match token {
+            RX_TOKEN => {
+                // New buffers, or a resume: the TAP is worth another look either way.
+                self.rx_wants_tap = true;
+                self.process_rx();
+            }
+            TX_TOKEN => {
+                // A TAP that failed a read gets another chance with any guest activity.
+                if self.rx_tap_failed {
+                    self.rx_wants_tap = true;
                 }
-            };
-            for ev in &events[..n] {
-                match ev.data() {
-                    STOP_TOKEN => return,
-                    RX_TOKEN => {
-                        let _ = self.rxq.kick.read();
-                        // New buffers, or a resume: the TAP is worth another look either way.
-                        self.rx_wants_tap = true;
-                        self.serve(Self::process_rx);
-                    }
-                    TX_TOKEN => {
-                        let _ = self.txq.kick.read();
-                        // A TAP that failed a read gets another chance with any guest activity.
-                        if self.rx_tap_failed {
-                            self.rx_wants_tap = true;
-                        }
-                        self.serve(Self::process_tx);
-                    }
-                    _ => {
-                        let set = ev.event_set();
-                        // An error also ends the wait for room: the next write reports it.
-                        let failed = set.intersects(EventSet::ERROR | EventSet::HANG_UP);
-                        if set.contains(EventSet::OUT) || (failed && self.tx_blocked) {
-                            self.tx_blocked = false;
-                            self.serve(Self::process_tx);
-                        }
-                        if set.intersects(EventSet::IN | EventSet::ERROR | EventSet::HANG_UP) {
-                            self.serve(Self::process_rx);
-                        }
-                    }
+                self.process_tx();
+            }
+            _ => {
+                // An error also ends the wait for room: the next write reports it.
+                let failed = set.intersects(EventSet::ERROR | EventSet::HANG_UP);
+                if set.contains(EventSet::OUT) || (failed && self.tx_blocked) {
+                    self.tx_blocked = false;
+                    self.process_tx();
+                }
+                if set.intersects(EventSet::IN | EventSet::ERROR | EventSet::HANG_UP) {
+                    self.process_rx();
                 }
             }
         }
     }
 
-    /// Runs `f` unless paused, counted as busy so a pause waits for it.
-    fn serve(&mut self, f: fn(&mut Self)) {
-        let shared = self.shared.clone();
-        shared.run.busy.fetch_add(1, Ordering::SeqCst);
-        if !shared.run.paused.load(Ordering::SeqCst) {
-            f(self);
-        }
-        shared.run.busy.fetch_sub(1, Ordering::SeqCst);
+    fn prepare(&mut self, ctx: &Ctx<'_>) {
+        self.update_tap_interest(ctx);
     }
+}
 
+impl NetWorker {
     /// Polls the TAP for what the queues wait on: frames while the guest has room, room while a
     /// frame waits to be sent; nothing while paused (the TAP queues frames meanwhile).
-    fn update_tap_interest(&mut self) {
+    fn update_tap_interest(&mut self, ctx: &Ctx<'_>) {
         let mut want = EventSet::empty();
-        if !self.shared.run.paused.load(Ordering::SeqCst) {
+        if !ctx.paused() {
             if self.rx_wants_tap {
                 want |= EventSet::IN;
             }
@@ -407,7 +318,7 @@ impl NetWorker {
         // Deregistered rather than registered for nothing: epoll reports errors and hang-ups
         // regardless, and a TAP whose interface is gone would report them forever.
         let r = if want.is_empty() {
-            self.epoll.ctl(
+            ctx.epoll().ctl(
                 ControlOperation::Delete,
                 fd,
                 EpollEvent::new(EventSet::empty(), TAP_TOKEN),
@@ -418,7 +329,7 @@ impl NetWorker {
             } else {
                 ControlOperation::Modify
             };
-            self.epoll.ctl(op, fd, EpollEvent::new(want, TAP_TOKEN))
+            ctx.epoll().ctl(op, fd, EpollEvent::new(want, TAP_TOKEN))
         };
         match r {
             Ok(()) => self.interest = want,
@@ -490,7 +401,7 @@ impl NetWorker {
             );
             match received {
                 Ok(Received::Frame { len, .. }) => {
-                    let c = &self.shared.counters;
+                    let c = &self.counters;
                     add(&c.rx_packets, 1);
                     add(&c.rx_bytes, (len - tap::VNET_HDR_LEN) as u64);
                     used = true;
@@ -498,7 +409,7 @@ impl NetWorker {
                 }
                 Ok(Received::Truncated { len }) => {
                     tracing::debug!("virtio-net rx: dropped a {len}-byte frame that did not fit");
-                    add(&self.shared.counters.rx_dropped, 1);
+                    add(&self.counters.rx_dropped, 1);
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
                     self.rx_wants_tap = true;
@@ -509,7 +420,7 @@ impl NetWorker {
                     if !self.rx_tap_failed {
                         tracing::error!("virtio-net rx: reading the TAP: {e}");
                     }
-                    add(&self.shared.counters.rx_dropped, 1);
+                    add(&self.counters.rx_dropped, 1);
                     // Polling a broken TAP would spin; the next kick tries again.
                     self.rx_tap_failed = true;
                     self.rx_wants_tap = false;
@@ -530,7 +441,7 @@ impl NetWorker {
         }
         let mem = &self.mem;
         let queue = &mut self.txq.queue;
-        let counters = &self.shared.counters;
+        let counters = &self.counters;
         let mut used = false;
         let mut frames = 0;
         'outer: loop {

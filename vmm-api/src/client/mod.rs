@@ -17,10 +17,9 @@ use hyper_util::rt::TokioIo;
 use serde::de::DeserializeOwned;
 use tokio::net::UnixStream;
 
-use super::body::{ErrorBody, Ping, RestoreBody, ShutdownBody, SnapshotBody};
-use super::routes::Action;
 use crate::config::VmConfig;
-use crate::control::VmInfo;
+use crate::routes::Action;
+use crate::types::{ErrorBody, Ping, RestoreBody, ShutdownBody, SnapshotBody, VmInfo};
 
 /// Why a client call failed.
 #[derive(Debug, thiserror::Error)]

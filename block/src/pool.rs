@@ -1,7 +1,7 @@
 //! Transfers on a pool of threads, for disks that serve many requests at once but have no file
 //! descriptor io_uring could use (qcow2 maps every offset through its metadata). As with the
-//! io_uring engine, many transfers per queue are in flight, and finished ones are collected once
-//! an eventfd the worker's epoll watches fires.
+//! io_uring engine, many transfers are in flight, and finished ones are collected once an
+//! eventfd the caller's epoll watches fires.
 
 use std::collections::VecDeque;
 use std::io;
@@ -10,37 +10,46 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 
-use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, VolatileSlice};
+use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
-use super::backend::ConcurrentDisk;
-use super::engine::Done;
-use super::request::Transfer;
+use crate::backend::ConcurrentDisk;
+use crate::engine::Done;
+use crate::io::{outside_memory, slices, Io};
 
 /// Threads per disk: enough to keep a guest's queue depth busy on the host's storage, few enough
 /// not to crowd a small host.
 pub const DEFAULT_THREADS: usize = 8;
 
 /// One unit of work: a run of transfers that continue each other on disk, done in one call.
-struct Job {
+struct Job<T> {
     mem: GuestMemoryMmap,
-    queue: usize,
-    run: Vec<(u16, Transfer)>,
+    run: Vec<(T, Io)>,
 }
 
-#[derive(Default)]
-struct State {
+struct State<T> {
     /// Unbounded, yet never longer than the device's queues: every transfer keeps its
     /// descriptor chain until it completes, so the driver cannot have more in flight.
-    jobs: VecDeque<Job>,
-    done: Vec<Done>,
+    jobs: VecDeque<Job<T>>,
+    done: Vec<Done<T>>,
     /// Jobs a thread has taken and not finished yet.
     running: usize,
     closed: bool,
 }
 
-struct Shared {
-    state: Mutex<State>,
+impl<T> Default for State<T> {
+    fn default() -> Self {
+        State {
+            jobs: VecDeque::new(),
+            done: Vec::new(),
+            running: 0,
+            closed: false,
+        }
+    }
+}
+
+struct Shared<T> {
+    state: Mutex<State<T>>,
     /// Signalled when jobs arrive or the pool closes.
     work: Condvar,
     /// Signalled when the last job finishes.
@@ -48,8 +57,8 @@ struct Shared {
     completions: EventFd,
 }
 
-impl Shared {
-    fn lock(&self) -> MutexGuard<'_, State> {
+impl<T> Shared<T> {
+    fn lock(&self) -> MutexGuard<'_, State<T>> {
         // Nothing panics while holding the lock (disk calls run outside it, under catch_unwind),
         // so a poisoned lock still guards consistent state.
         self.state.lock().unwrap_or_else(|e| e.into_inner())
@@ -57,16 +66,16 @@ impl Shared {
 }
 
 /// A pool of threads serving one disk.
-pub struct Pool {
-    shared: Arc<Shared>,
+pub struct Pool<T> {
+    shared: Arc<Shared<T>>,
     threads: Vec<JoinHandle<()>>,
     /// Pushed but not yet handed to the threads (see [`Pool::submit`]).
-    pending: Vec<Job>,
+    pending: Vec<Job<T>>,
     /// Transfers pushed and not yet reaped.
     in_flight: usize,
 }
 
-impl Pool {
+impl<T: Send + 'static> Pool<T> {
     /// Starts `threads` threads (at least one) serving transfers on `disk`.
     pub fn new(disk: Arc<dyn ConcurrentDisk>, threads: usize) -> io::Result<Self> {
         let shared = Arc::new(Shared {
@@ -86,7 +95,7 @@ impl Pool {
             let disk = disk.clone();
             // On failure, dropping `pool` stops the threads started so far.
             let thread = std::thread::Builder::new()
-                .name(format!("virtio-blk-io{i}"))
+                .name(format!("blk-io{i}"))
                 .spawn(move || serve(&shared, disk.as_ref()))?;
             pool.threads.push(thread);
         }
@@ -105,14 +114,13 @@ impl Pool {
 
     /// Queues a run of transfers that continue each other on disk; one thread serves it with one
     /// call. Nothing starts before [`Pool::submit`].
-    pub fn push_run(&mut self, mem: &GuestMemoryMmap, queue: usize, run: Vec<(u16, Transfer)>) {
+    pub fn push_run(&mut self, mem: &GuestMemoryMmap, run: Vec<(T, Io)>) {
         if run.is_empty() {
             return;
         }
         self.in_flight += run.len();
         self.pending.push(Job {
             mem: mem.clone(),
-            queue,
             run,
         });
     }
@@ -132,7 +140,7 @@ impl Pool {
     }
 
     /// Collects finished transfers.
-    pub fn reap(&mut self) -> Vec<Done> {
+    pub fn reap(&mut self) -> Vec<Done<T>> {
         // Read before taking: a completion that lands after the take signals the eventfd again.
         let _ = self.shared.completions.read();
         let done = std::mem::take(&mut self.shared.lock().done);
@@ -142,7 +150,7 @@ impl Pool {
 
     /// Waits for every transfer pushed so far and returns those not reaped yet. When it returns,
     /// no thread of the pool touches guest memory until more work is pushed.
-    pub fn drain(&mut self) -> Vec<Done> {
+    pub fn drain(&mut self) -> Vec<Done<T>> {
         self.submit();
         let mut state = self.shared.lock();
         while !state.jobs.is_empty() || state.running > 0 {
@@ -160,7 +168,7 @@ impl Pool {
     }
 }
 
-impl Drop for Pool {
+impl<T> Drop for Pool<T> {
     /// Stops the threads: jobs not started yet are dropped unrun (they never touched guest
     /// memory), jobs running are finished, and every thread is joined before this returns.
     fn drop(&mut self) {
@@ -172,14 +180,14 @@ impl Drop for Pool {
         self.shared.work.notify_all();
         for t in self.threads.drain(..) {
             if t.join().is_err() {
-                tracing::error!("virtio-blk: I/O thread panicked");
+                tracing::error!("block: I/O thread panicked");
             }
         }
     }
 }
 
 /// A pool thread: takes jobs until the pool closes.
-fn serve(shared: &Shared, disk: &dyn ConcurrentDisk) {
+fn serve<T>(shared: &Shared<T>, disk: &dyn ConcurrentDisk) {
     let mut state = shared.lock();
     loop {
         if let Some(job) = state.jobs.pop_front() {
@@ -206,41 +214,34 @@ fn serve(shared: &Shared, disk: &dyn ConcurrentDisk) {
 }
 
 /// Carries out one job; a run succeeds or fails as a whole, like a merged io_uring operation.
-fn run_job(disk: &dyn ConcurrentDisk, job: Job) -> Vec<Done> {
-    let Job { mem, queue, run } = job;
+fn run_job<T>(disk: &dyn ConcurrentDisk, job: Job<T>) -> Vec<Done<T>> {
+    let Job { mem, run } = job;
     // A backend bug must cost one request an error status, not the thread (which would leave
     // its job in flight forever and hang the next reset).
     let result = catch_unwind(AssertUnwindSafe(|| transfer(disk, &mem, &run)))
         .unwrap_or_else(|_| Err(io::Error::other("disk backend panicked")));
     run.into_iter()
-        .map(|(head, t)| {
-            let result = match &result {
+        .map(|(tag, io)| Done {
+            tag,
+            io,
+            result: match &result {
                 Ok(()) => Ok(()),
                 Err(e) => Err(io::Error::new(e.kind(), e.to_string())),
-            };
-            Done {
-                queue,
-                head,
-                completion: t.completion(result),
-            }
+            },
         })
         .collect()
 }
 
-fn transfer(
+fn transfer<T>(
     disk: &dyn ConcurrentDisk,
     mem: &GuestMemoryMmap,
-    run: &[(u16, Transfer)],
+    run: &[(T, Io)],
 ) -> io::Result<()> {
     let Some((_, first)) = run.first() else {
         return Ok(());
     };
-    let bufs = run
-        .iter()
-        .flat_map(|(_, t)| &t.segments)
-        .map(|(addr, len)| mem.get_slice(*addr, *len as usize))
-        .collect::<Result<Vec<VolatileSlice<'_>>, _>>()
-        .map_err(|_| io::Error::other("guest buffer outside memory"))?;
+    let bufs =
+        slices(mem, run.iter().flat_map(|(_, io)| &io.segments)).ok_or_else(outside_memory)?;
     if first.write {
         disk.write_at(first.offset, &bufs)
     } else {
@@ -255,7 +256,7 @@ mod tests {
     use std::sync::RwLock;
     use std::time::{Duration, Instant};
 
-    use vm_memory::{Bytes, GuestAddress};
+    use vm_memory::{Bytes, GuestAddress, VolatileSlice};
     use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 
     /// An in-memory disk that lets any number of calls run at once, each taking `delay`, and
@@ -331,18 +332,31 @@ mod tests {
         GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 1 << 22)]).unwrap()
     }
 
-    fn transfer(write: bool, offset: u64, addr: u64, len: u32) -> Transfer {
-        Transfer {
+    fn transfer(write: bool, offset: u64, addr: u64, len: u32) -> Io {
+        Io {
             write,
             offset,
             segments: vec![(GuestAddress(addr), len)],
             len,
-            status: GuestAddress(0),
         }
     }
 
+    /// The test's tag: the queue and head index a device would answer in.
+    type Tag = (usize, u16);
+
+    /// Queue, head, status as virtio-blk reports it (0 OK, 1 error), bytes written into guest
+    /// buffers.
+    fn outcome(d: &Done<Tag>) -> (usize, u16, u8, u32) {
+        let (status, written) = match &d.result {
+            Ok(()) if d.io.write => (0, 0),
+            Ok(()) => (0, d.io.len),
+            Err(_) => (1, 0),
+        };
+        (d.tag.0, d.tag.1, status, written)
+    }
+
     /// Reaps after each completion signal until `n` transfers came back.
-    fn collect(pool: &mut Pool, n: usize) -> Vec<Done> {
+    fn collect(pool: &mut Pool<Tag>, n: usize) -> Vec<Done<Tag>> {
         let epoll = Epoll::new().unwrap();
         epoll
             .ctl(
@@ -375,31 +389,32 @@ mod tests {
         // 64 reads of 4 KiB to distinct guest pages, and 16 writes from a filled page.
         for i in 0..64u64 {
             let t = transfer(false, i * 8192, 0x10_0000 + i * 4096, 4096);
-            pool.push_run(&mem, (i % 2) as usize, vec![(i as u16, t)]);
+            pool.push_run(&mem, vec![(((i % 2) as usize, i as u16), t)]);
         }
         mem.write_slice(&[0xab; 4096], GuestAddress(0x30_0000))
             .unwrap();
         for i in 0..16u64 {
             let t = transfer(true, (512 << 10) + i * 4096, 0x30_0000, 4096);
-            pool.push_run(&mem, 2, vec![(100 + i as u16, t)]);
+            pool.push_run(&mem, vec![((2, 100 + i as u16), t)]);
         }
         assert_eq!(pool.in_flight(), 80);
         pool.submit();
         let done = collect(&mut pool, 80);
         assert_eq!(done.len(), 80);
         assert_eq!(pool.in_flight(), 0);
-        let mut heads: Vec<u16> = done.iter().map(|d| d.head).collect();
+        let mut heads: Vec<u16> = done.iter().map(|d| d.tag.1).collect();
         heads.sort_unstable();
         let expected: Vec<u16> = (0..64).chain(100..116).collect();
         assert_eq!(heads, expected);
         for d in &done {
-            assert_eq!(d.completion.status, 0, "head {}", d.head);
-            let (queue, written) = if d.head < 100 {
-                ((d.head % 2) as usize, 4096)
+            let (q, head, status, written) = outcome(d);
+            assert_eq!(status, 0, "head {head}");
+            let expected = if head < 100 {
+                ((head % 2) as usize, 4096)
             } else {
                 (2, 0)
             };
-            assert_eq!((d.queue, d.completion.written), (queue, written));
+            assert_eq!((q, written), expected);
         }
         let data = disk.data.read().unwrap().clone();
         for i in 0..64u64 {
@@ -422,16 +437,17 @@ mod tests {
         let mut pool = Pool::new(disk.clone(), 2).unwrap();
         let mem = mem();
         let run = vec![
-            (5, transfer(false, 1024, 0x1000, 1024)),
-            (6, transfer(false, 2048, 0x8000, 512)),
+            ((1, 5), transfer(false, 1024, 0x1000, 1024)),
+            ((1, 6), transfer(false, 2048, 0x8000, 512)),
         ];
-        pool.push_run(&mem, 1, run);
+        pool.push_run(&mem, run);
         let done = pool.drain();
         assert_eq!(disk.started.load(Ordering::SeqCst), 1);
         assert_eq!(done.len(), 2);
-        assert!(done
-            .iter()
-            .all(|d| d.queue == 1 && d.completion.status == 0));
+        assert!(done.iter().all(|d| {
+            let (q, _, status, _) = outcome(d);
+            q == 1 && status == 0
+        }));
         let mut back = vec![0u8; 512];
         mem.read_slice(&mut back, GuestAddress(0x8000)).unwrap();
         assert_eq!(back, disk.data.read().unwrap()[2048..2560]);
@@ -444,13 +460,13 @@ mod tests {
         let mut pool = Pool::new(Arc::new(disk), 1).unwrap();
         let mem = mem();
         // Past the end of the disk, a guest buffer outside memory, a backend panic.
-        pool.push_run(&mem, 0, vec![(1, transfer(false, 65024, 0x1000, 1024))]);
-        pool.push_run(&mem, 0, vec![(2, transfer(false, 0, 1 << 30, 512))]);
-        pool.push_run(&mem, 0, vec![(3, transfer(true, 4096, 0x1000, 512))]);
-        pool.push_run(&mem, 0, vec![(4, transfer(false, 0, 0x1000, 512))]);
-        let mut done = pool.drain();
-        done.sort_by_key(|d| d.head);
-        let statuses: Vec<(u16, u8)> = done.iter().map(|d| (d.head, d.completion.status)).collect();
+        pool.push_run(&mem, vec![((0, 1), transfer(false, 65024, 0x1000, 1024))]);
+        pool.push_run(&mem, vec![((0, 2), transfer(false, 0, 1 << 30, 512))]);
+        pool.push_run(&mem, vec![((0, 3), transfer(true, 4096, 0x1000, 512))]);
+        pool.push_run(&mem, vec![((0, 4), transfer(false, 0, 0x1000, 512))]);
+        let mut done: Vec<_> = pool.drain().iter().map(outcome).collect();
+        done.sort_by_key(|d| d.1);
+        let statuses: Vec<(u16, u8)> = done.iter().map(|d| (d.1, d.2)).collect();
         assert_eq!(statuses, vec![(1, 1), (2, 1), (3, 1), (4, 0)]);
         assert_eq!(pool.in_flight(), 0);
     }
@@ -462,7 +478,7 @@ mod tests {
         let mem = mem();
         for i in 0..40u64 {
             let t = transfer(false, i * 4096, 0x10_0000 + i * 4096, 4096);
-            pool.push_run(&mem, 0, vec![(i as u16, t)]);
+            pool.push_run(&mem, vec![((0, i as u16), t)]);
         }
         pool.submit();
         // Some may have been reaped already; drain returns the rest.
@@ -473,7 +489,7 @@ mod tests {
         assert_eq!(disk.active.load(Ordering::SeqCst), 0);
         assert_eq!(disk.started.load(Ordering::SeqCst), 40);
         // The pool stays usable after a drain.
-        pool.push_run(&mem, 0, vec![(0, transfer(false, 0, 0x1000, 512))]);
+        pool.push_run(&mem, vec![((0, 0), transfer(false, 0, 0x1000, 512))]);
         assert_eq!(pool.drain().len(), 1);
     }
 
@@ -484,7 +500,7 @@ mod tests {
         let mem = mem();
         for i in 0..100u64 {
             let t = transfer(false, i * 4096, 0x10_0000 + i * 4096, 4096);
-            pool.push_run(&mem, 0, vec![(i as u16, t)]);
+            pool.push_run(&mem, vec![((0, i as u16), t)]);
         }
         pool.submit();
         std::thread::sleep(Duration::from_millis(15));

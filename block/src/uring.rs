@@ -1,6 +1,6 @@
 //! Asynchronous data transfers through io_uring: reads and writes go straight between the image
-//! file and guest memory (readv/writev on iovecs that point into guest RAM), many in flight per
-//! queue, and completions arrive on an eventfd the worker's epoll watches.
+//! file and guest memory (readv/writev on iovecs that point into guest RAM), many in flight,
+//! and completions arrive on an eventfd the caller's epoll watches.
 
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
@@ -9,59 +9,33 @@ use io_uring::{opcode, types, IoUring};
 use vm_memory::{GuestMemoryBackend, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
-use super::engine::Done;
-use super::request::Transfer;
+use crate::engine::Done;
+use crate::io::Io;
 
-/// One operation on the ring: one request, or several that continue one another on disk.
-struct InFlight {
-    queue: usize,
-    members: Vec<(u16, Transfer)>,
+/// One operation on the ring: one transfer, or several that continue one another on disk.
+struct InFlight<T> {
+    members: Vec<(T, Io)>,
     len: u64,
     /// The kernel reads these while the operation runs; they live here until it completes.
     iovecs: Vec<libc::iovec>,
 }
 
-/// Most buffers one readv/writev takes (the kernel's IOV_MAX).
-pub const MAX_IOVECS: usize = 1024;
-
-/// Splits `batch` (in queue order) into runs that one operation can serve: same direction, each
-/// starting where the previous one ends on disk, at most `max_iovecs` buffers together. Merging
-/// turns a guest's back-to-back sequential requests into one large host I/O.
-pub fn merge_runs(batch: Vec<(u16, Transfer)>, max_iovecs: usize) -> Vec<Vec<(u16, Transfer)>> {
-    let mut runs: Vec<Vec<(u16, Transfer)>> = Vec::new();
-    let mut iovecs = 0;
-    for (head, t) in batch {
-        let joins = runs.last().and_then(|r| r.last()).is_some_and(|(_, prev)| {
-            prev.write == t.write
-                && prev.offset + u64::from(prev.len) == t.offset
-                && iovecs + t.segments.len() <= max_iovecs
-        });
-        if joins {
-            iovecs += t.segments.len();
-            runs.last_mut().expect("joined a run").push((head, t));
-        } else {
-            iovecs = t.segments.len();
-            runs.push(vec![(head, t)]);
-        }
-    }
-    runs
-}
-
 /// An io_uring instance serving one disk file.
-pub struct Uring {
+pub struct Uring<T> {
     ring: IoUring,
     fd: RawFd,
     completions: EventFd,
-    slots: Vec<Option<InFlight>>,
+    slots: Vec<Option<InFlight<T>>>,
     free: Vec<usize>,
     unsubmitted: usize,
 }
 
 // SAFETY: the iovec pointers refer to guest memory, which is mapped for the life of the VM and
-// valid from any thread; nothing else in `Uring` is tied to the creating thread.
-unsafe impl Send for Uring {}
+// valid from any thread; the tags are Send; nothing else in `Uring` is tied to the creating
+// thread.
+unsafe impl<T: Send> Send for Uring<T> {}
 
-impl Uring {
+impl<T> Uring<T> {
     /// A ring with room for `depth` transfers in flight on `fd`.
     pub fn new(fd: RawFd, depth: u32) -> io::Result<Self> {
         let ring = IoUring::new(depth)?;
@@ -82,40 +56,33 @@ impl Uring {
         self.completions.as_raw_fd()
     }
 
-    /// Number of transfers in flight.
+    /// Number of operations in flight.
     pub fn in_flight(&self) -> usize {
         self.slots.len() - self.free.len()
     }
 
     /// Queues one transfer; it is handed back when the ring is full or a buffer cannot be
     /// mapped (the caller then runs it synchronously).
-    pub fn push(
-        &mut self,
-        mem: &GuestMemoryMmap,
-        queue: usize,
-        head: u16,
-        transfer: Transfer,
-    ) -> Result<(), Transfer> {
-        self.push_run(mem, queue, vec![(head, transfer)])
-            .map_err(|mut run| run.pop().expect("one transfer").1)
+    pub fn push(&mut self, mem: &GuestMemoryMmap, tag: T, io: Io) -> Result<(), (T, Io)> {
+        self.push_run(mem, vec![(tag, io)])
+            .map_err(|mut run| run.pop().expect("one transfer"))
     }
 
-    /// Queues a run from [`merge_runs`] as one operation; the run is handed back when the ring
-    /// is full or a buffer cannot be mapped.
+    /// Queues a run from [`crate::merge_runs`] as one operation; the run is handed back when
+    /// the ring is full or a buffer cannot be mapped.
     pub fn push_run(
         &mut self,
         mem: &GuestMemoryMmap,
-        queue: usize,
-        run: Vec<(u16, Transfer)>,
-    ) -> Result<(), Vec<(u16, Transfer)>> {
-        let Some(first) = run.first().map(|(_, t)| (t.write, t.offset)) else {
+        run: Vec<(T, Io)>,
+    ) -> Result<(), Vec<(T, Io)>> {
+        let Some(first) = run.first().map(|(_, io)| (io.write, io.offset)) else {
             return Ok(());
         };
         let Some(slot) = self.free.pop() else {
             return Err(run);
         };
-        let mut iovecs = Vec::with_capacity(run.iter().map(|(_, t)| t.segments.len()).sum());
-        for (addr, len) in run.iter().flat_map(|(_, t)| t.segments.iter()) {
+        let mut iovecs = Vec::with_capacity(run.iter().map(|(_, io)| io.segments.len()).sum());
+        for (addr, len) in run.iter().flat_map(|(_, io)| io.segments.iter()) {
             match mem.get_slice(*addr, *len as usize) {
                 Ok(s) => iovecs.push(libc::iovec {
                     iov_base: s.ptr_guard_mut().as_ptr().cast(),
@@ -147,9 +114,8 @@ impl Uring {
             self.free.push(slot);
             return Err(run);
         }
-        let len = run.iter().map(|(_, t)| u64::from(t.len)).sum();
+        let len = run.iter().map(|(_, io)| u64::from(io.len)).sum();
         self.slots[slot] = Some(InFlight {
-            queue,
             members: run,
             len,
             iovecs,
@@ -167,9 +133,9 @@ impl Uring {
         Ok(())
     }
 
-    /// Collects finished transfers. Short transfers are errors: the request was checked to lie
-    /// inside the disk, so a short count means the file shrank or the device failed.
-    pub fn reap(&mut self) -> Vec<Done> {
+    /// Collects finished transfers. Short transfers are errors: the caller checked that each
+    /// lies inside the disk, so a short count means the file shrank or the device failed.
+    pub fn reap(&mut self) -> Vec<Done<T>> {
         let _ = self.completions.read();
         let mut done = Vec::new();
         let finished: Vec<(u64, i32)> = self
@@ -183,7 +149,7 @@ impl Uring {
             };
             self.free.push(slot as usize);
             drop(op.iovecs);
-            for (head, transfer) in op.members {
+            for (tag, io) in op.members {
                 // A merged operation succeeds or fails as a whole.
                 let result = if res < 0 {
                     Err(io::Error::from_raw_os_error(-res))
@@ -195,24 +161,20 @@ impl Uring {
                 } else {
                     Ok(())
                 };
-                done.push(Done {
-                    queue: op.queue,
-                    head,
-                    completion: transfer.completion(result),
-                });
+                done.push(Done { tag, io, result });
             }
         }
         done
     }
 
     /// Waits for every transfer in flight and returns them.
-    pub fn drain(&mut self) -> Vec<Done> {
+    pub fn drain(&mut self) -> Vec<Done<T>> {
         let mut all = Vec::new();
         let _ = self.submit();
         while self.in_flight() > 0 {
             if let Err(e) = self.ring.submit_and_wait(1) {
                 if e.kind() != io::ErrorKind::Interrupted {
-                    tracing::error!("virtio-blk: io_uring wait: {e}");
+                    tracing::error!("block: io_uring wait: {e}");
                     break;
                 }
             }
@@ -227,6 +189,19 @@ mod tests {
     use super::*;
     use std::io::Write;
     use vm_memory::{Bytes, GuestAddress};
+
+    /// The test's tag: the queue and head index a device would answer in.
+    type Tag = (usize, u16);
+
+    /// Status as virtio-blk reports it (0 OK, 1 error) and the bytes written into guest buffers.
+    fn outcome(d: &Done<Tag>) -> (usize, u16, u8, u32) {
+        let (status, written) = match &d.result {
+            Ok(()) if d.io.write => (0, 0),
+            Ok(()) => (0, d.io.len),
+            Err(_) => (1, 0),
+        };
+        (d.tag.0, d.tag.1, status, written)
+    }
 
     #[test]
     fn reads_and_writes_complete_through_the_ring() {
@@ -244,7 +219,7 @@ mod tests {
             .unwrap();
         let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
         let mut ring = Uring::new(file.as_raw_fd(), 8).expect("io_uring on this kernel");
-        let t = |write: bool, offset: u64, addr: u64, status: u64| Transfer {
+        let t = |write: bool, offset: u64, addr: u64| Io {
             write,
             offset,
             segments: vec![
@@ -252,29 +227,17 @@ mod tests {
                 (GuestAddress(addr + 0x1000), 512),
             ],
             len: 1024,
-            status: GuestAddress(status),
         };
-        ring.push(&mem, 0, 7, t(false, 2048, 0x10000, 0x100))
-            .unwrap();
+        ring.push(&mem, (0, 7), t(false, 2048, 0x10000)).unwrap();
         mem.write_slice(&[0xcc; 512], GuestAddress(0x20000))
             .unwrap();
         mem.write_slice(&[0xdd; 512], GuestAddress(0x21000))
             .unwrap();
-        ring.push(&mem, 1, 9, t(true, 8192, 0x20000, 0x101))
-            .unwrap();
+        ring.push(&mem, (1, 9), t(true, 8192, 0x20000)).unwrap();
         assert_eq!(ring.in_flight(), 2);
-        let mut done = ring.drain();
-        done.sort_by_key(|d| d.head);
-        assert_eq!(done.len(), 2);
-        assert_eq!(
-            (done[0].queue, done[0].head, done[0].completion.written),
-            (0, 7, 1024)
-        );
-        assert_eq!(done[0].completion.status, 0);
-        assert_eq!(
-            (done[1].queue, done[1].head, done[1].completion.written),
-            (1, 9, 0)
-        );
+        let mut done: Vec<_> = ring.drain().iter().map(outcome).collect();
+        done.sort_by_key(|d| d.1);
+        assert_eq!(done, vec![(0, 7, 0, 1024), (1, 9, 0, 0)]);
         let mut back = vec![0u8; 512];
         mem.read_slice(&mut back, GuestAddress(0x11000)).unwrap();
         assert_eq!(back, data[2560..3072]);
@@ -282,36 +245,11 @@ mod tests {
         assert!(on_disk[8192..8704].iter().all(|b| *b == 0xcc));
         assert!(on_disk[8704..9216].iter().all(|b| *b == 0xdd));
         // Reading past the end of the file is a short transfer: an error status.
-        ring.push(&mem, 0, 1, t(false, 16384 - 512, 0x10000, 0x100))
+        ring.push(&mem, (0, 1), t(false, 16384 - 512, 0x10000))
             .unwrap();
         let done = ring.drain();
-        assert_eq!(done[0].completion.status, 1);
+        assert_eq!(outcome(&done[0]).2, 1);
         assert_eq!(ring.in_flight(), 0);
-    }
-
-    #[test]
-    fn contiguous_same_direction_transfers_merge() {
-        let t = |write: bool, offset: u64, segs: usize| Transfer {
-            write,
-            offset,
-            segments: vec![(GuestAddress(0x1000), 512); segs],
-            len: 512 * segs as u32,
-            status: GuestAddress(0),
-        };
-        let batch = vec![
-            (0, t(true, 0, 2)),
-            (1, t(true, 1024, 1)),
-            (2, t(false, 1536, 1)), // direction changes
-            (3, t(false, 2048, 1)),
-            (4, t(false, 8192, 1)), // not contiguous
-            (5, t(false, 8704, 4)), // would exceed the iovec limit
-        ];
-        let runs = merge_runs(batch, 4);
-        let heads: Vec<Vec<u16>> = runs
-            .iter()
-            .map(|r| r.iter().map(|(h, _)| *h).collect())
-            .collect();
-        assert_eq!(heads, vec![vec![0, 1], vec![2, 3], vec![4], vec![5]]);
     }
 
     #[test]
@@ -323,27 +261,27 @@ mod tests {
         let file = std::fs::File::open(&path).unwrap();
         let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
         let mut ring = Uring::new(file.as_raw_fd(), 4).expect("io_uring on this kernel");
-        let t = |offset: u64, addr: u64| Transfer {
+        let t = |offset: u64, addr: u64| Io {
             write: false,
             offset,
             segments: vec![(GuestAddress(addr), 1024)],
             len: 1024,
-            status: GuestAddress(0),
         };
-        let runs = merge_runs(
-            vec![(5, t(1024, 0x10000)), (6, t(2048, 0x20000))],
-            MAX_IOVECS,
+        let runs = crate::merge_runs(
+            vec![((0, 5), t(1024, 0x10000)), ((0, 6), t(2048, 0x20000))],
+            crate::MAX_IOVECS,
         );
         assert_eq!(runs.len(), 1);
         for run in runs {
-            ring.push_run(&mem, 0, run).unwrap();
+            ring.push_run(&mem, run).unwrap();
         }
         assert_eq!(ring.in_flight(), 1);
         let done = ring.drain();
         assert_eq!(done.len(), 2);
-        assert!(done
-            .iter()
-            .all(|d| d.completion.status == 0 && d.completion.written == 1024));
+        assert!(done.iter().all(|d| {
+            let (_, _, status, written) = outcome(d);
+            status == 0 && written == 1024
+        }));
         let mut a = vec![0u8; 1024];
         mem.read_slice(&mut a, GuestAddress(0x20000)).unwrap();
         assert_eq!(a, data[2048..3072]);
@@ -355,17 +293,16 @@ mod tests {
         file.set_len(4096).unwrap();
         let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 1 << 16)]).unwrap();
         let mut ring = Uring::new(file.as_raw_fd(), 1).expect("io_uring on this kernel");
-        let t = || Transfer {
+        let t = || Io {
             write: false,
             offset: 0,
             segments: vec![(GuestAddress(0), 512)],
             len: 512,
-            status: GuestAddress(0x800),
         };
-        ring.push(&mem, 0, 0, t()).unwrap();
-        assert!(ring.push(&mem, 0, 1, t()).is_err());
+        ring.push(&mem, (0, 0), t()).unwrap();
+        assert!(ring.push(&mem, (0, 1), t()).is_err());
         assert_eq!(ring.drain().len(), 1);
-        ring.push(&mem, 0, 1, t()).unwrap();
+        ring.push(&mem, (0, 1), t()).unwrap();
         assert_eq!(ring.drain().len(), 1);
     }
 }

@@ -1,4 +1,5 @@
-//! vCPU and VM (interrupt controllers, PIT, clock) state as KVM reports it.
+//! vCPU and VM (interrupt controllers, PIT, clock) state as KVM reports it, saved for
+//! snapshots and loaded back into a new VM.
 
 use kvm_bindings::{
     kvm_clock_data, kvm_debugregs, kvm_irqchip, kvm_lapic_state, kvm_mp_state, kvm_msr_entry,
@@ -26,12 +27,38 @@ pub struct VcpuState {
     mp_state: kvm_mp_state,
 }
 
-fn e(what: &str) -> impl FnOnce(kvm_ioctls::Error) -> String + '_ {
-    move |err| format!("{what}: {err}")
+/// A KVM state ioctl that failed, or state KVM would not take.
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    /// An ioctl failed.
+    #[error("KVM {what}: {source}")]
+    Kvm {
+        /// Which operation.
+        what: &'static str,
+        /// The errno.
+        source: kvm_ioctls::Error,
+    },
+    /// Too many MSRs for one KVM call.
+    #[error("MSR list of {0} entries is too long for KVM")]
+    MsrList(usize),
+    /// KVM stopped at an MSR it would not set.
+    #[error("KVM took {taken} of {total} MSRs (MSR {refused:#x} refused)")]
+    MsrRefused {
+        /// MSRs set.
+        taken: usize,
+        /// MSRs given.
+        total: usize,
+        /// The first one refused.
+        refused: u32,
+    },
+}
+
+fn e(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> StateError {
+    move |source| StateError::Kvm { what, source }
 }
 
 /// The MSRs KVM can save and restore.
-pub fn msr_indices(kvm: &Kvm) -> Result<Vec<u32>, String> {
+pub fn msr_indices(kvm: &Kvm) -> Result<Vec<u32>, StateError> {
     Ok(kvm
         .get_msr_index_list()
         .map_err(e("MSR index list"))?
@@ -40,7 +67,7 @@ pub fn msr_indices(kvm: &Kvm) -> Result<Vec<u32>, String> {
 }
 
 /// Reads the MSRs of `indices` for `fd`, skipping the ones KVM refuses to read.
-fn read_msrs(indices: &[u32], fd: &VcpuFd) -> Result<Vec<kvm_msr_entry>, String> {
+fn read_msrs(indices: &[u32], fd: &VcpuFd) -> Result<Vec<kvm_msr_entry>, StateError> {
     let mut indices: Vec<u32> = indices.to_vec();
     let mut out = Vec::new();
     while !indices.is_empty() {
@@ -51,7 +78,8 @@ fn read_msrs(indices: &[u32], fd: &VcpuFd) -> Result<Vec<kvm_msr_entry>, String>
                 ..Default::default()
             })
             .collect();
-        let mut msrs = Msrs::from_entries(&entries).map_err(|e| format!("MSRs: {e:?}"))?;
+        let mut msrs =
+            Msrs::from_entries(&entries).map_err(|_| StateError::MsrList(entries.len()))?;
         let n = fd.get_msrs(&mut msrs).map_err(e("get MSRs"))?;
         out.extend_from_slice(&msrs.as_slice()[..n]);
         // KVM stops at the first MSR it cannot read: skip it and go on after it.
@@ -62,7 +90,7 @@ fn read_msrs(indices: &[u32], fd: &VcpuFd) -> Result<Vec<kvm_msr_entry>, String>
 
 impl VcpuState {
     /// Saves a paused vCPU.
-    pub fn save(msr_indices: &[u32], fd: &VcpuFd) -> Result<VcpuState, String> {
+    pub fn save(msr_indices: &[u32], fd: &VcpuFd) -> Result<VcpuState, StateError> {
         Ok(VcpuState {
             mp_state: fd.get_mp_state().map_err(e("get MP state"))?,
             regs: fd.get_regs().map_err(e("get regs"))?,
@@ -78,7 +106,7 @@ impl VcpuState {
 
     /// Loads the state into a freshly created vCPU (CPUID already set). The order follows KVM's
     /// dependencies: special registers (APIC base) before the LAPIC, MSRs before events.
-    pub fn restore(&self, fd: &VcpuFd) -> Result<(), String> {
+    pub fn restore(&self, fd: &VcpuFd) -> Result<(), StateError> {
         fd.set_mp_state(self.mp_state).map_err(e("set MP state"))?;
         fd.set_regs(&self.regs).map_err(e("set regs"))?;
         fd.set_sregs(&self.sregs).map_err(e("set sregs"))?;
@@ -97,14 +125,14 @@ impl VcpuState {
             MSR_IA32_TSC_DEADLINE => 2,
             _ => 1,
         });
-        let msrs = Msrs::from_entries(&ordered).map_err(|e| format!("MSRs: {e:?}"))?;
+        let msrs = Msrs::from_entries(&ordered).map_err(|_| StateError::MsrList(ordered.len()))?;
         let n = fd.set_msrs(&msrs).map_err(e("set MSRs"))?;
         if n != ordered.len() {
-            return Err(format!(
-                "KVM took {n} of {} MSRs (MSR {:#x} refused)",
-                ordered.len(),
-                ordered[n].index
-            ));
+            return Err(StateError::MsrRefused {
+                taken: n,
+                total: ordered.len(),
+                refused: ordered[n].index,
+            });
         }
         fd.set_vcpu_events(&self.events)
             .map_err(e("set vCPU events"))?;
@@ -131,7 +159,7 @@ fn chip(id: u32) -> kvm_irqchip {
 
 impl VmState {
     /// Saves the VM-wide state of a paused VM.
-    pub fn save(vm: &VmFd) -> Result<VmState, String> {
+    pub fn save(vm: &VmFd) -> Result<VmState, StateError> {
         let mut pic_master = chip(KVM_IRQCHIP_PIC_MASTER);
         let mut pic_slave = chip(KVM_IRQCHIP_PIC_SLAVE);
         let mut ioapic = chip(KVM_IRQCHIP_IOAPIC);
@@ -148,7 +176,7 @@ impl VmState {
     }
 
     /// Loads it into a new VM (irqchip and PIT created).
-    pub fn restore(&self, vm: &VmFd) -> Result<(), String> {
+    pub fn restore(&self, vm: &VmFd) -> Result<(), StateError> {
         vm.set_irqchip(&self.pic_master).map_err(e("set PIC"))?;
         vm.set_irqchip(&self.pic_slave).map_err(e("set PIC"))?;
         vm.set_irqchip(&self.ioapic).map_err(e("set IOAPIC"))?;

@@ -1,16 +1,14 @@
-//! Choosing the backend for an image file: raw images go to [`RawFile`] (which io_uring serves
-//! straight from the file), qcow2 images to [`ImageDisk`]. Without an explicit format the header
-//! decides, and a file with a qcow2 header is never served raw unless the caller asked for raw:
-//! a guest given raw access to qcow2 metadata could rewrite the header, backing file name
-//! included, and so read any file on the host.
+//! Opening any disk image: the one entry point devices use. Without an explicit format the
+//! header decides, and a file with a qcow2 header is never served raw unless the caller asked
+//! for raw: a guest given raw access to qcow2 metadata could rewrite the header, backing file
+//! name included, and so read any file on the host.
 
-use std::io;
 use std::path::Path;
 
 use qcow::Format;
 
-use super::backend::{DiskBackend, RawFile};
-use super::image::ImageDisk;
+use crate::backend::DiskBackend;
+use crate::image::ImageDisk;
 
 /// Error opening a disk image.
 #[derive(Debug, thiserror::Error)]
@@ -18,9 +16,6 @@ pub enum OpenError {
     /// The image (or its backing chain) is unusable, or the host failed reading it.
     #[error(transparent)]
     Image(#[from] qcow::Error),
-    /// The raw file could not be opened.
-    #[error(transparent)]
-    Io(#[from] io::Error),
 }
 
 impl OpenError {
@@ -29,10 +24,6 @@ impl OpenError {
     pub fn is_bad_input(&self) -> bool {
         match self {
             OpenError::Image(e) => e.is_bad_input(),
-            OpenError::Io(e) => matches!(
-                e.kind(),
-                io::ErrorKind::NotFound | io::ErrorKind::PermissionDenied
-            ),
         }
     }
 }
@@ -44,14 +35,7 @@ pub fn open_disk(
     read_only: bool,
     direct: bool,
 ) -> Result<Box<dyn DiskBackend>, OpenError> {
-    let format = match format {
-        Some(f) => f,
-        None => qcow::probe(path)?,
-    };
-    Ok(match format {
-        Format::Raw => Box::new(RawFile::open(path, read_only, direct)?),
-        Format::Qcow2 => Box::new(ImageDisk::open(path, read_only, direct)?),
-    })
+    Ok(Box::new(ImageDisk::open(path, format, read_only, direct)?))
 }
 
 #[cfg(test)]
@@ -84,7 +68,9 @@ mod tests {
         assert!(disk.raw_fd().is_none() && disk.concurrent().is_some());
         assert_eq!(disk.size(), 1 << 30, "the virtual size, not the file's");
 
-        // Asked for explicitly, a qcow2 file is served raw: its header is the first bytes.
+        // Asked for explicitly, a qcow2 file is served raw: its header is the first bytes. (The
+        // writer above holds the image's lock until it is closed.)
+        drop(disk);
         let mut disk = open_disk(&q, Some(Format::Raw), true, false).unwrap();
         assert!(disk.raw_fd().is_some());
         let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 1 << 16)]).unwrap();

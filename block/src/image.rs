@@ -1,15 +1,17 @@
-//! qcow2 images (with their backing chains), opened through the `qcow` crate, as a disk backend.
-//! Every image call takes `&self` and may run on many threads at once, so the same image also
-//! serves the thread-pool engine's concurrent transfers ([`ConcurrentDisk`]).
+//! Every image file a VM can have, raw or qcow2 (with its backing chain), served through the
+//! `qcow` crate: one implementation of each format for the whole project. Every image call takes
+//! `&self` and may run on many threads at once, so a qcow2 image also serves the thread-pool
+//! engine's concurrent transfers ([`ConcurrentDisk`]); a raw image offers its file to io_uring.
 
 use std::io;
+use std::os::fd::RawFd;
 use std::path::Path;
 use std::sync::Arc;
 
 use qcow::{Format, Image, OpenOptions};
 use vm_memory::VolatileSlice;
 
-use super::backend::{ConcurrentDisk, DiskBackend};
+use crate::backend::{ConcurrentDisk, DiskBackend};
 
 /// The block layer speaks io::Error; the message keeps the image's own explanation (which file
 /// of the chain, what is wrong with it).
@@ -21,18 +23,24 @@ fn to_io(e: qcow::Error) -> io::Error {
     io::Error::new(kind, e.to_string())
 }
 
-/// A qcow2 image (with its backing chain) serving a virtio-blk device.
+/// An image serving a disk device.
 pub struct ImageDisk {
     image: Arc<Image>,
 }
 
 impl ImageDisk {
-    /// Opens the qcow2 image at `path`, writable unless `read_only`; `direct` bypasses the host
-    /// page cache (O_DIRECT).
-    pub fn open(path: &Path, read_only: bool, direct: bool) -> qcow::Result<Self> {
+    /// Opens the image at `path` as `format` (probed from its header when None), writable
+    /// unless `read_only`; `direct` bypasses the host page cache (O_DIRECT). A qcow2 image's
+    /// backing chain is opened read-only.
+    pub fn open(
+        path: &Path,
+        format: Option<Format>,
+        read_only: bool,
+        direct: bool,
+    ) -> qcow::Result<Self> {
         let opts = OpenOptions {
             writable: !read_only,
-            format: Some(Format::Qcow2),
+            format,
             direct,
         };
         Ok(Self::new(Arc::new(Image::open(path, &opts)?)))
@@ -41,6 +49,11 @@ impl ImageDisk {
     /// Serves an image opened elsewhere.
     pub fn new(image: Arc<Image>) -> Self {
         Self { image }
+    }
+
+    /// The image's format.
+    pub fn format(&self) -> Format {
+        self.image.format()
     }
 }
 
@@ -83,16 +96,93 @@ impl DiskBackend for ImageDisk {
         self.image.release().map_err(to_io)
     }
 
+    fn raw_fd(&self) -> Option<RawFd> {
+        self.image.raw_data_fd()
+    }
+
+    /// Only qcow2: a raw image's transfers go through io_uring on its file instead.
     fn concurrent(&self) -> Option<Arc<dyn ConcurrentDisk>> {
-        Some(self.image.clone())
+        match self.image.format() {
+            Format::Qcow2 => Some(self.image.clone()),
+            Format::Raw => None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod raw_tests {
+    use super::*;
+    use std::fs::File;
+    use std::io::Write;
+    use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+
+    fn image(bytes: &[u8]) -> (tempfile::TempDir, std::path::PathBuf) {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("disk.raw");
+        File::create(&p).unwrap().write_all(bytes).unwrap();
+        (dir, p)
+    }
+
+    #[test]
+    fn scattered_reads_and_writes_round_trip() {
+        let data: Vec<u8> = (0..8192u32).map(|i| (i % 251) as u8).collect();
+        let (_d, p) = image(&data);
+        let mut disk = ImageDisk::open(&p, Some(Format::Raw), false, false).unwrap();
+        assert_eq!(disk.size(), 8192);
+        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+        let a = mem.get_slice(GuestAddress(0x1000), 100).unwrap();
+        let b = mem.get_slice(GuestAddress(0x9000), 412).unwrap();
+        disk.read_at(512, &[a, b]).unwrap();
+        let mut back = vec![0u8; 512];
+        mem.read_slice(&mut back[..100], GuestAddress(0x1000))
+            .unwrap();
+        mem.read_slice(&mut back[100..], GuestAddress(0x9000))
+            .unwrap();
+        assert_eq!(back, data[512..1024]);
+
+        mem.write_slice(&[0xab; 512], GuestAddress(0x2000)).unwrap();
+        let s = mem.get_slice(GuestAddress(0x2000), 512).unwrap();
+        disk.write_at(4096, &[s]).unwrap();
+        disk.flush().unwrap();
+        let on_disk = std::fs::read(&p).unwrap();
+        assert!(on_disk[4096..4608].iter().all(|b| *b == 0xab));
+        assert_eq!(on_disk[..4096], data[..4096]);
+    }
+
+    #[test]
+    fn discard_and_write_zeroes_read_back_zero() {
+        let (_d, p) = image(&[0x5a; 1 << 16]);
+        let mut disk = ImageDisk::open(&p, Some(Format::Raw), false, false).unwrap();
+        disk.discard(4096, 4096).unwrap();
+        disk.write_zeroes(16384, 8192, false).unwrap();
+        disk.write_zeroes(32768, 4096, true).unwrap();
+        let on_disk = std::fs::read(&p).unwrap();
+        assert_eq!(on_disk.len(), 1 << 16, "size is kept");
+        assert!(on_disk[4096..8192].iter().all(|b| *b == 0));
+        assert!(on_disk[16384..24576].iter().all(|b| *b == 0));
+        assert!(on_disk[32768..36864].iter().all(|b| *b == 0));
+        assert!(on_disk[..4096].iter().all(|b| *b == 0x5a));
+        assert!(on_disk[24576..32768].iter().all(|b| *b == 0x5a));
+    }
+
+    #[test]
+    fn reads_past_the_end_fail_and_read_only_files_refuse_writes() {
+        let (_d, p) = image(&[1; 1024]);
+        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 1 << 16)]).unwrap();
+        let mut disk = ImageDisk::open(&p, Some(Format::Raw), true, false).unwrap();
+        let s = mem.get_slice(GuestAddress(0), 512).unwrap();
+        assert!(disk.read_at(768, &[s]).is_err());
+        let s = mem.get_slice(GuestAddress(0), 512).unwrap();
+        assert!(disk.write_at(0, &[s]).is_err());
+        assert_eq!(std::fs::read(&p).unwrap(), vec![1; 1024]);
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::devices::virtio::block::pool::Pool;
-    use crate::devices::virtio::block::request::Transfer;
+    use crate::io::Io;
+    use crate::pool::Pool;
     use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
     #[test]
@@ -105,7 +195,7 @@ mod tests {
             ..Default::default()
         };
         qcow::create(&path, &opts).unwrap();
-        let disk = ImageDisk::open(&path, false, false).unwrap();
+        let disk = ImageDisk::open(&path, Some(Format::Qcow2), false, false).unwrap();
         let mut pool = Pool::new(disk.concurrent().unwrap(), 8).unwrap();
         let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 2 << 20)]).unwrap();
         // 256 writes of 4 KiB, each from its own page with its own pattern, scattered so that
@@ -114,18 +204,17 @@ mod tests {
         for i in 0..256u64 {
             mem.write_slice(&[i as u8; 4096], GuestAddress(i * 4096))
                 .unwrap();
-            let t = Transfer {
+            let t = Io {
                 write: true,
                 offset: offset(i),
                 segments: vec![(GuestAddress(i * 4096), 4096)],
                 len: 4096,
-                status: GuestAddress(0x10_0000),
             };
-            pool.push_run(&mem, 0, vec![(i as u16, t)]);
+            pool.push_run(&mem, vec![(i as u16, t)]);
         }
         let done = pool.drain();
         assert_eq!(done.len(), 256);
-        assert!(done.iter().all(|d| d.completion.status == 0));
+        assert!(done.iter().all(|d| d.result.is_ok()));
         drop(pool);
         let image = Arc::try_unwrap(disk.image).ok().expect("the pool let go");
         image.close().unwrap();
@@ -152,7 +241,7 @@ mod tests {
             ..Default::default()
         };
         qcow::create(&path, &opts).unwrap();
-        let disk = ImageDisk::open(&path, false, false).unwrap();
+        let disk = ImageDisk::open(&path, Some(Format::Qcow2), false, false).unwrap();
         let mut pool = Pool::new(disk.concurrent().unwrap(), 8).unwrap();
         let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
         // Every other sector of the first two 64 KiB clusters, each write racing the others to
@@ -161,17 +250,16 @@ mod tests {
         for (i, s) in sectors.iter().enumerate() {
             mem.write_slice(&[i as u8; 512], GuestAddress(*s * 512))
                 .unwrap();
-            let t = Transfer {
+            let t = Io {
                 write: true,
                 offset: s * 512,
                 segments: vec![(GuestAddress(s * 512), 512)],
                 len: 512,
-                status: GuestAddress(0xf_0000),
             };
-            pool.push_run(&mem, 0, vec![(i as u16, t)]);
+            pool.push_run(&mem, vec![(i as u16, t)]);
         }
         let done = pool.drain();
-        assert!(done.len() == sectors.len() && done.iter().all(|d| d.completion.status == 0));
+        assert!(done.len() == sectors.len() && done.iter().all(|d| d.result.is_ok()));
         drop(pool);
         let image = Arc::try_unwrap(disk.image).ok().expect("the pool let go");
         image.close().unwrap();

@@ -6,9 +6,8 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use super::ClientError;
-use crate::api::body::Ping;
 use crate::config::VmConfig;
-use crate::control::VmInfo;
+use crate::types::{Ping, VmInfo};
 
 /// A blocking client of one `vmm`'s API socket.
 #[derive(Clone, Debug)]

@@ -1,0 +1,204 @@
+//! Launching one VM: its disks, its TAP, a `vmm` process, and the VM created and booted through
+//! that process's API. Failures are typed so that the agent decides by kind whether a start is
+//! retried as it is (etcd unreachable) or the VM has a problem to report.
+
+use std::time::{Duration, SystemTime};
+
+use vmm_api::client::{Client, ClientError};
+use vmm_api::config::{DiskConfig, DiskFormat, NetConfig, SerialConfig, VmConfig};
+use vmm_api::mac::MacError;
+use vmm_api::MacAddr;
+
+use super::disks::{ensure_overlay, OverlayError};
+use super::ip_param;
+use super::local::{write_status, Ctx, LocalVm};
+use super::netdev::{self, NetError};
+use super::process::{log_tail, ApiWaitError, VmmProcess};
+use crate::model::{ImageSpec, Vm, VmState, VolumeSpec};
+use crate::store::StoreError;
+
+/// How long a new `vmm` has to answer on its API socket.
+const API_READY: Duration = Duration::from_secs(10);
+
+/// Why a VM did not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The VM wants a network this worker does not serve.
+    #[error("worker {worker} serves network {served:?}, not {wanted:?}")]
+    WrongNetwork {
+        worker: String,
+        served: String,
+        wanted: String,
+    },
+    /// An object the VM names is not there.
+    #[error("{kind} {name} does not exist")]
+    Missing { kind: &'static str, name: String },
+    /// etcd failed answering (unreachable: see [`StartError::is_transient`]).
+    #[error(transparent)]
+    Store(StoreError),
+    /// Neither the image nor the worker says which kernel to boot.
+    #[error("image {image} names no kernel and worker {worker} has no --kernel")]
+    NoKernel { image: String, worker: String },
+    /// More vCPUs than a `vmm` takes.
+    #[error("{0} vCPUs is too many")]
+    TooManyCpus(u32),
+    /// A disk could not be made.
+    #[error(transparent)]
+    Overlay(#[from] OverlayError),
+    /// The task making the disks failed.
+    #[error("creating disks: {0}")]
+    DiskTask(#[from] tokio::task::JoinError),
+    /// The TAP could not be made.
+    #[error(transparent)]
+    Tap(#[from] NetError),
+    /// The `vmm` could not be started.
+    #[error("cannot start {vmm}: {source}")]
+    Spawn { vmm: String, source: std::io::Error },
+    /// The VM's record could not be written.
+    #[error("writing the VM record: {0}")]
+    Record(std::io::Error),
+    /// The `vmm` never answered on its socket.
+    #[error("{source}; vmm log: {log}")]
+    Api { source: ApiWaitError, log: String },
+    /// The record's MAC address is not one.
+    #[error("MAC {mac}: {source}")]
+    Mac { mac: String, source: MacError },
+    /// The `vmm` refused the configuration.
+    #[error("vmm refused the VM: {0}")]
+    Refused(ClientError),
+    /// The `vmm` could not boot it.
+    #[error("vmm could not boot the VM: {0}")]
+    Boot(ClientError),
+}
+
+impl StartError {
+    /// True when nothing is wrong with the VM (etcd could not be reached): the start is tried
+    /// again as it is, not reported as a failure.
+    pub fn is_transient(&self) -> bool {
+        matches!(self, StartError::Store(e) if e.is_unavailable())
+    }
+}
+
+/// Starts the VM `obj` as `vm` (its record made): disks, TAP, `vmm` process, create and boot
+/// through its API. The caller cleans up after a failure.
+pub(super) async fn launch(ctx: &Ctx, vm: &mut LocalVm, obj: &Vm) -> Result<(), StartError> {
+    let cfg = &ctx.cfg;
+    let name = vm.rec.name.clone();
+    if obj.spec.network != cfg.network {
+        return Err(StartError::WrongNetwork {
+            worker: cfg.name.clone(),
+            served: cfg.network.clone(),
+            wanted: obj.spec.network.clone(),
+        });
+    }
+    let _ = write_status(ctx, &name, &vm.rec.uid, |s| {
+        s.state = VmState::Starting;
+        s.message = None;
+        s.ip = None;
+    })
+    .await;
+    let image = get::<ImageSpec>(ctx, &obj.spec.image).await?;
+    let (kernel, initramfs) = match &image.kernel {
+        Some(k) => (k.into(), image.initramfs.as_ref().map(Into::into)),
+        None => match &cfg.kernel {
+            Some(k) => (k.clone(), cfg.initramfs.clone()),
+            None => {
+                return Err(StartError::NoKernel {
+                    image: obj.spec.image.clone(),
+                    worker: cfg.name.clone(),
+                })
+            }
+        },
+    };
+    let cmdline = format!(
+        "{} {}",
+        image.cmdline.as_deref().unwrap_or(&cfg.cmdline),
+        ip_param(vm.rec.ip, &cfg.subnet, &name)
+    );
+    let cpus = u8::try_from(obj.spec.cpus).map_err(|_| StartError::TooManyCpus(obj.spec.cpus))?;
+
+    // Disks: the root overlay, then the named volumes in order.
+    let root = ctx.layout.root_disk(&name);
+    let mut disks = vec![(root, image.clone(), None)];
+    for v in &obj.spec.volumes {
+        let vol = get::<VolumeSpec>(ctx, v).await?;
+        let vimg = get::<ImageSpec>(ctx, &vol.image).await?;
+        disks.push((ctx.layout.volume(v), vimg, Some(vol.size.bytes())));
+    }
+    let disk_paths: Vec<_> = disks.iter().map(|(p, _, _)| p.clone()).collect();
+    tokio::task::spawn_blocking(move || {
+        disks
+            .iter()
+            .try_for_each(|(path, img, size)| ensure_overlay(path, img, *size))
+    })
+    .await??;
+
+    netdev::create_tap(&vm.rec.tap, &cfg.bridge).await?;
+
+    let socket = ctx.layout.socket(&name);
+    let _ = std::fs::remove_file(&socket);
+    let log = ctx.layout.vmm_log(&name);
+    let mut process =
+        VmmProcess::spawn(&cfg.vmm, &socket, &log).map_err(|source| StartError::Spawn {
+            vmm: cfg.vmm.display().to_string(),
+            source,
+        })?;
+    vm.rec.pid = Some(process.pid);
+    vm.rec.pid_start = Some(process.start);
+    ctx.layout.save(&vm.rec).map_err(StartError::Record)?;
+    let client = Client::new(&socket).with_timeout(Duration::from_secs(30));
+    let ready = process.wait_api(&client, API_READY).await;
+    vm.process = Some(process);
+    ready.map_err(|source| StartError::Api {
+        source,
+        log: log_tail(&log, 300),
+    })?;
+
+    let mac: MacAddr = vm.rec.mac.parse().map_err(|source| StartError::Mac {
+        mac: vm.rec.mac.clone(),
+        source,
+    })?;
+    let config = VmConfig {
+        kernel,
+        initramfs,
+        cmdline,
+        cpus,
+        memory: obj.spec.memory.bytes(),
+        serial: SerialConfig::File(ctx.layout.console(&name)),
+        disks: disk_paths
+            .into_iter()
+            .map(|path| DiskConfig {
+                path,
+                format: Some(DiskFormat::Qcow2),
+                read_only: false,
+                serial: None,
+                direct: false,
+            })
+            .collect(),
+        nets: vec![NetConfig {
+            tap: vm.rec.tap.clone(),
+            mac,
+        }],
+    };
+    client.create(&config).await.map_err(StartError::Refused)?;
+    client.boot().await.map_err(StartError::Boot)?;
+    vm.rec.boot_time = Some(humantime::format_rfc3339_seconds(SystemTime::now()).to_string());
+    vm.up = false;
+    ctx.layout.save(&vm.rec).map_err(StartError::Record)?;
+    Ok(())
+}
+
+/// Reads an object the VM needs.
+async fn get<S: crate::model::Spec>(ctx: &Ctx, name: &str) -> Result<S, StartError> {
+    ctx.store
+        .get::<S>(name)
+        .await
+        .map(|o| o.spec)
+        .map_err(|e| match e {
+            StoreError::NotFound { .. } => StartError::Missing {
+                kind: S::KIND,
+                name: name.to_string(),
+            },
+            e => StartError::Store(e),
+        })
+}

@@ -1,0 +1,85 @@
+//! What the agent's tasks share: the worker's context, the VMs that run here, and the guarded
+//! status write every task uses.
+
+use std::time::Instant;
+
+use super::process::VmmProcess;
+use super::record::{Layout, Record};
+use super::WorkerConfig;
+use crate::model::{Vm, VmSpec, VmState, VmStatus};
+use crate::store::{Store, StoreError};
+
+/// What the agent shares with the tasks that start and stop VMs.
+pub(super) struct Ctx {
+    pub cfg: WorkerConfig,
+    pub layout: Layout,
+    pub store: Store,
+}
+
+/// A VM that runs (or ran) here.
+pub(super) struct LocalVm {
+    pub rec: Record,
+    pub process: Option<VmmProcess>,
+    /// The guest answered on its address since this `vmm` booted it.
+    pub up: bool,
+    /// When its `vmm` died, recently.
+    pub crashes: Vec<Instant>,
+    /// Why it is not running any more (guest powered off, or too many crashes): the state and
+    /// message to report.
+    pub ended: Option<(VmState, String)>,
+    /// Why the last restart failed, for the message when the restarts run out.
+    pub last_error: Option<String>,
+    /// Its vmm died and the crash is counted: restart it when possible, count nothing more.
+    pub down: bool,
+}
+
+impl LocalVm {
+    /// The VM a record describes: its `vmm` adopted if that process still runs, ended if the
+    /// guest had stopped. A new record (no pid yet) gives a VM about to be started.
+    pub fn from_record(rec: Record) -> LocalVm {
+        let process = rec
+            .pid
+            .zip(rec.pid_start)
+            .and_then(|(pid, start)| VmmProcess::adopt(pid, start));
+        let ended = match (&rec.failed, rec.stopped) {
+            (Some(why), _) => Some((VmState::Failed, why.clone())),
+            (None, true) => Some((VmState::Stopped, "the guest powered off".to_string())),
+            (None, false) => None,
+        };
+        LocalVm {
+            rec,
+            process,
+            // An adopted guest was up before; the first probe confirms it.
+            up: false,
+            crashes: Vec::new(),
+            ended,
+            last_error: None,
+            down: false,
+        }
+    }
+}
+
+/// Updates the VM's status if it is still this VM (same uid) and still placed on this worker:
+/// a VM deleted or moved meanwhile is left alone. Returns the object, None when it is gone.
+pub(super) async fn write_status(
+    ctx: &Ctx,
+    name: &str,
+    uid: &str,
+    mut change: impl FnMut(&mut VmStatus),
+) -> Result<Option<Vm>, StoreError> {
+    let me = ctx.cfg.name.as_str();
+    let r = ctx
+        .store
+        .update::<VmSpec, _>(name, |o| {
+            if o.metadata.uid == uid && o.status.placement.as_deref() == Some(me) {
+                change(&mut o.status);
+            }
+            Ok(())
+        })
+        .await;
+    match r {
+        Ok(o) => Ok(Some(o)),
+        Err(StoreError::NotFound { .. }) => Ok(None),
+        Err(e) => Err(e),
+    }
+}

@@ -1,0 +1,340 @@
+//! The one worker thread shape every virtio device uses (after Cloud Hypervisor's
+//! `epoll_helper`): an epoll loop over the device's queue kicks and its own descriptors (a TAP,
+//! an engine's completion eventfd, sockets), a stop eventfd, and the pause protocol the VMM
+//! relies on for snapshots.
+//!
+//! Pause: the VMM sets the device paused and waits until no event is being served and nothing
+//! the device took is still in flight ([`Ctx::hold`]); from then on the worker consumes queue
+//! kicks without serving them, and only serves descriptors registered as [`Watch::Always`]
+//! (completions of work taken before the pause). Resume signals every queue kick again, so work
+//! the driver queued meanwhile is found.
+
+use std::io;
+use std::os::fd::{AsRawFd, RawFd};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::devices::PauseError;
+
+/// Token of the stop eventfd; devices use any other.
+const STOP_TOKEN: u64 = u64::MAX;
+/// How long a pause waits for the worker to leave guest memory alone.
+pub const QUIESCE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Whether the device may take work, and how much it has in hand.
+#[derive(Debug, Default)]
+struct RunState {
+    paused: AtomicBool,
+    /// Events being served, plus work taken from the guest and not yet answered.
+    busy: AtomicUsize,
+}
+
+/// What a handler can do besides serving: (de)register its own descriptors, and account for
+/// work that outlives the event that took it.
+pub struct Ctx<'a> {
+    epoll: &'a Epoll,
+    run: &'a RunState,
+}
+
+impl Ctx<'_> {
+    /// The worker's epoll set, for descriptors the handler watches itself (with its own
+    /// tokens; [`EventHandler::prepare`] is the place to change what it waits for).
+    pub fn epoll(&self) -> &Epoll {
+        self.epoll
+    }
+
+    /// True while the device is paused: take no new work from the guest.
+    pub fn paused(&self) -> bool {
+        self.run.paused.load(Ordering::SeqCst)
+    }
+
+    /// `n` pieces of work were taken and will be answered later (asynchronous transfers): a
+    /// pause waits for them.
+    pub fn hold(&self, n: usize) {
+        self.run.busy.fetch_add(n, Ordering::SeqCst);
+    }
+
+    /// `n` pieces of work held with [`Ctx::hold`] were answered.
+    pub fn release(&self, n: usize) {
+        self.run.busy.fetch_sub(n, Ordering::SeqCst);
+    }
+}
+
+/// What a device's worker does with its events.
+pub trait EventHandler: Send + 'static {
+    /// Serves the event of the descriptor registered under `token`. Queue kicks arrive here
+    /// already read, and only while the device runs.
+    fn handle(&mut self, token: u64, events: EventSet, ctx: &Ctx<'_>);
+    /// Called before every wait: the place to change which of its own descriptors the handler
+    /// waits on (a TAP while the guest has buffers, nothing while paused).
+    fn prepare(&mut self, _ctx: &Ctx<'_>) {}
+    /// The worker is stopping (device reset, VM end): afterwards nothing the handler started may
+    /// touch guest memory.
+    fn stop(&mut self) {}
+}
+
+/// A descriptor the worker watches for the handler.
+pub enum Watch {
+    /// A queue's kick: read by the worker, served only while the device runs, signalled again
+    /// on resume.
+    Kick(EventFd),
+    /// A descriptor served even while the device is paused (completions of work taken
+    /// before). The handler reads or drains it.
+    Always(RawFd),
+}
+
+struct Active {
+    stop: EventFd,
+    thread: JoinHandle<()>,
+    /// Clones of the queue kicks, signalled on resume.
+    kicks: Vec<EventFd>,
+}
+
+/// The worker of one device: at most one thread at a time (one per activation), and the pause
+/// state, which outlives activations.
+pub struct DeviceWorker {
+    name: &'static str,
+    run: Arc<RunState>,
+    active: Mutex<Option<Active>>,
+}
+
+impl DeviceWorker {
+    /// A worker for the device `name` (its thread's name too), not started.
+    pub fn new(name: &'static str) -> DeviceWorker {
+        DeviceWorker {
+            name,
+            run: Arc::default(),
+            active: Mutex::new(None),
+        }
+    }
+
+    fn active(&self) -> MutexGuard<'_, Option<Active>> {
+        // Plain data every holder leaves consistent.
+        self.active.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Starts a thread serving `watches` (each with its token) through `handler`, stopping the
+    /// previous one first.
+    pub fn start<H: EventHandler>(
+        &self,
+        watches: Vec<(Watch, u64)>,
+        mut handler: H,
+    ) -> io::Result<()> {
+        self.stop();
+        let stop = EventFd::new(libc::EFD_NONBLOCK)?;
+        let epoll = Epoll::new()?;
+        let mut kicks = Vec::new();
+        let mut kick_tokens = Vec::new();
+        for (watch, token) in &watches {
+            let fd = match watch {
+                Watch::Kick(k) => {
+                    kicks.push(k.try_clone()?);
+                    kick_tokens.push(*token);
+                    k.as_raw_fd()
+                }
+                Watch::Always(fd) => *fd,
+            };
+            epoll.ctl(
+                ControlOperation::Add,
+                fd,
+                EpollEvent::new(EventSet::IN, *token),
+            )?;
+        }
+        epoll.ctl(
+            ControlOperation::Add,
+            stop.as_raw_fd(),
+            EpollEvent::new(EventSet::IN, STOP_TOKEN),
+        )?;
+        let run = self.run.clone();
+        let name = self.name;
+        let thread = std::thread::Builder::new()
+            .name(name.into())
+            .spawn(move || serve(name, &epoll, &run, &watches, &mut handler))?;
+        *self.active() = Some(Active {
+            stop,
+            thread,
+            kicks,
+        });
+        Ok(())
+    }
+
+    /// True while a thread serves the device.
+    pub fn is_running(&self) -> bool {
+        self.active().is_some()
+    }
+
+    /// Stops the thread, if any, and waits for it: afterwards the device touches nothing.
+    pub fn stop(&self) {
+        let active = self.active().take();
+        if let Some(a) = active {
+            let _ = a.stop.write(1);
+            if a.thread.join().is_err() {
+                tracing::error!("{} worker panicked", self.name);
+            }
+        }
+    }
+
+    /// Takes no new work and waits until everything taken is answered in guest memory.
+    pub fn pause(&self) -> Result<(), PauseError> {
+        self.run.paused.store(true, Ordering::SeqCst);
+        let deadline = Instant::now() + QUIESCE_TIMEOUT;
+        loop {
+            let busy = self.run.busy.load(Ordering::SeqCst);
+            if busy == 0 {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                self.run.paused.store(false, Ordering::SeqCst);
+                return Err(PauseError {
+                    device: self.name,
+                    busy,
+                    waited: QUIESCE_TIMEOUT,
+                });
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
+    /// Serves again after [`DeviceWorker::pause`]; kicks that arrived meanwhile were consumed
+    /// without serving, so every queue is looked at again.
+    pub fn resume(&self) {
+        self.run.paused.store(false, Ordering::SeqCst);
+        if let Some(a) = self.active().as_ref() {
+            for k in &a.kicks {
+                let _ = k.write(1);
+            }
+        }
+    }
+}
+
+impl Drop for DeviceWorker {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// The worker thread.
+fn serve<H: EventHandler>(
+    name: &str,
+    epoll: &Epoll,
+    run: &RunState,
+    watches: &[(Watch, u64)],
+    handler: &mut H,
+) {
+    let ctx = Ctx { epoll, run };
+    let mut events = vec![EpollEvent::default(); watches.len() + 8];
+    loop {
+        handler.prepare(&ctx);
+        let n = match epoll.wait(-1, &mut events) {
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => {
+                tracing::error!("{name}: epoll: {e}");
+                handler.stop();
+                return;
+            }
+        };
+        for ev in &events[..n] {
+            let token = ev.data();
+            if token == STOP_TOKEN {
+                handler.stop();
+                return;
+            }
+            let always = match watches.iter().find(|(_, t)| *t == token) {
+                Some((Watch::Kick(kick), _)) => {
+                    let _ = kick.read();
+                    false
+                }
+                Some((Watch::Always(_), _)) => true,
+                None => false,
+            };
+            // Counted before the paused flag is read, so that a pause either sees this event
+            // in progress or is seen by it.
+            run.busy.fetch_add(1, Ordering::SeqCst);
+            if always || !run.paused.load(Ordering::SeqCst) {
+                handler.handle(token, ev.event_set(), &ctx);
+            }
+            run.busy.fetch_sub(1, Ordering::SeqCst);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::mpsc::{channel, Sender};
+
+    /// Reports each served token; token 7 holds one piece of work, answered when the
+    /// completion eventfd (token 8) fires.
+    struct Recorder(Sender<u64>, Option<EventFd>);
+
+    impl EventHandler for Recorder {
+        fn handle(&mut self, token: u64, _: EventSet, ctx: &Ctx<'_>) {
+            match token {
+                7 => ctx.hold(1),
+                8 => {
+                    if let Some(Ok(n)) = self.1.as_ref().map(EventFd::read) {
+                        ctx.release(n as usize);
+                    }
+                }
+                _ => {}
+            }
+            let _ = self.0.send(token);
+        }
+    }
+
+    #[test]
+    fn kicks_are_served_and_held_back_while_paused_then_found_on_resume() {
+        let worker = DeviceWorker::new("test-dev");
+        let kick = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let (tx, rx) = channel();
+        worker
+            .start(
+                vec![(Watch::Kick(kick.try_clone().unwrap()), 3)],
+                Recorder(tx, None),
+            )
+            .unwrap();
+        kick.write(1).unwrap();
+        assert_eq!(rx.recv_timeout(Duration::from_secs(5)), Ok(3));
+
+        worker.pause().unwrap();
+        kick.write(1).unwrap();
+        assert!(rx.recv_timeout(Duration::from_millis(100)).is_err());
+        worker.resume();
+        assert_eq!(rx.recv_timeout(Duration::from_secs(5)), Ok(3));
+        worker.stop();
+        assert!(!worker.is_running());
+    }
+
+    #[test]
+    fn a_pause_waits_for_held_work_and_always_watches_are_served_meanwhile() {
+        let worker = Arc::new(DeviceWorker::new("test-dev"));
+        let kick = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let done = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let (tx, rx) = channel();
+        worker
+            .start(
+                vec![
+                    (Watch::Kick(kick.try_clone().unwrap()), 7),
+                    (Watch::Always(done.as_raw_fd()), 8),
+                ],
+                Recorder(tx, Some(done.try_clone().unwrap())),
+            )
+            .unwrap();
+        kick.write(1).unwrap();
+        assert_eq!(rx.recv_timeout(Duration::from_secs(5)), Ok(7));
+        let w = worker.clone();
+        let pausing = std::thread::spawn(move || w.pause());
+        std::thread::sleep(Duration::from_millis(50));
+        assert!(!pausing.is_finished(), "the pause waits for held work");
+        done.write(1).unwrap();
+        assert_eq!(rx.recv_timeout(Duration::from_secs(5)), Ok(8));
+        pausing.join().unwrap().unwrap();
+        worker.stop();
+    }
+}
