@@ -121,3 +121,22 @@ impl<T: Send + 'static> Engine<T> {
         }
     }
 }
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::Done;
+
+    /// The engines' tests' tag: the queue and head index a device would answer in.
+    pub type Tag = (usize, u16);
+
+    /// Queue, head, status as virtio-blk reports it (0 OK, 1 error), bytes written into guest
+    /// buffers.
+    pub fn outcome(d: &Done<Tag>) -> (usize, u16, u8, u32) {
+        let (status, written) = match &d.result {
+            Ok(()) if d.io.write => (0, 0),
+            Ok(()) => (0, d.io.len),
+            Err(_) => (1, 0),
+        };
+        (d.tag.0, d.tag.1, status, written)
+    }
+}

@@ -252,6 +252,7 @@ fn transfer<T>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::engine::tests::{outcome, Tag};
     use std::sync::atomic::{AtomicUsize, Ordering};
     use std::sync::RwLock;
     use std::time::{Duration, Instant};
@@ -339,20 +340,6 @@ mod tests {
             segments: vec![(GuestAddress(addr), len)],
             len,
         }
-    }
-
-    /// The test's tag: the queue and head index a device would answer in.
-    type Tag = (usize, u16);
-
-    /// Queue, head, status as virtio-blk reports it (0 OK, 1 error), bytes written into guest
-    /// buffers.
-    fn outcome(d: &Done<Tag>) -> (usize, u16, u8, u32) {
-        let (status, written) = match &d.result {
-            Ok(()) if d.io.write => (0, 0),
-            Ok(()) => (0, d.io.len),
-            Err(_) => (1, 0),
-        };
-        (d.tag.0, d.tag.1, status, written)
     }
 
     /// Reaps after each completion signal until `n` transfers came back.

@@ -187,21 +187,9 @@ impl<T> Uring<T> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::engine::tests::outcome;
     use std::io::Write;
     use vm_memory::{Bytes, GuestAddress};
-
-    /// The test's tag: the queue and head index a device would answer in.
-    type Tag = (usize, u16);
-
-    /// Status as virtio-blk reports it (0 OK, 1 error) and the bytes written into guest buffers.
-    fn outcome(d: &Done<Tag>) -> (usize, u16, u8, u32) {
-        let (status, written) = match &d.result {
-            Ok(()) if d.io.write => (0, 0),
-            Ok(()) => (0, d.io.len),
-            Err(_) => (1, 0),
-        };
-        (d.tag.0, d.tag.1, status, written)
-    }
 
     #[test]
     fn reads_and_writes_complete_through_the_ring() {

@@ -2,11 +2,13 @@
 //! bridged to the host side of a network namespace made for the test. Each guest configures
 //! eth0 with the MAC it was given, pings the host, downloads 8 MiB from an HTTP server on the
 //! host and uploads 8 MiB of random bytes to a TCP sink there, with sha256 compared both ways,
-//! on the minimal kernel and on Debian's. Then a guest pinging in a loop is rebooted (the TAP is
-//! let go and attached again), paused, snapshotted, stopped, and restored in a new process on
-//! the same TAP: its pings go on.
+//! on the minimal kernel and on Debian's. Then a guest pinging in a loop, with a disk it writes
+//! and reads on every round, is rebooted (the TAP is let go and attached again), paused,
+//! snapshotted, stopped, and restored in a new process on the same TAP and disk: its pings go
+//! on, it reads the host's data through the restored disk, and its synced writes land.
 
 use std::fs;
+use std::os::unix::fs::FileExt;
 use std::time::Duration;
 
 use serde_json::json;
@@ -20,6 +22,11 @@ use lightbyte_tests::testhost;
 const MIB: usize = 1 << 20;
 const NETNS: &str = "lbnet-test";
 const HOST_IP: &str = "10.99.0.1";
+/// Distance between the disk blocks the pinger reads, wider than the guest's readahead, so that
+/// every read reaches the device.
+const READ_STRIDE: u64 = 256 << 10;
+/// Rounds whose blocks the host fills.
+const ROUNDS: u64 = 400;
 
 /// What each guest does once eth0 is up; every result is a line the test reads back.
 const GUEST_CMD: &str = "\
@@ -112,22 +119,39 @@ sink_done() {{ kill $NC 2>/dev/null; wait $NC 2>/dev/null
         s.shell(&format!("sink_done {label}"));
     }
 
-    // Snapshot and restore with the network in use, through the API.
+    // Snapshot and restore with the network and a disk in use, through the API. Each round the
+    // guest pings the host, writes "ITER i" into sector i of its disk and syncs it, then reads
+    // the block the host filled for round i + 1 (a block it never read before, so the read
+    // reaches the device).
     let vmm = paths::binary("vmm").unwrap().display().to_string();
     let serial = dir.join("snap.serial");
     let snap = dir.join("snap");
-    let pinger = "i=0; while :; do if ping -c 1 -W 3 10.99.0.1 >/dev/null; then echo \"PONG $i\"; \
-                  else echo \"NOPONG $i\"; fi; i=$((i+1)); sleep 1; done";
+    let disk = dir.join("snap-disk.raw");
+    let f = fs::File::create(&disk).unwrap();
+    f.set_len((ROUNDS + 2) * READ_STRIDE).unwrap();
+    for k in 1..=ROUNDS {
+        f.write_all_at(format!("HOST {k}\n").as_bytes(), k * READ_STRIDE)
+            .unwrap();
+    }
+    drop(f);
+    let pinger = format!(
+        "i=0; while :; do if ping -c 1 -W 3 10.99.0.1 >/dev/null; then echo \"PONG $i\"; \
+         else echo \"NOPONG $i\"; fi; \
+         echo \"ITER $i\" | dd of=/dev/vda bs=512 seek=$i conv=sync,fsync 2>/dev/null; \
+         echo \"READ $i $(dd if=/dev/vda bs={READ_STRIDE} skip=$((i+1)) count=1 2>/dev/null | head -n 1)\"; \
+         i=$((i+1)); sleep 1; done"
+    );
     let boot = Boot::new(&a.minimal_vmlinux)
         .unwrap()
         .param("ip=10.99.0.3:::255.255.255.0::eth0:off")
-        .run(pinger);
+        .run(&pinger);
     let create = json!({
         "kernel": a.minimal_vmlinux,
         "initramfs": a.initramfs,
         "cmdline": boot.full_cmdline(),
         "memory": "512M",
         "serial": format!("file:{}", serial.display()),
+        "disks": [{"path": disk, "format": "raw"}],
         "nets": [{"tap": "tap0", "mac": "52:54:00:4c:42:03"}],
     });
     s.shell(&format!(
@@ -239,6 +263,12 @@ wait $P2; echo "VMM-2-EXIT $?"
             "{counter}: {v}"
         );
     }
+    for counter in ["read_ops", "write_ops", "flush_ops"] {
+        assert!(
+            v["disks"][0][counter].as_u64().unwrap_or(0) > 0,
+            "{counter}: {v}"
+        );
+    }
     // The first process ran on for a moment after the snapshot (shutdown resumes it): what it
     // printed then is not the restored guest's past, so the snapshot's last line is read at
     // snapshot time.
@@ -267,5 +297,28 @@ wait $P2; echo "VMM-2-EXIT $?"
         after.iter().filter(|p| p.1).count() >= 3,
         "pongs after the restore:\n{second}"
     );
+    // Through the restored disk the guest reads the blocks the host filled, and every round it
+    // finished after the restore had its write synced to the image.
+    let reads: Vec<(u64, &str)> = second
+        .lines()
+        .filter_map(|l| {
+            let (n, rest) = l.trim().strip_prefix("READ ")?.split_once(' ')?;
+            Some((n.parse().ok()?, rest.trim()))
+        })
+        .collect();
+    assert!(reads.len() >= 3, "reads after the restore:\n{second}");
+    let image = fs::File::open(&disk).unwrap();
+    for (n, got) in &reads {
+        assert!(*n > last_n, "round {n} is the restored guest's:\n{second}");
+        assert_eq!(*got, format!("HOST {}", n + 1), "round {n}:\n{second}");
+        let mut sector = [0u8; 512];
+        image.read_exact_at(&mut sector, n * 512).unwrap();
+        let text = String::from_utf8_lossy(&sector);
+        assert_eq!(
+            text.trim_end_matches('\0').trim(),
+            format!("ITER {n}"),
+            "sector {n} after the restore"
+        );
+    }
     println!("last ping before the snapshot {last}, after the restore {after:?}");
 }

@@ -7,7 +7,7 @@
 
 use libfuzzer_sys::fuzz_target;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
-use vmm::devices::virtio::block::backend::MemoryDisk;
+use block::MemoryDisk;
 use vmm::devices::virtio::block::request::{handle, Desc, DiskInfo};
 
 const MEM: usize = 64 << 10;

@@ -195,12 +195,12 @@ pub fn attach_devices(
         PCI_MMIO32_END,
     )));
     pio.insert(
-        Arc::new(Mutex::new(PciConfigIo::new(pci.clone()))),
+        Arc::new(Mutex::new(PciConfigIo::new(&pci))),
         CONFIG_IO_PORT.into(),
         CONFIG_IO_PORTS,
     )?;
     mmio.insert(
-        Arc::new(Mutex::new(PciEcam::new(pci.clone()))),
+        Arc::new(Mutex::new(PciEcam::new(&pci))),
         PCI_ECAM_START,
         PCI_ECAM_SIZE,
     )?;

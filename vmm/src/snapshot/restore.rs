@@ -25,6 +25,20 @@ pub fn restore(dir: &Path) -> Result<(VmConfig, RunningVm), Error> {
         .map_err(|e| Error::restore("interrupt controllers and clock")(e.into()))?;
     let (exit, events) = exit_channel();
     let (kvm, devices) = attach_devices(&vm, cfg, host, &exit)?;
+    // A restored VM starts paused as a whole, its devices paused before their registers are
+    // replayed: a device activated by the replay must not serve its queues yet (a network
+    // device would receive), and above all must not raise an interrupt before the vCPUs' local
+    // APICs are loaded, which would drop it for good.
+    pause_devices(&devices.pci).map_err(|e| Error::restore("device quiescence")(e.into()))?;
+
+    // The vCPUs' state before anything may interrupt them: the serial port re-raises an
+    // interrupt that was pending when the snapshot was taken.
+    let vcpus = create_vcpus(&kvm, &vm, cfg.cpus, None, &devices, &exit)?;
+    for (vcpu, saved) in vcpus.iter().zip(&state.vcpus) {
+        saved
+            .restore(vcpu.fd())
+            .map_err(|e| Error::restore("vCPU registers")(e.into()))?;
+    }
     devices
         .serial
         .lock()
@@ -37,16 +51,6 @@ pub fn restore(dir: &Path) -> Result<(VmConfig, RunningVm), Error> {
         .unwrap_or_else(|e| e.into_inner())
         .restore(&state.pci)
         .map_err(|e| Error::restore("PCI devices")(e.into()))?;
-    // A restored VM starts paused as a whole: a device that does not wait for its driver (a
-    // network device receiving) must not write guest memory until it is resumed.
-    pause_devices(&devices.pci).map_err(|e| Error::restore("device quiescence")(e.into()))?;
-
-    let vcpus = create_vcpus(&kvm, &vm, cfg.cpus, None, &devices, &exit)?;
-    for (vcpu, saved) in vcpus.iter().zip(&state.vcpus) {
-        saved
-            .restore(vcpu.fd())
-            .map_err(|e| Error::restore("vCPU registers")(e.into()))?;
-    }
     let running = start(
         cfg,
         Arc::new(vm),

@@ -2,7 +2,7 @@
 //! configuration access (legacy ports and ECAM), and the mapping of each device's memory BARs
 //! onto the MMIO bus, following the guest when it moves them or turns decoding off.
 
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 
 use super::config::{PciConfig, PciId, NUM_BARS};
 use crate::devices::bus::{Bus, BusDevice};
@@ -250,9 +250,23 @@ fn read_dword_part(dword: u32, byte: usize, data: &mut [u8]) {
     }
 }
 
+/// How the configuration access devices reach the root complex: weakly, because the root
+/// holds the MMIO bus they sit on. A strong reference would make a cycle that keeps every
+/// device (and its disk files, with their locks) alive after the VM is gone.
+struct RootRef(Weak<Mutex<PciRoot>>);
+
+impl RootRef {
+    /// Runs `f` on the root; None once the VM is gone.
+    fn with<R>(&self, f: impl FnOnce(&mut PciRoot) -> R) -> Option<R> {
+        let root = self.0.upgrade()?;
+        let mut guard = root.lock().unwrap_or_else(|e| e.into_inner());
+        Some(f(&mut guard))
+    }
+}
+
 /// Configuration mechanism #1: address register at 0xCF8, data window at 0xCFC..0xCFF.
 pub struct PciConfigIo {
-    root: Arc<Mutex<PciRoot>>,
+    root: RootRef,
     address: u32,
 }
 
@@ -263,8 +277,11 @@ pub const CONFIG_IO_PORTS: u64 = 8;
 
 impl PciConfigIo {
     /// Config access to `root`.
-    pub fn new(root: Arc<Mutex<PciRoot>>) -> Self {
-        Self { root, address: 0 }
+    pub fn new(root: &Arc<Mutex<PciRoot>>) -> Self {
+        Self {
+            root: RootRef(Arc::downgrade(root)),
+            address: 0,
+        }
     }
 
     /// `(bus, slot, function, register offset)` selected, when the enable bit is set.
@@ -285,10 +302,10 @@ impl BusDevice for PciConfigIo {
             (4..=7, _) => {
                 let byte = (offset - 4) as usize;
                 let dword = match self.target() {
-                    Some((bus, slot, func, reg)) => {
-                        let root = self.root.lock().unwrap_or_else(|e| e.into_inner());
-                        root.config_read(bus, slot, func, reg)
-                    }
+                    Some((bus, slot, func, reg)) => self
+                        .root
+                        .with(|root| root.config_read(bus, slot, func, reg))
+                        .unwrap_or(0xffff_ffff),
                     None => 0xffff_ffff,
                 };
                 read_dword_part(dword, byte, data);
@@ -302,8 +319,9 @@ impl BusDevice for PciConfigIo {
             (0, 4) => self.address = u32::from_le_bytes(data.try_into().expect("4 bytes")),
             (4..=7, _) => {
                 if let Some((bus, slot, func, reg)) = self.target() {
-                    let mut root = self.root.lock().unwrap_or_else(|e| e.into_inner());
-                    root.config_write(bus, slot, func, reg + (offset - 4) as usize, data);
+                    let offset = reg + (offset - 4) as usize;
+                    self.root
+                        .with(|root| root.config_write(bus, slot, func, offset, data));
                 }
             }
             _ => {}
@@ -313,13 +331,15 @@ impl BusDevice for PciConfigIo {
 
 /// ECAM (PCIe enhanced configuration access) for bus 0: 4 KiB per function.
 pub struct PciEcam {
-    root: Arc<Mutex<PciRoot>>,
+    root: RootRef,
 }
 
 impl PciEcam {
     /// ECAM access to `root`.
-    pub fn new(root: Arc<Mutex<PciRoot>>) -> Self {
-        Self { root }
+    pub fn new(root: &Arc<Mutex<PciRoot>>) -> Self {
+        Self {
+            root: RootRef(Arc::downgrade(root)),
+        }
     }
 }
 
@@ -335,15 +355,17 @@ fn ecam_target(offset: u64) -> (u8, u8, u8, usize) {
 impl BusDevice for PciEcam {
     fn read(&mut self, offset: u64, data: &mut [u8]) {
         let (bus, slot, func, reg) = ecam_target(offset);
-        let root = self.root.lock().unwrap_or_else(|e| e.into_inner());
-        let dword = root.config_read(bus, slot, func, reg & !3);
+        let dword = self
+            .root
+            .with(|root| root.config_read(bus, slot, func, reg & !3))
+            .unwrap_or(0xffff_ffff);
         read_dword_part(dword, reg & 3, data);
     }
 
     fn write(&mut self, offset: u64, data: &[u8]) {
         let (bus, slot, func, reg) = ecam_target(offset);
-        let mut root = self.root.lock().unwrap_or_else(|e| e.into_inner());
-        root.config_write(bus, slot, func, reg, data);
+        self.root
+            .with(|root| root.config_write(bus, slot, func, reg, data));
     }
 }
 
@@ -399,6 +421,32 @@ mod tests {
         (mmio, Arc::new(Mutex::new(root)), probe)
     }
 
+    #[test]
+    fn devices_go_when_the_bus_goes() {
+        // The root holds the MMIO bus, and the ECAM window on that bus reaches the root: the
+        // devices (and the disk files they hold) must still go once nobody else holds the root.
+        let (mmio, root, probe) = setup();
+        mmio.insert(
+            Arc::new(Mutex::new(PciEcam::new(&root))),
+            0xb000_0000,
+            1 << 20,
+        )
+        .unwrap();
+        let pio = Bus::new();
+        pio.insert(Arc::new(Mutex::new(PciConfigIo::new(&root))), 0xcf8, 8)
+            .unwrap();
+        let device = Arc::downgrade(&probe);
+        drop(probe);
+        drop(mmio);
+        drop(root);
+        assert!(device.upgrade().is_none(), "the device outlived its bus");
+        // What is left of the buses answers like an empty bus.
+        let mut d = [0u8; 4];
+        pio.write(0xcf8, &0x8000_0800u32.to_le_bytes());
+        pio.read(0xcfc, &mut d);
+        assert_eq!(u32::from_le_bytes(d), 0xffff_ffff);
+    }
+
     fn cf8(io: &mut PciConfigIo, slot: u32, reg: u32) -> u32 {
         io.write(0, &(0x8000_0000 | (slot << 11) | reg).to_le_bytes());
         let mut d = [0u8; 4];
@@ -409,11 +457,11 @@ mod tests {
     #[test]
     fn enumeration_through_ports_and_ecam() {
         let (_mmio, root, _probe) = setup();
-        let mut io = PciConfigIo::new(root.clone());
+        let mut io = PciConfigIo::new(&root);
         assert_eq!(cf8(&mut io, 0, 0), 0x0008_1b36, "host bridge");
         assert_eq!(cf8(&mut io, 1, 0), 0x1042_1af4, "device in slot 1");
         assert_eq!(cf8(&mut io, 2, 0), 0xffff_ffff, "empty slot");
-        let mut ecam = PciEcam::new(root);
+        let mut ecam = PciEcam::new(&root);
         let mut d = [0u8; 2];
         ecam.read((1 << 15) + 2, &mut d);
         assert_eq!(u16::from_le_bytes(d), 0x1042);
@@ -435,7 +483,7 @@ mod tests {
     #[test]
     fn bars_follow_decoding_and_relocation() {
         let (mmio, root, probe) = setup();
-        let mut io = PciConfigIo::new(root);
+        let mut io = PciConfigIo::new(&root);
         let mut d = [0u8; 1];
         assert!(mmio.read(0xc000_0003, &mut d));
         assert_eq!(d[0], 0x03);

@@ -312,6 +312,25 @@ mod tests {
     }
 
     #[test]
+    fn a_worker_started_while_paused_serves_nothing_until_resumed() {
+        // A restored device is paused before the replay of its registers activates it.
+        let worker = DeviceWorker::new("test-dev");
+        worker.pause().unwrap();
+        let kick = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let (tx, rx) = channel();
+        worker
+            .start(
+                vec![(Watch::Kick(kick.try_clone().unwrap()), 3)],
+                Recorder(tx, None),
+            )
+            .unwrap();
+        kick.write(1).unwrap();
+        assert!(rx.recv_timeout(Duration::from_millis(100)).is_err());
+        worker.resume();
+        assert_eq!(rx.recv_timeout(Duration::from_secs(5)), Ok(3));
+    }
+
+    #[test]
     fn a_pause_waits_for_held_work_and_always_watches_are_served_meanwhile() {
         let worker = Arc::new(DeviceWorker::new("test-dev"));
         let kick = EventFd::new(libc::EFD_NONBLOCK).unwrap();
