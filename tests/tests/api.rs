@@ -102,6 +102,7 @@ fn config(kernel: &Path) -> VmConfig {
         serial: SerialConfig::Off,
         disks: Vec::new(),
         nets: Vec::new(),
+        vsock: None,
     }
 }
 

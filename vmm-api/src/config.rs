@@ -40,7 +40,27 @@ pub struct VmConfig {
     pub disks: Vec<DiskConfig>,
     /// virtio-net devices, in PCI slot order after the disks (the first is eth0).
     pub nets: Vec<NetConfig>,
+    /// A virtio-vsock device, after the network devices in PCI slot order.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vsock: Option<VsockConfig>,
 }
+
+/// A virtio-vsock device whose host side is Unix sockets (the protocol Firecracker and Cloud
+/// Hypervisor use): a host process connects to `socket` and writes `CONNECT <port>\n` to reach
+/// the guest's listener on that port; a guest connecting to host port P is joined to the Unix
+/// socket listening at `<socket>_P`. In JSON, an object with the keys of `--vsock`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VsockConfig {
+    /// The guest's context ID (3 or more; 0-2 and 2^32-1 are reserved).
+    pub cid: u32,
+    /// Host Unix socket the VMM listens on for host-initiated connections; guest-initiated ones
+    /// go to `<socket>_<port>`.
+    pub socket: PathBuf,
+}
+
+/// Smallest guest context ID: 0 is the hypervisor, 1 local loopback, 2 the host.
+pub const MIN_GUEST_CID: u32 = 3;
 
 /// Where the guest's serial console goes. In JSON, the same string as `--serial`.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -136,6 +156,9 @@ pub enum OptionError {
     /// Two devices on one TAP (without IFF_MULTI_QUEUE a TAP takes one reader).
     #[error("the same tap is given twice")]
     DuplicateTap,
+    /// A reserved or malformed context ID.
+    #[error("cid={0}: expected a number from 3 to 4294967294 (0-2 and 4294967295 are reserved)")]
+    Cid(String),
 }
 
 fn tap_name_message(e: &IfNameError) -> String {
@@ -203,6 +226,14 @@ pub enum ConfigError {
         /// What is wrong with it.
         reason: OptionError,
     },
+    /// A `--vsock` value that does not parse.
+    #[error("invalid vsock {value:?}: {reason}")]
+    InvalidVsock {
+        /// The value given (the socket path in the API).
+        value: String,
+        /// What is wrong with it.
+        reason: OptionError,
+    },
     /// A TAP interface that is not there.
     #[error("net {0}: no such network interface (create it first, e.g. `ip tuntap add dev {0} mode tap`)")]
     NoSuchInterface(String),
@@ -220,6 +251,7 @@ impl VmConfig {
             serial: SerialConfig::Stdout,
             disks: Vec::new(),
             nets: Vec::new(),
+            vsock: None,
         }
     }
 
@@ -249,6 +281,9 @@ impl VmConfig {
                     reason: OptionError::DuplicateTap,
                 });
             }
+        }
+        if let Some(v) = &self.vsock {
+            crate::parse::check_vsock(v)?;
         }
         Ok(())
     }

@@ -4,7 +4,10 @@
 
 use std::path::PathBuf;
 
-use crate::config::{ConfigError, DiskConfig, DiskFormat, NetConfig, OptionError, SerialConfig};
+use crate::config::{
+    ConfigError, DiskConfig, DiskFormat, NetConfig, OptionError, SerialConfig, VsockConfig,
+    MIN_GUEST_CID,
+};
 use crate::limits::MAX_DISK_SERIAL_LEN;
 use crate::mac::MacAddr;
 
@@ -171,6 +174,60 @@ pub fn parse_net(s: &str) -> Result<NetConfig, ConfigError> {
     })
 }
 
+/// Parses a guest context ID (`--vsock cid=` or the API's `cid`): 3 to 2^32-2.
+pub fn parse_cid(value: &str) -> Result<u32, OptionError> {
+    let cid: u32 = value.parse().map_err(|_| OptionError::Cid(value.into()))?;
+    check_cid(cid)
+}
+
+fn check_cid(cid: u32) -> Result<u32, OptionError> {
+    if cid < MIN_GUEST_CID || cid == u32::MAX {
+        return Err(OptionError::Cid(cid.to_string()));
+    }
+    Ok(cid)
+}
+
+/// Checks a vsock device's values (for configurations that did not come through
+/// [`parse_vsock`]).
+pub fn check_vsock(v: &VsockConfig) -> Result<(), ConfigError> {
+    let err = |reason| ConfigError::InvalidVsock {
+        value: v.socket.display().to_string(),
+        reason,
+    };
+    check_cid(v.cid).map_err(err)?;
+    check_disk_path(&v.socket.to_string_lossy()).map_err(err)?;
+    Ok(())
+}
+
+/// Parses `cid=N,socket=PATH`.
+pub fn parse_vsock(s: &str) -> Result<VsockConfig, ConfigError> {
+    let mut cid = None;
+    let mut socket = None;
+    let parsed = options(s, |key, value| {
+        match key {
+            "cid" => cid = Some(parse_cid(value)?),
+            "socket" => socket = Some(PathBuf::from(check_disk_path(value)?)),
+            other => {
+                return Err(OptionError::UnknownKey {
+                    key: other.to_string(),
+                    known: "cid, socket",
+                })
+            }
+        }
+        Ok(())
+    })
+    .and_then(|()| {
+        Ok(VsockConfig {
+            cid: cid.ok_or(OptionError::Missing("cid=N"))?,
+            socket: socket.ok_or(OptionError::Missing("socket=PATH"))?,
+        })
+    });
+    parsed.map_err(|reason| ConfigError::InvalidVsock {
+        value: s.to_string(),
+        reason,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -233,6 +290,29 @@ mod tests {
             ("a.raw", "not key=value"),
         ] {
             let e = parse_disk(bad).unwrap_err().to_string();
+            assert!(e.contains(needle), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn vsocks() {
+        let v = parse_vsock("cid=3,socket=/run/v.sock").unwrap();
+        assert_eq!((v.cid, v.socket), (3, PathBuf::from("/run/v.sock")));
+        let v = parse_vsock("socket=v,cid=4294967294").unwrap();
+        assert_eq!(v.cid, u32::MAX - 1);
+        for (bad, needle) in [
+            ("cid=2,socket=v", "cid=2: expected a number from 3"),
+            ("cid=0,socket=v", "reserved"),
+            ("cid=4294967295,socket=v", "reserved"),
+            ("cid=-1,socket=v", "cid=-1"),
+            ("cid=x,socket=v", "cid=x"),
+            ("cid=3", "socket=PATH is required"),
+            ("socket=v", "cid=N is required"),
+            ("cid=3,socket=", "empty path"),
+            ("cid=3,socket=v,port=1", "unknown key \"port\""),
+            ("cid", "not key=value"),
+        ] {
+            let e = parse_vsock(bad).unwrap_err().to_string();
             assert!(e.contains(needle), "{bad}: {e}");
         }
     }

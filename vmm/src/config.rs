@@ -3,7 +3,8 @@
 //! limit), before anything is allocated.
 
 pub use vmm_api::config::{
-    ConfigError, DiskConfig, DiskFormat, NetConfig, SerialConfig, VmConfig, DEFAULT_CMDLINE,
+    ConfigError, DiskConfig, DiskFormat, NetConfig, SerialConfig, VmConfig, VsockConfig,
+    DEFAULT_CMDLINE,
 };
 pub use vmm_api::limits::{MAX_CPUS, MIN_MEMORY};
 

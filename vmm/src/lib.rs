@@ -18,5 +18,6 @@ pub mod devices;
 pub mod persist;
 pub mod running;
 pub mod snapshot;
+pub mod unix_socket;
 pub mod vmm;
 pub mod vstate;

@@ -12,8 +12,10 @@ use vmm::api::{ApiServer, ServerOptions};
 use vmm::control::ControlError;
 use vmm::running::VmExit;
 use vmm::vmm::Vmm;
-use vmm_api::config::{DiskConfig, NetConfig, SerialConfig, VmConfig, DEFAULT_CMDLINE};
-use vmm_api::parse::{parse_disk, parse_net, parse_serial, parse_size};
+use vmm_api::config::{
+    DiskConfig, NetConfig, SerialConfig, VmConfig, VsockConfig, DEFAULT_CMDLINE,
+};
+use vmm_api::parse::{parse_disk, parse_net, parse_serial, parse_size, parse_vsock};
 
 /// Exit status for invalid input (bad flags, missing or invalid files, impossible sizes).
 const EXIT_BAD_INPUT: u8 = 2;
@@ -99,6 +101,17 @@ struct Cli {
         requires = "kernel"
     )]
     net: Vec<NetConfig>,
+    /// A virtio-vsock device (guest context ID N, 3 or more) whose host side is Unix sockets:
+    /// host processes connect to PATH and write `CONNECT <port>\n` to reach a guest listener
+    /// (they read `OK <hostport>\n` back); a guest connecting to host port P reaches the Unix
+    /// socket listening at PATH_P.
+    #[arg(
+        long,
+        value_name = "cid=N,socket=PATH",
+        value_parser = parse_vsock,
+        requires = "kernel"
+    )]
+    vsock: Option<VsockConfig>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -162,6 +175,7 @@ fn main() -> ExitCode {
             serial: cli.serial,
             disks: cli.disk,
             nets: cli.net,
+            vsock: cli.vsock,
         };
         if let Err(e) = vmm.boot_from_config(config) {
             eprintln!("vmm: {e}");

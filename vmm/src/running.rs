@@ -17,6 +17,7 @@ use crate::devices::serial::{SerialDevice, UartState, UartStateError};
 use crate::devices::virtio::block::request::Counters;
 use crate::devices::virtio::block::SharedDisk;
 use crate::devices::virtio::net::NetHandle;
+use crate::devices::virtio::vsock::VsockHandle;
 use crate::devices::{PauseError, VmEvent};
 use crate::persist::Persist;
 use crate::vstate::control::{self, VcpuControl};
@@ -117,6 +118,8 @@ pub struct Parts {
     pub disks: Vec<(SharedDisk, Arc<Counters>)>,
     /// Each network device, in configuration order.
     pub nets: Vec<NetHandle>,
+    /// The vsock device.
+    pub vsock: Option<VsockHandle>,
     /// vCPU run control.
     pub control: Arc<VcpuControl>,
     /// The ACPI power button.
@@ -135,6 +138,7 @@ pub struct RunningVm {
     _terminal: Option<console::RawTerminal>,
     disks: Vec<(SharedDisk, Arc<Counters>)>,
     nets: Vec<NetHandle>,
+    vsock: Option<VsockHandle>,
     control: Arc<VcpuControl>,
     power_button: PowerButton,
     pci: Arc<Mutex<PciRoot>>,
@@ -156,6 +160,7 @@ impl RunningVm {
             _terminal: parts.terminal,
             disks: parts.disks,
             nets: parts.nets,
+            vsock: parts.vsock,
             control: parts.control,
             power_button: parts.power_button,
             pci: parts.pci,
@@ -292,7 +297,7 @@ impl RunningVm {
 
     /// Stops the vCPUs, flushes the console and leaves every image consistent for other tools
     /// (the process may exit right after this without dropping devices), and lets go of every
-    /// TAP (a reboot attaches to it again).
+    /// TAP and the vsock socket (a reboot attaches to them again).
     pub fn finish(&self) {
         self.control.stop();
         self.serial
@@ -306,6 +311,9 @@ impl RunningVm {
         }
         for net in &self.nets {
             net.close();
+        }
+        if let Some(v) = &self.vsock {
+            v.close();
         }
     }
 }

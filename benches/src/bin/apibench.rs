@@ -139,6 +139,7 @@ fn inner(
         serial: SerialConfig::File(serial.clone()),
         disks: Vec::new(),
         nets: Vec::new(),
+        vsock: None,
     };
     // Latency of an idle VMM, then with a running guest.
     let v = spawn(vmm, &sock)?;

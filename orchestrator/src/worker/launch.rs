@@ -179,6 +179,7 @@ pub(super) async fn launch(ctx: &Ctx, vm: &mut LocalVm, obj: &Vm) -> Result<(), 
             tap: vm.rec.tap.clone(),
             mac,
         }],
+        vsock: None,
     };
     client.create(&config).await.map_err(StartError::Refused)?;
     client.boot().await.map_err(StartError::Boot)?;

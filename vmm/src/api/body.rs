@@ -14,12 +14,13 @@ use serde::de::{self, DeserializeOwned, MapAccess, Visitor};
 use serde::{Deserialize, Deserializer};
 use vmm_api::config::{check_cpu_count, DEFAULT_CPUS, DEFAULT_MEMORY};
 use vmm_api::parse::{
-    check_disk_path, check_disk_serial, check_tap_name, parse_disk_format, parse_size,
+    check_disk_path, check_disk_serial, check_tap_name, check_vsock, parse_disk_format, parse_size,
 };
 use vmm_api::types::{RestoreBody, ShutdownBody, SnapshotBody, MAX_SHUTDOWN_TIMEOUT_MS};
 
 use crate::config::{
-    ConfigError, DiskConfig, NetConfig, SerialConfig, VmConfig, DEFAULT_CMDLINE, MAX_CPUS,
+    ConfigError, DiskConfig, NetConfig, SerialConfig, VmConfig, VsockConfig, DEFAULT_CMDLINE,
+    MAX_CPUS,
 };
 use vmm_api::MacAddr;
 
@@ -107,8 +108,8 @@ pub struct CreateBody {
     firmware: Option<PathBuf>,
     /// `--net`, in order; `null` is taken as none.
     nets: Option<Vec<ApiNet>>,
-    /// A virtio-vsock device: documented, not built yet.
-    vsock: Option<Object<VsockBody>>,
+    /// `--vsock`; `null` is taken as none.
+    vsock: Option<ApiVsock>,
 }
 
 /// One element of `disks`: the keys of `--disk`, checked as the command line checks them while
@@ -157,14 +158,16 @@ struct NetBody {
     mac: Option<String>,
 }
 
-/// `vsock` (schema only until virtio-vsock exists).
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct VsockBody {
-    /// Guest context ID.
-    pub cid: u32,
-    /// Host Unix socket the guest's connections arrive on.
-    pub socket: PathBuf,
+/// `vsock`: the keys of `--vsock`, checked like [`ApiDisk`].
+#[derive(Debug)]
+struct ApiVsock(VsockConfig);
+
+impl<'de> Deserialize<'de> for ApiVsock {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let Object(v) = Object::<VsockConfig>::deserialize(deserializer)?;
+        check_vsock(&v).map_err(de::Error::custom)?;
+        Ok(ApiVsock(v))
+    }
 }
 
 fn default_cmdline() -> String {
@@ -214,12 +217,6 @@ impl CreateBody {
                 feature: "UEFI firmware boot",
             });
         }
-        if self.vsock.is_some() {
-            return Err(BodyError::Unavailable {
-                field: "vsock",
-                feature: "virtio-vsock",
-            });
-        }
         let kernel = self
             .kernel
             .ok_or_else(|| BodyError::Shape("missing field `kernel`".into()))?;
@@ -240,6 +237,7 @@ impl CreateBody {
                 .into_iter()
                 .map(|n| n.0)
                 .collect(),
+            vsock: self.vsock.map(|v| v.0),
         })
     }
 }
@@ -591,8 +589,16 @@ mod tests {
             ),
             (r#"{"kernel":"k","nets":{}}"#, "nets: invalid type: map"),
             (
-                r#"{"kernel":"k","vsock":{"cid":3,"socket":"/v"}}"#,
-                "vsock: virtio-vsock is not available in this build",
+                r#"{"kernel":"k","vsock":{"cid":2,"socket":"/v"}}"#,
+                "vsock: invalid vsock \"/v\": cid=2: expected a number from 3",
+            ),
+            (
+                r#"{"kernel":"k","vsock":{"cid":3}}"#,
+                "vsock: missing field `socket`",
+            ),
+            (
+                r#"{"kernel":"k","vsock":{"cid":3,"socket":"/v","port":1}}"#,
+                "vsock: unknown field `port`",
             ),
             (
                 r#"{"kernel":"k","nets":[{"tap":"t","speed":1}]}"#,
@@ -609,7 +615,8 @@ mod tests {
         let c = create(
             r#"{"kernel":"/k","cpus":3,"memory":"256M","serial":"off",
                 "disks":[{"path":"/d","format":"raw","serial":"s"},{"path":"/e","readonly":true}],
-                "nets":[{"tap":"tap0","mac":"52:54:00:00:00:0A"},{"tap":"tap1"}]}"#,
+                "nets":[{"tap":"tap0","mac":"52:54:00:00:00:0A"},{"tap":"tap1"}],
+                "vsock":{"cid":7,"socket":"/run/v.sock"}}"#,
         )
         .unwrap();
         let json = serde_json::to_vec(&c).unwrap();
@@ -622,6 +629,16 @@ mod tests {
             text.contains(r#"{"tap":"tap0","mac":"52:54:00:00:00:0a"}"#),
             "{text}"
         );
+        assert!(
+            text.contains(r#""vsock":{"cid":7,"socket":"/run/v.sock"}"#),
+            "{text}"
+        );
+        // Without a vsock device the key is left out, as before the device existed.
+        let plain = create(r#"{"kernel":"/k","vsock":null}"#).unwrap();
+        assert!(plain.vsock.is_none());
+        assert!(!String::from_utf8(serde_json::to_vec(&plain).unwrap())
+            .unwrap()
+            .contains("vsock"));
     }
 
     #[test]

@@ -14,6 +14,5 @@ mod handler;
 mod openapi;
 mod server;
 mod signals;
-mod socket;
 
 pub use server::{ApiServer, ServerError, ServerOptions};

@@ -13,7 +13,7 @@ use vmm_api::types::{
 use vmm_api::MacAddr;
 
 use super::body;
-use crate::config::{DiskConfig, NetConfig, SerialConfig, VmConfig};
+use crate::config::{DiskConfig, NetConfig, SerialConfig, VmConfig, VsockConfig};
 
 const HTTP_METHODS: &[&str] = &["get", "put", "post", "delete", "patch", "head", "options"];
 
@@ -196,6 +196,10 @@ fn response_schemas_name_the_serialized_fields() {
             tap: "tap0".into(),
             mac: MacAddr::random(),
         }],
+        vsock: Some(VsockConfig {
+            cid: 3,
+            socket: "/v".into(),
+        }),
     };
     let info = serde_json::to_value(VmInfo {
         state: VmState::Running,
@@ -218,10 +222,12 @@ fn response_schemas_name_the_serialized_fields() {
     );
     // The info form of a configuration is the create form minus the features not built yet.
     let mut create_fields = properties(&doc, "VmConfig");
-    for unbuilt in ["firmware", "vsock"] {
-        assert!(create_fields.remove(unbuilt));
-    }
+    assert!(create_fields.remove("firmware"));
     assert_eq!(keys(&info["config"]), create_fields);
+    assert_eq!(
+        keys(&info["config"]["vsock"]),
+        properties(&doc, "VsockConfig")
+    );
 
     let states: BTreeSet<String> = schema(&doc, "VmState")["enum"]
         .as_array()

@@ -23,8 +23,8 @@ use tokio::sync::{oneshot, Semaphore};
 
 use super::handler::{self, Shared};
 use super::signals;
-use super::socket::{self, FileId};
 use crate::control::VmControl;
+use crate::unix_socket::{self as socket, BindError, FileId};
 
 /// Largest request head (request line and headers) a connection buffers; hyper answers 431
 /// beyond it. Our requests have a handful of short headers.
@@ -85,6 +85,16 @@ pub enum ServerError {
     /// The runtime or the thread could not be created.
     #[error("starting the API server: {0}")]
     Start(#[source] io::Error),
+}
+
+impl From<BindError> for ServerError {
+    fn from(e: BindError) -> ServerError {
+        match e {
+            BindError::InUse(p) => ServerError::InUse(p),
+            BindError::NotASocket(p) => ServerError::NotASocket(p),
+            BindError::Io { path, source } => ServerError::Socket { path, source },
+        }
+    }
 }
 
 impl ServerError {

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 
 use tokio::signal::unix::{signal, SignalKind};
 
-use super::socket::{self, FileId};
+use crate::unix_socket::{self as socket, FileId};
 
 /// Spawns a task (on the current runtime) that, on SIGTERM, SIGINT or SIGHUP, removes the
 /// socket file and then lets the signal end the process as it would have without a handler.

@@ -79,6 +79,14 @@ pub enum Error {
         /// Why it could not be opened.
         source: TapError,
     },
+    /// The vsock device's socket could not be bound.
+    #[error("vsock socket {source}")]
+    Vsock {
+        /// The socket given with --vsock.
+        path: std::path::PathBuf,
+        /// Why it could not be bound.
+        source: crate::unix_socket::BindError,
+    },
     /// Any other host-side failure (eventfds, threads, files).
     #[error("{what}: {source}")]
     Host {
@@ -97,6 +105,15 @@ impl Error {
         }
         if let Error::Net { source, .. } = self {
             return source.is_bad_input();
+        }
+        if let Error::Vsock { source, .. } = self {
+            return match source {
+                crate::unix_socket::BindError::Io { source, .. } => matches!(
+                    source.kind(),
+                    io::ErrorKind::NotFound | io::ErrorKind::PermissionDenied
+                ),
+                _ => true,
+            };
         }
         matches!(
             self,

@@ -16,7 +16,7 @@ use super::Error;
 use crate::arch::cpuid::CpuidPolicy;
 use crate::arch::layout::{PCI_ECAM_SIZE, PCI_ECAM_START, PCI_MMIO32_END, PCI_MMIO32_START};
 use crate::arch::regs::BootMode;
-use crate::config::{DiskConfig, DiskFormat, NetConfig, SerialConfig, VmConfig};
+use crate::config::{DiskConfig, DiskFormat, NetConfig, SerialConfig, VmConfig, VsockConfig};
 use crate::console;
 use crate::devices::acpi_pm::{self, AcpiPm};
 use crate::devices::bus::Bus;
@@ -32,6 +32,7 @@ use crate::devices::virtio::block::{Block, BlockOptions, SharedDisk};
 use crate::devices::virtio::net::tap::Tap;
 use crate::devices::virtio::net::{Net, NetHandle};
 use crate::devices::virtio::pci::{self as virtio_pci, VirtioPciDevice};
+use crate::devices::virtio::vsock::{Vsock, VsockHandle};
 use crate::devices::virtio::VirtioDevice;
 use crate::devices::{ExitHandle, VmEvent};
 use crate::running::{Parts, RunningVm};
@@ -52,6 +53,7 @@ pub struct HostResources {
     pub kvm: Kvm,
     disks: Vec<Box<dyn DiskBackend>>,
     taps: Vec<Tap>,
+    vsock: Option<Vsock>,
 }
 
 impl HostResources {
@@ -63,9 +65,15 @@ impl HostResources {
             .map(open_backend)
             .collect::<Result<_, _>>()?;
         let taps = cfg.nets.iter().map(open_tap).collect::<Result<_, _>>()?;
+        let vsock = cfg.vsock.as_ref().map(open_vsock).transpose()?;
         let kvm = Kvm::new().map_err(Error::Kvm)?;
         cfg.check_cpus(kvm.get_max_vcpus() as u32)?;
-        Ok(HostResources { kvm, disks, taps })
+        Ok(HostResources {
+            kvm,
+            disks,
+            taps,
+            vsock,
+        })
     }
 }
 
@@ -95,6 +103,14 @@ fn open_backend(disk: &DiskConfig) -> Result<Box<dyn DiskBackend>, Error> {
 fn open_tap(net: &NetConfig) -> Result<Tap, Error> {
     Tap::open(&net.tap).map_err(|source| Error::Net {
         tap: net.tap.clone(),
+        source,
+    })
+}
+
+/// Binds the host side of the vsock device of `v`.
+fn open_vsock(v: &VsockConfig) -> Result<Vsock, Error> {
+    Vsock::new(v.cid, &v.socket).map_err(|source| Error::Vsock {
+        path: v.socket.clone(),
         source,
     })
 }
@@ -176,10 +192,13 @@ pub struct Devices {
     pub disks: Vec<(SharedDisk, Arc<Counters>)>,
     /// Each network device, in configuration order.
     pub nets: Vec<NetHandle>,
+    /// The vsock device.
+    pub vsock: Option<VsockHandle>,
 }
 
 /// Attaches every device `cfg` describes: legacy devices, the power button, the PCI root
-/// complex, then virtio-blk for each disk and virtio-net for each TAP, in PCI slot order.
+/// complex, then virtio-blk for each disk, virtio-net for each TAP and virtio-vsock, in PCI
+/// slot order.
 pub fn attach_devices(
     vm: &Vm,
     cfg: &VmConfig,
@@ -215,6 +234,18 @@ pub fn attach_devices(
     for (net, tap) in cfg.nets.iter().zip(host.taps) {
         nets.0.push(attach_net(vm, &mut root, net, tap)?);
     }
+    let vsock = match host.vsock {
+        Some(device) => {
+            let handle = device.handle();
+            // Closed (its socket removed) if what follows fails, like the TAPs.
+            let mut guard = CloseVsockOnError(Some(handle.clone()));
+            let slot = attach_virtio(vm, &mut root, Box::new(device))?;
+            tracing::info!(slot, "virtio-vsock attached");
+            guard.0 = None;
+            Some(handle)
+        }
+        None => None,
+    };
     drop(root);
     let devices = Devices {
         buses: Buses {
@@ -226,6 +257,7 @@ pub fn attach_devices(
         power_button,
         disks,
         nets: std::mem::take(&mut nets.0),
+        vsock,
     };
     Ok((host.kvm, devices))
 }
@@ -283,6 +315,17 @@ impl Drop for CloseOnError {
     fn drop(&mut self) {
         for net in &self.0 {
             net.close();
+        }
+    }
+}
+
+/// The same for the vsock device's socket.
+struct CloseVsockOnError(Option<VsockHandle>);
+
+impl Drop for CloseVsockOnError {
+    fn drop(&mut self) {
+        if let Some(v) = &self.0 {
+            v.close();
         }
     }
 }
@@ -357,6 +400,7 @@ pub fn start(
         terminal,
         disks: devices.disks,
         nets: devices.nets,
+        vsock: devices.vsock,
         control,
         power_button: devices.power_button,
         pci: devices.pci,

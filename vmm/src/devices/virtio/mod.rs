@@ -8,8 +8,11 @@
 pub mod block;
 pub mod net;
 pub mod pci;
+pub mod vsock;
 pub mod worker;
 
+#[cfg(test)]
+pub(crate) mod sim;
 #[cfg(test)]
 mod tests;
 
@@ -63,6 +66,9 @@ pub struct Activation {
     pub queues: Vec<ActiveQueue>,
     /// How to interrupt the driver.
     pub interrupt: Arc<dyn Interrupt>,
+    /// The activation replays a snapshot taken in another process: state the device kept on
+    /// the host side (connections) is gone.
+    pub restored: bool,
 }
 
 /// Error activating a device.

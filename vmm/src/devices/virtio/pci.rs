@@ -414,6 +414,7 @@ impl VirtioPciDevice {
             acked_features: self.driver_features,
             queues,
             interrupt,
+            restored: self.restoring,
         })
     }
 
@@ -460,8 +461,9 @@ impl VirtioPciDevice {
 /// PCI class of a virtio device type.
 fn class_of(device_type: u16) -> (u8, u8, u8) {
     match device_type {
-        1 => (0x02, 0x00, 0x00), // network controller
-        2 => (0x01, 0x80, 0x00), // mass storage, other
+        1 => (0x02, 0x00, 0x00),  // network controller
+        2 => (0x01, 0x80, 0x00),  // mass storage, other
+        19 => (0x07, 0x80, 0x00), // communication controller, other
         _ => (0xff, 0x00, 0x00),
     }
 }

@@ -4,41 +4,33 @@
 //! receive, mergeable buffers, waiting for room, malformed chains, pause/resume and reset.
 
 use std::io;
+use std::ops::{Deref, DerefMut};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use virtio_bindings::virtio_net::{
     VIRTIO_NET_F_GUEST_CSUM, VIRTIO_NET_F_GUEST_TSO4, VIRTIO_NET_F_GUEST_TSO6,
     VIRTIO_NET_F_HOST_TSO4, VIRTIO_NET_F_MRG_RXBUF,
 };
 use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap, VolatileSlice};
+use vm_memory::{Bytes, GuestAddress, VolatileSlice};
 
 use super::tap::{iovecs, FrameIo, VNET_HDR_LEN};
 use super::*;
-use crate::devices::pci::msix::{MsiMessage, MsiSink};
 use crate::devices::pci::root::PciDevice;
-use crate::devices::virtio::pci::VirtioPciDevice;
+use crate::devices::virtio::sim::{
+    rings, until, SimDriver, COMMON, DEVICE_CFG, F_NEXT, QSIZE, WAIT,
+};
 use crate::devices::virtio::{
     STATUS_ACKNOWLEDGE, STATUS_DEVICE_NEEDS_RESET, STATUS_DRIVER, STATUS_DRIVER_OK,
     STATUS_FEATURES_OK,
 };
 
-const COMMON: u64 = 0x0000;
-const DEVICE_CFG: u64 = 0x2000;
-const NOTIFY: u64 = 0x3000;
-const MSIX_TABLE: u64 = 0x4000;
-const QSIZE: u16 = 16;
-/// Descriptor table, available and used ring of each queue.
-const RINGS: [(u64, u64, u64); 2] = [(0x10000, 0x11000, 0x12000), (0x13000, 0x14000, 0x15000)];
 const RX_BUFS: u64 = 0x20000;
 const TX_BUFS: u64 = 0x60000;
-const F_NEXT: u16 = 1;
-const F_WRITE: u16 = 2;
 const MAC: [u8; 6] = [0x52, 0x54, 0, 0x12, 0x34, 0x56];
-const WAIT: Duration = Duration::from_secs(5);
 
 /// The device end of the socket pair, standing in for a TAP.
 struct FakeTap {
@@ -145,33 +137,23 @@ fn socket_pair() -> (OwnedFd, OwnedFd) {
     unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) }
 }
 
-#[derive(Clone, Default)]
-struct Sink(Arc<[AtomicUsize; 3]>);
+struct Driver {
+    sim: SimDriver,
+    host: Host,
+    offloads: Arc<Mutex<Vec<u32>>>,
+    handle: NetHandle,
+}
 
-impl MsiSink for Sink {
-    fn route(&self, _vector: u16, _message: Option<MsiMessage>) {}
-    fn fire(&self, vector: u16) {
-        self.0[usize::from(vector)].fetch_add(1, Ordering::SeqCst);
+impl Deref for Driver {
+    type Target = SimDriver;
+    fn deref(&self) -> &SimDriver {
+        &self.sim
     }
 }
 
-struct Driver {
-    dev: VirtioPciDevice,
-    mem: GuestMemoryMmap,
-    host: Host,
-    fired: Sink,
-    offloads: Arc<Mutex<Vec<u32>>>,
-    handle: NetHandle,
-    /// Per queue: next descriptor index to hand out, and the driver's avail index.
-    next_desc: [u16; 2],
-    avail: [u16; 2],
-}
-
-fn until(what: &str, mut f: impl FnMut() -> bool) {
-    let start = Instant::now();
-    while !f() {
-        assert!(start.elapsed() < WAIT, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(1));
+impl DerefMut for Driver {
+    fn deref_mut(&mut self) -> &mut SimDriver {
+        &mut self.sim
     }
 }
 
@@ -217,153 +199,12 @@ impl Driver {
         };
         let net = Net::new(Arc::new(tap), MAC);
         let handle = net.handle();
-        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
-        let fired = Sink::default();
-        let dev = VirtioPciDevice::new(
-            Box::new(net),
-            mem.clone(),
-            0xc000_0000,
-            Box::new(fired.clone()),
-            None,
-        )
-        .unwrap();
         Self {
-            dev,
-            mem,
+            sim: SimDriver::new(Box::new(net)),
             host: Host(host_end),
-            fired,
             offloads,
             handle,
-            next_desc: [0; 2],
-            avail: [0; 2],
         }
-    }
-
-    fn w(&mut self, offset: u64, data: &[u8]) {
-        self.dev.bar_write(0, offset, data);
-    }
-
-    fn r(&mut self, offset: u64, len: usize) -> Vec<u8> {
-        let mut d = vec![0u8; len];
-        self.dev.bar_read(0, offset, &mut d);
-        d
-    }
-
-    fn status(&mut self) -> u8 {
-        self.r(COMMON + 0x14, 1)[0]
-    }
-
-    fn set_status(&mut self, s: u8) {
-        self.w(COMMON + 0x14, &[s]);
-    }
-
-    fn device_features(&mut self) -> u64 {
-        self.w(COMMON, &0u32.to_le_bytes());
-        let lo = u32::from_le_bytes(self.r(COMMON + 4, 4).try_into().unwrap());
-        self.w(COMMON, &1u32.to_le_bytes());
-        let hi = u32::from_le_bytes(self.r(COMMON + 4, 4).try_into().unwrap());
-        u64::from(lo) | (u64::from(hi) << 32)
-    }
-
-    /// Negotiates VERSION_1 plus `features`, sets up both queues and MSI-X, and starts.
-    fn bring_up(&mut self, features: u64) {
-        let features = features | (1 << VIRTIO_F_VERSION_1);
-        self.set_status(STATUS_ACKNOWLEDGE | STATUS_DRIVER);
-        assert_eq!(self.device_features() & features, features);
-        for (sel, half) in [(0u32, features as u32), (1, (features >> 32) as u32)] {
-            self.w(COMMON + 0x08, &sel.to_le_bytes());
-            self.w(COMMON + 0x0c, &half.to_le_bytes());
-        }
-        self.set_status(STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK);
-        assert_ne!(self.status() & STATUS_FEATURES_OK, 0);
-        let cfg = self.dev.config();
-        let mut ptr = (cfg.read_reg(0x34 / 4) & 0xff) as usize;
-        while cfg.read_reg(ptr / 4) & 0xff != 0x11 {
-            ptr = ((cfg.read_reg(ptr / 4) >> 8) & 0xff) as usize;
-        }
-        cfg.write(ptr + 3, &[0x80]);
-        self.dev.config_written(ptr + 3);
-        for v in 0..3u64 {
-            self.w(MSIX_TABLE + 16 * v, &0xfee0_0000u64.to_le_bytes());
-            self.w(MSIX_TABLE + 16 * v + 8, &(0x30 + v as u32).to_le_bytes());
-            self.w(MSIX_TABLE + 16 * v + 12, &0u32.to_le_bytes());
-        }
-        for (q, (desc, avail, used)) in RINGS.iter().enumerate() {
-            for a in [*avail, *used] {
-                self.mem
-                    .write_slice(&[0u8; 0x1000], GuestAddress(a))
-                    .unwrap();
-            }
-            self.w(COMMON + 0x16, &(q as u16).to_le_bytes());
-            self.w(COMMON + 0x18, &QSIZE.to_le_bytes());
-            self.w(COMMON + 0x1a, &(q as u16).to_le_bytes());
-            self.w(COMMON + 0x20, &desc.to_le_bytes());
-            self.w(COMMON + 0x28, &avail.to_le_bytes());
-            self.w(COMMON + 0x30, &used.to_le_bytes());
-            self.w(COMMON + 0x1c, &1u16.to_le_bytes());
-        }
-        self.next_desc = [0; 2];
-        self.avail = [0; 2];
-        self.set_status(STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK | STATUS_DRIVER_OK);
-        assert_eq!(self.status() & STATUS_DEVICE_NEEDS_RESET, 0);
-    }
-
-    /// Makes a chain of `descs` (address, length, device-writable) available on queue `q`.
-    fn add_chain(&mut self, q: usize, descs: &[(u64, u32, bool)]) -> u16 {
-        let (table, avail, _) = RINGS[q];
-        let head = self.next_desc[q];
-        for (i, (addr, len, write)) in descs.iter().enumerate() {
-            let idx = (head + i as u16) % QSIZE;
-            let next = (idx + 1) % QSIZE;
-            let mut flags = if *write { F_WRITE } else { 0 };
-            if i + 1 < descs.len() {
-                flags |= F_NEXT;
-            }
-            let a = table + 16 * u64::from(idx);
-            self.mem.write_obj(*addr, GuestAddress(a)).unwrap();
-            self.mem.write_obj(*len, GuestAddress(a + 8)).unwrap();
-            self.mem.write_obj(flags, GuestAddress(a + 12)).unwrap();
-            self.mem.write_obj(next, GuestAddress(a + 14)).unwrap();
-        }
-        self.next_desc[q] = (head + descs.len() as u16) % QSIZE;
-        let slot = u64::from(self.avail[q] % QSIZE);
-        self.mem
-            .write_obj(head, GuestAddress(avail + 4 + 2 * slot))
-            .unwrap();
-        self.avail[q] = self.avail[q].wrapping_add(1);
-        self.mem
-            .write_obj(self.avail[q], GuestAddress(avail + 2))
-            .unwrap();
-        head
-    }
-
-    fn kick(&mut self, q: usize) {
-        self.w(NOTIFY + 4 * q as u64, &(q as u16).to_le_bytes());
-    }
-
-    fn used_idx(&self, q: usize) -> u16 {
-        self.mem.read_obj(GuestAddress(RINGS[q].2 + 2)).unwrap()
-    }
-
-    fn wait_used(&self, q: usize, n: u16) {
-        until(&format!("{n} used entries on queue {q}"), || {
-            self.used_idx(q) >= n
-        });
-    }
-
-    /// (descriptor id, length) of used entry `i` of queue `q`.
-    fn used(&self, q: usize, i: u16) -> (u32, u32) {
-        let a = RINGS[q].2 + 4 + 8 * u64::from(i % QSIZE);
-        (
-            self.mem.read_obj(GuestAddress(a)).unwrap(),
-            self.mem.read_obj(GuestAddress(a + 4)).unwrap(),
-        )
-    }
-
-    fn read(&self, addr: u64, len: usize) -> Vec<u8> {
-        let mut b = vec![0u8; len];
-        self.mem.read_slice(&mut b, GuestAddress(addr)).unwrap();
-        b
     }
 
     /// Puts `hdr` + `frame` into guest memory split over two buffers and sends it.
@@ -381,10 +222,6 @@ impl Driver {
         );
         self.kick(TX);
         head
-    }
-
-    fn fired(&self, vector: usize) -> usize {
-        self.fired.0[vector].load(Ordering::SeqCst)
     }
 
     fn counters(&self) -> [u64; 6] {
@@ -617,7 +454,7 @@ fn malformed_chains_are_completed_and_the_device_keeps_serving() {
     assert_eq!(drv.counters()[3..], [1, 100, 4]);
 
     // A descriptor that chains to itself ends after the queue size, without hanging.
-    let (table, ..) = RINGS[TX];
+    let (table, ..) = rings(TX);
     let head = drv.add_chain(TX, &[(TX_BUFS, 112, false)]);
     drv.mem
         .write_obj(F_NEXT, GuestAddress(table + 16 * u64::from(head) + 12))

@@ -1,17 +1,36 @@
-//! The API's Unix socket file: bound only where no live server is, stale files from a crashed
-//! `vmm` replaced, and removed on exit only while it is still the file this server bound.
+//! Listening Unix socket files (the API's, the vsock device's): bound only where no live server
+//! is, stale files from a crashed `vmm` replaced, and removed only while still the file this
+//! process bound.
 
 use std::io;
 use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
-use super::ServerError;
+/// Why a socket could not be bound.
+#[derive(Debug, thiserror::Error)]
+pub enum BindError {
+    /// A server answers on the socket.
+    #[error("{}: another process is serving on it", .0.display())]
+    InUse(PathBuf),
+    /// The path is taken by something that is not a socket; it is left alone.
+    #[error("{}: the path exists and is not a socket", .0.display())]
+    NotASocket(PathBuf),
+    /// Creating or checking the socket failed.
+    #[error("{}: {source}", path.display())]
+    Io {
+        /// The socket path.
+        path: PathBuf,
+        /// What failed.
+        #[source]
+        source: io::Error,
+    },
+}
 
-/// Identity of the socket file this server bound, to avoid removing a later server's socket
+/// Identity of the socket file this process bound, to avoid removing a later server's socket
 /// that replaced ours at the same path.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct FileId {
+pub struct FileId {
     dev: u64,
     ino: u64,
 }
@@ -26,17 +45,17 @@ fn file_id(path: &Path) -> io::Result<FileId> {
 
 /// Binds a listening socket at `path`. Refuses when a server answers there or when the path
 /// is something other than a socket (never deletes a user's file); removes a socket nobody
-/// listens on. The socket is made owner-only: the API controls the whole VM.
-pub(crate) fn bind(path: &Path) -> Result<(UnixListener, FileId), ServerError> {
-    let at = |source: io::Error| ServerError::Socket {
+/// listens on. The socket is made owner-only: whoever connects controls part of the VM.
+pub fn bind(path: &Path) -> Result<(UnixListener, FileId), BindError> {
+    let at = |source: io::Error| BindError::Io {
         path: path.to_path_buf(),
         source,
     };
     match std::fs::symlink_metadata(path) {
         Ok(m) if m.file_type().is_socket() => match UnixStream::connect(path) {
-            Ok(_) => return Err(ServerError::InUse(path.to_path_buf())),
+            Ok(_) => return Err(BindError::InUse(path.to_path_buf())),
             Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {
-                tracing::info!("removing stale API socket {}", path.display());
+                tracing::info!("removing stale socket {}", path.display());
                 match std::fs::remove_file(path) {
                     Ok(()) => {}
                     Err(e) if e.kind() == io::ErrorKind::NotFound => {}
@@ -45,13 +64,13 @@ pub(crate) fn bind(path: &Path) -> Result<(UnixListener, FileId), ServerError> {
             }
             Err(e) => return Err(at(e)),
         },
-        Ok(_) => return Err(ServerError::NotASocket(path.to_path_buf())),
+        Ok(_) => return Err(BindError::NotASocket(path.to_path_buf())),
         Err(e) if e.kind() == io::ErrorKind::NotFound => {}
         Err(e) => return Err(at(e)),
     }
     let listener = UnixListener::bind(path).map_err(|e| match e.kind() {
         // Another server bound it between our check and our bind.
-        io::ErrorKind::AddrInUse => ServerError::InUse(path.to_path_buf()),
+        io::ErrorKind::AddrInUse => BindError::InUse(path.to_path_buf()),
         _ => at(e),
     })?;
     let id = file_id(path).map_err(at)?;
@@ -60,10 +79,10 @@ pub(crate) fn bind(path: &Path) -> Result<(UnixListener, FileId), ServerError> {
 }
 
 /// Removes the socket file at `path` if it is still the one identified by `id`.
-pub(crate) fn remove(path: &Path, id: FileId) {
+pub fn remove(path: &Path, id: FileId) {
     if file_id(path).is_ok_and(|now| now == id) {
         if let Err(e) = std::fs::remove_file(path) {
-            tracing::warn!("removing API socket {}: {e}", path.display());
+            tracing::warn!("removing socket {}: {e}", path.display());
         }
     }
 }
