@@ -33,6 +33,7 @@
 pub mod client;
 pub mod frame;
 mod messages;
+pub mod vsock;
 
 pub use messages::*;
 

@@ -5,7 +5,8 @@
 mod agent;
 mod serve;
 mod sysinfo;
-mod vsock;
+
+use agent_proto::vsock;
 
 use std::path::PathBuf;
 use std::process::ExitCode;

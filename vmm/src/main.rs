@@ -1,6 +1,7 @@
 //! `vmm`: boots a Linux guest directly from a kernel image, or as the API asks; `vmm img`
 //! manages disk images.
 
+mod agent_cli;
 mod img;
 
 use std::path::PathBuf;
@@ -30,7 +31,8 @@ const EXIT_VM_FAILED: u8 = 1;
 /// alone, the VMM waits for the VM to be created and booted through it; with --kernel, the VM
 /// boots from the flags and the API serves too.
 ///
-/// `vmm img` creates, inspects, resizes, converts and checks raw and qcow2 disk images.
+/// `vmm img` creates, inspects, resizes, converts and checks raw and qcow2 disk images;
+/// `vmm agent` talks to a guest agent over a VM's vsock socket.
 #[derive(Parser, Debug)]
 #[command(
     version,
@@ -121,6 +123,12 @@ enum Command {
         #[command(subcommand)]
         command: img::ImgCommand,
     },
+    /// Talks to the guest agent of a running VM over its vsock socket: ping, apply, status,
+    /// shutdown.
+    Agent {
+        #[command(subcommand)]
+        command: agent_cli::AgentCommand,
+    },
 }
 
 fn main() -> ExitCode {
@@ -139,8 +147,10 @@ fn main() -> ExitCode {
         )
         .init();
 
-    if let Some(Command::Img { command }) = cli.command {
-        return img::run(command);
+    match cli.command {
+        Some(Command::Img { command }) => return img::run(command),
+        Some(Command::Agent { command }) => return agent_cli::run(command),
+        None => {}
     }
     let vmm = Vmm::new();
     // Started before the VM so that a socket already in use fails fast, and so that the API

@@ -118,6 +118,9 @@ pub struct Conn {
     guest_no_send: bool,
     guest_no_recv: bool,
     host_eof: bool,
+    /// The host peer will read nothing more (writing to it failed with EPIPE): what the guest
+    /// still sends is dropped, and the guest is told.
+    host_no_recv: bool,
     host_write_shut: bool,
     owed: Owed,
     /// The host stream has data we have not read.
@@ -150,6 +153,7 @@ impl Conn {
             guest_no_send: false,
             guest_no_recv: false,
             host_eof: false,
+            host_no_recv: false,
             host_write_shut: false,
             owed: Owed::default(),
             readable: false,
@@ -281,11 +285,19 @@ impl Conn {
             return Verdict::Reset;
         }
         self.recv_cnt += Wrapping(len as u32);
+        if self.host_no_recv {
+            self.fwd_cnt = self.recv_cnt;
+            return Verdict::Keep;
+        }
         let mut written = 0;
         if self.tx.is_empty() {
             match (&self.stream).write_volatile(data) {
                 Ok(n) => written = n,
                 Err(e) if would_block(&e) => {}
+                Err(VolatileMemoryError::IOError(e)) if e.kind() == io::ErrorKind::BrokenPipe => {
+                    self.host_stopped_reading();
+                    return Verdict::Keep;
+                }
                 Err(_) => return Verdict::Reset,
             }
         }
@@ -328,12 +340,26 @@ impl Conn {
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) if e.kind() == io::ErrorKind::BrokenPipe => {
+                    self.host_stopped_reading();
+                    break;
+                }
                 Err(_) => return Verdict::Reset,
             }
         }
         self.note_forwarded();
         self.after_flush();
         Verdict::Keep
+    }
+
+    /// The host peer closed its reading side (or all of it): what it wrote before still goes
+    /// to the guest, which is told it can send nothing more (SHUTDOWN with RCV: "the host will
+    /// receive no more").
+    fn host_stopped_reading(&mut self) {
+        self.host_no_recv = true;
+        self.tx.clear();
+        self.fwd_cnt = self.recv_cnt;
+        self.owed.shutdown |= SHUTDOWN_RCV;
     }
 
     /// Once everything the guest sent is with the host: pass on the guest's end of sending,
@@ -566,6 +592,31 @@ mod tests {
         // The guest closes: RST.
         c.from_guest(OP_SHUTDOWN, SHUTDOWN_RCV | SHUTDOWN_SEND, 4096, 4, None);
         assert_eq!(c.next_packet(None).unwrap().op, OP_RST);
+    }
+
+    #[test]
+    fn a_host_that_goes_away_still_delivers_what_it_wrote() {
+        let (mut c, mut host) = pair();
+        c.next_packet(None);
+        c.from_guest(OP_CREDIT_UPDATE, 0, 4096, 0, None);
+        host.write_all(b"last words").unwrap();
+        drop(host);
+        // The guest writes into the void: no reset, but it is told the host receives no more.
+        let mut data = *b"hello?";
+        assert_eq!(
+            c.from_guest(OP_RW, 0, 4096, 0, Some(&slice(&mut data))),
+            Verdict::Keep
+        );
+        c.readable = true;
+        let mut rx = [0u8; 64];
+        let out = c.next_packet(Some(&slice(&mut rx))).unwrap();
+        assert_eq!((out.op, out.len), (OP_RW, 10), "the data first");
+        assert_eq!(&rx[..10], b"last words");
+        let out = c.next_packet(Some(&slice(&mut rx))).unwrap();
+        assert!(
+            (out.op == OP_SHUTDOWN && out.flags & SHUTDOWN_RCV != 0) || out.op == OP_RST,
+            "{out:?}"
+        );
     }
 
     #[test]

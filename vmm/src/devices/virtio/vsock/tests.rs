@@ -420,15 +420,21 @@ fn shutdowns_pass_through_and_closes_end_with_rst() {
     sh.flags = SHUTDOWN_SEND | SHUTDOWN_RCV;
     g.send(&sh);
     assert_eq!(g.recv().op, OP_RST);
-    // A host process that closes while the guest sends: the guest is reset.
+    // A host process that goes away: its end of stream arrives as a SHUTDOWN; what the guest
+    // sends after it is dropped and the guest is told the host receives no more; the guest
+    // closes and the connection ends.
     let (s2, hp2) = host_connect(&mut g, 54);
     drop(s2);
-    // Its EOF arrives as a SHUTDOWN first.
     let p = g.recv();
     assert_eq!((p.op, p.flags), (OP_SHUTDOWN, SHUTDOWN_SEND));
     let mut w = pkt(54, hp2, OP_RW);
     w.data = b"anyone?".to_vec();
     g.send(&w);
+    let p = g.recv();
+    assert_eq!((p.op, p.flags & SHUTDOWN_RCV), (OP_SHUTDOWN, SHUTDOWN_RCV));
+    let mut close = pkt(54, hp2, OP_SHUTDOWN);
+    close.flags = SHUTDOWN_SEND | SHUTDOWN_RCV;
+    g.send(&close);
     assert_eq!(g.recv().op, OP_RST);
 }
 

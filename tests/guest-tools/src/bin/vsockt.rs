@@ -1,0 +1,152 @@
+//! `vsockt`: the guest side of the vsock tests. Each connection starts with its id (4 bytes,
+//! little-endian, from the side that connects); then both sides exchange checked streams
+//! (see the `guest_tools` library). Prints one `VSOCKT ...` line per connection.
+
+use std::io::{Read, Write};
+use std::process::ExitCode;
+
+use agent_proto::vsock::{Listener, Stream, HOST_CID};
+use clap::{Parser, Subcommand};
+use guest_tools::{exchange, TO_HOST};
+
+/// Guest side of lightbyte's vsock tests.
+#[derive(Parser)]
+struct Args {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Accepts COUNT connections on PORT and exchanges BYTES each way on each, at once.
+    Listen {
+        port: u32,
+        count: u32,
+        bytes: u64,
+        /// Send only this much, then close (a guest going away mid-stream).
+        #[arg(long)]
+        close_after: Option<u64>,
+    },
+    /// Opens COUNT connections to host port PORT and exchanges BYTES each way on each, at once.
+    Dial {
+        port: u32,
+        count: u32,
+        bytes: u64,
+        /// Send only this much, then close.
+        #[arg(long)]
+        close_after: Option<u64>,
+    },
+    /// Opens one connection to host port PORT and keeps it until it ends; says how it ended.
+    Hold { port: u32 },
+}
+
+fn report(role: &str, port: u32, id: u32, line: &str) {
+    println!("VSOCKT {role} {port} {id} {line}");
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    let ok = match args.command {
+        Command::Listen {
+            port,
+            count,
+            bytes,
+            close_after,
+        } => listen(port, count, bytes, close_after),
+        Command::Dial {
+            port,
+            count,
+            bytes,
+            close_after,
+        } => dial(port, count, bytes, close_after),
+        Command::Hold { port } => hold(port),
+    };
+    if ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
+}
+
+fn listen(port: u32, count: u32, bytes: u64, close_after: Option<u64>) -> bool {
+    let listener = match Listener::bind(port) {
+        Ok(l) => l,
+        Err(e) => {
+            report("listen", port, 0, &format!("FAIL bind: {e}"));
+            return false;
+        }
+    };
+    println!("VSOCKT listening {port}");
+    let mut threads = Vec::new();
+    for _ in 0..count {
+        let mut s = match listener.accept() {
+            Ok(s) => s,
+            Err(e) => {
+                report("listen", port, 0, &format!("FAIL accept: {e}"));
+                return false;
+            }
+        };
+        threads.push(std::thread::spawn(move || {
+            let mut id = [0u8; 4];
+            if let Err(e) = s.read_exact(&mut id) {
+                report("listen", port, 0, &format!("FAIL id: {e}"));
+                return false;
+            }
+            let id = u32::from_le_bytes(id);
+            let o = exchange(s, id, TO_HOST, bytes, close_after);
+            report("listen", port, id, &o.line());
+            o.error.is_none()
+        }));
+    }
+    threads.into_iter().all(|t| t.join().unwrap_or(false))
+}
+
+fn dial(port: u32, count: u32, bytes: u64, close_after: Option<u64>) -> bool {
+    let threads: Vec<_> = (0..count)
+        .map(|id| {
+            std::thread::spawn(move || {
+                let mut s = match Stream::connect(HOST_CID, port) {
+                    Ok(s) => s,
+                    Err(e) => {
+                        report("dial", port, id, &format!("FAIL connect: {e}"));
+                        return false;
+                    }
+                };
+                if let Err(e) = s.write_all(&id.to_le_bytes()) {
+                    report("dial", port, id, &format!("FAIL id: {e}"));
+                    return false;
+                }
+                let o = exchange(s, id, TO_HOST, bytes, close_after);
+                report("dial", port, id, &o.line());
+                o.error.is_none()
+            })
+        })
+        .collect();
+    threads.into_iter().all(|t| t.join().unwrap_or(false))
+}
+
+fn hold(port: u32) -> bool {
+    let mut s = match Stream::connect(HOST_CID, port) {
+        Ok(s) => s,
+        Err(e) => {
+            report("hold", port, 0, &format!("FAIL connect: {e}"));
+            return false;
+        }
+    };
+    let _ = s.write_all(&0u32.to_le_bytes());
+    println!("VSOCKT hold {port} 0 CONNECTED");
+    let mut b = [0u8; 256];
+    loop {
+        match s.read(&mut b) {
+            Ok(0) => {
+                report("hold", port, 0, "ENDED eof");
+                return true;
+            }
+            Ok(_) => {}
+            Err(e) => {
+                report("hold", port, 0, &format!("ENDED {e}"));
+                return true;
+            }
+        }
+    }
+}
