@@ -165,7 +165,8 @@ up() {
     ip netns exec "$ns" sysctl -qw net.ipv4.ip_forward=1
     ip route add "10.124.$k.0/24" via "10.123.0.$((10 + k))"
     args=(--etcd "http://10.123.0.1:$ETCD_PORT" --name "w$k" --state-dir "$dir/w$k"
-          --vmm "$bin/vmm" --bridge lbbr0 --subnet "10.124.$k.0/24" --lease-ttl "$lease_ttl")
+          --vmm "$bin/vmm" --bridge lbbr0 --subnet "10.124.$k.0/24" --lease-ttl "$lease_ttl"
+          --listen "10.123.0.$((10 + k)):7071")
     [ -n "$kernel" ] && args+=(--kernel "$kernel")
     [ -n "$initramfs" ] && args+=(--initramfs "$initramfs")
     [ -n "$worker_cpus" ] && args+=(--cpus "$worker_cpus")

@@ -139,6 +139,17 @@ impl ApiClient {
             .await
     }
 
+    /// Sends `request` to the guest agent of VM `name` (through the worker it runs on).
+    pub async fn agent(
+        &self,
+        name: &str,
+        request: &agent_proto::Request,
+    ) -> Result<agent_proto::Response, ClientError> {
+        let body = serde_json::to_vec(request).expect("requests always serialize");
+        let path = format!("{}/agent", item_path::<crate::model::VmSpec>(name));
+        self.request(Method::POST, &path, Some(body)).await
+    }
+
     pub async fn delete<S: Spec>(&self, name: &str) -> Result<Object<S>, ClientError> {
         self.request(Method::DELETE, &item_path::<S>(name), None)
             .await

@@ -81,6 +81,7 @@ async fn upsert(store: &Store, name: &str, spec: &WorkerSpec) -> Result<(), Stor
             .update::<WorkerSpec, _>(name, |o| {
                 o.spec.capacity = spec.capacity;
                 o.spec.labels = spec.labels.clone();
+                o.spec.endpoint = spec.endpoint.clone();
                 Ok(())
             })
             .await

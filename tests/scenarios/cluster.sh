@@ -37,7 +37,8 @@ cluster up --workers 2 --kernel "$KERNEL" --initramfs "$INITRAMFS" \
 
 base=$WORK/base.raw
 truncate -s 64M "$base"
-lb image add base --path "$base" --format raw --cmdline "console=ttyS0 reboot=k panic=1 lbacpid=1"
+lb image add base --path "$base" --format raw \
+  --cmdline "console=ttyS0 reboot=k panic=1 lbacpid=1 lbagent=1"
 
 echo "== lifecycle: create -> Running with the guest's IP"
 t0=$(date +%s%N)
@@ -62,6 +63,12 @@ check tap-present ip -n "lbdev-$w" link show "$tap"
 check root-overlay test -f "$D/$w/vms/web-1/root.qcow2"
 # The running vmm holds the image's lock, so the header is read as bytes: it names the base.
 check overlay-backing grep -qaF "$base" "$D/$w/vms/web-1/root.qcow2"
+# The guest agent answered over vsock (the TCP probe is the fallback for images without one;
+# the agent may come up a moment after the address answers).
+agent_reported() { for _ in $(seq 60); do [ -n "$(field web-1 agent)" ] && return 0; sleep 1; done; return 1; }
+check running-via-agent agent_reported
+check agent-through-worker sh -c \
+  "'$LIGHTBYTE_BIN/lightbyte' vm agent web-1 ping | grep '\"hostname\": \"web-1\"' >/dev/null"
 
 # The agent comes back within the worker lease TTL (15 s; TCG is slow): longer, and the VM
 # would be marked Lost and placed on the other worker, which the agent then respects.
@@ -86,6 +93,7 @@ refused() { # expected text, command...: fails, and says so
   [ "$rc" -ne 0 ] && grep -q "$want" <<<"$out"
 }
 check bad-cpus-rejected refused 422 lb vm create bad-1 --image base --cpus 0
+check agent-unknown-vm refused 'not found' lb vm agent nope ping
 check bad-image-rejected refused 'not found' lb vm create bad-2 --image missing
 check bad-name-rejected refused 422 lb vm create Bad_Name --image base
 nothing_written() { local l; l=$(lb vm list -o json) && ! grep -qi 'bad' <<<"$l"; }

@@ -1,12 +1,14 @@
-//! The HTTP JSON API: `/api/v1/{images,volumes,vms,workers}[/NAME]`.
+//! The HTTP JSON API: `/api/v1/{images,volumes,vms,workers}[/NAME]`, and
+//! `/api/v1/vms/NAME/agent` for a VM's guest agent.
 
 mod admission;
+mod agent;
 mod error;
 mod resources;
 
 use axum::extract::DefaultBodyLimit;
 use axum::http::StatusCode;
-use axum::routing::get;
+use axum::routing::{get, post};
 use axum::Router;
 
 pub use error::ApiError;
@@ -25,6 +27,7 @@ pub fn router(store: Store) -> Router {
         .merge(kind::<VolumeSpec>())
         .merge(kind::<VmSpec>())
         .merge(kind::<WorkerSpec>())
+        .route("/api/v1/vms/{name}/agent", post(agent::forward))
         .route("/healthz", get(healthz))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)

@@ -118,7 +118,7 @@ pub async fn delete<S: Spec>(
 }
 
 /// The object name from the URL; 400 when it cannot be a name.
-fn path_name(path: Result<Path<String>, PathRejection>) -> Result<String, ApiError> {
+pub(crate) fn path_name(path: Result<Path<String>, PathRejection>) -> Result<String, ApiError> {
     let Path(name) = path.map_err(|r| ApiError::new(r.status(), r.body_text()))?;
     validate::dns_label("name", &name).map_err(|e| ApiError::field(StatusCode::BAD_REQUEST, e))?;
     Ok(name)

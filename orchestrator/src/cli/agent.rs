@@ -89,6 +89,7 @@ fn config(args: AgentArgs) -> Result<WorkerConfig> {
         stop_timeout: args.stop_timeout,
         probe_port: args.probe_port,
         max_restarts: args.max_restarts,
+        listen: args.listen,
     })
 }
 

@@ -8,8 +8,8 @@ use serde::Serialize;
 
 use super::table::Table;
 use super::{
-    Cli, Command, ImageCommand, Output, ServerArgs, VmCommand, VolumeCommand, WaitFor, WorkerArgs,
-    WorkerCommand,
+    AgentRequest, Cli, Command, ImageCommand, Output, ServerArgs, VmCommand, VolumeCommand,
+    WaitFor, WorkerArgs, WorkerCommand,
 };
 use orchestrator::client::{ApiClient, DEFAULT_SERVER};
 use orchestrator::controllers::ControllerConfig;
@@ -178,7 +178,35 @@ async fn vm(client: &ApiClient, cmd: VmCommand, output: Output) -> Result<()> {
         VmCommand::Delete { name } => {
             done(output, &client.delete::<VmSpec>(&name).await?, "deleted")
         }
+        VmCommand::Agent { name, request } => vm_agent(client, &name, request).await,
     }
+}
+
+async fn vm_agent(client: &ApiClient, name: &str, request: AgentRequest) -> Result<()> {
+    use agent_proto::Request;
+    let request = match request {
+        AgentRequest::Ping => Request::Ping,
+        AgentRequest::Apply {
+            document,
+            revision,
+            file,
+            service,
+        } => Request::ApplyConfig {
+            name: document,
+            revision,
+            content: std::fs::read_to_string(&file)
+                .with_context(|| format!("reading {}", file.display()))?,
+            service,
+        },
+        AgentRequest::Status { services } => Request::Status { services },
+        AgentRequest::Shutdown => Request::Shutdown,
+    };
+    let response = client.agent(name, &request).await?;
+    println!("{}", serde_json::to_string_pretty(&response)?);
+    if let agent_proto::Response::Error { message, .. } = &response {
+        bail!("the guest agent refused: {message}");
+    }
+    Ok(())
 }
 
 async fn image(client: &ApiClient, cmd: ImageCommand, output: Output) -> Result<()> {

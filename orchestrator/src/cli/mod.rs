@@ -104,6 +104,13 @@ pub enum VmCommand {
     Delete {
         name: String,
     },
+    /// Talk to a VM's guest agent (over vsock, through the worker it runs on); prints its
+    /// answer as JSON, exits 1 when the agent answers with an error
+    Agent {
+        name: String,
+        #[command(subcommand)]
+        request: AgentRequest,
+    },
     /// Wait until every named VM is Running (or Stopped, or deleted); exits 1 on timeout or when
     /// a VM fails while waited for
     Wait {
@@ -265,6 +272,37 @@ pub struct AgentArgs {
     /// Restarts of a VM whose vmm died within ten minutes before it is marked Failed
     #[arg(long, default_value_t = 3)]
     pub max_restarts: u32,
+    /// Serve requests for the VMs' guest agents here (HOST:PORT; port 0 picks one): the control
+    /// plane forwards `lightbyte vm agent` to it. It must be reachable from the control plane.
+    #[arg(long, value_name = "ADDR")]
+    pub listen: Option<SocketAddr>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum AgentRequest {
+    /// The agent's version, the guest's uptime, hostname and addresses
+    Ping,
+    /// Write a named document into the guest (refused unless REVISION is above the applied
+    /// one), optionally reloading a local service
+    Apply {
+        /// The document's name in the guest
+        document: String,
+        #[arg(long)]
+        revision: u64,
+        /// A file holding the document
+        #[arg(long, value_name = "FILE")]
+        file: std::path::PathBuf,
+        /// A service to reload once it is written
+        #[arg(long)]
+        service: Option<String>,
+    },
+    /// The state of local services
+    Status {
+        #[arg(required = true)]
+        services: Vec<String>,
+    },
+    /// Power the guest off
+    Shutdown,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]

@@ -114,6 +114,7 @@ mod tests {
                 },
                 labels: Default::default(),
                 drain: false,
+                endpoint: None,
             },
             status: WorkerStatus {
                 state,

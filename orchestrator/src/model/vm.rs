@@ -75,6 +75,10 @@ pub struct VmStatus {
     /// Why it is in its state, when that is not obvious ("no Ready worker has 4 CPUs free").
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub message: Option<String>,
+    /// The version of the guest agent, when it answered (a guest without one is known to be up
+    /// by a TCP probe of its address instead).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent: Option<String>,
 }
 
 impl Spec for VmSpec {

@@ -26,6 +26,10 @@ pub struct WorkerSpec {
     /// Set by an operator: no new VMs are placed here.
     #[serde(default)]
     pub drain: bool,
+    /// Where the worker agent serves requests for its VMs (their guest agents), `HOST:PORT`;
+    /// set by the agent when it registers with `--listen`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub endpoint: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]

@@ -14,7 +14,7 @@ use super::local::{write_status, Ctx, LocalVm};
 use super::netdev;
 use super::process::{log_tail, Liveness};
 use super::record::{Layout, Record};
-use super::{mac_address, probe, tap_name, WorkerConfig, WorkerError};
+use super::{api, guest, mac_address, probe, tap_name, WorkerConfig, WorkerError};
 use crate::model::{Vm, VmSpec, VmState, VmStatus, VolumeSpec, WorkerSpec};
 use crate::registration::Registration;
 use crate::store::{keys, Store, StoreError, Watch};
@@ -22,6 +22,8 @@ use crate::task::Backoff;
 
 /// How often processes are checked and guests probed.
 const TICK: Duration = Duration::from_millis(500);
+/// Ticks a guest that is up is asked for its agent before it is taken to have none.
+const AGENT_PINGS: u32 = 120;
 /// Window in which `max_restarts` counts.
 const RESTART_WINDOW: Duration = Duration::from_secs(600);
 
@@ -35,10 +37,22 @@ pub async fn run(cfg: WorkerConfig, shutdown: CancellationToken) -> Result<(), W
     netdev::ensure_bridge(&cfg.bridge, cfg.subnet.gateway(), cfg.subnet.prefix()).await?;
     let store = connect(&cfg, &shutdown).await?;
     let Some(store) = store else { return Ok(()) };
+    let endpoint = match cfg.listen {
+        Some(addr) => {
+            let (listener, bound) = api::bind(addr)
+                .await
+                .map_err(|e| WorkerError::Setup(format!("listening on {addr}: {e}")))?;
+            tracing::info!(%bound, "serving requests for guest agents");
+            tokio::spawn(api::serve(listener, layout.clone(), shutdown.clone()));
+            Some(bound.to_string())
+        }
+        None => None,
+    };
     let spec = WorkerSpec {
         capacity: cfg.capacity,
         labels: cfg.labels.clone(),
         drain: false,
+        endpoint,
     };
     let registration = loop {
         match Registration::register(&store, &cfg.name, spec.clone(), cfg.lease_ttl).await {
@@ -375,14 +389,26 @@ impl Agent {
             };
             match liveness {
                 Liveness::Alive => {
-                    if !vm.up {
-                        let (ip, port) = (vm.rec.ip, self.ctx.cfg.probe_port);
+                    if vm.up && vm.agent.is_none() && vm.agent_misses < AGENT_PINGS {
+                        // Up by the TCP probe: its agent may still be starting.
+                        vm.agent_misses += 1;
+                        let socket = self.ctx.layout.vsock(name);
                         let name = name.clone();
                         probes.spawn(async move {
-                            (
-                                name,
-                                probe::guest_answers(ip, port, Duration::from_millis(300)).await,
-                            )
+                            let agent = guest::ping(socket, Duration::from_secs(1)).await;
+                            (name, agent.is_some(), agent)
+                        });
+                    } else if !vm.up {
+                        let (ip, port) = (vm.rec.ip, self.ctx.cfg.probe_port);
+                        let socket = self.ctx.layout.vsock(name);
+                        let name = name.clone();
+                        probes.spawn(async move {
+                            // The guest agent first; a TCP probe of the address for images
+                            // without one.
+                            let agent = guest::ping(socket, Duration::from_secs(1)).await;
+                            let up = agent.is_some()
+                                || probe::guest_answers(ip, port, Duration::from_millis(300)).await;
+                            (name, up, agent)
                         });
                     }
                 }
@@ -394,6 +420,8 @@ impl Agent {
                     vm.down = true;
                     vm.process = None;
                     vm.up = false;
+                    vm.agent = None;
+                    vm.agent_misses = 0;
                     vm.rec.pid = None;
                     vm.rec.pid_start = None;
                     if status.is_some_and(|s| s.success()) {
@@ -434,10 +462,15 @@ impl Agent {
             }
         }
         while let Some(r) = probes.join_next().await {
-            if let Ok((name, true)) = r {
+            if let Ok((name, true, agent)) = r {
                 if let Some(Slot::Idle(vm)) = self.slots.get_mut(&name) {
-                    tracing::info!(vm = %name, ip = %vm.rec.ip, "guest is up");
+                    if !vm.up {
+                        tracing::info!(vm = %name, ip = %vm.rec.ip, agent = ?agent, "guest is up");
+                    } else if agent.is_some() {
+                        tracing::info!(vm = %name, agent = ?agent, "guest agent answers");
+                    }
                     vm.up = true;
+                    vm.agent = agent.or(vm.agent.take());
                 }
             }
         }
@@ -476,6 +509,7 @@ impl Agent {
                 || have.ip != want.ip
                 || have.boot_time != want.boot_time
                 || have.message != want.message
+                || have.agent != want.agent
             {
                 writes.push((name.clone(), vm.rec.uid.clone(), want));
             }
@@ -486,6 +520,7 @@ impl Agent {
                 s.ip = want.ip.clone();
                 s.boot_time = want.boot_time.clone();
                 s.message = want.message.clone();
+                s.agent = want.agent.clone();
             })
             .await;
             match r {
@@ -543,6 +578,7 @@ fn observed(vm: &LocalVm) -> VmStatus {
         VmState::Starting
     };
     s.ip = vm.up.then(|| vm.rec.ip.to_string());
+    s.agent = vm.agent.clone().filter(|_| vm.up);
     s.boot_time = vm.rec.boot_time.clone();
     if vm.rec.restarts > 0 {
         s.message = Some(format!(

@@ -5,7 +5,7 @@
 use std::time::{Duration, SystemTime};
 
 use vmm_api::client::{Client, ClientError};
-use vmm_api::config::{DiskConfig, DiskFormat, NetConfig, SerialConfig, VmConfig};
+use vmm_api::config::{DiskConfig, DiskFormat, NetConfig, SerialConfig, VmConfig, VsockConfig};
 use vmm_api::mac::MacError;
 use vmm_api::MacAddr;
 
@@ -19,6 +19,8 @@ use crate::store::StoreError;
 
 /// How long a new `vmm` has to answer on its API socket.
 const API_READY: Duration = Duration::from_secs(10);
+/// Every guest's vsock context ID: the device is the VMM's own, so IDs need not differ.
+const GUEST_CID: u32 = 3;
 
 /// Why a VM did not start.
 #[derive(Debug, thiserror::Error)]
@@ -137,6 +139,7 @@ pub(super) async fn launch(ctx: &Ctx, vm: &mut LocalVm, obj: &Vm) -> Result<(), 
 
     let socket = ctx.layout.socket(&name);
     let _ = std::fs::remove_file(&socket);
+    let _ = std::fs::remove_file(ctx.layout.vsock(&name));
     let log = ctx.layout.vmm_log(&name);
     let mut process =
         VmmProcess::spawn(&cfg.vmm, &socket, &log).map_err(|source| StartError::Spawn {
@@ -179,12 +182,18 @@ pub(super) async fn launch(ctx: &Ctx, vm: &mut LocalVm, obj: &Vm) -> Result<(), 
             tap: vm.rec.tap.clone(),
             mac,
         }],
-        vsock: None,
+        // The guest agent, when the image has one, answers through this.
+        vsock: Some(VsockConfig {
+            cid: GUEST_CID,
+            socket: ctx.layout.vsock(&name),
+        }),
     };
     client.create(&config).await.map_err(StartError::Refused)?;
     client.boot().await.map_err(StartError::Boot)?;
     vm.rec.boot_time = Some(humantime::format_rfc3339_seconds(SystemTime::now()).to_string());
     vm.up = false;
+    vm.agent = None;
+    vm.agent_misses = 0;
     ctx.layout.save(&vm.rec).map_err(StartError::Record)?;
     Ok(())
 }

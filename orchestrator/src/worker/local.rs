@@ -22,6 +22,11 @@ pub(super) struct LocalVm {
     pub process: Option<VmmProcess>,
     /// The guest answered on its address since this `vmm` booted it.
     pub up: bool,
+    /// The guest agent's version, when it answered.
+    pub agent: Option<String>,
+    /// Pings of the guest agent since the guest came up without it answering: an image
+    /// without an agent is asked for a while, then left alone.
+    pub agent_misses: u32,
     /// When its `vmm` died, recently.
     pub crashes: Vec<Instant>,
     /// Why it is not running any more (guest powered off, or too many crashes): the state and
@@ -51,6 +56,8 @@ impl LocalVm {
             process,
             // An adopted guest was up before; the first probe confirms it.
             up: false,
+            agent: None,
+            agent_misses: 0,
             crashes: Vec::new(),
             ended,
             last_error: None,

@@ -9,7 +9,9 @@
 //! outlive the agent, so a restarted agent re-adopts them.
 
 mod agent;
+pub mod api;
 pub mod disks;
+pub mod guest;
 pub mod ipam;
 mod launch;
 mod local;
@@ -60,6 +62,9 @@ pub struct WorkerConfig {
     pub probe_port: u16,
     /// Restarts of a VM whose `vmm` died, within ten minutes, before it is marked Failed.
     pub max_restarts: u32,
+    /// Where to serve requests for the VMs' guest agents (the control plane forwards
+    /// `lightbyte vm agent` here); none: not served.
+    pub listen: Option<std::net::SocketAddr>,
 }
 
 #[derive(Debug, thiserror::Error)]

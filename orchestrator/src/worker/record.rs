@@ -5,8 +5,8 @@
 //! Layout under the state directory:
 //! - `vms/<name>/vm.json`: the [`Record`];
 //! - `vms/<name>/root.qcow2`: the root volume (an overlay of the image);
-//! - `vms/<name>/api.sock`, `console.log`, `vmm.log`: the `vmm` process's API socket, the
-//!   guest's serial console and the VMM's own log;
+//! - `vms/<name>/api.sock`, `vsock.sock`, `console.log`, `vmm.log`: the `vmm` process's API
+//!   socket, its vsock device's host socket, the guest's serial console and the VMM's own log;
 //! - `volumes/<name>.qcow2`: named volumes, which outlive the VMs that use them.
 
 use std::io;
@@ -71,6 +71,11 @@ impl Layout {
 
     pub fn socket(&self, name: &str) -> PathBuf {
         self.vm_dir(name).join("api.sock")
+    }
+
+    /// The host side of the VM's vsock device (its guest agent is reached through it).
+    pub fn vsock(&self, name: &str) -> PathBuf {
+        self.vm_dir(name).join("vsock.sock")
     }
 
     pub fn console(&self, name: &str) -> PathBuf {

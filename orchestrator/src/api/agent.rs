@@ -1,0 +1,99 @@
+//! `POST /api/v1/vms/NAME/agent`: a request for a VM's guest agent, forwarded to the worker the
+//! VM is placed on (its `spec.endpoint`), which asks the guest over vsock. The worker's answer
+//! comes back as it is: the agent's response (200) or the worker's error.
+
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use axum::body::{Body, Bytes};
+use axum::extract::rejection::{BytesRejection, PathRejection};
+use axum::extract::{Path, State};
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+
+use super::error::ApiError;
+use super::resources::path_name;
+use crate::model::{VmSpec, WorkerSpec};
+use crate::store::Store;
+
+/// How long the worker (and the guest behind it) has to answer.
+const FORWARD_TIMEOUT: Duration = Duration::from_secs(40);
+
+fn client() -> &'static Client<HttpConnector, Full<Bytes>> {
+    static CLIENT: OnceLock<Client<HttpConnector, Full<Bytes>>> = OnceLock::new();
+    CLIENT.get_or_init(|| {
+        let mut connector = HttpConnector::new();
+        connector.set_connect_timeout(Some(Duration::from_secs(5)));
+        Client::builder(TokioExecutor::new()).build(connector)
+    })
+}
+
+pub async fn forward(
+    State(store): State<Store>,
+    path: Result<Path<String>, PathRejection>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let name = path_name(path)?;
+    let body = body.map_err(|e| ApiError::bad_request(e.to_string()))?;
+    // Checked here, so that a malformed request never reaches a worker.
+    serde_json::from_slice::<agent_proto::Request>(&body)
+        .map_err(|e| ApiError::bad_request(format!("not a guest agent request: {e}")))?;
+    let vm = store.get::<VmSpec>(&name).await?;
+    let worker = vm.status.placement.ok_or_else(|| {
+        ApiError::new(
+            StatusCode::CONFLICT,
+            format!("vm {name} is not placed on a worker"),
+        )
+    })?;
+    let endpoint = store
+        .get::<WorkerSpec>(&worker)
+        .await?
+        .spec
+        .endpoint
+        .ok_or_else(|| {
+            ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!(
+                    "worker {worker} serves no guest agent requests (started without --listen)"
+                ),
+            )
+        })?;
+    let url = format!("http://{endpoint}/api/v1/vms/{name}/agent");
+    let req = hyper::Request::post(&url)
+        .header(header::CONTENT_TYPE, "application/json")
+        .body(Full::new(body))
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+    let unreachable = |e: String| {
+        ApiError::new(
+            StatusCode::BAD_GATEWAY,
+            format!("worker {worker} at {endpoint}: {e}"),
+        )
+    };
+    let exchange = async {
+        let resp = client()
+            .request(req)
+            .await
+            .map_err(|e| unreachable(e.to_string()))?;
+        let status = resp.status();
+        let bytes = resp
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| unreachable(e.to_string()))?
+            .to_bytes();
+        Ok::<_, ApiError>((status, bytes))
+    };
+    let (status, bytes) = tokio::time::timeout(FORWARD_TIMEOUT, exchange)
+        .await
+        .map_err(|_| unreachable(format!("no answer within {FORWARD_TIMEOUT:?}")))??;
+    Ok((
+        status,
+        [(header::CONTENT_TYPE, "application/json")],
+        Body::from(bytes),
+    )
+        .into_response())
+}

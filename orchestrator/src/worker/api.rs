@@ -1,0 +1,66 @@
+//! What the worker serves over HTTP (`--listen`): requests for the guest agents of its VMs,
+//! which the control plane forwards (`lightbyte vm agent NAME ...`). One route:
+//! `POST /api/v1/vms/NAME/agent` with an agent request as JSON; the answer is the agent's
+//! response (200), or 404 (no such VM here), 502 (its agent did not answer).
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use agent_proto::Request;
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::routing::post;
+use axum::{Json, Router};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use super::guest;
+use super::record::Layout;
+use crate::api::ApiError;
+use crate::model::validate::dns_label;
+
+/// How long a guest agent has to answer a forwarded request.
+const AGENT_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Binds `addr`; the address actually bound (port 0 picks one).
+pub async fn bind(addr: SocketAddr) -> std::io::Result<(TcpListener, SocketAddr)> {
+    let listener = TcpListener::bind(addr).await?;
+    let bound = listener.local_addr()?;
+    Ok((listener, bound))
+}
+
+/// Serves until `shutdown` is cancelled.
+pub async fn serve(listener: TcpListener, layout: Layout, shutdown: CancellationToken) {
+    let app = Router::new()
+        .route("/api/v1/vms/{name}/agent", post(agent))
+        .with_state(layout);
+    let served = axum::serve(listener, app)
+        .with_graceful_shutdown(async move { shutdown.cancelled().await })
+        .await;
+    if let Err(e) = served {
+        tracing::error!("worker API: {e}");
+    }
+}
+
+async fn agent(
+    State(layout): State<Layout>,
+    Path(name): Path<String>,
+    Json(request): Json<Request>,
+) -> Result<Json<agent_proto::Response>, ApiError> {
+    dns_label("name", &name).map_err(|e| ApiError::field(StatusCode::BAD_REQUEST, e))?;
+    if !layout.record(&name).exists() {
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            format!("vm {name} does not run on this worker"),
+        ));
+    }
+    guest::call(layout.vsock(&name), request, AGENT_TIMEOUT)
+        .await
+        .map(Json)
+        .map_err(|e| {
+            ApiError::new(
+                StatusCode::BAD_GATEWAY,
+                format!("vm {name}: guest agent: {e}"),
+            )
+        })
+}
