@@ -38,6 +38,82 @@ enum Command {
     },
     /// Opens one connection to host port PORT and keeps it until it ends; says how it ended.
     Hold { port: u32 },
+    /// Serves the throughput benchmark on vsock and TCP alike, forever: on PORT a sink (reads
+    /// to the end, then closes), on PORT+1 a source (writes BYTES, then closes), on PORT+2
+    /// connections closed as soon as accepted (setup rate).
+    BenchServe {
+        port: u16,
+        bytes: u64,
+    },
+}
+
+mod bench {
+    //! The guest end of `vsockbench`: the same three services on vsock and on TCP.
+
+    use std::io::{Read, Write};
+    use std::net::TcpListener;
+
+    use agent_proto::vsock::{Listener, Stream};
+
+    /// A connection of either transport.
+    trait Conn: Read + Write + Send + 'static {}
+    impl Conn for Stream {}
+    impl Conn for std::net::TcpStream {}
+
+    fn sink(mut c: impl Conn) {
+        let mut buf = vec![0u8; 256 << 10];
+        while matches!(c.read(&mut buf), Ok(n) if n > 0) {}
+    }
+
+    fn source(mut c: impl Conn, bytes: u64) {
+        let buf = vec![0x5au8; 64 << 10];
+        let mut sent = 0u64;
+        while sent < bytes {
+            let n = (bytes - sent).min(buf.len() as u64) as usize;
+            if c.write_all(&buf[..n]).is_err() {
+                return;
+            }
+            sent += n as u64;
+        }
+    }
+
+    fn each<C: Conn>(accept: impl Fn() -> std::io::Result<C> + Send + 'static, serve: fn(C, u64), bytes: u64) {
+        std::thread::spawn(move || loop {
+            match accept() {
+                Ok(c) => {
+                    std::thread::spawn(move || serve(c, bytes));
+                }
+                Err(e) => {
+                    eprintln!("vsockt bench: accept: {e}");
+                    return;
+                }
+            }
+        });
+    }
+
+    /// Runs the services until the process is killed.
+    pub fn serve(port: u16, bytes: u64) -> bool {
+        let services: [(u16, fn(Stream, u64), fn(std::net::TcpStream, u64)); 3] = [
+            (port, |c, _| sink(c), |c, _| sink(c)),
+            (port + 1, source, source),
+            (port + 2, |c, _| drop(c), |c, _| drop(c)),
+        ];
+        for (p, on_vsock, on_tcp) in services {
+            let (v, t) = match (Listener::bind(u32::from(p)), TcpListener::bind(("0.0.0.0", p))) {
+                (Ok(v), Ok(t)) => (v, t),
+                (Err(e), _) | (_, Err(e)) => {
+                    eprintln!("vsockt bench: port {p}: {e}");
+                    return false;
+                }
+            };
+            each(move || v.accept(), on_vsock, bytes);
+            each(move || t.accept().map(|(c, _)| c), on_tcp, bytes);
+        }
+        println!("VSOCKT-BENCH-READY");
+        loop {
+            std::thread::park();
+        }
+    }
 }
 
 fn report(role: &str, port: u32, id: u32, line: &str) {
@@ -60,6 +136,7 @@ fn main() -> ExitCode {
             close_after,
         } => dial(port, count, bytes, close_after),
         Command::Hold { port } => hold(port),
+        Command::BenchServe { port, bytes } => bench::serve(port, bytes),
     };
     if ok {
         ExitCode::SUCCESS

@@ -1,0 +1,247 @@
+//! `vsockbench`: vsock next to TCP over virtio-net, in the same guest and the same test host
+//! run: stream throughput host→guest and guest→host (one connection, 64 KiB writes) and
+//! connection setup rate. The guest serves both transports with `vsockt bench-serve`; the host
+//! side talks to the VM's vsock Unix socket as any host program does (`CONNECT <port>`), and to
+//! the guest's address through a TAP in a network namespace.
+//!
+//! The outer process sends a script to the test host that boots the guest and runs this same
+//! binary there (`vsockbench inner ...`) in the namespace.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{Shutdown, TcpStream};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+use lightbyte_tests::artifacts;
+use lightbyte_tests::guest::{sh_quote, Boot};
+use lightbyte_tests::paths::binary;
+use lightbyte_tests::testhost;
+
+const PORT: u16 = 7000;
+const NETNS: &str = "lbvsockbench";
+const GUEST_IP: &str = "10.98.0.2";
+
+/// vsock vs TCP throughput and connection setup, one test host run.
+#[derive(Parser)]
+#[command(version, about)]
+struct Cli {
+    /// MiB per stream.
+    #[arg(long, default_value_t = 256)]
+    mib: u64,
+    /// Rounds of each measurement (medians are reported).
+    #[arg(long, default_value_t = 3)]
+    rounds: u32,
+    /// Connections per setup-rate figure.
+    #[arg(long, default_value_t = 200)]
+    connections: u32,
+    #[command(subcommand)]
+    inner: Option<Inner>,
+}
+
+#[derive(Subcommand)]
+enum Inner {
+    /// Runs the measurements (inside the test host, in the namespace).
+    Inner {
+        #[arg(long)]
+        socket: PathBuf,
+        #[arg(long)]
+        mib: u64,
+        #[arg(long)]
+        rounds: u32,
+        #[arg(long)]
+        connections: u32,
+    },
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+/// A stream to guest `port` over vsock (through the VMM's socket) or TCP.
+fn connect(socket: Option<&Path>, port: u16) -> Result<Box<dyn Stream>> {
+    Ok(match socket {
+        Some(path) => {
+            let mut s = UnixStream::connect(path).context("vsock socket")?;
+            s.write_all(format!("CONNECT {port}\n").as_bytes())?;
+            let mut line = Vec::new();
+            BufReader::with_capacity(1, &mut s).read_until(b'\n', &mut line)?;
+            if !line.starts_with(b"OK ") {
+                bail!("vsock port {port} refused");
+            }
+            Box::new(s)
+        }
+        None => Box::new(TcpStream::connect((GUEST_IP, port))?),
+    })
+}
+
+trait Stream: Read + Write {
+    fn shut_write(&self) -> std::io::Result<()>;
+}
+impl Stream for UnixStream {
+    fn shut_write(&self) -> std::io::Result<()> {
+        self.shutdown(Shutdown::Write)
+    }
+}
+impl Stream for TcpStream {
+    fn shut_write(&self) -> std::io::Result<()> {
+        self.shutdown(Shutdown::Write)
+    }
+}
+
+/// MiB/s of `bytes` sent to the guest's sink, until the guest has read them all (its close).
+fn to_guest(socket: Option<&Path>, bytes: u64) -> Result<f64> {
+    let start = Instant::now();
+    let mut s = connect(socket, PORT)?;
+    let buf = vec![0xa5u8; 64 << 10];
+    let mut sent = 0;
+    while sent < bytes {
+        let n = (bytes - sent).min(buf.len() as u64) as usize;
+        s.write_all(&buf[..n])?;
+        sent += n as u64;
+    }
+    s.shut_write()?;
+    let mut b = [0u8; 16];
+    while s.read(&mut b)? > 0 {}
+    Ok(bytes as f64 / (1 << 20) as f64 / start.elapsed().as_secs_f64())
+}
+
+/// MiB/s of the guest's source, read to its end.
+fn from_guest(socket: Option<&Path>, bytes: u64) -> Result<f64> {
+    let start = Instant::now();
+    let mut s = connect(socket, PORT + 1)?;
+    let mut buf = vec![0u8; 256 << 10];
+    let mut got = 0u64;
+    loop {
+        let n = s.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        got += n as u64;
+    }
+    if got != bytes {
+        bail!("received {got} of {bytes} bytes");
+    }
+    Ok(bytes as f64 / (1 << 20) as f64 / start.elapsed().as_secs_f64())
+}
+
+/// Connections per second to a port that accepts and closes.
+fn setup_rate(socket: Option<&Path>, n: u32) -> Result<f64> {
+    let start = Instant::now();
+    for _ in 0..n {
+        let mut s = connect(socket, PORT + 2)?;
+        let mut b = [0u8; 1];
+        let _ = s.read(&mut b);
+    }
+    Ok(f64::from(n) / start.elapsed().as_secs_f64())
+}
+
+fn inner(socket: &Path, mib: u64, rounds: u32, connections: u32) -> Result<()> {
+    let bytes = mib << 20;
+    let rows: [(&str, fn(Option<&Path>, u64) -> Result<f64>); 2] = [
+        ("stream host→guest (MiB/s)", to_guest),
+        ("stream guest→host (MiB/s)", from_guest),
+    ];
+    println!("| measurement | vsock | TCP over virtio-net | vsock/TCP |");
+    println!("|---|---|---|---|");
+    for (name, f) in rows {
+        let (mut v, mut t) = (Vec::new(), Vec::new());
+        for _ in 0..rounds {
+            // Interleaved, so both see the same machine.
+            v.push(f(Some(socket), bytes)?);
+            t.push(f(None, bytes)?);
+        }
+        let (v, t) = (median(v), median(t));
+        println!("| {name} | {v:.0} | {t:.0} | {:.2} |", v / t);
+    }
+    let (mut v, mut t) = (Vec::new(), Vec::new());
+    for _ in 0..rounds {
+        v.push(setup_rate(Some(socket), connections)?);
+        t.push(setup_rate(None, connections)?);
+    }
+    let (v, t) = (median(v), median(t));
+    println!(
+        "| connection setup (connections/s) | {v:.0} | {t:.0} | {:.2} |",
+        v / t
+    );
+    Ok(())
+}
+
+fn outer(cli: &Cli) -> Result<()> {
+    let host = testhost::shared()?;
+    let a = artifacts::get()?;
+    let vmm = binary("vmm")?;
+    let me = std::env::current_exe()?;
+    let dir = host.work_dir().join("vsockbench");
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir)?;
+    let serial = dir.join("serial.log");
+    let boot = Boot::new(&a.minimal_vmlinux)?
+        .cpus(2)
+        .memory("512M")
+        .param(&format!("ip={GUEST_IP}::10.98.0.1:255.255.255.0::eth0:off"))
+        .arg("--net")
+        .arg("tap=tap0")
+        .arg("--vsock")
+        .arg("cid=3,socket=/tmp/lbvsockbench/v.sock")
+        .arg("--serial")
+        .arg(&format!("file:{}", serial.display()))
+        .run(&format!(
+            "vsockt bench-serve {PORT} {}; sleep 100000",
+            cli.mib << 20
+        ));
+    let args: Vec<String> = boot.args().iter().map(|a| sh_quote(a)).collect();
+    let script = format!(
+        r#"set -u
+NS={NETNS}; T=/tmp/lbvsockbench; rm -rf $T; mkdir -p $T
+ip netns del $NS 2>/dev/null
+ip netns add $NS && ip -n $NS link set lo up && ip -n $NS link add br0 type bridge &&
+ip -n $NS addr add 10.98.0.1/24 dev br0 && ip -n $NS link set br0 up &&
+ip -n $NS tuntap add dev tap0 mode tap && ip -n $NS link set tap0 master br0 &&
+ip -n $NS link set tap0 up || {{ echo SETUP-FAILED; exit 1; }}
+ip netns exec $NS {vmm} {args} > {dir}/vmm.log 2>&1 & P=$!
+for _ in $(seq 1 1500); do grep -q VSOCKT-BENCH-READY {serial} 2>/dev/null && break; sleep 0.2; done
+ip netns exec $NS {me} --mib {mib} --rounds {rounds} --connections {conns} inner --socket $T/v.sock --mib {mib} --rounds {rounds} --connections {conns}
+rc=$?
+kill $P; wait $P 2>/dev/null; ip netns del $NS; rm -rf $T
+exit $rc"#,
+        vmm = sh_quote(&vmm.display().to_string()),
+        args = args.join(" "),
+        dir = sh_quote(&dir.display().to_string()),
+        serial = sh_quote(&serial.display().to_string()),
+        me = sh_quote(&me.display().to_string()),
+        mib = cli.mib,
+        rounds = cli.rounds,
+        conns = cli.connections,
+    );
+    let out = host.run("vsockbench", &script, Duration::from_secs(3600))?;
+    print!("{}", out.output);
+    if out.status != 0 {
+        bail!("the benchmark failed ({})", out.status);
+    }
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let r = match &cli.inner {
+        Some(Inner::Inner {
+            socket,
+            mib,
+            rounds,
+            connections,
+        }) => inner(socket, *mib, *rounds, *connections),
+        None => outer(&cli),
+    };
+    match r {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("vsockbench: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
