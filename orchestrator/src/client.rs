@@ -150,6 +150,19 @@ impl ApiClient {
         self.request(Method::POST, &path, Some(body)).await
     }
 
+    /// `POST /api/v1/<kind>/<name>/<action>` with `body` (an operator action: drain, start,
+    /// scale...): the object as the action left it.
+    pub async fn action<S: Spec, B: Serialize>(
+        &self,
+        name: &str,
+        action: &str,
+        body: &B,
+    ) -> Result<Object<S>, ClientError> {
+        let body = serde_json::to_vec(body).expect("action bodies always serialize");
+        let path = format!("{}/{action}", item_path::<S>(name));
+        self.request(Method::POST, &path, Some(body)).await
+    }
+
     pub async fn delete<S: Spec>(&self, name: &str) -> Result<Object<S>, ClientError> {
         self.request(Method::DELETE, &item_path::<S>(name), None)
             .await

@@ -5,6 +5,7 @@ pub mod api;
 pub mod client;
 pub mod controllers;
 pub mod election;
+mod http;
 pub mod lease;
 pub mod model;
 pub mod registration;

@@ -7,7 +7,7 @@ use tokio::net::TcpListener;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-use crate::controllers::{self, ControllerConfig, Scheduler, WorkerHealth};
+use crate::controllers::{self, ControllerConfig, Mover, ScaleGroups, Scheduler, WorkerHealth};
 use crate::store::{Store, StoreError};
 
 #[derive(Debug, Clone)]
@@ -78,6 +78,18 @@ impl ControlPlane {
         ));
         tasks.spawn(controllers::run(
             WorkerHealth,
+            store.clone(),
+            config.controllers.clone(),
+            shutdown.clone(),
+        ));
+        tasks.spawn(controllers::run(
+            ScaleGroups,
+            store.clone(),
+            config.controllers.clone(),
+            shutdown.clone(),
+        ));
+        tasks.spawn(controllers::run(
+            Mover,
             store,
             config.controllers.clone(),
             shutdown.clone(),

@@ -21,6 +21,9 @@ fn vm(cpus: u32, memory: &str) -> VmSpec {
         volumes: vec![],
         network: "default".into(),
         group: None,
+        labels: Default::default(),
+        cmdline: None,
+        power: Default::default(),
     }
 }
 
@@ -144,7 +147,7 @@ async fn scheduler_places_by_capacity_and_spreads_replicas() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_expired_worker_lease_loses_its_vms_and_they_are_rescheduled() {
+async fn a_lost_worker_keeps_its_vms_until_forgotten_and_fresh_disks_are_explicit() {
     let etcd = Etcd::start();
     let store = etcd.store().await;
     let plane = control_plane(&etcd, "cp").await;
@@ -158,59 +161,95 @@ async fn an_expired_worker_lease_loses_its_vms_and_they_are_rescheduled() {
     api.create("app-2", &vm(1, "256M")).await.unwrap();
     let a1 = placed(&store, "app-1").await;
     let a2 = placed(&store, "app-2").await;
-    let (on_w1, _) = if a1.status.placement.as_deref() == Some("w1") {
-        (a1, a2)
+    let on_w1 = if a1.status.placement.as_deref() == Some("w1") {
+        a1
     } else {
-        (a2, a1)
+        a2
     };
     assert_eq!(
         on_w1.status.placement.as_deref(),
         Some("w1"),
         "spread over both"
     );
-    let since = store.revision().await.unwrap();
 
-    // The agent on w1 dies: no resignation, its lease just runs out.
+    // A live worker cannot be forgotten.
+    let err = api
+        .action::<WorkerSpec, _>("w1", "forget", &serde_json::json!({}))
+        .await
+        .unwrap_err();
+    assert_eq!(err.status(), Some(hyper::StatusCode::CONFLICT), "{err}");
+
+    // The agent on w1 dies: no resignation, its lease just runs out. The VM is Lost but stays
+    // placed on w1: w1 may still run it.
     drop(w1);
     let gone = worker_state(&store, "w1", WorkerState::NotReady).await;
     assert_eq!(gone.status.lease_id, None);
-    let moved = eventually("the lost VM on w2", LIMIT, || async {
+    let lost = eventually("the VM on w1 to be Lost", LIMIT, || async {
         let v = store.get::<VmSpec>(on_w1.name()).await.ok()?;
-        (v.status.placement.as_deref() == Some("w2") && v.status.state == VmState::Scheduled)
-            .then_some(v)
+        (v.status.state == VmState::Lost).then_some(v)
     })
     .await;
-    assert_eq!(moved.metadata.uid, on_w1.metadata.uid);
-
-    // Its history: Lost on w1, then Scheduled on w2, nothing else.
-    let mut watch = store.watch_kind::<VmSpec>(since + 1).await.unwrap();
-    let mut states = Vec::new();
-    while states.last() != Some(&(VmState::Scheduled, "w2".to_string())) {
-        let event = tokio::time::timeout(LIMIT, watch.next())
-            .await
-            .unwrap()
-            .unwrap();
-        if let Event::Put(v) = event {
-            if v.name() == on_w1.name() {
-                states.push((v.status.state, v.status.placement.unwrap_or_default()));
-            }
-        }
-    }
+    assert_eq!(lost.status.placement.as_deref(), Some("w1"));
+    assert!(lost.status.lost_since.is_some());
+    assert!(lost.status.message.unwrap().contains("w1 is NotReady"));
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let still = store.get::<VmSpec>(on_w1.name()).await.unwrap();
     assert_eq!(
-        states,
-        [
-            (VmState::Lost, "w1".to_string()),
-            (VmState::Scheduled, "w2".to_string())
-        ]
+        still.status.placement.as_deref(),
+        Some("w1"),
+        "never placed elsewhere"
     );
 
-    // The agent comes back: Ready again, and nothing moves back.
-    let _w1 = register(&store, "w1", 2, "2G").await;
-    worker_state(&store, "w1", WorkerState::Ready).await;
-    let (vms, _) = store.list::<VmSpec>().await.unwrap();
-    assert!(vms
-        .iter()
-        .all(|v| v.status.placement.as_deref() == Some("w2")));
+    // Fresh disks are refused while its worker may come back.
+    let err = api
+        .action::<VmSpec, _>(
+            on_w1.name(),
+            "start",
+            &serde_json::json!({"fresh_disks": true}),
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(err.status(), Some(hyper::StatusCode::CONFLICT), "{err}");
+
+    // Forgotten: the VM loses its placement and waits, saying why.
+    api.action::<WorkerSpec, _>("w1", "forget", &serde_json::json!({}))
+        .await
+        .unwrap();
+    worker_state(&store, "w1", WorkerState::Forgotten).await;
+    let waiting = eventually("the VM to be given up", LIMIT, || async {
+        let v = store.get::<VmSpec>(on_w1.name()).await.ok()?;
+        v.status.placement.is_none().then_some(v)
+    })
+    .await;
+    assert_eq!(waiting.status.state, VmState::Lost);
+    let why = waiting.status.message.unwrap();
+    assert!(
+        why.contains("disks lived only on worker w1") && why.contains("--fresh-disks"),
+        "{why}"
+    );
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let still = store.get::<VmSpec>(on_w1.name()).await.unwrap();
+    assert_eq!(
+        still.status.placement, None,
+        "not placed without the operator"
+    );
+    let err = api
+        .action::<VmSpec, _>(on_w1.name(), "start", &serde_json::json!({}))
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("--fresh-disks"), "{err}");
+
+    // The operator accepts the loss: placed again, on w2, the same VM.
+    api.action::<VmSpec, _>(
+        on_w1.name(),
+        "start",
+        &serde_json::json!({"fresh_disks": true}),
+    )
+    .await
+    .unwrap();
+    let moved = placed(&store, on_w1.name()).await;
+    assert_eq!(moved.status.placement.as_deref(), Some("w2"));
+    assert_eq!(moved.metadata.uid, on_w1.metadata.uid);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

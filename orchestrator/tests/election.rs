@@ -168,12 +168,20 @@ async fn a_crashed_control_plane_is_replaced_and_leaders_never_overlap() {
     api_b.create("web-3", &vm_spec()).await.unwrap();
     wait_placed(&store, &["web-3"]).await;
     drop(w1);
-    eventually("every VM on w2", limit, || async {
-        let (vms, _) = store.list::<VmSpec>().await.ok()?;
-        vms.iter()
-            .all(|vm| vm.status.placement.as_deref() == Some("w2"))
-            .then_some(())
-    })
+    eventually(
+        "the VMs on w1 Lost (kept there: w1 may still run them)",
+        limit,
+        || async {
+            let (vms, _) = store.list::<VmSpec>().await.ok()?;
+            vms.iter()
+                .all(|vm| {
+                    vm.status.placement.as_deref() == Some("w2")
+                        || (vm.status.placement.as_deref() == Some("w1")
+                            && vm.status.state == orchestrator::model::VmState::Lost)
+                })
+                .then_some(())
+        },
+    )
     .await;
 
     // The record: every action happened while its writer held the leadership it claims.
@@ -201,6 +209,9 @@ fn vm_spec() -> VmSpec {
         volumes: vec![],
         network: "default".into(),
         group: None,
+        labels: Default::default(),
+        cmdline: None,
+        power: Default::default(),
     }
 }
 

@@ -216,6 +216,9 @@ fn vm(image: &str, network: &str) -> VmSpec {
         volumes: vec![],
         network: network.into(),
         group: None,
+        labels: Default::default(),
+        cmdline: None,
+        power: Default::default(),
     }
 }
 

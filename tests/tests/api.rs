@@ -620,10 +620,10 @@ fn raw_requests_get_the_documented_answers() {
         &put_json(
             s,
             create,
-            &format!(r#"{{"kernel":"{k}","vsock":{{"cid":3,"socket":"/v.sock"}}}}"#),
+            &format!(r#"{{"kernel":"{k}","vsock":{{"cid":2,"socket":"/v.sock"}}}}"#),
         ),
         400,
-        "vsock: virtio-vsock is not available in this build",
+        "invalid vsock \"/v.sock\": cid=2: expected a number from 3 to 4294967294 (0-2 and 4294967295 are reserved)",
     );
     assert_eq!(
         mock.inner.lock().unwrap().state,

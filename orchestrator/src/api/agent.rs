@@ -2,7 +2,6 @@
 //! VM is placed on (its `spec.endpoint`), which asks the guest over vsock. The worker's answer
 //! comes back as it is: the agent's response (200) or the worker's error.
 
-use std::sync::OnceLock;
 use std::time::Duration;
 
 use axum::body::{Body, Bytes};
@@ -11,9 +10,6 @@ use axum::extract::{Path, State};
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use http_body_util::{BodyExt, Full};
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::TokioExecutor;
 
 use super::error::ApiError;
 use super::resources::path_name;
@@ -22,15 +18,6 @@ use crate::store::Store;
 
 /// How long the worker (and the guest behind it) has to answer.
 const FORWARD_TIMEOUT: Duration = Duration::from_secs(40);
-
-fn client() -> &'static Client<HttpConnector, Full<Bytes>> {
-    static CLIENT: OnceLock<Client<HttpConnector, Full<Bytes>>> = OnceLock::new();
-    CLIENT.get_or_init(|| {
-        let mut connector = HttpConnector::new();
-        connector.set_connect_timeout(Some(Duration::from_secs(5)));
-        Client::builder(TokioExecutor::new()).build(connector)
-    })
-}
 
 pub async fn forward(
     State(store): State<Store>,
@@ -74,7 +61,7 @@ pub async fn forward(
         )
     };
     let exchange = async {
-        let resp = client()
+        let resp = crate::http::client()
             .request(req)
             .await
             .map_err(|e| unreachable(e.to_string()))?;

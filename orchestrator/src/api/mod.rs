@@ -1,6 +1,7 @@
-//! The HTTP JSON API: `/api/v1/{images,volumes,vms,workers}[/NAME]`, and
-//! `/api/v1/vms/NAME/agent` for a VM's guest agent.
+//! The HTTP JSON API: `/api/v1/{images,volumes,vms,workers,scalegroups}[/NAME]`,
+//! `/api/v1/vms/NAME/agent` for a VM's guest agent, and the operator actions of [`actions`].
 
+mod actions;
 mod admission;
 mod agent;
 mod error;
@@ -11,10 +12,11 @@ use axum::http::StatusCode;
 use axum::routing::{get, post};
 use axum::Router;
 
+pub use actions::{ScaleRequest, StartRequest};
 pub use error::ApiError;
 pub use resources::List;
 
-use crate::model::{ImageSpec, Spec, VmSpec, VolumeSpec, WorkerSpec};
+use crate::model::{ImageSpec, ScaleGroupSpec, Spec, VmSpec, VolumeSpec, WorkerSpec};
 use crate::store::Store;
 
 /// Request bodies larger than this are refused (413): every object is far smaller, and etcd
@@ -27,7 +29,14 @@ pub fn router(store: Store) -> Router {
         .merge(kind::<VolumeSpec>())
         .merge(kind::<VmSpec>())
         .merge(kind::<WorkerSpec>())
+        .merge(kind::<ScaleGroupSpec>())
         .route("/api/v1/vms/{name}/agent", post(agent::forward))
+        .route("/api/v1/vms/{name}/start", post(actions::start))
+        .route("/api/v1/vms/{name}/stop", post(actions::stop))
+        .route("/api/v1/workers/{name}/drain", post(actions::drain))
+        .route("/api/v1/workers/{name}/uncordon", post(actions::uncordon))
+        .route("/api/v1/workers/{name}/forget", post(actions::forget))
+        .route("/api/v1/scalegroups/{name}/scale", post(actions::scale))
         .route("/healthz", get(healthz))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)

@@ -7,7 +7,7 @@ use axum::http::StatusCode;
 use axum::Json;
 use serde::Serialize;
 
-use super::admission::{check_references, check_unused};
+use super::admission::{check_exclusive, check_references, check_unused};
 use super::error::ApiError;
 use crate::model::{validate, Object, ObjectInput, Spec};
 use crate::store::Store;
@@ -53,6 +53,7 @@ pub async fn create<S: Spec>(
     obj.validate()
         .map_err(|e| ApiError::field(StatusCode::UNPROCESSABLE_ENTITY, e))?;
     check_references(&store, &obj.spec).await?;
+    check_exclusive(&store, obj.name(), &obj.spec).await?;
     let created = store.create(obj).await?;
     Ok((StatusCode::CREATED, Json(created)))
 }
@@ -93,6 +94,7 @@ pub async fn replace<S: Spec>(
         .validate()
         .map_err(|e| ApiError::field(StatusCode::UNPROCESSABLE_ENTITY, e))?;
     check_references(&store, &input.spec).await?;
+    check_exclusive(&store, &name, &input.spec).await?;
     let updated = store
         .update_at::<S, _>(&name, expected, |o| {
             o.spec = input.spec.clone();

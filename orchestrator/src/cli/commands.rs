@@ -11,6 +11,7 @@ use super::{
     AgentRequest, Cli, Command, ImageCommand, Output, ServerArgs, VmCommand, VolumeCommand,
     WaitFor, WorkerArgs, WorkerCommand,
 };
+use orchestrator::api::StartRequest;
 use orchestrator::client::{ApiClient, DEFAULT_SERVER};
 use orchestrator::controllers::ControllerConfig;
 use orchestrator::model::{
@@ -45,6 +46,7 @@ pub async fn run(cli: Cli) -> Result<()> {
             command: None,
             agent,
         }) => super::agent::run(*agent).await,
+        Command::ScaleGroup(cmd) => super::groups::run(&client()?, cmd, output).await,
     }
 }
 
@@ -156,6 +158,8 @@ async fn vm(client: &ApiClient, cmd: VmCommand, output: Output) -> Result<()> {
             volumes,
             network,
             group,
+            labels,
+            cmdline,
         } => {
             let spec = VmSpec {
                 cpus,
@@ -164,9 +168,30 @@ async fn vm(client: &ApiClient, cmd: VmCommand, output: Output) -> Result<()> {
                 volumes,
                 network,
                 group,
+                labels: labels.into_iter().collect(),
+                cmdline,
+                power: Default::default(),
             };
             let vm = client.create(&name, &spec).await?;
             done(output, &vm, "created")
+        }
+        VmCommand::Stop { name } => {
+            let vm: Vm = client.action(&name, "stop", &serde_json::json!({})).await?;
+            done(output, &vm, "stopping")
+        }
+        VmCommand::Start { name, fresh_disks } => {
+            let vm: Vm = client
+                .action(&name, "start", &StartRequest { fresh_disks })
+                .await?;
+            done(
+                output,
+                &vm,
+                if fresh_disks {
+                    "starting on fresh disks"
+                } else {
+                    "starting"
+                },
+            )
         }
         VmCommand::List => show(output, &client.list::<VmSpec>().await?, vm_table),
         VmCommand::Wait {
@@ -259,9 +284,30 @@ async fn volume(client: &ApiClient, cmd: VolumeCommand, output: Output) -> Resul
 }
 
 async fn worker(client: &ApiClient, cmd: WorkerCommand, output: Output) -> Result<()> {
+    let none = serde_json::json!({});
     let workers = match cmd {
         WorkerCommand::List => client.list::<WorkerSpec>().await?,
         WorkerCommand::Get { name } => vec![client.get::<WorkerSpec>(&name).await?],
+        WorkerCommand::Drain {
+            name,
+            wait,
+            timeout,
+        } => {
+            let w: Worker = client.action(&name, "drain", &none).await?;
+            done(output, &w, "draining")?;
+            if wait {
+                super::groups::drained(client, &name, timeout).await?;
+            }
+            return Ok(());
+        }
+        WorkerCommand::Uncordon { name } => {
+            let w: Worker = client.action(&name, "uncordon", &none).await?;
+            return done(output, &w, "uncordoned");
+        }
+        WorkerCommand::Forget { name } => {
+            let w: Worker = client.action(&name, "forget", &none).await?;
+            return done(output, &w, "forgotten");
+        }
     };
     if output == Output::Json {
         return print_json_list(&workers);
@@ -272,7 +318,7 @@ async fn worker(client: &ApiClient, cmd: WorkerCommand, output: Output) -> Resul
     Ok(())
 }
 
-fn done<S: Spec>(output: Output, obj: &Object<S>, what: &str) -> Result<()> {
+pub(super) fn done<S: Spec>(output: Output, obj: &Object<S>, what: &str) -> Result<()> {
     match output {
         Output::Json => print_json(obj),
         Output::Table => {
@@ -282,7 +328,7 @@ fn done<S: Spec>(output: Output, obj: &Object<S>, what: &str) -> Result<()> {
     }
 }
 
-fn show<S: Spec>(
+pub(super) fn show<S: Spec>(
     output: Output,
     items: &[Object<S>],
     table: fn(&[Object<S>]) -> Table,
@@ -296,7 +342,7 @@ fn show<S: Spec>(
     }
 }
 
-fn show_one<S: Spec>(
+pub(super) fn show_one<S: Spec>(
     output: Output,
     obj: Object<S>,
     table: fn(&[Object<S>]) -> Table,
@@ -372,10 +418,7 @@ fn worker_table(workers: &[Worker], vms: &[Vm]) -> Table {
         memory: u64,
     }
     let mut used: BTreeMap<&str, Used> = BTreeMap::new();
-    for vm in vms
-        .iter()
-        .filter(|vm| vm.status.state != orchestrator::model::VmState::Lost)
-    {
+    for vm in vms {
         if let Some(w) = vm.status.placement.as_deref() {
             let u = used.entry(w).or_default();
             u.vms += 1;

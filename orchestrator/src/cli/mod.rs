@@ -2,6 +2,7 @@
 
 mod agent;
 mod commands;
+mod groups;
 mod table;
 
 use std::net::SocketAddr;
@@ -45,8 +46,13 @@ pub enum Command {
     /// Volumes (overlays of images)
     #[command(subcommand)]
     Volume(VolumeCommand),
-    /// Run the worker agent on this host (with --etcd and --name), or list workers
+    /// Run the worker agent on this host (with --etcd and --name), or list, drain, uncordon and
+    /// forget workers
     Worker(WorkerArgs),
+    /// Scale groups: N identical VMs from one template, spread across workers, replaced when
+    /// they fail, rolled over when the template changes
+    #[command(subcommand, name = "scale-group")]
+    ScaleGroup(ScaleGroupCommand),
 }
 
 #[derive(Debug, Args)]
@@ -96,6 +102,24 @@ pub enum VmCommand {
         /// Scale group to spread across workers [default: the name without "-N"]
         #[arg(long)]
         group: Option<String>,
+        /// A label, KEY=VALUE (repeatable)
+        #[arg(long = "label", value_name = "KEY=VALUE", value_parser = key_value)]
+        labels: Vec<(String, String)>,
+        /// Appended to the image's kernel command line
+        #[arg(long)]
+        cmdline: Option<String>,
+    },
+    /// Power a VM off (its disks are kept on its worker); it stays off until started
+    Stop {
+        name: String,
+    },
+    /// Power a stopped or failed VM on again
+    Start {
+        name: String,
+        /// For a VM whose worker was forgotten with its disks: accept that they are lost and
+        /// start it elsewhere on empty ones
+        #[arg(long)]
+        fresh_disks: bool,
     },
     List,
     Get {
@@ -199,6 +223,116 @@ pub enum WorkerCommand {
     List,
     /// Show one worker
     Get { name: String },
+    /// Vacate a worker for maintenance: nothing new is placed there, scale-group members are
+    /// replaced elsewhere (the new one running before the old one stops), standalone VMs are
+    /// moved with their disks. It ends Drained.
+    Drain {
+        name: String,
+        /// Wait until it is Drained, showing progress
+        #[arg(long)]
+        wait: bool,
+        /// Give up waiting after this long
+        #[arg(long, value_name = "DURATION", default_value = "30m", value_parser = duration)]
+        timeout: Duration,
+    },
+    /// Return a drained (or draining) worker to service
+    Uncordon { name: String },
+    /// Give up a worker that is gone for good: its VMs lose their placement (members without
+    /// volumes are replaced; the others wait for `vm start --fresh-disks`). If its agent ever
+    /// comes back it archives its old copies instead of running them. Refused while it
+    /// heartbeats.
+    Forget { name: String },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ScaleGroupCommand {
+    /// Create a scale group
+    Create {
+        name: String,
+        #[arg(long, default_value_t = 1)]
+        replicas: u32,
+        #[command(flatten)]
+        template: TemplateArgs,
+        /// Extra members made during a rolling update
+        #[arg(long, default_value_t = 1)]
+        max_surge: u32,
+        /// Members that may be missing during a rolling update
+        #[arg(long, default_value_t = 0)]
+        max_unavailable: u32,
+        /// How long a member of a worker that stopped heartbeating may be Lost before it is
+        /// replaced (members without volumes only)
+        #[arg(long, value_name = "DURATION", default_value = "60s")]
+        replace_lost_after: orchestrator::model::Seconds,
+        #[command(flatten)]
+        wait: WaitArgs,
+    },
+    List,
+    Get {
+        name: String,
+    },
+    /// Change the number of members
+    Scale {
+        name: String,
+        replicas: u32,
+        #[command(flatten)]
+        wait: WaitArgs,
+    },
+    /// Change the template: members are replaced one by one (rolling, surge first)
+    Update {
+        name: String,
+        #[arg(long)]
+        image: Option<String>,
+        #[arg(long)]
+        cpus: Option<u32>,
+        #[arg(long, value_parser = size)]
+        memory: Option<ByteSize>,
+        /// Replace the kernel command line addition ("" removes it)
+        #[arg(long)]
+        cmdline: Option<String>,
+        /// Set a label, KEY=VALUE (repeatable)
+        #[arg(long = "label", value_name = "KEY=VALUE", value_parser = key_value)]
+        labels: Vec<(String, String)>,
+        #[command(flatten)]
+        wait: WaitArgs,
+    },
+    /// Delete the group and its members
+    Delete {
+        name: String,
+        #[command(flatten)]
+        wait: WaitArgs,
+    },
+}
+
+/// What every member of a new scale group is made from.
+#[derive(Debug, Args)]
+pub struct TemplateArgs {
+    #[arg(long)]
+    pub image: String,
+    #[arg(long, default_value_t = 1)]
+    pub cpus: u32,
+    #[arg(long, default_value = "256M", value_parser = size)]
+    pub memory: ByteSize,
+    /// A volume every member gets its own of, NAME=SIZE (repeatable)
+    #[arg(long = "volume", value_name = "NAME=SIZE", value_parser = volume_template)]
+    pub volumes: Vec<(String, ByteSize)>,
+    #[arg(long, default_value = "default")]
+    pub network: String,
+    /// A label, KEY=VALUE (repeatable)
+    #[arg(long = "label", value_name = "KEY=VALUE", value_parser = key_value)]
+    pub labels: Vec<(String, String)>,
+    /// Appended to the image's kernel command line
+    #[arg(long)]
+    pub cmdline: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, Args)]
+pub struct WaitArgs {
+    /// Wait until the group has what was asked for, showing progress
+    #[arg(long)]
+    pub wait: bool,
+    /// Give up waiting after this long
+    #[arg(long, value_name = "DURATION", default_value = "30m", value_parser = duration)]
+    pub timeout: Duration,
 }
 
 /// The worker agent: registers this host and runs the VMs placed on it, one `vmm` process per
@@ -323,6 +457,13 @@ impl From<FormatArg> for DiskFormat {
 fn size(s: &str) -> Result<ByteSize, String> {
     s.parse()
         .map_err(|e: orchestrator::model::SizeError| e.to_string())
+}
+
+fn volume_template(s: &str) -> Result<(String, ByteSize), String> {
+    let (name, size_text) = s
+        .split_once('=')
+        .ok_or_else(|| format!("{s:?} is not NAME=SIZE"))?;
+    Ok((name.to_string(), size(size_text)?))
 }
 
 fn key_value(s: &str) -> Result<(String, String), String> {

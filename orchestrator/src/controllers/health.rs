@@ -1,11 +1,16 @@
 //! Worker health: a worker's state follows its agent's heartbeat key (attached to the agent's
-//! lease); VMs on a worker that is gone are marked Lost, which the scheduler places again.
+//! lease). VMs on a worker that is gone are marked Lost but keep their placement: the worker may
+//! still run them, and re-adopts them when it comes back. Only an operator's `worker forget`
+//! gives them up: then they lose their placement (and volumes their data), and wait as Lost for
+//! an operator to accept the loss.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::time::SystemTime;
 
-use super::placement::holds_resources;
 use super::Controller;
-use crate::model::{VmSpec, VmState, Worker, WorkerSpec, WorkerState, WorkerStatus};
+use crate::model::{
+    Vm, VmSpec, VmState, VolumeSpec, Worker, WorkerSpec, WorkerState, WorkerStatus,
+};
 use crate::store::{keys, Entry, Store, StoreError};
 
 pub struct WorkerHealth;
@@ -29,16 +34,36 @@ impl Controller for WorkerHealth {
             .iter()
             .filter_map(|e| Some((keys::name_of(&e.key, keys::HEARTBEAT_PREFIX)?, e)))
             .collect();
+        let mut on: BTreeMap<&str, usize> = BTreeMap::new();
+        for vm in &vms {
+            // A moving VM keeps its source busy until the move is over (the source holds its
+            // disks until then).
+            let source = vm.status.moving.as_ref().map(|m| m.from.as_str());
+            let held: BTreeSet<&str> = vm
+                .status
+                .placement
+                .as_deref()
+                .into_iter()
+                .chain(source)
+                .collect();
+            for w in held {
+                *on.entry(w).or_default() += 1;
+            }
+        }
         let mut alive = BTreeSet::new();
+        let mut forgotten = BTreeSet::new();
         for worker in &workers {
             let name = worker.name();
-            let placed = vms
-                .iter()
-                .filter(|vm| holds_resources(vm) && vm.status.placement.as_deref() == Some(name))
-                .count();
+            let placed = on.get(name).copied().unwrap_or(0);
             let status = desired_status(worker, beats.get(name).copied(), placed);
-            if status.state != WorkerState::NotReady {
-                alive.insert(name);
+            match status.state {
+                WorkerState::NotReady => {}
+                WorkerState::Forgotten => {
+                    forgotten.insert(name);
+                }
+                _ => {
+                    alive.insert(name);
+                }
             }
             if status != worker.status {
                 let r = store
@@ -54,41 +79,149 @@ impl Controller for WorkerHealth {
                 }
             }
         }
-        for vm in vms.iter().filter(|vm| holds_resources(vm)) {
+        for vm in &vms {
             let Some(worker) = vm.status.placement.as_deref() else {
                 continue;
             };
-            if alive.contains(worker) {
-                continue;
+            if forgotten.contains(worker) {
+                give_up(store, vm, worker, &alive).await?;
+            } else if !alive.contains(worker) && vm.status.state != VmState::Lost {
+                let why = if workers.iter().any(|w| w.name() == worker) {
+                    format!("worker {worker} is NotReady: its lease expired")
+                } else {
+                    format!("worker {worker} does not exist")
+                };
+                mark_lost(store, vm, worker, why).await?;
             }
-            let why = if workers.iter().any(|w| w.name() == worker) {
-                format!("worker {worker} is NotReady: its lease expired")
-            } else {
-                format!("worker {worker} does not exist")
-            };
-            let r = store
-                .update::<VmSpec, _>(vm.name(), |o| {
-                    if o.status.placement.as_deref() == Some(worker)
-                        && o.status.state != VmState::Lost
-                    {
-                        o.status.state = VmState::Lost;
-                        o.status.message = Some(why.clone());
-                    }
-                    Ok(())
-                })
-                .await;
-            match r {
-                Ok(_) => tracing::warn!(vm = vm.name(), worker, "lost"),
-                Err(StoreError::NotFound { .. }) => {}
-                Err(e) => return Err(e),
-            }
+        }
+        if !forgotten.is_empty() {
+            forget_volumes(store, &forgotten).await?;
         }
         Ok(())
     }
 }
 
+fn now() -> String {
+    humantime::format_rfc3339_seconds(SystemTime::now()).to_string()
+}
+
+async fn mark_lost(store: &Store, vm: &Vm, worker: &str, why: String) -> Result<(), StoreError> {
+    let r = store
+        .update::<VmSpec, _>(vm.name(), |o| {
+            if o.status.placement.as_deref() == Some(worker) && o.status.state != VmState::Lost {
+                o.status.state = VmState::Lost;
+                o.status.message = Some(why.clone());
+                o.status.lost_since = Some(now());
+            }
+            Ok(())
+        })
+        .await;
+    match r {
+        Ok(_) => {
+            tracing::warn!(vm = vm.name(), worker, "lost");
+            Ok(())
+        }
+        Err(StoreError::NotFound { .. }) => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+/// Gives up a VM placed on a forgotten worker. One that was moving there goes back to its
+/// source, which still has its disks; any other loses its placement and waits as Lost.
+async fn give_up(
+    store: &Store,
+    vm: &Vm,
+    worker: &str,
+    alive: &BTreeSet<&str>,
+) -> Result<(), StoreError> {
+    let r = store
+        .update::<VmSpec, _>(vm.name(), |o| {
+            if o.status.placement.as_deref() != Some(worker) {
+                return Ok(());
+            }
+            let back = o
+                .status
+                .moving
+                .as_ref()
+                .filter(|m| m.to == worker && alive.contains(m.from.as_str()))
+                .map(|m| m.from.clone());
+            o.status.moving = None;
+            o.status.ip = None;
+            o.status.agent = None;
+            if let Some(source) = back {
+                o.status.message = Some(format!(
+                    "worker {worker} was forgotten during its move there: back on {source}, which kept its disks"
+                ));
+                o.status.placement = Some(source);
+                o.status.state = VmState::Scheduled;
+                o.status.lost_since = None;
+                return Ok(());
+            }
+            o.status.placement = None;
+            o.status.state = VmState::Lost;
+            if o.status.lost_since.is_none() {
+                o.status.lost_since = Some(now());
+            }
+            o.status.message = Some(format!(
+                "its disks lived only on worker {worker}, which was forgotten: `lightbyte vm start {} --fresh-disks` starts it elsewhere on empty disks, or delete it",
+                o.name()
+            ));
+            Ok(())
+        })
+        .await;
+    match r {
+        Ok(o) => {
+            tracing::warn!(vm = vm.name(), worker, placement = ?o.status.placement, "given up with a forgotten worker");
+            Ok(())
+        }
+        Err(StoreError::NotFound { .. }) => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+/// Volumes whose data was on a forgotten worker are marked lost.
+async fn forget_volumes(store: &Store, forgotten: &BTreeSet<&str>) -> Result<(), StoreError> {
+    let (volumes, _) = store.list::<VolumeSpec>().await?;
+    for vol in volumes {
+        let Some(w) = vol.status.worker.as_deref() else {
+            continue;
+        };
+        if !forgotten.contains(w) {
+            continue;
+        }
+        let w = w.to_string();
+        let r = store
+            .update::<VolumeSpec, _>(vol.name(), |o| {
+                if o.status.worker.as_deref() == Some(w.as_str()) {
+                    o.status.worker = None;
+                    o.status.lost = Some(format!(
+                        "its data lived only on worker {w}, which was forgotten"
+                    ));
+                }
+                Ok(())
+            })
+            .await;
+        match r {
+            Ok(_) | Err(StoreError::NotFound { .. }) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
 /// A worker's status as its heartbeat and the VMs on it say it should be.
 fn desired_status(worker: &Worker, heartbeat: Option<&Entry>, placed: usize) -> WorkerStatus {
+    if worker.spec.forgotten {
+        return WorkerStatus {
+            state: WorkerState::Forgotten,
+            lease_id: heartbeat.map(|b| b.lease),
+            message: Some(if heartbeat.is_some() {
+                "forgotten by an operator; its agent is back and archives its old VMs".into()
+            } else {
+                "forgotten by an operator: its VMs were given up".into()
+            }),
+        };
+    }
     let Some(beat) = heartbeat else {
         return WorkerStatus {
             state: WorkerState::NotReady,

@@ -3,16 +3,20 @@
 //! the next reconcile (by this instance or its successor) starts from what etcd holds.
 
 mod health;
+mod mover;
 mod placement;
 mod runner;
+mod scale_group;
 mod scheduler;
 
 use std::future::Future;
 use std::time::Duration;
 
 pub use health::WorkerHealth;
+pub use mover::{Mover, RETRY_FAILED_AFTER};
 pub use placement::Placement;
 pub use runner::run;
+pub use scale_group::ScaleGroups;
 pub use scheduler::Scheduler;
 
 use crate::store::{Store, StoreError};

@@ -18,15 +18,16 @@ struct Room {
     groups: BTreeMap<String, u32>,
 }
 
-/// Whether a VM holds resources on its worker. A Lost VM's worker is gone, and it is about to
-/// be placed again.
+/// Whether a VM holds resources on its worker: every placed VM does, Lost ones included (their
+/// worker may still run them).
 pub fn holds_resources(vm: &Vm) -> bool {
-    vm.status.placement.is_some() && vm.status.state != VmState::Lost
+    vm.status.placement.is_some()
 }
 
-/// Whether the scheduler should (re)place the VM.
+/// Whether the scheduler should place the VM. A Lost VM without a placement lost its disks with
+/// a forgotten worker: it waits for an operator (`vm start --fresh-disks`), never placed silently.
 pub fn needs_placement(vm: &Vm) -> bool {
-    vm.status.placement.is_none() || vm.status.state == VmState::Lost
+    vm.status.placement.is_none() && vm.status.state != VmState::Lost
 }
 
 impl Placement {
@@ -34,7 +35,7 @@ impl Placement {
     pub fn new(workers: &[Worker], vms: &[Vm]) -> Placement {
         let mut rooms: BTreeMap<String, Room> = workers
             .iter()
-            .filter(|w| w.status.state == WorkerState::Ready && !w.spec.drain)
+            .filter(|w| w.status.state == WorkerState::Ready && !w.spec.drain && !w.spec.forgotten)
             .map(|w| {
                 let room = Room {
                     free_cpus: i64::from(w.spec.capacity.cpus),
@@ -56,12 +57,17 @@ impl Placement {
     /// scale group (spreading replicas), then the most free memory, then the most free CPUs,
     /// then the first by name (so the choice is deterministic).
     pub fn choose(&self, vm: &Vm) -> Option<&str> {
+        self.choose_among(vm, |_| true)
+    }
+
+    /// Like [`Placement::choose`], among the workers `allowed` accepts.
+    pub fn choose_among(&self, vm: &Vm, allowed: impl Fn(&str) -> bool) -> Option<&str> {
         let group = scale_group(&vm.metadata.name, &vm.spec);
         let cpus = i64::from(vm.spec.cpus);
         let memory = mem(vm.spec.memory.bytes());
         self.workers
             .iter()
-            .filter(|(_, r)| r.free_cpus >= cpus && r.free_memory >= memory)
+            .filter(|(name, r)| r.free_cpus >= cpus && r.free_memory >= memory && allowed(name))
             .min_by(|(an, a), (bn, b)| {
                 let ag = a.groups.get(group).copied().unwrap_or(0);
                 let bg = b.groups.get(group).copied().unwrap_or(0);
@@ -114,6 +120,7 @@ mod tests {
                 },
                 labels: Default::default(),
                 drain: false,
+                forgotten: false,
                 endpoint: None,
             },
             status: WorkerStatus {
@@ -136,6 +143,9 @@ mod tests {
                 volumes: vec![],
                 network: "default".into(),
                 group: None,
+                labels: Default::default(),
+                cmdline: None,
+                power: Default::default(),
             },
             status: VmStatus {
                 placement: on.map(str::to_string),
@@ -165,12 +175,18 @@ mod tests {
     }
 
     #[test]
-    fn lost_vms_hold_nothing() {
+    fn lost_vms_keep_their_room_and_are_not_placed_again() {
         let workers = [worker("a", 2, 1024, WorkerState::Ready)];
         let mut lost = vm("x", 2, 1024, Some("a"));
         lost.status.state = VmState::Lost;
-        let p = Placement::new(&workers, &[lost]);
-        assert_eq!(p.choose(&vm("y", 2, 1024, None)), Some("a"));
+        assert!(!needs_placement(&lost));
+        let p = Placement::new(&workers, &[lost.clone()]);
+        // Its worker may come back with it still running: its room stays taken.
+        assert_eq!(p.choose(&vm("y", 2, 1024, None)), None);
+        // Unplaced after its worker was forgotten: it waits for an operator.
+        lost.status.placement = None;
+        assert!(!needs_placement(&lost));
+        assert!(needs_placement(&vm("y", 1, 64, None)));
     }
 
     #[test]

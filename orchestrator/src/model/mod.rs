@@ -1,7 +1,9 @@
 //! The resources: plain serde data, one file per kind. Every resource is an [`Object`] of
 //! metadata, a spec (what the user wants) and a status (what controllers and workers observed).
 
+mod duration;
 mod image;
+mod scale_group;
 mod size;
 pub mod validate;
 mod vm;
@@ -13,10 +15,18 @@ use std::fmt;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
+pub use duration::Seconds;
 pub use image::{DiskFormat, ImageSpec, ImageStatus};
+pub use scale_group::{
+    member_volumes, Condition, ScaleGroupSpec, ScaleGroupStatus, UpdateStrategy, VmTemplate,
+    VolumeTemplate, MAX_REPLICAS, SUFFIX_LEN,
+};
 pub use size::{ByteSize, SizeError};
 pub use validate::FieldError;
-pub use vm::{scale_group, VmSpec, VmState, VmStatus, MAX_VM_CPUS, MIN_VM_MEMORY};
+pub use vm::{
+    check_cmdline, scale_group, Move, MovePhase, MovedDisk, Power, VmSpec, VmState, VmStatus,
+    MAX_VM_CPUS, MIN_VM_MEMORY,
+};
 pub use volume::{VolumeSpec, VolumeStatus};
 pub use worker::{Capacity, WorkerSpec, WorkerState, WorkerStatus};
 
@@ -41,6 +51,16 @@ pub trait Spec:
 
     /// Checks the spec on its own; [`Spec::references`] are checked against the store.
     fn validate(&self) -> Result<(), FieldError>;
+
+    /// Checks the object's name against the spec, beyond being a DNS label.
+    fn validate_name(&self, _name: &str) -> Result<(), FieldError> {
+        Ok(())
+    }
+
+    /// References no other object of this kind may make (a volume is attached to one VM).
+    fn exclusive_references(&self) -> Vec<Reference> {
+        Vec::new()
+    }
 
     /// Other objects this spec names, which must exist when it is written.
     fn references(&self) -> Vec<Reference> {
@@ -74,6 +94,29 @@ pub struct Metadata {
     /// once the write has happened), and compared on update for optimistic concurrency.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub resource_version: i64,
+    /// The object that made this one and deletes it with itself (a scale group's member VMs, a
+    /// member's volumes). Set by controllers only: the API drops what a client sends.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owner: Option<OwnerRef>,
+}
+
+/// Names an owner precisely: a new object under the old name is a different owner.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OwnerRef {
+    pub kind: String,
+    pub name: String,
+    pub uid: String,
+}
+
+impl OwnerRef {
+    pub fn of<S: Spec>(obj: &Object<S>) -> OwnerRef {
+        OwnerRef {
+            kind: S::KIND.to_string(),
+            name: obj.metadata.name.clone(),
+            uid: obj.metadata.uid.clone(),
+        }
+    }
 }
 
 fn is_zero(v: &i64) -> bool {
@@ -98,7 +141,8 @@ impl<S: Spec> Object<S> {
     /// Validates the name and the spec (not the references).
     pub fn validate(&self) -> Result<(), FieldError> {
         validate::dns_label("metadata.name", &self.metadata.name)?;
-        self.spec.validate()
+        self.spec.validate()?;
+        self.spec.validate_name(&self.metadata.name)
     }
 }
 
@@ -118,3 +162,4 @@ pub type Image = Object<ImageSpec>;
 pub type Volume = Object<VolumeSpec>;
 pub type Vm = Object<VmSpec>;
 pub type Worker = Object<WorkerSpec>;
+pub type ScaleGroup = Object<ScaleGroupSpec>;

@@ -1,11 +1,11 @@
 //! `Vm`: a virtual machine the user wants running somewhere.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
-use super::validate::{dns_label, FieldError};
+use super::validate::{dns_label, label, FieldError};
 use super::{ByteSize, Reference, Spec};
 
 /// The VMM's own vCPU limit.
@@ -30,7 +30,35 @@ pub struct VmSpec {
     /// name without a trailing `-<number>` (`web-1` and `web-2` are group `web`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub group: Option<String>,
+    /// Free-form labels (the load balancers of issue 14 select members by them).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
+    /// Appended to the image's kernel command line (before the worker's `ip=`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cmdline: Option<String>,
+    /// Whether it should run: `lightbyte vm stop|start`. A guest that powers itself off sets it
+    /// to Stopped, so that what is wanted matches what happened.
+    #[serde(default, skip_serializing_if = "Power::is_running")]
+    pub power: Power,
 }
+
+/// The power state a VM should have.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub enum Power {
+    #[default]
+    Running,
+    Stopped,
+}
+
+impl Power {
+    pub fn is_running(&self) -> bool {
+        *self == Power::Running
+    }
+}
+
+/// Longest `spec.cmdline`: the VMM's whole command line is limited, and the image's part and the
+/// worker's `ip=` come first.
+pub const MAX_CMDLINE: usize = 1024;
 
 fn default_network() -> String {
     "default".to_string()
@@ -48,7 +76,9 @@ pub enum VmState {
     Running,
     Stopping,
     Stopped,
-    /// Its worker stopped answering; the scheduler places it again.
+    /// Its worker stopped heartbeating: it may still run there, so it is not started elsewhere.
+    /// When the worker comes back it re-adopts the VM; when an operator forgets the worker, a VM
+    /// whose disks lived only there stays Lost until started on fresh disks or deleted.
     Lost,
     Failed,
 }
@@ -79,6 +109,56 @@ pub struct VmStatus {
     /// by a TCP probe of its address instead).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub agent: Option<String>,
+    /// When it became Lost (RFC 3339, UTC): scale groups replace a member without volumes a
+    /// grace period after this.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lost_since: Option<String>,
+    /// A cold move to another worker under way (its worker is draining).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub moving: Option<Move>,
+}
+
+/// A cold move: the source worker powers the VM off and checksums its disks, the target fetches
+/// them from the source (authenticated by a per-move token kept in etcd, outside the API),
+/// verifies them and takes the placement, then starts it; the source deletes its copy only once
+/// the move is finished (the VM runs on the target).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Move {
+    pub from: String,
+    pub to: String,
+    pub phase: MovePhase,
+    /// RFC 3339, UTC: when the phase was entered (a Failed move is retried a while after).
+    pub since: String,
+    /// The disks that travel, as the source found them once the VM was off.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub disks: Vec<MovedDisk>,
+    /// The last problem (a failed copy that is being retried, why the move failed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum MovePhase {
+    /// The source powers the VM off and checksums its disks.
+    Stopping,
+    /// The target fetches the disks.
+    Copying,
+    /// The target holds the placement and starts the VM; the source still has its copy.
+    Starting,
+    /// Given up (the copy kept failing, the target went away): the VM runs on the source again.
+    Failed,
+}
+
+/// One disk file of a moving VM: the root overlay (`volume` none) or a named volume's overlay.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MovedDisk {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub volume: Option<String>,
+    pub size: u64,
+    /// Hex SHA-256 of the whole file.
+    pub sha256: String,
 }
 
 impl Spec for VmSpec {
@@ -121,7 +201,21 @@ impl Spec for VmSpec {
         if let Some(g) = &self.group {
             dns_label("spec.group", g)?;
         }
+        for (k, v) in &self.labels {
+            label(&format!("spec.labels.{k}"), k, true)?;
+            label(&format!("spec.labels.{k}"), v, false)?;
+        }
+        if let Some(c) = &self.cmdline {
+            check_cmdline("spec.cmdline", c)?;
+        }
         Ok(())
+    }
+
+    fn exclusive_references(&self) -> Vec<Reference> {
+        self.references()
+            .into_iter()
+            .filter(|r| r.kind == "volume")
+            .collect()
     }
 
     fn references(&self) -> Vec<Reference> {
@@ -137,6 +231,23 @@ impl Spec for VmSpec {
         });
         std::iter::once(image).chain(volumes).collect()
     }
+}
+
+/// Kernel command line text: printable ASCII on one line, within [`MAX_CMDLINE`].
+pub fn check_cmdline(field: &str, c: &str) -> Result<(), FieldError> {
+    if c.len() > MAX_CMDLINE {
+        return Err(FieldError::new(
+            field,
+            format!("is longer than {MAX_CMDLINE} bytes"),
+        ));
+    }
+    if !c.bytes().all(|b| (b' '..=b'~').contains(&b)) {
+        return Err(FieldError::new(
+            field,
+            "may only contain printable ASCII on one line",
+        ));
+    }
+    Ok(())
 }
 
 /// The group a VM's replicas share, for spreading.
@@ -162,6 +273,9 @@ mod tests {
             volumes: vec![],
             network: "default".into(),
             group: None,
+            labels: BTreeMap::new(),
+            cmdline: None,
+            power: Power::Running,
         }
     }
 
@@ -181,6 +295,14 @@ mod tests {
         s.memory = ByteSize::mib(64);
         s.volumes = vec!["a".into(), "a".into()];
         assert_eq!(s.validate().unwrap_err().field, "spec.volumes[1]");
+        s.volumes = vec![];
+        s.cmdline = Some("quiet\ninit=/bin/sh".into());
+        assert_eq!(s.validate().unwrap_err().field, "spec.cmdline");
+        s.cmdline = Some("x".repeat(MAX_CMDLINE + 1));
+        assert_eq!(s.validate().unwrap_err().field, "spec.cmdline");
+        s.cmdline = Some("quiet loglevel=3".into());
+        s.labels.insert("tier".into(), "front end".into());
+        assert_eq!(s.validate().unwrap_err().field, "spec.labels.tier");
     }
 
     #[test]

@@ -14,10 +14,19 @@ pub struct VolumeSpec {
     pub size: ByteSize,
 }
 
-/// Nothing is observed about volumes yet; the type keeps the document shape uniform.
+/// Where the volume's data is. Its file lives on one worker, so a VM using it can only be placed
+/// there (or moved there with a copy of the file).
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct VolumeStatus {}
+pub struct VolumeStatus {
+    /// The worker that holds its file (written by that worker before it makes the file).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub worker: Option<String>,
+    /// Set when the worker holding it was forgotten: the data is gone, and a VM using the volume
+    /// starts only when the loss is accepted (`lightbyte vm start NAME --fresh-disks`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lost: Option<String>,
+}
 
 /// The smallest volume: a qcow2 overlay's header and tables alone take a few clusters.
 const MIN_VOLUME_SIZE: ByteSize = ByteSize(1 << 20);

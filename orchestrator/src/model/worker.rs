@@ -26,10 +26,19 @@ pub struct WorkerSpec {
     /// Set by an operator: no new VMs are placed here.
     #[serde(default)]
     pub drain: bool,
+    /// Set by an operator (`lightbyte worker forget`) for a worker that is gone: its VMs are
+    /// given up (see `VmState::Lost`). Its agent, if it ever comes back, stops and archives its old
+    /// copies instead of re-adopting them, then clears this.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub forgotten: bool,
     /// Where the worker agent serves requests for its VMs (their guest agents), `HOST:PORT`;
     /// set by the agent when it registers with `--listen`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub endpoint: Option<String>,
+}
+
+fn is_false(b: &bool) -> bool {
+    !*b
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -42,6 +51,9 @@ pub enum WorkerState {
     Draining,
     /// Drain was asked and no VM is placed on it any more.
     Drained,
+    /// An operator gave it up while it was gone; nothing is placed on it until its agent comes
+    /// back and clears the flag.
+    Forgotten,
 }
 
 impl fmt::Display for WorkerState {

@@ -35,3 +35,11 @@ pub fn heartbeat(worker: &str) -> String {
 pub fn name_of<'a>(key: &'a str, prefix: &str) -> Option<&'a str> {
     key.strip_prefix(prefix)
 }
+
+pub const MOVE_TOKEN_PREFIX: &str = "/lightbyte/_moves/";
+
+/// The secret of a VM's move under way: the source worker hands out the VM's disks only to a
+/// request bearing it. Outside the resources, so the API never shows it.
+pub fn move_token(vm: &str) -> String {
+    format!("{MOVE_TOKEN_PREFIX}{vm}")
+}

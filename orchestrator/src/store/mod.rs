@@ -155,6 +155,25 @@ impl Store {
         Ok(resp.kvs().first().map(Entry::from))
     }
 
+    /// Writes one bookkeeping key (fenced like every write of a fenced store).
+    pub async fn put_key(&self, key: &str, value: impl Into<Vec<u8>>) -> Result<(), StoreError> {
+        let value = value.into();
+        self.txn(vec![], vec![TxnOp::put(key, value, None)], vec![], || {
+            format!("put {key}")
+        })
+        .await
+        .map(drop)
+    }
+
+    /// Deletes one bookkeeping key; deleting what is not there is no error.
+    pub async fn delete_key(&self, key: &str) -> Result<(), StoreError> {
+        self.txn(vec![], vec![TxnOp::delete(key, None)], vec![], || {
+            format!("delete {key}")
+        })
+        .await
+        .map(drop)
+    }
+
     /// Whether the object `kind`/`name` exists.
     pub async fn exists(&self, kind: &str, name: &str) -> Result<bool, StoreError> {
         let mut kv = self.client.kv_client();

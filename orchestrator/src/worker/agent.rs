@@ -7,15 +7,15 @@ use std::time::{Duration, Instant};
 
 use tokio::task::{JoinHandle, JoinSet};
 use tokio_util::sync::CancellationToken;
-use vmm_api::client::Client;
 
-use super::launch::launch;
 use super::local::{write_status, Ctx, LocalVm};
-use super::netdev;
+use super::moves::{self, MoveError};
 use super::process::{log_tail, Liveness};
 use super::record::{Layout, Record};
-use super::{api, guest, mac_address, probe, tap_name, WorkerConfig, WorkerError};
-use crate::model::{Vm, VmSpec, VmState, VmStatus, VolumeSpec, WorkerSpec};
+use super::want::{concerns, want, Want};
+use super::{api, forgotten, guest, mac_address, netdev, probe, tap_name, tasks};
+use super::{WorkerConfig, WorkerError};
+use crate::model::{MovePhase, Power, Vm, VmSpec, VmState, VmStatus, VolumeSpec, WorkerSpec};
 use crate::registration::Registration;
 use crate::store::{keys, Store, StoreError, Watch};
 use crate::task::Backoff;
@@ -26,6 +26,17 @@ const TICK: Duration = Duration::from_millis(500);
 const AGENT_PINGS: u32 = 120;
 /// Window in which `max_restarts` counts.
 const RESTART_WINDOW: Duration = Duration::from_secs(600);
+/// Attempts at fetching a moving VM's disks before the move is given up.
+const FETCH_ATTEMPTS: u32 = 5;
+/// Wait before the next attempt (times the attempts made), and between hand-over attempts.
+const FETCH_RETRY: Duration = Duration::from_secs(2);
+
+/// A fetch of a moving VM's disks.
+struct Fetch {
+    task: Option<JoinHandle<Result<(), MoveError>>>,
+    attempts: u32,
+    next_try: Instant,
+}
 
 /// Runs the agent until `shutdown` is cancelled. The VMs keep running after it returns; the
 /// next agent on this state directory re-adopts them.
@@ -51,7 +62,9 @@ pub async fn run(cfg: WorkerConfig, shutdown: CancellationToken) -> Result<(), W
     let spec = WorkerSpec {
         capacity: cfg.capacity,
         labels: cfg.labels.clone(),
+        // Registration keeps what operators set (drain, forgotten) on a worker that exists.
         drain: false,
+        forgotten: false,
         endpoint,
     };
     let registration = loop {
@@ -68,6 +81,19 @@ pub async fn run(cfg: WorkerConfig, shutdown: CancellationToken) -> Result<(), W
         }
     };
     tracing::info!(worker = %cfg.name, bridge = %cfg.bridge, subnet = %cfg.subnet, "registered");
+    loop {
+        match forgotten::fence(&store, &layout, &cfg.name, &shutdown).await {
+            Ok(true) => break,
+            Ok(false) => return Ok(()),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot check whether this worker was forgotten; retrying");
+                tokio::select! {
+                    _ = shutdown.cancelled() => return Ok(()),
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                }
+            }
+        }
+    }
     let mut agent = Agent::new(cfg, layout, store)?;
     agent.run(shutdown).await;
     // The heartbeat stops with the registration: without a restart the control plane marks
@@ -122,6 +148,8 @@ struct Agent {
     /// Whether `placed` comes from a successful list: nothing is stopped before that, so an
     /// agent that starts while etcd is down does not take "no answer" for "no VMs".
     listed: bool,
+    /// Disk fetches for VMs moving here.
+    fetches: BTreeMap<String, Fetch>,
 }
 
 impl Agent {
@@ -149,6 +177,7 @@ impl Agent {
             slots,
             placed: BTreeMap::new(),
             listed: false,
+            fetches: BTreeMap::new(),
         })
     }
 
@@ -207,13 +236,13 @@ impl Agent {
         }
     }
 
-    /// Lists the VMs and keeps those placed here. Returns the revision of the list.
+    /// Lists the VMs and keeps those that concern this worker. Returns the revision of the list.
     async fn refresh(&mut self) -> Result<i64, StoreError> {
         let (vms, revision) = self.ctx.store.list::<VmSpec>().await?;
         let me = self.me().to_string();
         self.placed = vms
             .into_iter()
-            .filter(|vm| vm.status.placement.as_deref() == Some(me.as_str()))
+            .filter(|vm| concerns(vm, &me))
             .map(|vm| (vm.metadata.name.clone(), vm))
             .collect();
         self.listed = true;
@@ -221,9 +250,8 @@ impl Agent {
         Ok(revision)
     }
 
-    /// Deletes the files of named volumes whose Volume object is gone. The API refuses to delete
-    /// a volume a VM names, so no VM here uses such a file; the check against the VMs placed
-    /// here is a second guard.
+    /// Deletes the files of named volumes that no longer live here: deleted, or moved to
+    /// another worker and no VM here (or moving from here) uses them any more.
     async fn remove_deleted_volumes(&self) -> Result<(), StoreError> {
         let Ok(entries) = std::fs::read_dir(self.ctx.layout.volumes_dir()) else {
             return Ok(());
@@ -236,26 +264,36 @@ impl Agent {
             return Ok(());
         }
         let (volumes, _) = self.ctx.store.list::<VolumeSpec>().await?;
+        let me = self.me();
         let keep: BTreeSet<&str> = volumes
             .iter()
+            .filter(|v| v.status.worker.as_deref().is_none_or(|w| w == me))
             .map(|v| v.name())
             .chain(
                 self.placed
                     .values()
+                    .filter(|vm| {
+                        matches!(
+                            want(vm, me),
+                            Want::Run | Want::Off | Want::Rest | Want::Surrender | Want::Hold
+                        )
+                    })
                     .flat_map(|vm| vm.spec.volumes.iter().map(String::as_str)),
             )
             .collect();
         for name in files.iter().filter(|n| !keep.contains(n.as_str())) {
             let path = self.ctx.layout.volume(name);
             match std::fs::remove_file(&path) {
-                Ok(()) => tracing::info!(volume = %name, "volume deleted; removed its file"),
+                Ok(()) => {
+                    tracing::info!(volume = %name, "volume deleted or moved away; removed its file")
+                }
                 Err(e) => tracing::warn!(volume = %name, error = %e, "cannot remove volume file"),
             }
         }
         Ok(())
     }
 
-    /// Takes back the VMs whose start or stop finished.
+    /// Takes back the VMs whose task finished, and the results of disk fetches.
     async fn collect_finished(&mut self) {
         let done: Vec<String> = self
             .slots
@@ -280,47 +318,196 @@ impl Agent {
                 }
             }
         }
+        let finished: Vec<String> = self
+            .fetches
+            .iter()
+            .filter(|(_, f)| f.task.as_ref().is_some_and(|t| t.is_finished()))
+            .map(|(n, _)| n.clone())
+            .collect();
+        for name in finished {
+            let Some(f) = self.fetches.get_mut(&name) else {
+                continue;
+            };
+            let Some(task) = f.task.take() else { continue };
+            let result = task.await.unwrap_or_else(|e| {
+                Err(MoveError::Io {
+                    path: name.clone().into(),
+                    source: std::io::Error::other(e),
+                })
+            });
+            match result {
+                Ok(()) => {
+                    self.fetches.remove(&name);
+                }
+                Err(MoveError::Superseded) => {
+                    self.fetches.remove(&name);
+                }
+                Err(e) => {
+                    f.attempts += 1;
+                    f.next_try = Instant::now() + FETCH_RETRY * f.attempts;
+                    let give_up = f.attempts >= FETCH_ATTEMPTS;
+                    tracing::warn!(vm = %name, error = %e, attempt = f.attempts, give_up, "disk fetch failed");
+                    let uid = self.placed.get(&name).map(|vm| vm.metadata.uid.clone());
+                    if let Some(uid) = uid {
+                        tokio::spawn(report_fetch_failure(
+                            self.ctx.clone(),
+                            name.clone(),
+                            uid,
+                            e.to_string(),
+                            give_up,
+                        ));
+                    }
+                    if give_up {
+                        self.fetches.remove(&name);
+                    }
+                }
+            }
+        }
     }
 
-    /// Starts what is placed here and does not run, stops what runs and is no longer placed
-    /// here.
+    /// Acts on the difference between what etcd wants of each VM concerning this worker and
+    /// what this worker has.
     fn converge(&mut self) {
         if !self.listed {
             return;
         }
-        // Stop first: a VM deleted and created again under its name must free the name.
-        let stale: Vec<String> = self
+        let me = self.me().to_string();
+        let names: BTreeSet<String> = self
             .slots
-            .iter()
-            .filter(|(name, slot)| {
-                matches!(slot, Slot::Idle(_))
-                    && self
-                        .placed
-                        .get(*name)
-                        .is_none_or(|vm| vm.metadata.uid != slot.rec().uid)
-            })
-            .map(|(n, _)| n.clone())
-            .collect();
-        for name in stale {
-            if let Some(Slot::Idle(vm)) = self.slots.remove(&name) {
-                tracing::info!(vm = %name, "no longer placed here; stopping");
-                let rec = vm.rec.clone();
-                let task = tokio::spawn(stop(self.ctx.clone(), vm));
-                self.slots.insert(name, Slot::Busy { rec, task });
-            }
-        }
-        let to_start: Vec<Vm> = self
-            .placed
-            .values()
-            .filter(|vm| !self.slots.contains_key(vm.name()) && should_start(vm))
+            .keys()
+            .chain(self.placed.keys())
             .cloned()
             .collect();
-        for vm in to_start {
-            self.start_new(vm);
+        for name in names {
+            if matches!(self.slots.get(&name), Some(Slot::Busy { .. })) {
+                continue;
+            }
+            let obj = self.placed.get(&name).cloned();
+            let stale = match (&obj, self.slots.get(&name)) {
+                (None, Some(_)) => true,
+                // Deleted and created again under its name: the old one goes first.
+                (Some(o), Some(slot)) => o.metadata.uid != slot.rec().uid,
+                _ => false,
+            };
+            if stale {
+                tracing::info!(vm = %name, "no longer here; stopping");
+                self.spawn_task(&name, |ctx, vm| tokio::spawn(tasks::stop(ctx, vm)));
+                continue;
+            }
+            let Some(obj) = obj else { continue };
+            let w = want(&obj, &me);
+            if w != Want::Fetch {
+                if let Some(f) = self.fetches.remove(&name) {
+                    if let Some(t) = f.task {
+                        t.abort();
+                    }
+                }
+            }
+            match w {
+                Want::Run => self.ensure_running(obj),
+                Want::Off | Want::Hold => self.ensure_off(obj, w == Want::Off),
+                Want::Surrender => self.surrender(obj),
+                Want::Fetch => self.fetch(obj),
+                Want::Rest | Want::Ignore => {}
+            }
         }
     }
 
-    fn start_new(&mut self, vm: Vm) {
+    fn ensure_running(&mut self, obj: Vm) {
+        let name = obj.name().to_string();
+        let Some(Slot::Idle(vm)) = self.slots.get(&name) else {
+            if !self.slots.contains_key(&name) {
+                self.start_new(obj);
+            }
+            return;
+        };
+        // Stopped or Failed here, and `vm start` (or a failed move) asked for it again.
+        if vm.ended.is_some() && obj.status.state == VmState::Scheduled {
+            tracing::info!(vm = %name, "starting again");
+            self.spawn_task(&name, move |ctx, mut vm| {
+                vm.ended = None;
+                vm.crashes.clear();
+                vm.down = false;
+                vm.rec.stopped = false;
+                vm.rec.failed = None;
+                vm.rec.outgoing = None;
+                vm.rec.restarts = 0;
+                let _ = ctx.layout.save(&vm.rec);
+                tokio::spawn(tasks::start(ctx, vm, obj, false))
+            });
+        }
+    }
+
+    /// Powered off with its disks kept (`vm stop`, or its files held for a move away).
+    fn ensure_off(&mut self, obj: Vm, make_record: bool) {
+        let name = obj.name().to_string();
+        match self.slots.get_mut(&name) {
+            Some(Slot::Idle(vm)) => {
+                if vm.process.is_some() {
+                    tracing::info!(vm = %name, "powering off; disks kept");
+                    self.spawn_task(&name, |ctx, vm| tokio::spawn(tasks::stop_keep(ctx, vm)));
+                } else if vm.ended.is_none() {
+                    vm.ended = Some((VmState::Stopped, "stopped".into()));
+                    vm.rec.stopped = true;
+                    let _ = self.ctx.layout.save(&vm.rec);
+                }
+            }
+            Some(Slot::Busy { .. }) => {}
+            None if make_record => self.adopt_off(&obj),
+            None => {}
+        }
+    }
+
+    fn surrender(&mut self, obj: Vm) {
+        let name = obj.name().to_string();
+        match self.slots.get(&name) {
+            Some(Slot::Idle(vm)) => {
+                if vm.next_try.is_some_and(|t| Instant::now() < t) {
+                    return;
+                }
+                tracing::info!(vm = %name, "handing over to a move");
+                self.spawn_task(&name, move |ctx, mut vm| {
+                    vm.next_try = Some(Instant::now() + FETCH_RETRY);
+                    tokio::spawn(tasks::surrender(ctx, vm, obj))
+                });
+            }
+            Some(Slot::Busy { .. }) => {}
+            // Never started here: a record first, so there is something to hand over.
+            None => self.adopt_off(&obj),
+        }
+    }
+
+    fn fetch(&mut self, obj: Vm) {
+        let name = obj.name().to_string();
+        let f = self.fetches.entry(name.clone()).or_insert_with(|| Fetch {
+            task: None,
+            attempts: 0,
+            next_try: Instant::now(),
+        });
+        if f.task.is_some() || Instant::now() < f.next_try {
+            return;
+        }
+        tracing::info!(vm = %name, "fetching disks for a move here");
+        let ctx = self.ctx.clone();
+        f.task = Some(tokio::spawn(async move { moves::fetch(&ctx, &obj).await }));
+    }
+
+    /// Runs `task` on the idle VM `name`, which is busy until the task hands it back.
+    fn spawn_task(
+        &mut self,
+        name: &str,
+        task: impl FnOnce(Arc<Ctx>, Box<LocalVm>) -> JoinHandle<Option<Box<LocalVm>>>,
+    ) {
+        if let Some(Slot::Idle(vm)) = self.slots.remove(name) {
+            let rec = vm.rec.clone();
+            let task = task(self.ctx.clone(), vm);
+            self.slots
+                .insert(name.to_string(), Slot::Busy { rec, task });
+        }
+    }
+
+    /// A new record for a VM that starts here: an address, a TAP name and a MAC.
+    fn new_record(&self, vm: &Vm) -> Option<Record> {
         let taken: BTreeSet<_> = self.slots.values().map(|s| s.rec().ip).collect();
         let Some(ip) = self.ctx.cfg.subnet.allocate(&taken) else {
             let why = format!(
@@ -328,13 +515,13 @@ impl Agent {
                 self.me(),
                 self.ctx.cfg.subnet
             );
-            self.fail_later(&vm, why);
-            return;
+            self.fail_later(vm, why);
+            return None;
         };
         let uid = vm.metadata.uid.clone();
-        let rec = Record {
+        Some(Record {
             name: vm.name().to_string(),
-            tap: tap_name(&uid),
+            tap: tap_name(&uid, self.me()),
             mac: mac_address(&uid),
             uid,
             ip,
@@ -344,17 +531,56 @@ impl Agent {
             restarts: 0,
             stopped: false,
             failed: None,
-        };
+            outgoing: None,
+        })
+    }
+
+    /// Saves a new record, with the disks of a move here put in place first.
+    fn save_new(&self, rec: &Record) -> bool {
+        match moves::install_incoming(&self.ctx.layout, &rec.name, &rec.uid) {
+            Ok(_) => {}
+            Err(e) => {
+                tracing::error!(vm = %rec.name, error = %e, "cannot put the moved disks in place");
+                return false;
+            }
+        }
         // The record comes first: whatever the start leaves behind, the record names it.
-        if let Err(e) = self.ctx.layout.save(&rec) {
+        if let Err(e) = self.ctx.layout.save(rec) {
             tracing::error!(vm = %rec.name, error = %e, "cannot write the VM record");
+            return false;
+        }
+        true
+    }
+
+    fn start_new(&mut self, vm: Vm) {
+        let Some(rec) = self.new_record(&vm) else {
+            return;
+        };
+        // Disks that came with a move are this VM's data: a failed start must not delete them.
+        let moved = self.ctx.layout.incoming_dir(&rec.name).exists();
+        if !self.save_new(&rec) {
             return;
         }
-        tracing::info!(vm = %rec.name, ip = %rec.ip, tap = %rec.tap, "starting");
+        tracing::info!(vm = %rec.name, ip = %rec.ip, tap = %rec.tap, moved, "starting");
         let local = Box::new(LocalVm::from_record(rec.clone()));
-        let task = tokio::spawn(start(self.ctx.clone(), local, vm));
+        let task = tokio::spawn(tasks::start(self.ctx.clone(), local, vm, !moved));
         self.slots
             .insert(rec.name.clone(), Slot::Busy { rec, task });
+    }
+
+    /// Records a VM that is here but off (stopped before it ever ran here, or arrived off).
+    fn adopt_off(&mut self, vm: &Vm) {
+        let Some(mut rec) = self.new_record(vm) else {
+            return;
+        };
+        rec.stopped = true;
+        if !self.save_new(&rec) {
+            return;
+        }
+        let mut local = LocalVm::from_record(rec);
+        local.ended = Some((VmState::Stopped, "stopped".into()));
+        self.slots
+            .insert(local.rec.name.clone(), Slot::Idle(Box::new(local)));
     }
 
     /// Marks a VM Failed without having started anything for it.
@@ -377,6 +603,7 @@ impl Agent {
     /// off, too many crashes); guests not yet up are probed.
     async fn monitor(&mut self) {
         let mut restarts = Vec::new();
+        let mut powered_off = Vec::new();
         let mut probes = JoinSet::new();
         for (name, slot) in &mut self.slots {
             let Slot::Idle(vm) = slot else { continue };
@@ -429,6 +656,7 @@ impl Agent {
                         tracing::info!(vm = %name, "guest powered off");
                         vm.rec.stopped = true;
                         vm.ended = Some((VmState::Stopped, "the guest powered off".into()));
+                        powered_off.push((name.clone(), vm.rec.uid.clone()));
                     } else {
                         let now = Instant::now();
                         vm.crashes
@@ -474,16 +702,26 @@ impl Agent {
                 }
             }
         }
+        for (name, uid) in powered_off {
+            // What is wanted follows what the guest chose: it stays off until `vm start`.
+            tokio::spawn(want_off(self.ctx.clone(), name, uid));
+        }
         for name in restarts {
-            // Only what is still placed here comes back; the rest is stopped by converge. Until
-            // a list says where it is placed (etcd down), it waits, its crash counted once.
-            let Some(vm) = self.placed.get(&name).cloned() else {
+            // Only what is still wanted running here comes back; the rest is handled by
+            // converge. Until a list says (etcd down), it waits, its crash counted once.
+            let me = self.me().to_string();
+            let Some(vm) = self
+                .placed
+                .get(&name)
+                .filter(|vm| want(vm, &me) == Want::Run)
+                .cloned()
+            else {
                 continue;
             };
             if let Some(Slot::Idle(mut local)) = self.slots.remove(&name) {
                 local.rec.restarts += 1;
                 let rec = local.rec.clone();
-                let task = tokio::spawn(start(self.ctx.clone(), local, vm));
+                let task = tokio::spawn(tasks::start(self.ctx.clone(), local, vm, false));
                 self.slots.insert(name, Slot::Busy { rec, task });
             }
         }
@@ -500,7 +738,9 @@ impl Agent {
             let Some(obj) = self.placed.get(name) else {
                 continue;
             };
-            if obj.metadata.uid != vm.rec.uid {
+            if obj.metadata.uid != vm.rec.uid
+                || obj.status.placement.as_deref() != Some(self.ctx.cfg.name.as_str())
+            {
                 continue;
             }
             let want = observed(vm);
@@ -510,6 +750,7 @@ impl Agent {
                 || have.boot_time != want.boot_time
                 || have.message != want.message
                 || have.agent != want.agent
+                || have.lost_since.is_some()
             {
                 writes.push((name.clone(), vm.rec.uid.clone(), want));
             }
@@ -521,6 +762,8 @@ impl Agent {
                 s.boot_time = want.boot_time.clone();
                 s.message = want.message.clone();
                 s.agent = want.agent.clone();
+                // Back (or never gone): whatever made it Lost is over.
+                s.lost_since = None;
             })
             .await;
             match r {
@@ -547,21 +790,76 @@ impl Agent {
     }
 }
 
+/// Sets a VM's wanted power to Stopped after its guest powered itself off.
+async fn want_off(ctx: Arc<Ctx>, name: String, uid: String) {
+    let me = ctx.cfg.name.clone();
+    let r = ctx
+        .store
+        .update::<VmSpec, _>(&name, |o| {
+            if o.metadata.uid == uid && o.status.placement.as_deref() == Some(me.as_str()) {
+                o.spec.power = Power::Stopped;
+            }
+            Ok(())
+        })
+        .await;
+    match r {
+        Ok(_) | Err(StoreError::NotFound { .. }) => {}
+        Err(e) => {
+            tracing::warn!(vm = %name, error = %e, "cannot record that the guest powered off")
+        }
+    }
+}
+
+/// Tells the control plane a fetch for a move here failed; after the last attempt the move is
+/// marked Failed (the source runs the VM again, the mover retries later).
+async fn report_fetch_failure(
+    ctx: Arc<Ctx>,
+    name: String,
+    uid: String,
+    why: String,
+    give_up: bool,
+) {
+    let me = ctx.cfg.name.clone();
+    let r = ctx
+        .store
+        .update::<VmSpec, _>(&name, |o| {
+            if o.metadata.uid != uid {
+                return Ok(());
+            }
+            let stopped = o.status.state == VmState::Stopped && o.spec.power == Power::Running;
+            let Some(m) = o
+                .status
+                .moving
+                .as_mut()
+                .filter(|m| m.to == me && m.phase == MovePhase::Copying)
+            else {
+                return Ok(());
+            };
+            m.message = Some(why.clone());
+            if give_up {
+                m.phase = MovePhase::Failed;
+                m.since = moves::now_rfc3339();
+                o.status.message = Some(format!("move failed: {why}"));
+                if stopped {
+                    // The source runs it again.
+                    o.status.state = VmState::Scheduled;
+                }
+            }
+            Ok(())
+        })
+        .await;
+    match r {
+        Ok(_) | Err(StoreError::NotFound { .. }) => {}
+        Err(e) => tracing::warn!(vm = %name, error = %e, "cannot report the failed fetch"),
+    }
+}
+
 /// Waits for the next change under the watch, or forever without one.
 async fn next_change(watch: &mut Option<Watch>) -> Result<(), StoreError> {
     match watch {
         Some(w) => w.next().await.map(drop),
         None => std::future::pending().await,
     }
-}
-
-/// Whether a VM placed here and not running here should be started. Lost VMs belong to the
-/// scheduler until it places them again; Stopped and Failed ones stay as they are.
-fn should_start(vm: &Vm) -> bool {
-    matches!(
-        vm.status.state,
-        VmState::Scheduled | VmState::Starting | VmState::Running
-    )
 }
 
 /// The status this worker observes for one of its VMs.
@@ -587,102 +885,4 @@ fn observed(vm: &LocalVm) -> VmStatus {
         ));
     }
     s
-}
-
-/// Starts (or restarts) a VM: disks, TAP, `vmm` process, create and boot through its API. When
-/// a first start fails, everything made is removed and the VM is marked Failed. A failed restart
-/// counts as one more crash: the VM keeps its record and disks and is restarted again until the
-/// restart budget runs out.
-async fn start(ctx: Arc<Ctx>, mut vm: Box<LocalVm>, obj: Vm) -> Option<Box<LocalVm>> {
-    let restart = vm.rec.restarts > 0;
-    let name = vm.rec.name.clone();
-    let uid = vm.rec.uid.clone();
-    match launch(&ctx, &mut vm, &obj).await {
-        Ok(()) => {
-            tracing::info!(vm = %name, pid = vm.process.as_ref().map_or(0, |p| p.pid), "booted");
-            vm.down = false;
-            Some(vm)
-        }
-        Err(err) => {
-            tracing::warn!(vm = %name, error = %err, "start failed");
-            if let Some(p) = &mut vm.process {
-                p.kill();
-                p.wait_exit(Duration::from_secs(5)).await;
-            }
-            if let Err(e) = netdev::delete_tap(&vm.rec.tap).await {
-                tracing::warn!(vm = %name, error = %e, "cannot remove TAP");
-            }
-            if err.is_transient() {
-                // Nothing is wrong with the VM: a later pass tries again. A first start drops
-                // its record and directory (the disks are remade in milliseconds); a restart
-                // keeps everything and stays counted as the one crash it was.
-                tracing::info!(vm = %name, error = %err, "will retry the start");
-                if !restart {
-                    let _ = ctx.layout.remove_vm(&name);
-                    return None;
-                }
-                vm.process = None;
-                vm.rec.pid = None;
-                vm.rec.pid_start = None;
-                vm.rec.restarts -= 1;
-                let _ = ctx.layout.save(&vm.rec);
-                return Some(vm);
-            }
-            let why = err.to_string();
-            if restart {
-                vm.process = None;
-                vm.rec.pid = None;
-                vm.rec.pid_start = None;
-                vm.last_error = Some(why);
-                // The failure counts as the next crash when the agent looks again.
-                vm.down = false;
-                let _ = ctx.layout.save(&vm.rec);
-                return Some(vm);
-            }
-            if let Err(e) = ctx.layout.remove_vm(&name) {
-                tracing::warn!(vm = %name, error = %e, "cannot remove VM directory");
-            }
-            let r = write_status(&ctx, &name, &uid, |s| {
-                s.state = VmState::Failed;
-                s.message = Some(why.clone());
-                s.ip = None;
-            })
-            .await;
-            if let Err(e) = r {
-                tracing::warn!(vm = %name, error = %e, "cannot report failure");
-            }
-            None
-        }
-    }
-}
-
-/// Stops a VM that is no longer placed here and removes everything it had: power button, then
-/// kill after the stop timeout; TAP; directory (root volume, logs, record — last).
-async fn stop(ctx: Arc<Ctx>, mut vm: Box<LocalVm>) -> Option<Box<LocalVm>> {
-    let name = vm.rec.name.clone();
-    if let Some(p) = &mut vm.process {
-        if p.liveness() == Liveness::Alive {
-            let timeout = ctx.cfg.stop_timeout;
-            let client = Client::new(ctx.layout.socket(&name)).with_timeout(Duration::from_secs(5));
-            let ms = u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX);
-            if let Err(e) = client.shutdown(Some(ms)).await {
-                tracing::warn!(vm = %name, error = %e, "graceful shutdown refused; killing");
-            }
-            if !p.wait_exit(timeout + Duration::from_secs(2)).await {
-                tracing::warn!(vm = %name, "still running after {timeout:?}; killing");
-                p.kill();
-                p.wait_exit(Duration::from_secs(5)).await;
-            }
-        }
-    }
-    if let Err(e) = netdev::delete_tap(&vm.rec.tap).await {
-        tracing::warn!(vm = %name, error = %e, "cannot remove TAP; will retry");
-        return Some(vm);
-    }
-    if let Err(e) = ctx.layout.remove_vm(&name) {
-        tracing::warn!(vm = %name, error = %e, "cannot remove the VM directory; will retry");
-        return Some(vm);
-    }
-    tracing::info!(vm = %name, "stopped and removed");
-    None
 }

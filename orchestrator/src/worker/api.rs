@@ -1,15 +1,18 @@
-//! What the worker serves over HTTP (`--listen`): requests for the guest agents of its VMs,
-//! which the control plane forwards (`lightbyte vm agent NAME ...`). One route:
-//! `POST /api/v1/vms/NAME/agent` with an agent request as JSON; the answer is the agent's
-//! response (200), or 404 (no such VM here), 502 (its agent did not answer).
+//! What the worker serves over HTTP (`--listen`):
+//! - `POST /api/v1/vms/NAME/agent`: requests for the guest agents of its VMs, which the control
+//!   plane forwards (`lightbyte vm agent NAME ...`), with an agent request as JSON; the answer is
+//!   the agent's response (200), or 404 (no such VM here), 502 (its agent did not answer);
+//! - `GET /api/v1/moves/NAME/disks/I`: the disks of a VM moving away, to the target worker
+//!   bearing the move's token (see [`super::moves`]).
 
 use std::net::SocketAddr;
 use std::time::Duration;
 
 use agent_proto::Request;
 use axum::extract::{Path, State};
-use axum::http::StatusCode;
-use axum::routing::post;
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::Response;
+use axum::routing::{get, post};
 use axum::{Json, Router};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -33,6 +36,7 @@ pub async fn bind(addr: SocketAddr) -> std::io::Result<(TcpListener, SocketAddr)
 pub async fn serve(listener: TcpListener, layout: Layout, shutdown: CancellationToken) {
     let app = Router::new()
         .route("/api/v1/vms/{name}/agent", post(agent))
+        .route("/api/v1/moves/{name}/disks/{index}", get(disk))
         .with_state(layout);
     let served = axum::serve(listener, app)
         .with_graceful_shutdown(async move { shutdown.cancelled().await })
@@ -40,6 +44,15 @@ pub async fn serve(listener: TcpListener, layout: Layout, shutdown: Cancellation
     if let Err(e) = served {
         tracing::error!("worker API: {e}");
     }
+}
+
+async fn disk(
+    State(layout): State<Layout>,
+    Path((name, index)): Path<(String, usize)>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    dns_label("name", &name).map_err(|e| ApiError::field(StatusCode::BAD_REQUEST, e))?;
+    Ok(super::moves::serve_disk(&layout, &name, index, &headers).await)
 }
 
 async fn agent(

@@ -35,6 +35,8 @@ pub enum StartError {
     /// An object the VM names is not there.
     #[error("{kind} {name} does not exist")]
     Missing { kind: &'static str, name: String },
+    #[error("volume {volume} lives on worker {worker}, not here")]
+    VolumeElsewhere { volume: String, worker: String },
     /// etcd failed answering (unreachable: see [`StartError::is_transient`]).
     #[error(transparent)]
     Store(StoreError),
@@ -112,17 +114,18 @@ pub(super) async fn launch(ctx: &Ctx, vm: &mut LocalVm, obj: &Vm) -> Result<(), 
             }
         },
     };
-    let cmdline = format!(
-        "{} {}",
-        image.cmdline.as_deref().unwrap_or(&cfg.cmdline),
-        ip_param(vm.rec.ip, &cfg.subnet, &name)
-    );
+    let mut cmdline = image.cmdline.clone().unwrap_or_else(|| cfg.cmdline.clone());
+    if let Some(extra) = &obj.spec.cmdline {
+        cmdline = format!("{cmdline} {extra}");
+    }
+    let cmdline = format!("{cmdline} {}", ip_param(vm.rec.ip, &cfg.subnet, &name));
     let cpus = u8::try_from(obj.spec.cpus).map_err(|_| StartError::TooManyCpus(obj.spec.cpus))?;
 
     // Disks: the root overlay, then the named volumes in order.
     let root = ctx.layout.root_disk(&name);
     let mut disks = vec![(root, image.clone(), None)];
     for v in &obj.spec.volumes {
+        claim_volume(ctx, v).await?;
         let vol = get::<VolumeSpec>(ctx, v).await?;
         let vimg = get::<ImageSpec>(ctx, &vol.image).await?;
         disks.push((ctx.layout.volume(v), vimg, Some(vol.size.bytes())));
@@ -199,6 +202,39 @@ pub(super) async fn launch(ctx: &Ctx, vm: &mut LocalVm, obj: &Vm) -> Result<(), 
 }
 
 /// Reads an object the VM needs.
+/// Records that volume `name` lives here before its file is made (or used): a VM using it can
+/// then only be placed here, and a volume living elsewhere is never made again empty here.
+async fn claim_volume(ctx: &Ctx, name: &str) -> Result<(), StartError> {
+    let me = ctx.cfg.name.as_str();
+    let vol = ctx
+        .store
+        .update::<VolumeSpec, _>(name, |o| {
+            if o.status.worker.is_none() && o.status.lost.is_none() {
+                o.status.worker = Some(me.to_string());
+            }
+            Ok(())
+        })
+        .await
+        .map_err(|e| match e {
+            StoreError::NotFound { .. } => StartError::Missing {
+                kind: "volume",
+                name: name.to_string(),
+            },
+            e => StartError::Store(e),
+        })?;
+    match vol.status.worker {
+        Some(w) if w == me => Ok(()),
+        Some(w) => Err(StartError::VolumeElsewhere {
+            volume: name.to_string(),
+            worker: w,
+        }),
+        None => Err(StartError::VolumeElsewhere {
+            volume: name.to_string(),
+            worker: vol.status.lost.unwrap_or_else(|| "no worker".into()),
+        }),
+    }
+}
+
 async fn get<S: crate::model::Spec>(ctx: &Ctx, name: &str) -> Result<S, StartError> {
     ctx.store
         .get::<S>(name)

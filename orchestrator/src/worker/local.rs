@@ -36,6 +36,8 @@ pub(super) struct LocalVm {
     pub last_error: Option<String>,
     /// Its vmm died and the crash is counted: restart it when possible, count nothing more.
     pub down: bool,
+    /// Not before this: the next attempt at handing it over to a move.
+    pub next_try: Option<Instant>,
 }
 
 impl LocalVm {
@@ -48,7 +50,13 @@ impl LocalVm {
             .and_then(|(pid, start)| VmmProcess::adopt(pid, start));
         let ended = match (&rec.failed, rec.stopped) {
             (Some(why), _) => Some((VmState::Failed, why.clone())),
-            (None, true) => Some((VmState::Stopped, "the guest powered off".to_string())),
+            (None, true) => Some((
+                VmState::Stopped,
+                match &rec.outgoing {
+                    Some(o) => format!("off for its move to {}; disks ready", o.to),
+                    None => "stopped".to_string(),
+                },
+            )),
             (None, false) => None,
         };
         LocalVm {
@@ -62,6 +70,7 @@ impl LocalVm {
             ended,
             last_error: None,
             down: false,
+            next_try: None,
         }
     }
 }

@@ -11,14 +11,18 @@
 mod agent;
 pub mod api;
 pub mod disks;
+mod forgotten;
 pub mod guest;
 pub mod ipam;
 mod launch;
 mod local;
+pub mod moves;
 pub mod netdev;
 pub mod probe;
 pub mod process;
 pub mod record;
+mod tasks;
+pub mod want;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -96,8 +100,11 @@ fn fnv1a(data: &[u8]) -> u64 {
 }
 
 /// The VM's TAP device: `lbt` and 12 hex digits, within the 15 characters Linux allows.
-pub fn tap_name(uid: &str) -> String {
-    format!("lbt{:012x}", fnv1a(uid.as_bytes()) & 0xffff_ffff_ffff)
+/// The TAP of VM `uid` on `worker`: distinct per worker, so a VM moving between two workers on
+/// one host (test namespaces, the dev cluster) never meets its own TAP.
+pub fn tap_name(uid: &str, worker: &str) -> String {
+    let key = format!("{uid}@{worker}");
+    format!("lbt{:012x}", fnv1a(key.as_bytes()) & 0xffff_ffff_ffff)
 }
 
 /// A locally administered unicast MAC derived from the uid, stable across restarts.
@@ -115,11 +122,12 @@ mod tests {
 
     #[test]
     fn names_are_stable_and_valid() {
-        let t = tap_name("3f1c0a7e-5d1b-4a52-9d8e-2b7a1c0f9e11");
+        let t = tap_name("3f1c0a7e-5d1b-4a52-9d8e-2b7a1c0f9e11", "w1");
         assert_eq!(t.len(), 15);
         assert!(netdev::check_name(&t).is_ok());
-        assert_eq!(t, tap_name("3f1c0a7e-5d1b-4a52-9d8e-2b7a1c0f9e11"));
-        assert_ne!(t, tap_name("3f1c0a7e-5d1b-4a52-9d8e-2b7a1c0f9e12"));
+        assert_eq!(t, tap_name("3f1c0a7e-5d1b-4a52-9d8e-2b7a1c0f9e11", "w1"));
+        assert_ne!(t, tap_name("3f1c0a7e-5d1b-4a52-9d8e-2b7a1c0f9e12", "w1"));
+        assert_ne!(t, tap_name("3f1c0a7e-5d1b-4a52-9d8e-2b7a1c0f9e11", "w2"));
         let m = mac_address("u");
         assert!(m.starts_with("02:"));
         assert_eq!(m.len(), 17);

@@ -41,6 +41,24 @@ pub struct Record {
     /// Why the VM failed, when `stopped` is a failure rather than a guest power-off.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub failed: Option<String>,
+    /// A move away from here under way: its disks are handed out against this token.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub outgoing: Option<Outgoing>,
+}
+
+/// The disks of a VM being moved away, as checksummed once it was off.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Outgoing {
+    pub to: String,
+    pub token: String,
+    pub disks: Vec<OutgoingDisk>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OutgoingDisk {
+    pub path: PathBuf,
+    pub size: u64,
+    pub sha256: String,
 }
 
 /// A VM directory whose record cannot be read, and why.
@@ -55,6 +73,10 @@ pub struct Layout {
 impl Layout {
     pub fn new(root: impl Into<PathBuf>) -> Layout {
         Layout { root: root.into() }
+    }
+
+    pub fn root_dir(&self) -> &Path {
+        &self.root
     }
 
     pub fn vms_dir(&self) -> PathBuf {
@@ -96,6 +118,16 @@ impl Layout {
 
     pub fn volume(&self, name: &str) -> PathBuf {
         self.volumes_dir().join(format!("{name}.qcow2"))
+    }
+
+    /// Disks fetched for a VM moving here, until it starts (`<name>/manifest.json` and the files).
+    pub fn incoming_dir(&self, name: &str) -> PathBuf {
+        self.root.join("incoming").join(name)
+    }
+
+    /// Where the copies of a forgotten worker's VMs are kept (never deleted by the agent).
+    pub fn archive_dir(&self) -> PathBuf {
+        self.root.join("archive")
     }
 
     pub fn create_dirs(&self) -> io::Result<()> {
@@ -191,6 +223,7 @@ mod tests {
             restarts: 0,
             stopped: false,
             failed: None,
+            outgoing: None,
         };
         layout.save(&rec).unwrap();
         std::fs::create_dir_all(layout.vm_dir("junk")).unwrap();

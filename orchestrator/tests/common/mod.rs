@@ -246,6 +246,7 @@ pub fn worker_spec(cpus: u32, memory: &str) -> WorkerSpec {
         },
         labels: Default::default(),
         drain: false,
+        forgotten: false,
         endpoint: None,
     }
 }

@@ -41,10 +41,7 @@ enum Command {
     /// Serves the throughput benchmark on vsock and TCP alike, forever: on PORT a sink (reads
     /// to the end, then closes), on PORT+1 a source (writes BYTES, then closes), on PORT+2
     /// connections closed as soon as accepted (setup rate).
-    BenchServe {
-        port: u16,
-        bytes: u64,
-    },
+    BenchServe { port: u16, bytes: u64 },
 }
 
 mod bench {
@@ -77,7 +74,11 @@ mod bench {
         }
     }
 
-    fn each<C: Conn>(accept: impl Fn() -> std::io::Result<C> + Send + 'static, serve: fn(C, u64), bytes: u64) {
+    fn each<C: Conn>(
+        accept: impl Fn() -> std::io::Result<C> + Send + 'static,
+        serve: fn(C, u64),
+        bytes: u64,
+    ) {
         std::thread::spawn(move || loop {
             match accept() {
                 Ok(c) => {
@@ -99,7 +100,10 @@ mod bench {
             (port + 2, |c, _| drop(c), |c, _| drop(c)),
         ];
         for (p, on_vsock, on_tcp) in services {
-            let (v, t) = match (Listener::bind(u32::from(p)), TcpListener::bind(("0.0.0.0", p))) {
+            let (v, t) = match (
+                Listener::bind(u32::from(p)),
+                TcpListener::bind(("0.0.0.0", p)),
+            ) {
                 (Ok(v), Ok(t)) => (v, t),
                 (Err(e), _) | (_, Err(e)) => {
                     eprintln!("vsockt bench: port {p}: {e}");
