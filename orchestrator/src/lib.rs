@@ -10,6 +10,7 @@ pub mod lease;
 pub mod model;
 pub mod registration;
 pub mod server;
+pub mod sim;
 pub mod store;
 mod task;
 pub mod worker;

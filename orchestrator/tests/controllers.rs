@@ -9,7 +9,7 @@ use std::time::Duration;
 use common::{control_plane, eventually, register, Etcd, TTL};
 use orchestrator::client::ApiClient;
 use orchestrator::model::{ImageSpec, Vm, VmSpec, VmState, Worker, WorkerSpec, WorkerState};
-use orchestrator::store::{Event, Store};
+use orchestrator::store::Store;
 
 const LIMIT: Duration = Duration::from_secs(30);
 

@@ -2,6 +2,7 @@
 //! and every write is one etcd transaction (create-if-absent, compare-mod-revision update,
 //! optionally fenced by a controller's leadership).
 
+mod cache;
 mod error;
 mod fence;
 pub mod keys;
@@ -16,6 +17,7 @@ use etcd_client::{
     Client, Compare, ConnectOptions, GetOptions, KeyValue, Txn, TxnOp, TxnOpResponse,
 };
 
+pub use cache::Cache;
 pub use error::StoreError;
 pub use fence::{ActionRecord, Fence};
 pub use watch::{Change, ChangeKind, Event, TypedWatch, Watch};

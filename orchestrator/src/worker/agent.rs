@@ -17,7 +17,7 @@ use super::{api, forgotten, guest, mac_address, netdev, probe, tap_name, tasks};
 use super::{WorkerConfig, WorkerError};
 use crate::model::{MovePhase, Power, Vm, VmSpec, VmState, VmStatus, VolumeSpec, WorkerSpec};
 use crate::registration::Registration;
-use crate::store::{keys, Store, StoreError, Watch};
+use crate::store::{Cache, Store, StoreError};
 use crate::task::Backoff;
 
 /// How often processes are checked and guests probed.
@@ -28,6 +28,8 @@ const AGENT_PINGS: u32 = 120;
 const RESTART_WINDOW: Duration = Duration::from_secs(600);
 /// Attempts at fetching a moving VM's disks before the move is given up.
 const FETCH_ATTEMPTS: u32 = 5;
+/// How often volume files are checked against the volumes that still live here.
+const VOLUME_CHECK: Duration = Duration::from_secs(2);
 /// Wait before the next attempt (times the attempts made), and between hand-over attempts.
 const FETCH_RETRY: Duration = Duration::from_secs(2);
 
@@ -188,38 +190,33 @@ impl Agent {
     async fn run(&mut self, shutdown: CancellationToken) {
         let mut tick = tokio::time::interval(TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut watch: Option<Watch> = None;
+        let mut vms: Cache<VmSpec> = Cache::new();
         let mut dirty = true;
         let mut last_list = Instant::now();
+        let mut last_volumes = Instant::now() - VOLUME_CHECK;
         let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(5));
         let mut retry_at = Instant::now();
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => break,
-                change = next_change(&mut watch) => match change {
-                    Ok(()) => dirty = true,
-                    Err(e) => {
+                change = vms.changed() => {
+                    dirty = true;
+                    if let Err(e) = change {
                         tracing::warn!(error = %e, "VM watch failed; listing again");
-                        watch = None;
-                        dirty = true;
                     }
                 },
                 _ = tick.tick() => {}
             }
-            let due = dirty || last_list.elapsed() >= self.ctx.cfg.resync;
-            if due && Instant::now() >= retry_at {
-                match self.refresh().await {
-                    Ok(revision) => {
-                        dirty = false;
-                        last_list = Instant::now();
+            if last_list.elapsed() >= self.ctx.cfg.resync {
+                // A safety net against a watch that silently missed something: list afresh.
+                vms = Cache::new();
+                last_list = Instant::now();
+            }
+            if Instant::now() >= retry_at {
+                match vms.ensure(&self.ctx.store).await {
+                    Ok(listed) => {
+                        dirty |= listed;
                         backoff.reset();
-                        if watch.is_none() {
-                            let prefix = keys::kind_prefix("vm");
-                            match self.ctx.store.watch(&prefix, revision + 1).await {
-                                Ok(w) => watch = Some(w),
-                                Err(e) => tracing::warn!(error = %e, "cannot watch VMs"),
-                            }
-                        }
                     }
                     Err(e) => {
                         tracing::warn!(error = %e, "cannot list VMs; keeping what runs");
@@ -229,25 +226,30 @@ impl Agent {
                     }
                 }
             }
+            if vms.loaded() && dirty {
+                let me = self.me().to_string();
+                self.placed = vms
+                    .objects()
+                    .values()
+                    .filter(|vm| concerns(vm, &me))
+                    .map(|vm| (vm.metadata.name.clone(), vm.clone()))
+                    .collect();
+                self.listed = true;
+                dirty = false;
+            }
+            if self.listed && last_volumes.elapsed() >= VOLUME_CHECK {
+                last_volumes = Instant::now();
+                if let Err(e) = self.remove_deleted_volumes().await {
+                    tracing::warn!(error = %e, "cannot check for deleted volumes");
+                }
+            }
             self.collect_finished().await;
             self.converge();
             self.monitor().await;
-            self.report().await;
+            for obj in self.report().await {
+                vms.note(obj);
+            }
         }
-    }
-
-    /// Lists the VMs and keeps those that concern this worker. Returns the revision of the list.
-    async fn refresh(&mut self) -> Result<i64, StoreError> {
-        let (vms, revision) = self.ctx.store.list::<VmSpec>().await?;
-        let me = self.me().to_string();
-        self.placed = vms
-            .into_iter()
-            .filter(|vm| concerns(vm, &me))
-            .map(|vm| (vm.metadata.name.clone(), vm))
-            .collect();
-        self.listed = true;
-        self.remove_deleted_volumes().await?;
-        Ok(revision)
     }
 
     /// Deletes the files of named volumes that no longer live here: deleted, or moved to
@@ -728,9 +730,11 @@ impl Agent {
     }
 
     /// Writes what is observed into the status of each VM placed here, when it differs.
-    async fn report(&mut self) {
+    /// Returns the objects as written, for the cache.
+    async fn report(&mut self) -> Vec<Vm> {
+        let mut written = Vec::new();
         if !self.listed {
-            return;
+            return written;
         }
         let mut writes = Vec::new();
         for (name, slot) in &self.slots {
@@ -776,6 +780,7 @@ impl Agent {
                     {
                         tracing::info!(vm = %name, state = %obj.status.state, "status");
                     }
+                    written.push(obj.clone());
                     self.placed.insert(name, obj);
                 }
                 Ok(None) => {
@@ -783,10 +788,11 @@ impl Agent {
                 }
                 Err(e) => {
                     tracing::warn!(vm = %name, error = %e, "cannot write VM status");
-                    return;
+                    return written;
                 }
             }
         }
+        written
     }
 }
 
@@ -851,14 +857,6 @@ async fn report_fetch_failure(
     match r {
         Ok(_) | Err(StoreError::NotFound { .. }) => {}
         Err(e) => tracing::warn!(vm = %name, error = %e, "cannot report the failed fetch"),
-    }
-}
-
-/// Waits for the next change under the watch, or forever without one.
-async fn next_change(watch: &mut Option<Watch>) -> Result<(), StoreError> {
-    match watch {
-        Some(w) => w.next().await.map(drop),
-        None => std::future::pending().await,
     }
 }
 

@@ -4,6 +4,8 @@
 
 #![allow(dead_code)] // Each test file uses a different part of the harness.
 
+pub mod agents;
+
 use std::future::Future;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
