@@ -164,33 +164,47 @@ impl GroupPass<'_> {
             deleted += usize::from(delete_member(self.store, vm).await?);
         }
 
-        // 2. Scale down: unready members first, then those on the most crowded worker.
+        // 2. Scale down: unready members first, then those on the most crowded worker (counted
+        //    again after each pick, so the group stays spread).
         if current.len() > replicas {
-            let mut crowd: BTreeMap<&str, usize> = BTreeMap::new();
+            let mut crowd: BTreeMap<String, usize> = BTreeMap::new();
             for vm in current.iter().chain(&outdated_ready) {
                 if let Some(w) = vm.status.placement.as_deref() {
-                    *crowd.entry(w).or_default() += 1;
+                    *crowd.entry(w.to_string()).or_default() += 1;
                 }
             }
-            let crowd_of = |vm: &Vm| {
-                vm.status
+            for _ in replicas..current.len() {
+                let crowd_of = |vm: &Vm| {
+                    vm.status
+                        .placement
+                        .as_deref()
+                        .map_or(0, |w| crowd.get(w).copied().unwrap_or(0))
+                };
+                let pick = current
+                    .iter()
+                    .enumerate()
+                    .min_by(|(_, a), (_, b)| {
+                        ready(a)
+                            .cmp(&ready(b))
+                            .then(crowd_of(b).cmp(&crowd_of(a)))
+                            .then(
+                                b.metadata
+                                    .creation_timestamp
+                                    .cmp(&a.metadata.creation_timestamp),
+                            )
+                            .then(b.name().cmp(a.name()))
+                    })
+                    .map(|(i, _)| i);
+                let Some(i) = pick else { break };
+                let vm = current.remove(i);
+                if let Some(c) = vm
+                    .status
                     .placement
                     .as_deref()
-                    .map_or(0, |w| crowd.get(w).copied().unwrap_or(0))
-            };
-            current.sort_by(|a, b| {
-                ready(a)
-                    .cmp(&ready(b))
-                    .then(crowd_of(b).cmp(&crowd_of(a)))
-                    .then(
-                        b.metadata
-                            .creation_timestamp
-                            .cmp(&a.metadata.creation_timestamp),
-                    )
-                    .then(b.name().cmp(a.name()))
-            });
-            let surplus = current.len() - replicas;
-            for vm in current.drain(..surplus) {
+                    .and_then(|w| crowd.get_mut(w))
+                {
+                    *c -= 1;
+                }
                 tracing::info!(group = self.name(), vm = vm.name(), "scaling down");
                 deleted += usize::from(delete_member(self.store, vm).await?);
             }

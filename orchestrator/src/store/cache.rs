@@ -74,10 +74,7 @@ impl<S: Spec> Cache<S> {
             return std::future::pending().await;
         };
         let first = watch.next().await;
-        let result = self.apply(first);
-        if result.is_err() {
-            return result;
-        }
+        self.apply(first)?;
         loop {
             let Some(watch) = self.watch.as_mut() else {
                 return Ok(());

@@ -128,7 +128,7 @@ enum Slot {
     Idle(Box<LocalVm>),
     /// A start or stop is under way; the task hands the VM back, or None when it is gone.
     Busy {
-        rec: Record,
+        rec: Box<Record>,
         task: JoinHandle<Option<Box<LocalVm>>>,
     },
 }
@@ -315,7 +315,7 @@ impl Agent {
                 Err(e) => {
                     // A panicked task: keep the record so the next pass cleans up or restarts.
                     tracing::error!(vm = %name, error = %e, "VM task failed");
-                    let vm = LocalVm::from_record(rec);
+                    let vm = LocalVm::from_record(*rec);
                     self.slots.insert(name, Slot::Idle(Box::new(vm)));
                 }
             }
@@ -503,8 +503,13 @@ impl Agent {
         if let Some(Slot::Idle(vm)) = self.slots.remove(name) {
             let rec = vm.rec.clone();
             let task = task(self.ctx.clone(), vm);
-            self.slots
-                .insert(name.to_string(), Slot::Busy { rec, task });
+            self.slots.insert(
+                name.to_string(),
+                Slot::Busy {
+                    rec: Box::new(rec),
+                    task,
+                },
+            );
         }
     }
 
@@ -566,8 +571,13 @@ impl Agent {
         tracing::info!(vm = %rec.name, ip = %rec.ip, tap = %rec.tap, moved, "starting");
         let local = Box::new(LocalVm::from_record(rec.clone()));
         let task = tokio::spawn(tasks::start(self.ctx.clone(), local, vm, !moved));
-        self.slots
-            .insert(rec.name.clone(), Slot::Busy { rec, task });
+        self.slots.insert(
+            rec.name.clone(),
+            Slot::Busy {
+                rec: Box::new(rec),
+                task,
+            },
+        );
     }
 
     /// Records a VM that is here but off (stopped before it ever ran here, or arrived off).
@@ -724,7 +734,13 @@ impl Agent {
                 local.rec.restarts += 1;
                 let rec = local.rec.clone();
                 let task = tokio::spawn(tasks::start(self.ctx.clone(), local, vm, false));
-                self.slots.insert(name, Slot::Busy { rec, task });
+                self.slots.insert(
+                    name,
+                    Slot::Busy {
+                        rec: Box::new(rec),
+                        task,
+                    },
+                );
             }
         }
     }
