@@ -36,6 +36,7 @@ pub enum ServerError {
 /// gracefully and hands its leaderships over at once.
 pub struct ControlPlane {
     addr: SocketAddr,
+    store: Store,
     shutdown: CancellationToken,
     tasks: JoinSet<()>,
 }
@@ -58,6 +59,7 @@ impl ControlPlane {
                 source,
             })?;
         let store = Store::connect(&config.etcd, config.etcd_timeout).await?;
+        let handle = store.clone();
         let shutdown = CancellationToken::new();
         let mut tasks = JoinSet::new();
 
@@ -97,6 +99,7 @@ impl ControlPlane {
         tracing::info!(%addr, holder = %config.controllers.holder, "control plane started");
         Ok(ControlPlane {
             addr,
+            store: handle,
             shutdown,
             tasks,
         })
@@ -105,6 +108,11 @@ impl ControlPlane {
     /// Where the API listens.
     pub fn addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// The etcd traffic of this instance (API and controllers) so far.
+    pub fn store_stats(&self) -> crate::store::StatsSnapshot {
+        self.store.stats()
     }
 
     /// Stops serving, resigns leaderships and waits (up to `grace`) for everything to end.

@@ -33,7 +33,7 @@ tap_of() { sed -n 's/.*"tap": *"\([^"]*\)".*/\1/p' "$D/$1/vms/$2/vm.json" 2>/dev
 
 echo "== cluster up"
 cluster up --workers 2 --kernel "$KERNEL" --initramfs "$INITRAMFS" \
-  --worker-cpus 2 --worker-memory 768M --lease-ttl 15s || { fail cluster-up "see above"; exit 1; }
+  --worker-cpus 4 --worker-memory 768M --lease-ttl 15s || { fail cluster-up "see above"; exit 1; }
 
 base=$WORK/base.raw
 truncate -s 64M "$base"
@@ -71,7 +71,7 @@ check agent-through-worker sh -c \
   "'$LIGHTBYTE_BIN/lightbyte' vm agent web-1 ping | grep '\"hostname\": \"web-1\"' >/dev/null"
 
 # The agent comes back within the worker lease TTL (15 s; TCG is slow): longer, and the VM
-# would be marked Lost and placed on the other worker, which the agent then respects.
+# would be marked Lost meanwhile (it stays placed here: this worker may still run it).
 echo "== worker crash: kill -9 the agent of $w, restart it, it re-adopts the VM"
 cluster stop "$w"
 sleep 1
@@ -153,7 +153,55 @@ taps_gone() { ! ip -n "lbdev-$w" link show "$tap" 2>/dev/null && ! ip -n "lbdev-
 check delete-tap-gone taps_gone
 graceful() { grep -q 'stopped and removed.*web-1' "$D/$w.log" && ! grep -q 'killing' "$D"/w*.log; }
 check graceful-stop graceful
-no_vmm() { ! pgrep -f -- "--api-socket $D/" >/dev/null; }
+
+echo "== drain: a standalone VM moves with its disk, a scale group is replaced surge-first"
+# The guest mounts its root disk (an ext4 image under its overlay): the first boot writes a
+# file with a random token, later boots print it.
+notes=$WORK/notes.raw
+rm -f "$notes"; truncate -s 64M "$notes"; mkfs.ext4 -q -F "$notes"
+lb image add notes --path "$notes" --format raw \
+  --cmdline "console=ttyS0 reboot=k panic=1 lbacpid=1 lbagent=1"
+note_sh='mkdir -p /mnt/n && mount -t ext4 /dev/vda /mnt/n && if [ -f /mnt/n/note ]; then echo "LIGHTBYTE-NOTE-READ $(cat /mnt/n/note)"; else echo "note-$(cat /proc/sys/kernel/random/uuid)" > /mnt/n/note; sync; echo "LIGHTBYTE-NOTE-WROTE $(cat /mnt/n/note)"; fi; umount /mnt/n'
+lb vm create note --image notes --memory 128M --cmdline "lbcmd64=$(printf %s "$note_sh" | base64 -w0)"
+check note-running wait_state note Running 300
+src=$(field note placement)
+note_wrote() { grep -ao 'LIGHTBYTE-NOTE-WROTE [a-z0-9-]*' "$D/$src/vms/note/console.log" | awk '{print $2}'; }
+for _ in $(seq 60); do [ -n "$(note_wrote)" ] && break; sleep 1; done
+token=$(note_wrote)
+check note-wrote test -n "$token"
+lb scale-group create grp --image base --memory 96M --replicas 2 --wait --timeout 10m
+wstate() { lb worker get "$1" -o json | sed -n 's/.*"state": *"\([A-Za-z]*\)".*/\1/p' | head -1; }
+ready_of() { lb scale-group get grp -o json | sed -n 's/.*"ready": *\([0-9]*\).*/\1/p' | head -1; }
+check group-ready test "$(ready_of)" = 2
+rm -f "$WORK/stop-sampling"
+( while [ ! -e "$WORK/stop-sampling" ]; do ready_of; sleep 0.5; done >"$WORK/ready-samples" ) &
+sampler=$!
+t0=$(date +%s)
+lb worker drain "$src" --wait --timeout 15m
+echo "drain of $src took $(( $(date +%s) - t0 )) s"
+touch "$WORK/stop-sampling"; wait "$sampler"
+check drain-drained test "$(wstate "$src")" = Drained
+dst=$(field note placement)
+check note-moved test -n "$dst" -a "$dst" != "$src"
+check note-running-after-move wait_state note Running 300
+note_read() { grep -aq "LIGHTBYTE-NOTE-READ $token" "$D/$dst/vms/note/console.log"; }
+read_back() { for _ in $(seq 60); do note_read && return 0; sleep 1; done; return 1; }
+check note-same-file read_back
+check note-source-gone test ! -e "$D/$src/vms/note"
+drained_no_vmm() { ! pgrep -f -- "--api-socket $D/$src/" >/dev/null; }
+check drained-no-vmm drained_no_vmm
+min_ready=$(grep -E '^[0-9]+$' "$WORK/ready-samples" | sort -n | head -1)
+echo "group ready members during the drain: min $min_ready over $(wc -l <"$WORK/ready-samples") samples"
+check group-never-below test "${min_ready:-0}" -ge 2
+group_off_src() { ! lb vm list -o json | grep -q "\"placement\": \"$src\""; }
+check group-moved-off group_off_src
+lb worker uncordon "$src"
+check uncordoned test "$(wstate "$src")" = Ready
+lb scale-group delete grp --wait --timeout 5m
+lb vm delete note
+vms_gone() { for _ in $(seq 150); do [ "$(lb vm list -o json)" = "[]" ] && return 0; sleep 0.2; done; return 1; }
+check drain-cleanup vms_gone
+no_vmm() { for _ in $(seq 150); do ! pgrep -f -- "--api-socket $D/" >/dev/null && return 0; sleep 0.2; done; return 1; }
 check no-vmm-left no_vmm
 lb vm list
 echo "== done"

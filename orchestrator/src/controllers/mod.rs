@@ -15,7 +15,7 @@ use std::time::Duration;
 pub use health::WorkerHealth;
 pub use mover::{Mover, RETRY_FAILED_AFTER};
 pub use placement::Placement;
-pub use runner::run;
+pub use runner::{passes, run};
 pub use scale_group::ScaleGroups;
 pub use scheduler::Scheduler;
 

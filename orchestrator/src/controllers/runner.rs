@@ -1,7 +1,9 @@
 //! Running a controller: campaign, reconcile while leading, step down when the lease is lost
 //! or a write finds the leadership gone, back off while etcd is down.
 
-use std::time::Duration;
+use std::collections::BTreeMap;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 use tokio_util::sync::CancellationToken;
 
@@ -9,6 +11,22 @@ use super::{Controller, ControllerConfig};
 use crate::election::Elector;
 use crate::store::{keys, Store, StoreError};
 use crate::task::Backoff;
+
+/// Passes made and time spent in them, per controller, in this process: what simulations and
+/// benchmarks divide etcd traffic by.
+pub fn passes() -> BTreeMap<&'static str, (u64, Duration)> {
+    PASSES.lock().map(|p| p.clone()).unwrap_or_default()
+}
+
+static PASSES: Mutex<BTreeMap<&'static str, (u64, Duration)>> = Mutex::new(BTreeMap::new());
+
+fn count_pass(name: &'static str, took: Duration) {
+    if let Ok(mut p) = PASSES.lock() {
+        let e = p.entry(name).or_default();
+        e.0 += 1;
+        e.1 += took;
+    }
+}
 
 const BACKOFF_MIN: Duration = Duration::from_millis(200);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
@@ -77,7 +95,10 @@ async fn lead<C: Controller>(
                 continue;
             }
         };
-        match controller.reconcile(store).await {
+        let started = Instant::now();
+        let result = controller.reconcile(store).await;
+        count_pass(C::NAME, started.elapsed());
+        match result {
             Ok(()) => backoff.reset(),
             Err(e @ StoreError::Deposed { .. }) => return e,
             Err(e) => {

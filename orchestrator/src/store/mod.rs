@@ -7,6 +7,7 @@ mod error;
 mod fence;
 pub mod keys;
 mod objects;
+mod stats;
 mod watch;
 
 use std::future::Future;
@@ -20,6 +21,7 @@ use etcd_client::{
 pub use cache::Cache;
 pub use error::StoreError;
 pub use fence::{ActionRecord, Fence};
+pub use stats::{Stats, StatsSnapshot};
 pub use watch::{Change, ChangeKind, Event, TypedWatch, Watch};
 
 /// How long a single etcd request may take before the store reports etcd unavailable. Short,
@@ -32,6 +34,7 @@ pub struct Store {
     client: Client,
     timeout: Duration,
     fence: Option<Arc<Fence>>,
+    stats: Arc<Stats>,
 }
 
 /// A key as read from etcd.
@@ -87,6 +90,7 @@ impl Store {
             client,
             timeout,
             fence: None,
+            stats: Arc::new(Stats::default()),
         })
     }
 
@@ -114,6 +118,20 @@ impl Store {
         self.timeout
     }
 
+    /// This connection's traffic so far (all its clones together).
+    pub fn stats(&self) -> StatsSnapshot {
+        self.stats.snapshot()
+    }
+
+    pub(crate) fn count_read(&self, kvs: &[KeyValue]) {
+        self.stats
+            .read(kvs.iter().map(|kv| kv.key().len() + kv.value().len()).sum());
+    }
+
+    pub(crate) fn count_written(&self, n: usize) {
+        self.stats.wrote(n);
+    }
+
     pub(crate) fn client(&self) -> Client {
         self.client.clone()
     }
@@ -123,6 +141,7 @@ impl Store {
         &self,
         request: impl Future<Output = Result<T, etcd_client::Error>>,
     ) -> Result<T, StoreError> {
+        self.stats.request();
         match tokio::time::timeout(self.timeout, request).await {
             Ok(result) => result.map_err(StoreError::from),
             Err(_) => Err(StoreError::Unavailable(format!(
@@ -147,6 +166,7 @@ impl Store {
             .call(kv.get(prefix, Some(GetOptions::new().with_prefix())))
             .await?;
         let revision = resp.header().map_or(0, |h| h.revision());
+        self.count_read(resp.kvs());
         Ok((resp.kvs().iter().map(Entry::from).collect(), revision))
     }
 
@@ -154,6 +174,7 @@ impl Store {
     pub async fn get_raw(&self, key: &str) -> Result<Option<Entry>, StoreError> {
         let mut kv = self.client.kv_client();
         let resp = self.call(kv.get(key, None)).await?;
+        self.count_read(resp.kvs());
         Ok(resp.kvs().first().map(Entry::from))
     }
 

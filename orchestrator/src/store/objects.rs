@@ -48,6 +48,7 @@ impl Store {
     pub async fn get<S: Spec>(&self, name: &str) -> Result<Object<S>, StoreError> {
         let mut kv = self.client.kv_client();
         let resp = self.call(kv.get(keys::object(S::KIND, name), None)).await?;
+        self.count_read(resp.kvs());
         match resp.kvs().first() {
             Some(kv) => decode(kv),
             None => Err(not_found::<S>(name)),
@@ -63,6 +64,7 @@ impl Store {
             .call(kv.get(keys::kind_prefix(S::KIND), Some(opts)))
             .await?;
         let revision = resp.header().map_or(0, |h| h.revision());
+        self.count_read(resp.kvs());
         let objects = resp.kvs().iter().map(decode).collect::<Result<_, _>>()?;
         Ok((objects, revision))
     }
@@ -78,10 +80,12 @@ impl Store {
             humantime::format_rfc3339_seconds(SystemTime::now()).to_string();
         obj.metadata.resource_version = 0;
         let key = keys::object(S::KIND, obj.name());
+        let value = encode(&obj);
+        self.count_written(value.len());
         let result = self
             .txn(
                 vec![Compare::create_revision(key.as_str(), CompareOp::Equal, 0)],
-                vec![TxnOp::put(key.as_str(), encode(&obj), None)],
+                vec![TxnOp::put(key.as_str(), value, None)],
                 vec![],
                 || format!("create {}/{}", S::KIND, obj.name()),
             )
@@ -156,10 +160,12 @@ impl Store {
             if next == current {
                 return Ok(current);
             }
+            let value = encode(&next);
+            self.count_written(value.len());
             let result = self
                 .txn(
                     vec![Compare::mod_revision(key.as_str(), CompareOp::Equal, rev)],
-                    vec![TxnOp::put(key.as_str(), encode(&next), None)],
+                    vec![TxnOp::put(key.as_str(), value, None)],
                     vec![TxnOp::get(key.as_str(), None)],
                     || format!("update {}/{name}", S::KIND),
                 )
