@@ -79,7 +79,7 @@ impl ControlPlane {
             shutdown.clone(),
         ));
         tasks.spawn(controllers::run(
-            WorkerHealth,
+            WorkerHealth::default(),
             store.clone(),
             config.controllers.clone(),
             shutdown.clone(),
@@ -91,7 +91,7 @@ impl ControlPlane {
             shutdown.clone(),
         ));
         tasks.spawn(controllers::run(
-            Mover,
+            Mover::default(),
             store,
             config.controllers.clone(),
             shutdown.clone(),

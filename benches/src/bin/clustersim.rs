@@ -146,6 +146,10 @@ async fn wait_converged(
     }
 }
 
+fn mib(bytes: u64) -> String {
+    format!("{:.1} MiB", bytes as f64 / f64::from(1u32 << 20))
+}
+
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> Result<()> {
     let cli = Cli::parse();
@@ -178,7 +182,9 @@ async fn main() -> Result<()> {
             .context("starting etcd (installed by scripts/install-deps.sh)")?,
     );
     let store = loop {
-        if let Ok(s) = Store::connect(&[etcd_url.clone()], Duration::from_secs(10)).await {
+        if let Ok(s) =
+            Store::connect(std::slice::from_ref(&etcd_url), Duration::from_secs(10)).await
+        {
             if s.revision().await.is_ok() {
                 break s;
             }
@@ -316,14 +322,14 @@ async fn main() -> Result<()> {
             p.name,
             p.took.as_secs_f64(),
             p.etcd.requests,
-            ByteSize(p.etcd.bytes_read),
-            ByteSize(p.etcd.bytes_written),
+            mib(p.etcd.bytes_read),
+            mib(p.etcd.bytes_written),
             n("scheduler"),
             n("scale-groups"),
             n("worker-health"),
             n("mover"),
             p.etcd.requests / all,
-            ByteSize(p.etcd.bytes_read / all),
+            mib(p.etcd.bytes_read / all),
         );
     }
     println!("\nTime inside passes per controller:");

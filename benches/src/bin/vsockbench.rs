@@ -140,9 +140,12 @@ fn setup_rate(socket: Option<&Path>, n: u32) -> Result<f64> {
     Ok(f64::from(n) / start.elapsed().as_secs_f64())
 }
 
+/// One streaming measurement: over vsock (the socket) or TCP (None), bytes → MiB/s.
+type Measure = fn(Option<&Path>, u64) -> Result<f64>;
+
 fn inner(socket: &Path, mib: u64, rounds: u32, connections: u32) -> Result<()> {
     let bytes = mib << 20;
-    let rows: [(&str, fn(Option<&Path>, u64) -> Result<f64>); 2] = [
+    let rows: [(&str, Measure); 2] = [
         ("stream host→guest (MiB/s)", to_guest),
         ("stream guest→host (MiB/s)", from_guest),
     ];

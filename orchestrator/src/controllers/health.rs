@@ -5,7 +5,8 @@
 //! an operator to accept the loss.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::time::SystemTime;
+use std::sync::Mutex;
+use std::time::{Duration, Instant, SystemTime};
 
 use super::Controller;
 use crate::model::{
@@ -13,7 +14,14 @@ use crate::model::{
 };
 use crate::store::{keys, Entry, Store, StoreError};
 
-pub struct WorkerHealth;
+/// How often the VMs are checked even when every worker is Ready and none drains (a VM placed
+/// on a worker whose object was deleted, say).
+const FULL_CHECK: Duration = Duration::from_secs(30);
+
+#[derive(Default)]
+pub struct WorkerHealth {
+    last_full: Mutex<Option<Instant>>,
+}
 
 impl Controller for WorkerHealth {
     const NAME: &'static str = "worker-health";
@@ -29,11 +37,32 @@ impl Controller for WorkerHealth {
     async fn reconcile(&self, store: &Store) -> Result<(), StoreError> {
         let (workers, _) = store.list::<WorkerSpec>().await?;
         let (beats, _) = store.list_raw(keys::HEARTBEAT_PREFIX).await?;
-        let (vms, _) = store.list::<VmSpec>().await?;
         let beats: BTreeMap<&str, &Entry> = beats
             .iter()
             .filter_map(|e| Some((keys::name_of(&e.key, keys::HEARTBEAT_PREFIX)?, e)))
             .collect();
+        // The VMs matter only when a worker is gone, forgotten or draining: most passes (a VM
+        // changed, every worker fine) need not list them all.
+        let due = {
+            let mut last = self.last_full.lock().unwrap_or_else(|e| e.into_inner());
+            let due = last.is_none_or(|t| t.elapsed() >= FULL_CHECK);
+            if due {
+                *last = Some(Instant::now());
+            }
+            due
+        };
+        let needs_vms = due
+            || workers.iter().any(|w| {
+                w.spec.drain
+                    || w.spec.forgotten
+                    || !beats.contains_key(w.name())
+                    || w.status.state != WorkerState::Ready
+            });
+        let vms = if needs_vms {
+            store.list::<VmSpec>().await?.0
+        } else {
+            Vec::new()
+        };
         let mut on: BTreeMap<&str, usize> = BTreeMap::new();
         for vm in &vms {
             // A moving VM keeps its source busy until the move is over (the source holds its
@@ -67,7 +96,7 @@ impl Controller for WorkerHealth {
             }
             if status != worker.status {
                 let r = store
-                    .update::<WorkerSpec, _>(name, |o| {
+                    .update_from::<WorkerSpec, _>(worker, |o| {
                         o.status = desired_status(o, beats.get(name).copied(), placed);
                         Ok(())
                     })
@@ -107,7 +136,7 @@ fn now() -> String {
 
 async fn mark_lost(store: &Store, vm: &Vm, worker: &str, why: String) -> Result<(), StoreError> {
     let r = store
-        .update::<VmSpec, _>(vm.name(), |o| {
+        .update_from::<VmSpec, _>(vm, |o| {
             if o.status.placement.as_deref() == Some(worker) && o.status.state != VmState::Lost {
                 o.status.state = VmState::Lost;
                 o.status.message = Some(why.clone());
@@ -135,7 +164,7 @@ async fn give_up(
     alive: &BTreeSet<&str>,
 ) -> Result<(), StoreError> {
     let r = store
-        .update::<VmSpec, _>(vm.name(), |o| {
+        .update_from::<VmSpec, _>(vm, |o| {
             if o.status.placement.as_deref() != Some(worker) {
                 return Ok(());
             }
@@ -191,7 +220,7 @@ async fn forget_volumes(store: &Store, forgotten: &BTreeSet<&str>) -> Result<(),
         }
         let w = w.to_string();
         let r = store
-            .update::<VolumeSpec, _>(vol.name(), |o| {
+            .update_from::<VolumeSpec, _>(&vol, |o| {
                 if o.status.worker.as_deref() == Some(w.as_str()) {
                     o.status.worker = None;
                     o.status.lost = Some(format!(

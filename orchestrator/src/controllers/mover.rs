@@ -4,6 +4,7 @@
 //! the VM runs on the target, cancels it when the drain is withdrawn, and marks it Failed when
 //! the target goes away (the source then runs the VM again; a Failed move is retried later).
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, SystemTime};
 
 use super::placement::Placement;
@@ -14,7 +15,19 @@ use crate::store::{keys, Store, StoreError};
 /// How long a Failed move waits before the VM is moved again.
 pub const RETRY_FAILED_AFTER: Duration = Duration::from_secs(30);
 
-pub struct Mover;
+pub struct Mover {
+    /// Whether the last pass saw a move under way: one can outlive its drain (uncordon). True at
+    /// first, so a new leader looks once.
+    moves_seen: AtomicBool,
+}
+
+impl Default for Mover {
+    fn default() -> Mover {
+        Mover {
+            moves_seen: AtomicBool::new(true),
+        }
+    }
+}
 
 impl Controller for Mover {
     const NAME: &'static str = "mover";
@@ -25,10 +38,15 @@ impl Controller for Mover {
 
     async fn reconcile(&self, store: &Store) -> Result<(), StoreError> {
         let (workers, _) = store.list::<WorkerSpec>().await?;
-        let draining: Vec<&Worker> = workers.iter().filter(|w| w.spec.drain).collect();
+        let draining = workers.iter().any(|w| w.spec.drain);
+        if !draining && !self.moves_seen.load(Ordering::Relaxed) {
+            // Nothing to vacate and no move to follow: no need to read every VM.
+            return Ok(());
+        }
         let (vms, _) = store.list::<VmSpec>().await?;
         let moving = vms.iter().any(|vm| vm.status.moving.is_some());
-        if draining.is_empty() && !moving {
+        self.moves_seen.store(moving, Ordering::Relaxed);
+        if !draining && !moving {
             return Ok(());
         }
         let worker = |name: &str| workers.iter().find(|w| w.name() == name);
@@ -162,7 +180,7 @@ async fn apply(store: &Store, vm: &Vm, decision: Decision) -> Result<(), StoreEr
     let uid = vm.metadata.uid.clone();
     let before = vm.status.moving.clone();
     let r = store
-        .update::<VmSpec, _>(name, |o| {
+        .update_from::<VmSpec, _>(vm, |o| {
             if o.metadata.uid != uid || o.status.moving != before {
                 return Ok(());
             }

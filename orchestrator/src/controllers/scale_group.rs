@@ -323,7 +323,7 @@ impl GroupPass<'_> {
         let uid = self.group.metadata.uid.clone();
         let r = self
             .store
-            .update::<ScaleGroupSpec, _>(self.name(), |o| {
+            .update_from::<ScaleGroupSpec, _>(self.group, |o| {
                 if o.metadata.uid == uid && o.metadata.generation == want.observed_generation {
                     o.status = want.clone();
                 }

@@ -59,7 +59,7 @@ impl Controller for Scheduler {
             let result = match choice {
                 Ok(worker) => {
                     let r = store
-                        .update::<VmSpec, _>(name, |o| {
+                        .update_from::<VmSpec, _>(vm, |o| {
                             // Place only what was decided on: the same needs, still unplaced.
                             if needs_placement(o) && o.spec == vm.spec {
                                 o.status.placement = Some(worker.clone());
@@ -82,7 +82,7 @@ impl Controller for Scheduler {
                 }
                 Err(why) => {
                     store
-                        .update::<VmSpec, _>(name, |o| {
+                        .update_from::<VmSpec, _>(vm, |o| {
                             if needs_placement(o) {
                                 o.status.message = Some(why.clone());
                             }

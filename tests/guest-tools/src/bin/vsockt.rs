@@ -92,9 +92,12 @@ mod bench {
         });
     }
 
+    /// A port and what it does for a connection over vsock and over TCP.
+    type Service = (u16, fn(Stream, u64), fn(std::net::TcpStream, u64));
+
     /// Runs the services until the process is killed.
     pub fn serve(port: u16, bytes: u64) -> bool {
-        let services: [(u16, fn(Stream, u64), fn(std::net::TcpStream, u64)); 3] = [
+        let services: [Service; 3] = [
             (port, |c, _| sink(c), |c, _| sink(c)),
             (port + 1, source, source),
             (port + 2, |c, _| drop(c), |c, _| drop(c)),
