@@ -15,7 +15,8 @@
 #   - bridge lbdev0 (10.123.0.1/24) in this namespace, joined by one veth per worker;
 #   - namespace lbdev-wk: eth0 10.123.0.(10+k), worker "wk" with bridge lbbr0 and VM subnet
 #     10.124.k.0/24, state in DIR/wk, log DIR/wk.log; this namespace routes 10.124.k.0/24
-#     through the worker, so VMs are reachable from here.
+#     through the worker, so VMs are reachable from here, and each worker's namespace routes
+#     the other workers' subnets to them, so VMs on different workers reach each other.
 # Processes are started with setsid and their pids kept in DIR/*.pid; `down` stops the VMs too.
 set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
@@ -89,10 +90,12 @@ stop_pidfile() {
 }
 
 down() {
-  # Workers first (their VMs would be restarted otherwise), then every vmm under the state
-  # directories, then the control plane and etcd.
+  # Workers first (their VMs would be restarted otherwise), then every vmm and host proxy
+  # under the state directories, then the control plane and etcd.
   for f in "$dir"/w*.pid; do [ -e "$f" ] && stop_pidfile "$f"; done
   pkill -9 -f -- "--api-socket $dir/" 2>/dev/null || true
+  # Host proxies of host-placed load balancers (they outlive their worker agent, like vmms).
+  pkill -9 -f -- "--control $dir/.*/proxy/proxy.sock" 2>/dev/null || true
   stop_pidfile "$dir/server.pid"
   stop_pidfile "$dir/etcd.pid"
   for ns in $(ip netns list 2>/dev/null | awk '/^lbdev-w[0-9]+/ {print $1}'); do
@@ -149,8 +152,10 @@ up() {
     --initial-cluster "lbdev=http://127.0.0.1:$PEER_PORT"
   wait_for etcd 150 curl -sf "http://127.0.0.1:$ETCD_PORT/health"
   echo "== control plane on http://127.0.0.1:$API_PORT"
+  # Also on the bridge: the workers pull pushed images from it.
   daemon server "$bin/lightbyte" server --etcd "http://127.0.0.1:$ETCD_PORT" \
-    --listen "127.0.0.1:$API_PORT" --lease-ttl "$lease_ttl"
+    --listen "127.0.0.1:$API_PORT" --listen "10.123.0.1:$API_PORT" --lease-ttl "$lease_ttl" \
+    --image-dir "$dir/images"
   wait_for "the control plane" 150 curl -sf "http://127.0.0.1:$API_PORT/healthz"
   for k in $(seq "$workers"); do
     ns=lbdev-w$k
@@ -166,12 +171,20 @@ up() {
     ip route add "10.124.$k.0/24" via "10.123.0.$((10 + k))"
     args=(--etcd "http://10.123.0.1:$ETCD_PORT" --name "w$k" --state-dir "$dir/w$k"
           --vmm "$bin/vmm" --bridge lbbr0 --subnet "10.124.$k.0/24" --lease-ttl "$lease_ttl"
-          --listen "10.123.0.$((10 + k)):7071")
+          --listen "10.123.0.$((10 + k)):7071" --server "http://10.123.0.1:$API_PORT")
     [ -n "$kernel" ] && args+=(--kernel "$kernel")
     [ -n "$initramfs" ] && args+=(--initramfs "$initramfs")
     [ -n "$worker_cpus" ] && args+=(--cpus "$worker_cpus")
     [ -n "$worker_memory" ] && args+=(--memory "$worker_memory")
     daemon "w$k" ip netns exec "$ns" "$bin/lightbyte" worker "${args[@]}"
+  done
+  # VMs of different workers reach each other (a load balancer's proxy VMs and its backends):
+  # each namespace routes the other workers' subnets straight to them over lbdev0, which leaves
+  # the host's own forwarding setting alone.
+  for k in $(seq "$workers"); do
+    for j in $(seq "$workers"); do
+      [ "$j" = "$k" ] || ip -n "lbdev-w$k" route add "10.124.$j.0/24" via "10.123.0.$((10 + j))"
+    done
   done
   wait_for "$workers Ready workers" 300 all_ready \
     || { tail -5 "$dir"/w*.log >&2; exit 1; }

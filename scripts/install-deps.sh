@@ -22,6 +22,12 @@ packages=(
   # Worker agents and the local cluster: bridges, TAPs, namespaces and veths (ip), pkill/setsid
   # (procps, util-linux), and ping to check that VMs answer on their addresses.
   iproute2 procps util-linux iputils-ping
+  # The load-balancing proxy: Pingora builds zlib-ng with cmake. Its benchmark drives load with
+  # wrk and compares with nginx as a reverse proxy.
+  cmake wrk nginx-light
+  # Image recipes: Debian roots with debootstrap; the nix/ files are checked with
+  # nix-instantiate --parse (no Nix store or binary cache here to build them).
+  debootstrap nix-bin
 )
 missing=()
 for p in "${packages[@]}"; do

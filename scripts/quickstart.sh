@@ -8,6 +8,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install-deps.sh
 cargo build --release --bins
-bash tests/guest/build-kernel.sh >/dev/null
-bash tests/guest/build-initramfs.sh >/dev/null
-exec target/release/testhost run --timeout 1200 -- bash "$PWD/scripts/demo-cluster.sh" "$@"
+kernel=$(bash tests/guest/build-kernel.sh)/vmlinux
+initramfs=$(bash tests/guest/build-initramfs.sh)
+exec target/release/testhost run --timeout 1200 -- \
+  env KERNEL="$kernel" INITRAMFS="$initramfs" bash "$PWD/scripts/demo-cluster.sh" "$@"

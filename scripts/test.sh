@@ -14,7 +14,9 @@ log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 status=0
 cargo test --workspace --no-fail-fast 2>&1 | tee "$log" || status=$?
-passed=$(grep -o '[0-9]* passed' "$log" | awk '{s+=$1} END {print s+0}')
-failed=$(grep -o '[0-9]* failed' "$log" | awk '{s+=$1} END {print s+0}')
+# Only cargo's own summaries count (a test's output may say "0x900000 failed").
+results=$(grep -E '^test result: ' "$log" || true)
+passed=$(grep -oE '[0-9]+ passed' <<<"$results" | awk '{s+=$1} END {print s+0}')
+failed=$(grep -oE '[0-9]+ failed' <<<"$results" | awk '{s+=$1} END {print s+0}')
 echo "$passed passed, $failed failed"
 exit "$status"

@@ -31,7 +31,9 @@ pub enum Request {
         revision: u64,
         /// Its contents.
         content: String,
-        /// A local service to reload once it is written.
+        /// A local service to reload once it is written. When the reload fails (the service
+        /// refuses the document), the previous document and revision are put back and the
+        /// answer is a `failed` error naming why.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         service: Option<String>,
     },
@@ -136,6 +138,10 @@ pub struct ServiceStatus {
     pub name: String,
     /// Its state.
     pub state: ServiceState,
+    /// What `status` printed (its end), when it printed anything: a service's own report,
+    /// such as the proxy's backend health.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub output: Option<String>,
 }
 
 /// Checks a configuration or service name: 1 to [`MAX_NAME`] letters, digits, `.`, `-`, `_`,

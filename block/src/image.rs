@@ -42,6 +42,7 @@ impl ImageDisk {
             writable: !read_only,
             format,
             direct,
+            hook: None,
         };
         Ok(Self::new(Arc::new(Image::open(path, &opts)?)))
     }

@@ -109,7 +109,8 @@ impl Agent {
             );
         }
         let _one_at_a_time = self.apply_lock.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(current) = self.applied_revision(name) {
+        let previous = self.applied_revision(name);
+        if let Some(current) = previous {
             if revision <= current {
                 return Response::Error {
                     kind: ErrorKind::StaleRevision,
@@ -120,6 +121,7 @@ impl Agent {
                 };
             }
         }
+        let old_content = fs::read(self.config_dir.join(name)).ok();
         // The document first, its revision after: a crash in between leaves the old revision
         // recorded, and the same push applies again.
         let written = fs::create_dir_all(self.config_dir.join(REVISIONS))
@@ -138,6 +140,23 @@ impl Agent {
             ));
         }
         let reload = service.map(|s| self.run_service(s, "reload"));
+        if let (Some(service), Some(run)) = (service, &reload) {
+            if run.exit_code != 0 {
+                // The service refused the document (or could not take it): it keeps running
+                // the last good one, and so does what is on disk, so that a restart of the
+                // service reads what it runs now and a corrected push can follow.
+                self.roll_back(name, previous, &old_content);
+                return Response::Error {
+                    kind: ErrorKind::Failed,
+                    message: format!(
+                        "{service} refused {name} revision {revision} (exit {}): {}",
+                        run.exit_code,
+                        run.output.trim()
+                    ),
+                    current_revision: previous,
+                };
+            }
+        }
         Response::Applied {
             name: name.to_string(),
             revision,
@@ -145,23 +164,46 @@ impl Agent {
         }
     }
 
+    /// Puts back the document and revision that were there before a refused apply.
+    fn roll_back(&self, name: &str, revision: Option<u64>, content: &Option<Vec<u8>>) {
+        let doc = match content {
+            Some(c) => write_atomically(&self.config_dir, name, c),
+            None => fs::remove_file(self.config_dir.join(name)),
+        };
+        let rev = match revision {
+            Some(r) => write_atomically(
+                &self.config_dir.join(REVISIONS),
+                name,
+                r.to_string().as_bytes(),
+            ),
+            None => fs::remove_file(self.revision_path(name)),
+        };
+        if let Err(e) = doc.and(rev) {
+            tracing::warn!(document = name, error = %e, "cannot roll back a refused document");
+        }
+    }
+
     fn status(&self, services: &[String]) -> Response {
         let services = services
             .iter()
             .map(|name| {
-                let state = if check_name(name).is_err() || !self.services_dir.join(name).is_file()
-                {
-                    ServiceState::Unknown
-                } else {
-                    match self.run_service(name, "status").exit_code {
-                        0 => ServiceState::Running,
-                        3 => ServiceState::Stopped,
-                        _ => ServiceState::Failed,
-                    }
-                };
+                let (state, output) =
+                    if check_name(name).is_err() || !self.services_dir.join(name).is_file() {
+                        (ServiceState::Unknown, None)
+                    } else {
+                        let run = self.run_service(name, "status");
+                        let state = match run.exit_code {
+                            0 => ServiceState::Running,
+                            3 => ServiceState::Stopped,
+                            _ => ServiceState::Failed,
+                        };
+                        let output = run.output.trim();
+                        (state, (!output.is_empty()).then(|| output.to_string()))
+                    };
                 ServiceStatus {
                     name: name.clone(),
                     state,
+                    output,
                 }
             })
             .collect();
@@ -245,9 +287,14 @@ mod tests {
         };
         script(
             "web",
-            "case $1 in reload) echo reloaded; exit 0;; status) exit 0;; esac",
+            "case $1 in reload) echo reloaded; exit 0;; status) echo '{\"up\":1}'; exit 0;; esac",
         );
         script("idle", "exit 3");
+        // Takes only JSON objects.
+        script(
+            "picky",
+            "case $1 in reload) grep -q '^{' \"$(dirname \"$0\")/../config/lb.json\" || { echo bad document; exit 1; };; esac",
+        );
         script("broken", "echo oops >&2; exit 7");
         let a = Agent::new(dir.path().join("config"), services);
         (dir, a)
@@ -296,10 +343,25 @@ mod tests {
             apply(&a, 6, "{}", None),
             Response::Applied { revision: 6, .. }
         ));
+        // A document the service refuses is rolled back: the last good one stays, with its
+        // revision, and the refusal says why.
+        match apply(&a, 7, "refuse me", Some("picky")) {
+            Response::Error {
+                kind: ErrorKind::Failed,
+                message,
+                current_revision: Some(6),
+            } => assert!(message.contains("bad document"), "{message}"),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(fs::read_to_string(&path).unwrap(), "{}");
+        assert!(matches!(
+            apply(&a, 7, "{\"v\":7}", Some("picky")),
+            Response::Applied { revision: 7, .. }
+        ));
         // A restarted agent remembers.
         let b = Agent::new(dir.path().join("config"), dir.path().join("services"));
         assert!(matches!(
-            apply(&b, 6, "x", None),
+            apply(&b, 7, "x", None),
             Response::Error {
                 kind: ErrorKind::StaleRevision,
                 ..
@@ -363,6 +425,10 @@ mod tests {
                 ServiceState::Unknown
             ]
         );
+        // What `status` printed travels back: a service's own report.
+        assert_eq!(services[0].output.as_deref(), Some("{\"up\":1}"));
+        assert_eq!(services[1].output, None);
+        assert_eq!(services[2].output.as_deref(), Some("oops"));
     }
 
     #[test]

@@ -32,6 +32,20 @@ pub enum ClientError {
 }
 
 impl ClientError {
+    /// Worth retrying: the control plane (or etcd behind it) is unavailable or slow for now.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            ClientError::Connect { .. } | ClientError::Timeout { .. } => true,
+            ClientError::Api { status, .. } => matches!(
+                *status,
+                StatusCode::SERVICE_UNAVAILABLE
+                    | StatusCode::BAD_GATEWAY
+                    | StatusCode::GATEWAY_TIMEOUT
+            ),
+            _ => false,
+        }
+    }
+
     pub fn status(&self) -> Option<StatusCode> {
         match self {
             ClientError::Api { status, .. } => Some(*status),
@@ -212,16 +226,21 @@ impl ApiClient {
                 timeout: self.timeout,
             })??;
         if !status.is_success() {
-            let message = match serde_json::from_slice::<ErrorBody>(&bytes) {
-                Ok(b) => b.error,
-                Err(_) => String::from_utf8_lossy(&bytes).trim().to_string(),
-            };
+            let message = error_message(&bytes);
             return Err(ClientError::Api { status, message });
         }
         serde_json::from_slice(&bytes).map_err(|e| ClientError::Decode {
             url,
             reason: e.to_string(),
         })
+    }
+}
+
+/// The message of an error answer: its `error` field, or the body as text.
+pub fn error_message(body: &[u8]) -> String {
+    match serde_json::from_slice::<ErrorBody>(body) {
+        Ok(b) => b.error,
+        Err(_) => String::from_utf8_lossy(body).trim().to_string(),
     }
 }
 

@@ -20,3 +20,33 @@ pub fn client() -> &'static HttpClient {
         Client::builder(TokioExecutor::new()).build(connector)
     })
 }
+
+/// One JSON exchange with a worker: the status and the body, within `timeout`.
+pub async fn exchange(
+    method: hyper::Method,
+    url: &str,
+    body: Option<Vec<u8>>,
+    timeout: Duration,
+) -> Result<(hyper::StatusCode, Bytes), String> {
+    use http_body_util::BodyExt;
+    let req = hyper::Request::builder()
+        .method(method)
+        .uri(url)
+        .header(hyper::header::CONTENT_TYPE, "application/json")
+        .body(Full::new(Bytes::from(body.unwrap_or_default())))
+        .map_err(|e| e.to_string())?;
+    let go = async {
+        let resp = client().request(req).await.map_err(|e| e.to_string())?;
+        let status = resp.status();
+        let bytes = resp
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| e.to_string())?
+            .to_bytes();
+        Ok((status, bytes))
+    };
+    tokio::time::timeout(timeout, go)
+        .await
+        .map_err(|_| format!("no answer within {timeout:?}"))?
+}

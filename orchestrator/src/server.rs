@@ -7,16 +7,24 @@ use tokio::net::TcpListener;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-use crate::controllers::{self, ControllerConfig, Mover, ScaleGroups, Scheduler, WorkerHealth};
+use crate::controllers::{
+    self, ControllerConfig, LoadBalancers, Mover, ScaleGroups, Scheduler, WorkerHealth,
+};
 use crate::store::{Store, StoreError};
 
 #[derive(Debug, Clone)]
 pub struct ServerConfig {
     pub etcd: Vec<String>,
     pub listen: SocketAddr,
+    /// More addresses serving the same API (workers in other networks pulling images).
+    pub also_listen: Vec<SocketAddr>,
     /// How long one etcd request may take before the API answers 503.
     pub etcd_timeout: Duration,
     pub controllers: ControllerConfig,
+    /// Where pushed images are kept (none: this server keeps no images).
+    pub image_dir: Option<std::path::PathBuf>,
+    /// Whether images may name files on the workers by path.
+    pub allow_host_path: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -29,6 +37,12 @@ pub enum ServerError {
     },
     #[error(transparent)]
     Store(#[from] StoreError),
+    #[error("image store {}: {source}", dir.display())]
+    Images {
+        dir: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 /// A running control-plane instance. Dropping it aborts everything at once, like a crash (its
@@ -63,15 +77,49 @@ impl ControlPlane {
         let shutdown = CancellationToken::new();
         let mut tasks = JoinSet::new();
 
-        let app = crate::api::router(store.clone());
-        let stop = shutdown.clone();
-        tasks.spawn(async move {
-            let serve = axum::serve(listener, app)
-                .with_graceful_shutdown(async move { stop.cancelled().await });
-            if let Err(e) = serve.await {
-                tracing::error!(error = %e, "API server failed");
-            }
+        let blobs = match &config.image_dir {
+            Some(dir) => Some(std::sync::Arc::new(
+                crate::images::store::BlobStore::open(dir).map_err(|source| {
+                    ServerError::Images {
+                        dir: dir.clone(),
+                        source,
+                    }
+                })?,
+            )),
+            None => None,
+        };
+        if config.allow_host_path {
+            tracing::warn!(
+                "--allow-host-path: images may name any file of the workers; trusted clients only"
+            );
+        }
+        let app = crate::api::router(crate::api::Api {
+            store: store.clone(),
+            images: crate::api::Images {
+                blobs,
+                allow_host_path: config.allow_host_path,
+            },
         });
+        let mut listeners = vec![listener];
+        for addr in &config.also_listen {
+            listeners.push(TcpListener::bind(addr).await.map_err(|source| {
+                ServerError::Listen {
+                    addr: *addr,
+                    source,
+                }
+            })?);
+        }
+        for listener in listeners {
+            let stop = shutdown.clone();
+            let app = app.clone();
+            tasks.spawn(async move {
+                let serve = axum::serve(listener, app)
+                    .with_graceful_shutdown(async move { stop.cancelled().await });
+                if let Err(e) = serve.await {
+                    tracing::error!(error = %e, "API server failed");
+                }
+            });
+        }
         tasks.spawn(controllers::run(
             Scheduler,
             store.clone(),
@@ -85,13 +133,19 @@ impl ControlPlane {
             shutdown.clone(),
         ));
         tasks.spawn(controllers::run(
-            ScaleGroups,
+            ScaleGroups::default(),
             store.clone(),
             config.controllers.clone(),
             shutdown.clone(),
         ));
         tasks.spawn(controllers::run(
             Mover::default(),
+            store.clone(),
+            config.controllers.clone(),
+            shutdown.clone(),
+        ));
+        tasks.spawn(controllers::run(
+            LoadBalancers::default(),
             store,
             config.controllers.clone(),
             shutdown.clone(),

@@ -24,6 +24,7 @@ pub struct FakeWorker {
     store: Store,
     capacity: Capacity,
     ttl: Duration,
+    serving: Option<String>,
     running: Arc<Mutex<BTreeSet<String>>>,
     agent: Option<(CancellationToken, JoinHandle<()>)>,
 }
@@ -36,11 +37,25 @@ impl FakeWorker {
         capacity: Capacity,
         ttl: Duration,
     ) -> Result<FakeWorker, StoreError> {
+        FakeWorker::start_serving(store, name, capacity, ttl, None).await
+    }
+
+    /// Like [`FakeWorker::start`], registering `endpoint` as where its worker API is served
+    /// (a test serves it) and giving VMs loopback addresses (127.x.y.z), on which a test can
+    /// serve as them.
+    pub async fn start_serving(
+        store: &Store,
+        name: &str,
+        capacity: Capacity,
+        ttl: Duration,
+        endpoint: Option<String>,
+    ) -> Result<FakeWorker, StoreError> {
         let mut w = FakeWorker {
             name: name.to_string(),
             store: store.unfenced(),
             capacity,
             ttl,
+            serving: endpoint,
             running: Arc::new(Mutex::new(BTreeSet::new())),
             agent: None,
         };
@@ -73,8 +88,13 @@ impl FakeWorker {
             labels: Default::default(),
             drain: false,
             forgotten: false,
-            // Nothing listens there: the fakes play moves without copying anything.
-            endpoint: Some(format!("{}.fake.invalid:7071", self.name)),
+            // Unless a test serves one, nothing listens there: the fakes play moves without
+            // copying anything.
+            endpoint: Some(
+                self.serving
+                    .clone()
+                    .unwrap_or_else(|| format!("{}.fake.invalid:7071", self.name)),
+            ),
         };
         let registration = Registration::register(&self.store, &self.name, spec, self.ttl).await?;
         let stop = CancellationToken::new();
@@ -82,6 +102,7 @@ impl FakeWorker {
             name: self.name.clone(),
             store: self.store.clone(),
             running: self.running.clone(),
+            loopback: self.serving.is_some(),
         };
         let token = stop.clone();
         let task = tokio::spawn(async move {
@@ -106,6 +127,8 @@ struct Agent {
     name: String,
     store: Store,
     running: Arc<Mutex<BTreeSet<String>>>,
+    /// VMs get 127.x.y.z addresses (a test serves on them).
+    loopback: bool,
 }
 
 impl Agent {
@@ -197,7 +220,11 @@ impl Agent {
             }
             Want::Rest | Want::Fetch | Want::Ignore => {}
         }
-        let ip = fake_ip(me, name);
+        let mut ip = fake_ip(me, name);
+        if self.loopback {
+            let o = ip.octets();
+            ip = Ipv4Addr::new(127, o[1], o[2], o[3]);
+        }
         let needed = match w {
             Want::Run => {
                 vm.status.state != VmState::Running

@@ -62,9 +62,16 @@ async fn agent_requests_reach_the_guest_through_the_worker() {
         .await
         .unwrap();
     let stop = CancellationToken::new();
+    let state = orchestrator::worker::api::ApiState {
+        layout: layout.clone(),
+        proxy: std::sync::Arc::new(orchestrator::worker::host_proxy::HostProxy::new(
+            "lightbyte-proxy".into(),
+            dir.path().join("proxy"),
+        )),
+    };
     tokio::spawn(orchestrator::worker::api::serve(
         listener,
-        layout.clone(),
+        state,
         stop.clone(),
     ));
     let spec = WorkerSpec {

@@ -327,7 +327,15 @@ struct Server {
 impl Server {
     fn start(etcd: &Etcd) -> Server {
         let mut child = Command::new(env!("CARGO_BIN_EXE_lightbyte"))
-            .args(["server", "--etcd", &etcd.url(), "--listen", "127.0.0.1:0"])
+            // Images by path: these tests are about the CLI and the API, not the image store.
+            .args([
+                "server",
+                "--etcd",
+                &etcd.url(),
+                "--listen",
+                "127.0.0.1:0",
+                "--allow-host-path",
+            ])
             .args(["--lease-ttl", "2s", "--etcd-timeout", "2s"])
             .env("RUST_LOG", "warn")
             .stdin(Stdio::null())
@@ -412,7 +420,7 @@ fn cli_round_trip() {
     let images = ok(&["image", "list"]);
     assert_eq!(
         images,
-        "NAME   FORMAT   SIZE   PATH\n\
+        "NAME   FORMAT   SIZE   SOURCE\n\
          base   qcow2    -      /img/base.qcow2\n\
          raw1   raw      1G     /img/raw.img\n"
     );
@@ -547,4 +555,92 @@ fn etcd_down_answers_503_within_seconds() {
     assert_eq!(images[0]["metadata"]["name"], "base");
     let r = cli(&server.url, &["vm", "list", "-o", "json"]);
     assert_eq!(r.stdout.trim(), "[]");
+}
+
+/// One request with an explicit Content-Type: (status, body).
+fn http_typed(
+    addr: std::net::SocketAddr,
+    method: &str,
+    path: &str,
+    content_type: &str,
+    body: &str,
+) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\
+         Content-Type: {content_type}\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut resp = String::new();
+    s.read_to_string(&mut resp).unwrap();
+    let status = resp.split(' ').nth(1).unwrap().parse().unwrap();
+    (status, resp)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn non_json_bodies_and_deleting_a_busy_worker_are_refused() {
+    let etcd = Etcd::start();
+    let plane = control_plane(&etcd, "cp").await;
+    let addr = plane.addr();
+    let image =
+        json!({"metadata": {"name": "base"}, "spec": {"path": "/img/base.qcow2"}}).to_string();
+    // What a web page can make a browser send anywhere without a preflight: refused, and
+    // nothing written.
+    for ct in [
+        "text/plain",
+        "application/x-www-form-urlencoded",
+        "multipart/form-data; boundary=x",
+    ] {
+        let body = image.clone();
+        let (status, resp) = tokio::task::spawn_blocking(move || {
+            http_typed(addr, "POST", "/api/v1/images", ct, &body)
+        })
+        .await
+        .unwrap();
+        assert_eq!(status, 415, "{ct}: {resp}");
+        assert!(resp.contains("application/json"), "{resp}");
+    }
+    assert!(resource_keys(&etcd).await.is_empty());
+    let body = image.clone();
+    let (status, resp) = tokio::task::spawn_blocking(move || {
+        http_typed(
+            addr,
+            "POST",
+            "/api/v1/images",
+            "application/json; charset=utf-8",
+            &body,
+        )
+    })
+    .await
+    .unwrap();
+    assert_eq!(status, 201, "{resp}");
+
+    // A worker holding a VM: its record is not deleted (its VMs would be Lost) unless forced.
+    let store = etcd.store().await;
+    let _w1 = common::register(&store, "w1", 4, "1G").await;
+    let (s, _) = http_async(
+        addr,
+        "POST",
+        "/api/v1/vms",
+        Some(&json!({"metadata": {"name": "web-1"}, "spec": {"cpus": 1, "memory": "64M", "image": "base"}}).to_string()),
+    )
+    .await;
+    assert_eq!(s, 201);
+    store
+        .update::<orchestrator::model::VmSpec, _>("web-1", |o| {
+            o.status.placement = Some("w1".into());
+            Ok(())
+        })
+        .await
+        .unwrap();
+    let (s, body) = http_async(addr, "DELETE", "/api/v1/workers/w1", None).await;
+    assert_eq!(s, 409, "{body}");
+    assert!(body["error"].as_str().unwrap().contains("web-1"), "{body}");
+    let (s, body) = http_async(addr, "DELETE", "/api/v1/workers/w1?force=maybe", None).await;
+    assert_eq!(s, 400, "{body}");
+    let (s, body) = http_async(addr, "DELETE", "/api/v1/workers/w1?force=true", None).await;
+    assert_eq!(s, 200, "{body}");
 }

@@ -30,7 +30,8 @@ fn vm(cpus: u32, memory: &str) -> VmSpec {
 async fn api(addr: std::net::SocketAddr) -> ApiClient {
     let api = ApiClient::new(&format!("http://{addr}"), LIMIT).unwrap();
     let image = ImageSpec {
-        path: "/img/base.qcow2".into(),
+        digest: None,
+        path: Some("/img/base.qcow2".into()),
         format: Default::default(),
         size: None,
         kernel: None,

@@ -137,7 +137,8 @@ fn two_real_workers_scale_move_lose_and_forget() {
         api.create(
             "spin",
             &ImageSpec {
-                path: base.display().to_string(),
+                digest: None,
+                path: Some(base.display().to_string()),
                 format: DiskFormat::Raw,
                 size: None,
                 kernel: Some(kernel.display().to_string()),

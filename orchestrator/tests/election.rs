@@ -18,7 +18,8 @@ fn image(name: &str, path: &str) -> Object<ImageSpec> {
             ..Metadata::default()
         },
         spec: ImageSpec {
-            path: path.into(),
+            digest: None,
+            path: Some(path.into()),
             format: Default::default(),
             size: None,
             kernel: None,
@@ -48,7 +49,7 @@ async fn a_deposed_leader_cannot_write() {
 
     let stale_update = as_a
         .update::<ImageSpec, _>("one", |o| {
-            o.spec.path = "/stale".into();
+            o.spec.path = Some("/stale".into());
             Ok(())
         })
         .await;
@@ -69,12 +70,21 @@ async fn a_deposed_leader_cannot_write() {
 
     let as_b = store.fenced(leader_b.fence().clone());
     as_b.update::<ImageSpec, _>("one", |o| {
-        o.spec.path = "/b".into();
+        o.spec.path = Some("/b".into());
         Ok(())
     })
     .await
     .unwrap();
-    assert_eq!(store.get::<ImageSpec>("one").await.unwrap().spec.path, "/b");
+    assert_eq!(
+        store
+            .get::<ImageSpec>("one")
+            .await
+            .unwrap()
+            .spec
+            .path
+            .as_deref(),
+        Some("/b")
+    );
     assert!(!store.exists("image", "two").await.unwrap());
     let last = store.get_raw(&keys::action("test")).await.unwrap().unwrap();
     let last: ActionRecord = serde_json::from_slice(&last.value).unwrap();

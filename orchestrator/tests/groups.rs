@@ -50,7 +50,8 @@ async fn fakes(store: &Store, names: &[&str], cpus: u32) -> Vec<FakeWorker> {
 async fn api(addr: std::net::SocketAddr) -> ApiClient {
     let api = ApiClient::new(&format!("http://{addr}"), LIMIT).unwrap();
     let image = ImageSpec {
-        path: "/img/base.qcow2".into(),
+        digest: None,
+        path: Some("/img/base.qcow2".into()),
         format: Default::default(),
         size: None,
         kernel: None,

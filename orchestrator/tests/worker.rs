@@ -72,7 +72,8 @@ fn worker_starts_restarts_readopts_and_cleans_up() {
             let kernel = dir.path().join(format!("{name}.elf"));
             std::fs::write(&kernel, pvh_elf(code)).unwrap();
             let image = ImageSpec {
-                path: base.display().to_string(),
+                digest: None,
+                path: Some(base.display().to_string()),
                 format: DiskFormat::Raw,
                 size: None,
                 kernel: Some(kernel.display().to_string()),
@@ -115,6 +116,22 @@ fn worker_starts_restarts_readopts_and_cleans_up() {
             head.windows(backing.len()).any(|w| w == backing.as_bytes()),
             "root volume names {backing} as its backing file"
         );
+        // Nothing of a VM is readable by other users of the host.
+        let mode = |p: &std::path::Path| {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::metadata(p).unwrap().permissions().mode() & 0o777
+        };
+        for dir in [
+            state.clone(),
+            state.join("vms"),
+            state.join("vms/a"),
+            state.join("volumes"),
+        ] {
+            assert_eq!(mode(&dir), 0o700, "{}", dir.display());
+        }
+        for file in ["vms/a/root.qcow2", "vms/a/vm.json", "vms/a/vmm.log"] {
+            assert_eq!(mode(&state.join(file)), 0o600, "{file}");
+        }
         let console = state.join("vms/a/console.log");
         eventually("a's console", LIMIT, || async {
             std::fs::read_to_string(&console)

@@ -74,7 +74,6 @@ impl<'s, 'a> Bufs<'s, 'a> {
     }
 
     /// Copies bytes `off..off+out.len()` into `out`.
-    #[cfg(test)]
     pub fn copy_out(&self, off: u64, out: &mut [u8]) {
         let mut done = 0;
         for s in self.sub(off, out.len() as u64) {

@@ -15,6 +15,7 @@ mod create;
 mod entry;
 mod error;
 pub mod header;
+pub mod hook;
 mod iov;
 mod layer;
 mod qcow2;
@@ -97,6 +98,9 @@ pub struct OpenOptions {
     pub format: Option<Format>,
     /// O_DIRECT.
     pub direct: bool,
+    /// Sees every change to a qcow2 image's file once it is open (crash and fault-injection
+    /// tests); raw images refuse one.
+    pub hook: Option<hook::Hook>,
 }
 
 /// A range of the disk and whether it reads as zeroes.
@@ -225,7 +229,18 @@ pub struct Image {
 impl Image {
     /// Opens `path` (and its backing chain).
     pub fn open(path: &Path, opts: &OpenOptions) -> Result<Image> {
-        let top = chain::open(path, opts.format, opts.writable, opts.direct)?;
+        let mut top = chain::open(path, opts.format, opts.writable, opts.direct)?;
+        if let Some(hook) = &opts.hook {
+            match &mut top {
+                Layer::Qcow2(q) => q.set_hook(Some(hook.clone())),
+                Layer::Raw(_) => {
+                    return Err(Error::Invalid(format!(
+                        "{}: file hooks apply to qcow2 images only",
+                        path.display()
+                    )))
+                }
+            }
+        }
         Ok(Image {
             top,
             writable: opts.writable,

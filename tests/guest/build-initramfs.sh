@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Builds the test initramfs: busybox-static, tests/guest/init, the guest agent and the vsock test
-# tool (static, from scripts/build-guest-tools.sh), and the virtio/vsock/pvpanic and ACPI power
-# button (button, evdev) modules of Debian's cloud kernel (loaded only when that kernel boots; the
+# Builds the test initramfs: busybox-static, tests/guest/init, the guest agent, the
+# load-balancing proxy and the vsock test tool (static, from scripts/build-guest-tools.sh), and
+# the virtio/vsock/pvpanic and ACPI power button (button, evdev) modules of Debian's cloud kernel (loaded only when that kernel boots; the
 # minimal kernel has them built in). Cached by a hash of its recipe. Prints the path of the cpio
 # archive.
 set -euo pipefail
@@ -21,7 +21,7 @@ trap 'rm -rf "$work"' EXIT
 root="$work/root"
 mkdir -p "$root/bin" "$root/dev" "$root/usr/bin"
 cp "$busybox" "$root/bin/busybox"
-cp "$tools/lightbyte-guest-agent" "$tools/vsockt" "$root/usr/bin/"
+cp "$tools/lightbyte-guest-agent" "$tools/lightbyte-proxy" "$tools/vsockt" "$root/usr/bin/"
 ln -s busybox "$root/bin/sh"
 cp "$here/init" "$root/init"
 chmod 755 "$root/init"

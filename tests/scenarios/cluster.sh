@@ -37,7 +37,7 @@ cluster up --workers 2 --kernel "$KERNEL" --initramfs "$INITRAMFS" \
 
 base=$WORK/base.raw
 truncate -s 64M "$base"
-lb image add base --path "$base" --format raw \
+lb image push base "$base" --format raw \
   --cmdline "console=ttyS0 reboot=k panic=1 lbacpid=1 lbagent=1"
 
 echo "== lifecycle: create -> Running with the guest's IP"
@@ -62,7 +62,10 @@ check vmm-process kill -0 "$pid"
 check tap-present ip -n "lbdev-$w" link show "$tap"
 check root-overlay test -f "$D/$w/vms/web-1/root.qcow2"
 # The running vmm holds the image's lock, so the header is read as bytes: it names the base.
-check overlay-backing grep -qaF "$base" "$D/$w/vms/web-1/root.qcow2"
+# Its backing file is the pushed image as this worker cached it (read-only, named by digest).
+base_hex=$(lb image get base -o json | sed -n 's/.*"digest": *"sha256:\([0-9a-f]*\)".*/\1/p')
+check overlay-backing sh -c "grep -qaF '../../images/sha256/$base_hex' '$D/$w/vms/web-1/root.qcow2' &&
+  test \"\$(stat -c %a '$D/$w/images/sha256/$base_hex')\" = 400"
 # The guest agent answered over vsock (the TCP probe is the fallback for images without one;
 # the agent may come up a moment after the address answers).
 agent_reported() { for _ in $(seq 60); do [ -n "$(field web-1 agent)" ] && return 0; sleep 1; done; return 1; }
@@ -106,6 +109,32 @@ check app-1-running wait_state app-1 Running 240
 check app-2-running wait_state app-2 Running 240
 check app-spread test "$(field app-1 placement)" != "$(field app-2 placement)"
 check ping-app-2 ping -c 1 -W 5 "$(field app-2 ip)"
+# Both workers run VMs of the pushed image (web-1 and app-1 share one): each pulled it once,
+# verified, and nothing else.
+digest=$(lb image get base -o json | sed -n 's/.*"digest": *"\(sha256:[0-9a-f]*\)".*/\1/p')
+pulled_once() {
+  local w
+  for w in w1 w2; do
+    [ "$(grep -c "image pulled and verified.*image=$digest" "$D/$w.log")" = 1 ] || return 1
+  done
+}
+check image-pulled-once pulled_once
+check image-host-path-refused refused 'host paths are refused' lb image add etc --path /etc/shadow --format raw
+
+echo "== an image built from a recipe (Debian by debootstrap, scripts/build-image.sh)"
+lb image push debian "$RECIPE_IMAGE/disk.qcow2" --format qcow2 --kernel "$(cat "$RECIPE_IMAGE/kernel")" \
+  --cmdline "$(cat "$RECIPE_IMAGE/cmdline")"
+deb_sh='echo "LIGHTBYTE-DEBIAN $(cat /etc/debian_version)"; cat /etc/motd'
+t0=$(date +%s%N)
+lb vm create deb-1 --image debian --memory 256M --cmdline "lbcmd64=$(printf %s "$deb_sh" | base64 -w0)"
+check recipe-image-running wait_state deb-1 Running 300
+deb_digest=$(lb image get debian -o json | sed -n 's/.*"digest": *"\(sha256:[0-9a-f]*\)".*/\1/p')
+echo "recipe image: create to Running in $(( ($(date +%s%N) - t0) / 1000000 )) ms on a worker that had never seen it; its pull: $(grep -ho "image pulled and verified image=$deb_digest.*" "$D"/w*.log | head -1)"
+deb_ping() { for _ in $(seq 60); do lb vm agent deb-1 ping 2>/dev/null | grep -q '"hostname": "deb-1"' && return 0; sleep 1; done; return 1; }
+check recipe-image-agent deb_ping
+check recipe-image-debian sh -c "grep -q 'LIGHTBYTE-DEBIAN 12' '$D/$(field deb-1 placement)/vms/deb-1/console.log' &&
+  grep -q 'built from images/recipes/debian-agent.recipe' '$D/$(field deb-1 placement)/vms/deb-1/console.log'"
+lb vm delete deb-1
 
 echo "== etcd down: 503 within seconds, nothing lost, recovery"
 cluster stop etcd
@@ -159,7 +188,7 @@ echo "== drain: a standalone VM moves with its disk, a scale group is replaced s
 # file with a random token, later boots print it.
 notes=$WORK/notes.raw
 rm -f "$notes"; truncate -s 64M "$notes"; mkfs.ext4 -q -F "$notes"
-lb image add notes --path "$notes" --format raw \
+lb image push notes "$notes" --format raw \
   --cmdline "console=ttyS0 reboot=k panic=1 lbacpid=1 lbagent=1"
 note_sh='mkdir -p /mnt/n && mount -t ext4 /dev/vda /mnt/n && if [ -f /mnt/n/note ]; then echo "LIGHTBYTE-NOTE-READ $(cat /mnt/n/note)"; else echo "note-$(cat /proc/sys/kernel/random/uuid)" > /mnt/n/note; sync; echo "LIGHTBYTE-NOTE-WROTE $(cat /mnt/n/note)"; fi; umount /mnt/n'
 lb vm create note --image notes --memory 128M --cmdline "lbcmd64=$(printf %s "$note_sh" | base64 -w0)"
@@ -203,5 +232,189 @@ vms_gone() { for _ in $(seq 150); do [ "$(lb vm list -o json)" = "[]" ] && retur
 check drain-cleanup vms_gone
 no_vmm() { for _ in $(seq 150); do ! pgrep -f -- "--api-socket $D/" >/dev/null && return 0; sleep 0.2; done; return 1; }
 check no-vmm-left no_vmm
+
+lbt0=$(date +%s)
+echo "== load balancer: Pingora proxies in VMs of their own in front of a scale group"
+# Backends answer HTTP on port 80 with their host name (the VM's name); the proxy VMs run
+# lightbyte-proxy, configured by the control plane through their guest agents over vsock.
+# random.trust_cpu=on: the proxy (Pingora) reads the kernel's random pool, which a small guest
+# without it may take minutes to fill.
+lb image push web "$base" --format raw \
+  --cmdline "console=ttyS0 reboot=k panic=1 random.trust_cpu=on lbacpid=1 lbagent=1 lbhttpd=1"
+t0=$(date +%s)
+# The group and the load balancer (its proxy VMs) boot together.
+lb scale-group create site --image web --memory 96M --replicas 3
+check lb-created lb lb create front --port 8080 --group site --target-port 80 --image web \
+  --proxies 2 --proxy-memory 128M --health http --health-interval 1s --health-timeout 1s \
+  --drain-grace 5s --wait --timeout 10m
+echo "load balancer serving $(( $(date +%s) - t0 )) s after the group was asked for"
+lb lb get front
+lbjson() { lb lb get front -o json 2>/dev/null | tr -d ' \n'; }
+lb_addrs() { lbjson | grep -o '"addresses":\[[^]]*\]' | grep -o '[0-9.]*:8080'; }
+lb_backends() { lbjson | grep -o '"vm":"[a-z0-9-]*"' | cut -d'"' -f4; }
+lb_healthy() { lbjson | grep -o '"healthy":true' | wc -l; }
+lb_proxies() { lb vm list -o json | tr -d ' \n' | grep -o '"name":"front-proxy-[a-z0-9]*"' | cut -d'"' -f4; }
+until_healthy() { # n backends, all healthy
+  for _ in $(seq 300); do
+    [ "$(lb_backends | wc -l)" = "$1" ] && [ "$(lb_healthy)" = "$1" ] && return 0; sleep 1
+  done
+  return 1
+}
+check lb-three-healthy until_healthy 3
+addrs=$(lb_addrs)
+a1=$(echo "$addrs" | head -1)
+check lb-two-addresses test "$(echo "$addrs" | wc -l)" = 2
+spread() {
+  local n=0 h
+  # One curl, 300 requests on one kept-alive connection: the proxy picks a backend per request.
+  curl -s --max-time 300 $(for _ in $(seq 300); do printf 'http://%s/ ' "$a1"; done) > "$WORK/lb-even"
+  sort "$WORK/lb-even" | uniq -c
+  for h in $(lb_backends); do
+    n=$(grep -c "^$h$" "$WORK/lb-even")
+    [ "$n" -ge 70 ] && [ "$n" -le 130 ] || return 1
+  done
+  [ "$(grep -c . "$WORK/lb-even")" = 300 ] && ! grep -q FAIL "$WORK/lb-even"
+}
+check lb-even-300 spread
+
+# A client that knows every address of the load balancer (as DNS would give them), starts at
+# the next one each request and falls back to the others: "START_NS NAME" per request, NAME
+# FAIL when no address answered.
+client() {
+  local i=0 t r a list=()
+  while [ ! -e "$WORK/lb-stop" ]; do
+    # (No process substitution: the test host has no /dev/fd.)
+    if [ $((i % 25)) = 0 ]; then read -r -a list <<<"$(lb_addrs | tr '\n' ' ')"; fi
+    t=$(date +%s%N); r=FAIL
+    for k in $(seq 0 $(( ${#list[@]} - 1 ))); do
+      a=${list[$(( (i + k) % ${#list[@]} ))]}
+      if h=$(curl -s --max-time 5 "http://$a/") && [ -n "$h" ]; then r=$h; break; fi
+    done
+    echo "$t $r"
+    i=$((i + 1))
+  done
+}
+start_client() { rm -f "$WORK/lb-stop"; client > "$WORK/$1" & cpid=$!; }
+stop_client() { touch "$WORK/lb-stop"; wait "$cpid"; echo "$1: $(wc -l < "$WORK/$1") requests, $(grep -c ' FAIL$' "$WORK/$1") failed"; }
+no_fail() { ! grep -q ' FAIL$' "$WORK/$1"; }
+
+# Side by side in the test host (TCG: only the ratio means anything): a backend directly, and
+# through the load balancer's proxy VM.
+one=$(lb_backends | head -1)
+bench() { wrk -t1 -c8 -d5s --latency "http://$1/" 2>&1 | awk '/Requests\/sec/ {r=$2} /^ +50%/ {p50=$2} /^ +99%/ {p99=$2} END {print r " req/s, p50 " p50 ", p99 " p99}'; }
+echo "bench direct to $one: $(bench "$(field "$one" ip):80")"
+echo "bench through the load balancer ($a1): $(bench "$a1")"
+echo "== load balancer: scale the group up and down under load (at $(( $(date +%s) - lbt0 )) s)"
+before=$(lb_backends)
+start_client lb-up
+lb scale-group scale site 4 --wait --timeout 10m
+check lb-four-backends until_healthy 4
+new=$(lb_backends | grep -vxF "$before")
+# Until the client has been answered by the new member (the proxies got it with the status).
+served_by() { for _ in $(seq 120); do grep -q " $1$" "$WORK/$2" && return 0; sleep 1; done; return 1; }
+served_by "$new" lb-up
+sleep 1
+stop_client lb-up
+check lb-up-no-failures no_fail lb-up
+check lb-up-new-member-serves grep -q " $new$" "$WORK/lb-up"
+start_client lb-down
+sleep 2
+lb scale-group scale site 2
+removed_at=
+# Removed once the status lists two backends and every proxy runs that set (a proxy that
+# missed a push still sends to the old set, which the status says as "current": false).
+lb_current() { lbjson | grep -o '"current":true' | wc -l; }
+for _ in $(seq 600); do
+  [ "$(lb_backends | wc -l)" = 2 ] && [ "$(lb_current)" = 2 ] && { removed_at=$(date +%s%N); break; }
+  sleep 0.2
+done
+gone=$(echo "$before"$'\n'"$new" | grep -vxF "$(lb_backends)")
+echo "removed from the load balancer: $(echo $gone)"
+members_gone() { for _ in $(seq 300); do [ "$(lb vm list | grep -c '^site-')" = 2 ] && return 0; sleep 1; done; return 1; }
+check lb-down-deleted-after-grace members_gone
+# Both went through retirement (marked, out of the proxies, deleted after the grace), as the
+# scale-group controller logged.
+retired() { # (tracing prints the name quoted)
+  local h
+  for h in $gone; do grep -qE "retired; deleting.*vm=\"?$h\b" "$D/server.log" || return 1; done
+}
+check lb-down-members-retire retired
+sleep 2
+stop_client lb-down
+check lb-down-no-failures no_fail lb-down
+late() { # requests started after the removal that reached a removed member
+  local h
+  for h in $gone; do awk -v t="$removed_at" -v h="$h" '$1 > t && $2 == h' "$WORK/lb-down"; done | grep -c .
+}
+check lb-down-none-after-removal test -n "$removed_at" -a "$(late)" = 0
+
+echo "== load balancer: a backend VM killed (at $(( $(date +%s) - lbt0 )) s)"
+proxy1=$(lb_proxies | head -1)
+pw=$(field "$proxy1" placement)
+# A backend away from proxy1's worker, which is drained next: its restart does not slow the drain.
+victim=$(for b in $(lb_backends); do [ "$(field "$b" placement)" != "$pw" ] && echo "$b"; done | head -1)
+victim=${victim:-$(lb_backends | head -1)}
+vw=$(field "$victim" placement)
+vip=$(field "$victim" ip)
+start_client lb-kill
+sleep 2
+kill -9 "$(vmm_pid "$vw" "$victim")"
+k0=$(date +%s%N)
+unhealthy() {
+  for _ in $(seq 200); do
+    lb vm agent "$proxy1" status proxy 2>/dev/null | tr -d ' \\\n' | grep -q "\"address\":\"$vip:80\",\"healthy\":false" && return 0
+    sleep 0.2
+  done
+  return 1
+}
+check lb-kill-marked-unhealthy unhealthy
+echo "killed backend marked unhealthy by the proxy $(( ($(date +%s%N) - k0) / 1000000 )) ms after the kill (interval 1 s, timeout 1 s; as seen through the guest agent)"
+sleep 3
+stop_client lb-kill
+check lb-kill-no-failures no_fail lb-kill
+
+echo "== load balancer: bad pushes to a proxy are refused, the last good configuration stays (at $(( $(date +%s) - lbt0 )) s)"
+rev_of() { lb vm agent "$1" status proxy | tr -d ' \\\n' | grep -o '"revision":[0-9]*' | head -1 | cut -d: -f2; }
+r1=$(rev_of "$proxy1")
+echo '{"revision": 1, "balancers": []}' > "$WORK/stale.json"
+check lb-stale-push-refused refused stale lb vm agent "$proxy1" apply lb.json --revision 1 \
+  --file "$WORK/stale.json" --service proxy
+echo '{"revision": 99999999, "balancers": [{"name": "x"' > "$WORK/bad.json"
+check lb-bad-push-refused refused 'refused lb.json' lb vm agent "$proxy1" apply lb.json \
+  --revision 99999999 --file "$WORK/bad.json" --service proxy
+check lb-keeps-revision test "$(rev_of "$proxy1")" = "$r1"
+check lb-still-answers sh -c "curl -s --max-time 10 http://$(lb_addrs | head -1)/ | grep -q site-"
+
+echo "== load balancer: drain the worker of a proxy VM under load (at $(( $(date +%s) - lbt0 )) s)"
+start_client lb-drain
+sleep 2
+t0=$(date +%s)
+lb worker drain "$pw" --wait --timeout 15m
+echo "drain of $pw took $(( $(date +%s) - t0 )) s"
+two_proxies_elsewhere() {
+  for _ in $(seq 120); do
+    local n=0 p
+    for p in $(lb_proxies); do [ "$(field "$p" state)" = Running ] && [ "$(field "$p" placement)" != "$pw" ] && n=$((n + 1)); done
+    [ "$n" = 2 ] && [ "$(lb_addrs | wc -l)" = 2 ] && return 0
+    sleep 1
+  done
+  return 1
+}
+check lb-drain-new-proxy two_proxies_elsewhere
+sleep 3
+stop_client lb-drain
+# The longest run of requests that no address answered, in ms.
+gap=$(awk '$2 == "FAIL" { if (!s) s = $1; e = $1 } $2 != "FAIL" { if (s && e - s > g) g = e - s; s = 0 }
+           END { if (s && e - s > g) g = e - s; print int(g / 1000000) }' "$WORK/lb-drain")
+echo "load balancer during the drain: $(grep -c ' FAIL$' "$WORK/lb-drain") failed requests, longest gap $gap ms"
+answered_after() { tail -5 "$WORK/lb-drain" | grep -qv ' FAIL$'; }
+check lb-drain-keeps-answering answered_after
+lb worker uncordon "$pw"
+
+lb lb delete front
+proxies_gone() { for _ in $(seq 150); do [ -z "$(lb_proxies)" ] && return 0; sleep 1; done; return 1; }
+check lb-delete-proxies-gone proxies_gone
+lb scale-group delete site
+echo "load balancer section took $(( $(date +%s) - lbt0 )) s"
 lb vm list
 echo "== done"

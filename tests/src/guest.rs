@@ -262,3 +262,27 @@ impl Scenario {
         Ok(results)
     }
 }
+
+/// The crash-writer boot: a guest with two vCPUs (two queues per disk) whose `/dev/vda` is
+/// `disk` and `/dev/vdb` the raw, read-only `source`. Two background writers hammer `vda`
+/// (64 KiB direct writes, 12 KiB buffered ones with periodic syncs) while the guest copies the
+/// first `chunks` 256 KiB chunks of `vdb` to `vda`, each with an fsync, printing `FLUSHED i`
+/// after each; then it waits to be killed. Used by the SIGKILL crash checks and the
+/// lost-request loop.
+pub fn crash_writer_boot(kernel: &Path, disk: &Path, source: &Path, chunks: u32) -> Result<Boot> {
+    let cmd = format!(
+        "(n=0; while :; do dd if=/dev/urandom of=/dev/vda bs=64k count=1 seek=$((512 + n * 37 % 512)) oflag=direct 2>/dev/null; n=$((n+1)); done) & \
+         (n=0; while :; do dd if=/dev/urandom of=/dev/vda bs=4k count=3 seek=$((8192 + n * 7919 % 8000)) 2>/dev/null; n=$((n+1)); [ $((n % 16)) = 0 ] && sync; done) & \
+         i=0; while [ $i -lt {chunks} ]; do dd if=/dev/vdb of=/dev/vda bs=256k count=1 skip=$i seek=$i oflag=direct conv=fsync 2>/dev/null && echo FLUSHED $i; i=$((i+1)); done; sleep 600"
+    );
+    Ok(Boot::new(kernel)?
+        .cpus(2)
+        // Kernel messages in the log: a guest that never reports a flush then shows how far
+        // it got.
+        .param("loglevel=7")
+        .arg("--disk")
+        .arg(&format!("path={}", disk.display()))
+        .arg("--disk")
+        .arg(&format!("path={},readonly=on,format=raw", source.display()))
+        .run(&cmd))
+}

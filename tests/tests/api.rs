@@ -211,6 +211,7 @@ impl VmControl for Mock {
             },
             nets: Vec::new(),
             exit_reason: (g.state == VmState::Shutdown).then(|| "guest powered off".into()),
+            pause_reason: None,
         }
     }
     fn snapshot(&self, dir: PathBuf) -> Result<(), ControlError> {
@@ -259,6 +260,7 @@ impl VmControl for AlwaysOk {
             disks: Vec::new(),
             nets: Vec::new(),
             exit_reason: None,
+            pause_reason: None,
         }
     }
     fn snapshot(&self, _: PathBuf) -> Result<(), ControlError> {

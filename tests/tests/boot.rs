@@ -126,17 +126,18 @@ fn guests_boot_run_commands_and_exit_cleanly() {
         b.output
     );
 
-    // Reboots end the VM with status 0, through the i8042 and through the reset-vector stub.
+    // Reboots end the VM with status 3 (a reboot asked for), through the i8042 and through the
+    // reset-vector stub.
     for label in ["reboot-kbd", "reboot-bios-fallback"] {
         let b = &r[label];
         assert!(b.reached_marker(), "{label}:\n{}", b.output);
-        assert_eq!(b.status, 0, "{label}:\n{}", b.output);
+        assert_eq!(b.status, 3, "{label}:\n{}", b.output);
     }
 
-    // A guest panic is reported through pvpanic and ends vmm with status 1.
+    // A guest panic is reported through pvpanic and ends vmm with status 5.
     let b = &r["panic"];
     assert!(b.reached_marker(), "{}", b.output);
-    assert_eq!(b.status, 1, "{}", b.output);
+    assert_eq!(b.status, 5, "{}", b.output);
     assert!(b.output.contains("guest kernel panicked"), "{}", b.output);
 
     // --serial file: the console goes to the file, not to stdout.

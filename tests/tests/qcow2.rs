@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use lightbyte_tests::artifacts;
 use lightbyte_tests::data::{pattern, qemu_img, qemu_io, sha256_hex};
-use lightbyte_tests::guest::{sh_quote, Boot, Scenario};
+use lightbyte_tests::guest::{crash_writer_boot, sh_quote, Boot, Scenario};
 use lightbyte_tests::paths;
 use lightbyte_tests::testhost;
 
@@ -362,26 +362,10 @@ fn qcow2_end_to_end() {
         let img = dir.join(format!("crash-{n}.qcow2"));
         qemu_img_ok(&["create", "-f", "qcow2", p(&img), "64M"]);
     }
-    let crash_cmd = "(n=0; while :; do dd if=/dev/urandom of=/dev/vda bs=64k count=1 seek=$((512 + n * 37 % 512)) oflag=direct 2>/dev/null; n=$((n+1)); done) & \
-         (n=0; while :; do dd if=/dev/urandom of=/dev/vda bs=4k count=3 seek=$((8192 + n * 7919 % 8000)) 2>/dev/null; n=$((n+1)); [ $((n % 16)) = 0 ] && sync; done) & \
-         i=0; while [ $i -lt 32 ]; do dd if=/dev/vdb of=/dev/vda bs=256k count=1 skip=$i seek=$i oflag=direct conv=fsync 2>/dev/null && echo FLUSHED $i; i=$((i+1)); done; sleep 600";
     for n in 0..CRASHES {
         let img = dir.join(format!("crash-{n}.qcow2"));
         let log = dir.join(format!("crash-{n}.log"));
-        let b = Boot::new(&a.minimal_vmlinux)
-            .unwrap()
-            .cpus(2)
-            // Kernel messages in the log: a guest that never reports a flush (seen once in CI,
-            // not reproduced in 25 more boots) then shows how far it got.
-            .param("loglevel=7")
-            .arg("--disk")
-            .arg(&format!("path={}", img.display()))
-            .arg("--disk")
-            .arg(&format!(
-                "path={},readonly=on,format=raw",
-                crash_src.display()
-            ))
-            .run(crash_cmd);
+        let b = crash_writer_boot(&a.minimal_vmlinux, &img, &crash_src, 32).unwrap();
         let args: Vec<String> = b.args().iter().map(|x| sh_quote(x)).collect();
         s.shell(&format!(
             "{vmm} {args} > {log} 2>&1 & pid=$!\n\

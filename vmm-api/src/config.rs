@@ -83,6 +83,19 @@ pub enum DiskFormat {
     Qcow2,
 }
 
+/// What a disk does when a write (or flush, discard, write-zeroes) fails on the host, as QEMU's
+/// `werror`: the host's disk filling up should not become the guest's I/O error.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnError {
+    /// The VM pauses, the request waits, and `resume` retries it (after the host is fixed:
+    /// space freed, the file system back).
+    #[default]
+    Pause,
+    /// The guest gets an I/O error for the request.
+    Report,
+}
+
 /// A virtio-blk disk. In JSON, an object with the keys of `--disk`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -98,6 +111,9 @@ pub struct DiskConfig {
     pub serial: Option<String>,
     /// Open with O_DIRECT, bypassing the host page cache.
     pub direct: bool,
+    /// What a failed write does (reads always report their errors).
+    #[serde(default, rename = "on-error")]
+    pub on_error: OnError,
 }
 
 /// A virtio-net device on a host TAP interface. In JSON, an object with the keys of `--net`.
@@ -144,6 +160,9 @@ pub enum OptionError {
     /// An unknown disk format.
     #[error("format={0}: expected raw or qcow2")]
     Format(String),
+    /// An unknown error policy.
+    #[error("on-error={0}: expected pause or report")]
+    OnError(String),
     /// A disk serial longer than GET_ID carries.
     #[error("serial is longer than {MAX_DISK_SERIAL_LEN} bytes")]
     SerialTooLong,
@@ -403,6 +422,7 @@ mod tests {
                 read_only: true,
                 serial: Some("s".into()),
                 direct: false,
+                on_error: OnError::Report,
             }],
             nets: vec![NetConfig {
                 tap: "tap0".into(),

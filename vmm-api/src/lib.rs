@@ -19,5 +19,5 @@ pub mod parse;
 pub mod routes;
 pub mod types;
 
-pub use config::{DiskConfig, DiskFormat, NetConfig, SerialConfig, VmConfig, VsockConfig};
+pub use config::{DiskConfig, DiskFormat, NetConfig, OnError, SerialConfig, VmConfig, VsockConfig};
 pub use mac::MacAddr;

@@ -5,8 +5,8 @@
 use std::path::PathBuf;
 
 use crate::config::{
-    ConfigError, DiskConfig, DiskFormat, NetConfig, OptionError, SerialConfig, VsockConfig,
-    MIN_GUEST_CID,
+    ConfigError, DiskConfig, DiskFormat, NetConfig, OnError, OptionError, SerialConfig,
+    VsockConfig, MIN_GUEST_CID,
 };
 use crate::limits::MAX_DISK_SERIAL_LEN;
 use crate::mac::MacAddr;
@@ -80,6 +80,15 @@ pub fn parse_disk_format(value: &str) -> Result<DiskFormat, OptionError> {
     }
 }
 
+/// Parses `on-error=pause|report`.
+pub fn parse_on_error(value: &str) -> Result<OnError, OptionError> {
+    match value {
+        "pause" => Ok(OnError::Pause),
+        "report" => Ok(OnError::Report),
+        _ => Err(OptionError::OnError(value.to_string())),
+    }
+}
+
 /// Checks a disk serial (`--disk serial=` or the API's `serial`) fits virtio-blk's GET_ID.
 pub fn check_disk_serial(value: &str) -> Result<&str, OptionError> {
     if value.len() > MAX_DISK_SERIAL_LEN {
@@ -108,7 +117,8 @@ fn options(
     Ok(())
 }
 
-/// Parses `path=FILE[,format=raw|qcow2][,readonly=on][,serial=ID][,direct=on]`.
+/// Parses `path=FILE[,format=raw|qcow2][,readonly=on][,serial=ID][,direct=on]
+/// [,on-error=pause|report]`.
 pub fn parse_disk(s: &str) -> Result<DiskConfig, ConfigError> {
     let mut disk = DiskConfig {
         path: PathBuf::new(),
@@ -116,6 +126,7 @@ pub fn parse_disk(s: &str) -> Result<DiskConfig, ConfigError> {
         read_only: false,
         serial: None,
         direct: false,
+        on_error: OnError::default(),
     };
     options(s, |key, value| {
         match key {
@@ -124,10 +135,11 @@ pub fn parse_disk(s: &str) -> Result<DiskConfig, ConfigError> {
             "readonly" => disk.read_only = on_off(key, value)?,
             "direct" => disk.direct = on_off(key, value)?,
             "serial" => disk.serial = Some(check_disk_serial(value)?.to_string()),
+            "on-error" => disk.on_error = parse_on_error(value)?,
             other => {
                 return Err(OptionError::UnknownKey {
                     key: other.to_string(),
-                    known: "path, format, readonly, serial, direct",
+                    known: "path, format, readonly, serial, direct, on-error",
                 })
             }
         }

@@ -94,6 +94,10 @@ pub struct VmInfo {
     pub nets: Vec<NetCounters>,
     /// Why the VM stopped, in state `shutdown`.
     pub exit_reason: Option<String>,
+    /// Why the VMM paused the VM itself (a disk's write failed on the host), in state `paused`;
+    /// `resume` retries what waited.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pause_reason: Option<String>,
 }
 
 /// `PUT /api/v1/vm/shutdown` (body optional).

@@ -3,7 +3,7 @@
 //! limit), before anything is allocated.
 
 pub use vmm_api::config::{
-    ConfigError, DiskConfig, DiskFormat, NetConfig, SerialConfig, VmConfig, VsockConfig,
+    ConfigError, DiskConfig, DiskFormat, NetConfig, OnError, SerialConfig, VmConfig, VsockConfig,
     DEFAULT_CMDLINE,
 };
 pub use vmm_api::limits::{MAX_CPUS, MIN_MEMORY};

@@ -13,6 +13,7 @@ use vmm::api::{ApiServer, ServerOptions};
 use vmm::control::ControlError;
 use vmm::running::VmExit;
 use vmm::vmm::Vmm;
+use vmm::vstate::vcpu::TRIPLE_FAULT;
 use vmm_api::config::{
     DiskConfig, NetConfig, SerialConfig, VmConfig, VsockConfig, DEFAULT_CMDLINE,
 };
@@ -20,12 +21,20 @@ use vmm_api::parse::{parse_disk, parse_net, parse_serial, parse_size, parse_vsoc
 
 /// Exit status for invalid input (bad flags, missing or invalid files, impossible sizes).
 const EXIT_BAD_INPUT: u8 = 2;
-/// Exit status when the guest panicked or the VM failed.
+/// Exit status when the VM failed (a KVM internal error, a failed entry, a VMM error).
 const EXIT_VM_FAILED: u8 = 1;
+/// Exit status when the guest asked for a reboot (i8042, ACPI reset register, reset vector):
+/// the VM ends, and whoever runs it decides whether to start it again.
+const EXIT_REBOOT: u8 = 3;
+/// Exit status when a vCPU triple-faulted (a guest crash the guest could not report).
+const EXIT_TRIPLE_FAULT: u8 = 4;
+/// Exit status when the guest kernel panicked (reported through pvpanic).
+const EXIT_GUEST_PANIC: u8 = 5;
 
 /// lightbyte VMM: boots a Linux kernel (ELF vmlinux through PVH, or bzImage) in a KVM virtual
-/// machine with a serial console. The process exits 0 when the guest powers off or reboots,
-/// 1 when the guest panics or the VM fails, and 2 on invalid input.
+/// machine with a serial console. The process exits 0 when the guest powers off, 1 when the
+/// VM fails, 2 on invalid input, 3 when the guest asks for a reboot, 4 on a triple fault and 5
+/// when the guest kernel panics.
 ///
 /// With --api-socket, an HTTP API on that Unix socket controls the VM (docs/api/openapi.yaml):
 /// alone, the VMM waits for the VM to be created and booted through it; with --kernel, the VM
@@ -200,13 +209,17 @@ fn main() -> ExitCode {
     drop(api);
     match exit {
         VmExit::PowerOff => ExitCode::SUCCESS,
+        VmExit::Reset(TRIPLE_FAULT) => {
+            eprintln!("vmm: a vCPU triple-faulted: the guest crashed");
+            ExitCode::from(EXIT_TRIPLE_FAULT)
+        }
         VmExit::Reset(why) => {
             tracing::info!("guest reset ({why}): ending the VM");
-            ExitCode::SUCCESS
+            ExitCode::from(EXIT_REBOOT)
         }
         VmExit::Panic => {
             eprintln!("vmm: guest kernel panicked (reported through pvpanic)");
-            ExitCode::from(EXIT_VM_FAILED)
+            ExitCode::from(EXIT_GUEST_PANIC)
         }
         VmExit::Error(msg) => {
             eprintln!("vmm: {msg}");

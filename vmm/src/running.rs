@@ -44,6 +44,9 @@ impl From<VmEvent> for VmExit {
             VmEvent::Reset(why) => VmExit::Reset(why),
             VmEvent::Panic => VmExit::Panic,
             VmEvent::Error(msg) => VmExit::Error(msg),
+            // The VMM pauses on a stall rather than ending the VM; only a caller that does not
+            // know stalls (none today) would end it.
+            VmEvent::Stall(msg) => VmExit::Error(msg),
         }
     }
 }

@@ -18,6 +18,8 @@ struct Inner {
     config: Option<VmConfig>,
     vm: Option<RunningVm>,
     exit: Option<VmExit>,
+    /// Why the VMM paused the VM itself (a device stalled), until it is resumed.
+    pause_reason: Option<String>,
     /// Incremented per boot, so a watcher of an earlier boot (before a reboot) is ignored.
     generation: u64,
 }
@@ -51,6 +53,7 @@ impl Vmm {
                 config: None,
                 vm: None,
                 exit: None,
+                pause_reason: None,
                 generation: 0,
             }),
             changed: Condvar::new(),
@@ -98,24 +101,52 @@ impl Vmm {
         }
         g.vm = Some(vm);
         g.state = VmState::Running;
+        g.pause_reason = None;
         self.changed.notify_all();
         Ok(())
     }
 
-    /// Turns the first event of the VM of `generation` into its end.
+    /// Pauses the VM of `generation` on stalls, and turns its first other event into its end.
     fn watch(&self, rx: Receiver<VmEvent>, generation: u64) {
         let this = self.this.clone();
         let spawned = std::thread::Builder::new()
             .name("vm-watch".into())
-            .spawn(move || {
+            .spawn(move || loop {
                 // Err: the VM was torn down by us (reboot, hard stop); nothing to report.
                 let Ok(event) = rx.recv() else { return };
-                if let Some(vmm) = this.upgrade() {
-                    vmm.ended(generation, VmExit::from(event));
+                let Some(vmm) = this.upgrade() else { return };
+                match event {
+                    VmEvent::Stall(reason) => vmm.stalled(generation, reason),
+                    event => return vmm.ended(generation, VmExit::from(event)),
                 }
             });
         if let Err(e) = spawned {
             tracing::error!("cannot watch the VM: {e}");
+        }
+    }
+
+    /// Pauses the VM of `generation` because a device cannot go on (`reason`), until `resume`.
+    fn stalled(&self, generation: u64, reason: String) {
+        let mut g = self.lock();
+        if g.generation != generation {
+            return;
+        }
+        if g.state == VmState::Paused {
+            // Paused already (by the user, or an earlier stall): the first reason stands.
+            g.pause_reason.get_or_insert(reason);
+            return;
+        }
+        let Some(vm) = g.vm.as_ref().filter(|_| g.state == VmState::Running) else {
+            return;
+        };
+        tracing::warn!("pausing the VM: {reason}");
+        match vm.pause() {
+            Ok(()) => {
+                g.state = VmState::Paused;
+                g.pause_reason = Some(reason);
+                self.changed.notify_all();
+            }
+            Err(e) => tracing::error!("cannot pause the VM after {reason}: {e}"),
         }
     }
 
@@ -236,6 +267,9 @@ impl VmControl for Vmm {
         match (g.state, g.vm.as_ref()) {
             (VmState::Paused, Some(vm)) => {
                 vm.resume();
+                if let Some(why) = g.pause_reason.take() {
+                    tracing::info!("resumed after: {why}");
+                }
                 g.state = VmState::Running;
                 Ok(())
             }
@@ -275,12 +309,20 @@ impl VmControl for Vmm {
             disks,
             nets,
             exit_reason: g.exit.as_ref().map(exit_text),
+            pause_reason: g.pause_reason.clone(),
         }
     }
 
     fn snapshot(&self, dir: PathBuf) -> Result<(), ControlError> {
         let g = self.lock();
         match (g.state, g.vm.as_ref(), g.config.as_ref()) {
+            // Requests waiting for the host would be lost: the snapshot has no place for them.
+            (VmState::Paused, Some(_), Some(_)) if g.pause_reason.is_some() => {
+                Err(ControlError::Conflict(format!(
+                    "cannot snapshot while {} waits: resume the VM first",
+                    g.pause_reason.as_deref().unwrap_or("a device")
+                )))
+            }
             (VmState::Paused, Some(vm), Some(cfg)) => Ok(crate::snapshot::save(vm, cfg, &dir)?),
             (s, _, _) => Err(conflict(s, "snapshot (pause the VM first)")),
         }

@@ -194,19 +194,24 @@ async fn main() -> Result<()> {
     let plane = ControlPlane::start(ServerConfig {
         etcd: vec![etcd_url.clone()],
         listen: "127.0.0.1:0".parse()?,
+        also_listen: Vec::new(),
         etcd_timeout: Duration::from_secs(10),
         controllers: ControllerConfig {
             holder: "sim".into(),
             lease_ttl: Duration::from_secs(5),
             resync: Duration::from_secs(300),
         },
+        // The simulated workers start nothing: a path names the image.
+        image_dir: None,
+        allow_host_path: true,
     })
     .await?;
     let api = ApiClient::new(&format!("http://{}", plane.addr()), Duration::from_secs(60))?;
     api.create(
         "base",
         &ImageSpec {
-            path: "/img/base.qcow2".into(),
+            digest: None,
+            path: Some("/img/base.qcow2".into()),
             format: Default::default(),
             size: None,
             kernel: None,

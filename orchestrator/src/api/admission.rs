@@ -4,8 +4,74 @@
 use axum::http::StatusCode;
 
 use super::error::ApiError;
-use crate::model::{FieldError, ScaleGroupSpec, Spec, VmSpec, VolumeSpec};
+use super::Images;
+use crate::images::Digest;
+use crate::model::{
+    FieldError, ImageSpec, LoadBalancerSpec, ScaleGroupSpec, Spec, VmSpec, VolumeSpec,
+};
 use crate::store::Store;
+
+/// Rules of one kind that need more than the spec: an image's host paths and blobs.
+pub fn check_kind_rules<S: Spec>(images: &Images, spec: &S) -> Result<(), ApiError> {
+    match (spec as &dyn std::any::Any).downcast_ref::<ImageSpec>() {
+        Some(image) => check_image(images, image),
+        None => Ok(()),
+    }
+}
+
+/// An image names host paths only when the server allows them (a path is any file of every
+/// worker, `/etc/shadow` included), and blobs only that the store has, in the format stated.
+fn check_image(images: &Images, spec: &ImageSpec) -> Result<(), ApiError> {
+    let unprocessable = |field: &str, why: String| {
+        ApiError::field(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            FieldError::new(field, why),
+        )
+    };
+    if !images.allow_host_path {
+        if let Some((field, path)) = spec.host_paths().first() {
+            return Err(unprocessable(
+                field,
+                format!(
+                    "{path:?}: host paths are refused by this server; push the file with \
+                     `lightbyte image push` (or start the server with --allow-host-path)"
+                ),
+            ));
+        }
+    }
+    let blobs = [
+        ("spec.digest", spec.digest.as_deref()),
+        ("spec.kernel", spec.kernel.as_deref()),
+        ("spec.initramfs", spec.initramfs.as_deref()),
+    ];
+    for (field, value) in blobs {
+        let Some(d) = value.filter(|v| Digest::looks_like(v)) else {
+            continue;
+        };
+        let d: Digest = d.parse().map_err(|e| unprocessable(field, e))?;
+        let Some(store) = &images.blobs else {
+            return Err(unprocessable(field, "this server keeps no images".into()));
+        };
+        if store.size(&d).is_none() {
+            return Err(unprocessable(
+                field,
+                format!("no blob {d} in the image store: push it first"),
+            ));
+        }
+        if field == "spec.digest" {
+            let head = store
+                .head(&d, 4)
+                .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+            if let Some(why) = crate::images::format_mismatch(spec.format, &head) {
+                return Err(unprocessable(
+                    "spec.format",
+                    format!("stated {} but blob {d} {why}", spec.format.as_str()),
+                ));
+            }
+        }
+    }
+    Ok(())
+}
 
 /// Every object the spec names exists: 422 naming the field otherwise.
 pub async fn check_references<S: Spec>(store: &Store, spec: &S) -> Result<(), ApiError> {
@@ -48,12 +114,35 @@ pub async fn check_exclusive<S: Spec>(store: &Store, name: &str, spec: &S) -> Re
     Ok(())
 }
 
+/// No VM is placed on worker `name`: deleting its record would leave them Lost (409 naming
+/// them; `force=true` deletes all the same, for a worker that is gone for good).
+pub async fn check_worker_empty(store: &Store, name: &str) -> Result<(), ApiError> {
+    let (vms, _) = store.list::<VmSpec>().await?;
+    let held: Vec<&str> = vms
+        .iter()
+        .filter(|vm| vm.status.placement.as_deref() == Some(name))
+        .map(|vm| vm.name())
+        .collect();
+    if held.is_empty() {
+        return Ok(());
+    }
+    Err(ApiError::new(
+        StatusCode::CONFLICT,
+        format!(
+            "worker {name:?} still holds VMs {}: drain it (`lightbyte worker drain`), forget it \
+             (`worker forget`) if it is gone, or delete with force=true",
+            held.join(", ")
+        ),
+    ))
+}
+
 /// Nothing names `kind`/`name`: 409 naming a user otherwise, so a VM's image or volume cannot
-/// vanish under it. (VMs, volumes and scale groups name other objects.)
+/// vanish under it. (VMs, volumes, scale groups and load balancers name other objects.)
 pub async fn check_unused(store: &Store, kind: &str, name: &str) -> Result<(), ApiError> {
     let (vms, _) = store.list::<VmSpec>().await?;
     let (volumes, _) = store.list::<VolumeSpec>().await?;
     let (groups, _) = store.list::<ScaleGroupSpec>().await?;
+    let (lbs, _) = store.list::<LoadBalancerSpec>().await?;
     let users = vms
         .iter()
         .filter(|o| names(&o.spec, kind, name))
@@ -69,6 +158,11 @@ pub async fn check_unused(store: &Store, kind: &str, name: &str) -> Result<(), A
                 .iter()
                 .filter(|o| names(&o.spec, kind, name))
                 .map(|o| format!("scale group {:?}", o.name())),
+        )
+        .chain(
+            lbs.iter()
+                .filter(|o| names(&o.spec, kind, name))
+                .map(|o| format!("load balancer {:?}", o.name())),
         )
         .collect::<Vec<_>>();
     if users.is_empty() {

@@ -9,7 +9,6 @@ use axum::extract::rejection::{BytesRejection, PathRejection};
 use axum::extract::{Path, State};
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
-use http_body_util::{BodyExt, Full};
 
 use super::error::ApiError;
 use super::resources::path_name;
@@ -50,33 +49,19 @@ pub async fn forward(
             )
         })?;
     let url = format!("http://{endpoint}/api/v1/vms/{name}/agent");
-    let req = hyper::Request::post(&url)
-        .header(header::CONTENT_TYPE, "application/json")
-        .body(Full::new(body))
-        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
-    let unreachable = |e: String| {
+    let (status, bytes) = crate::http::exchange(
+        hyper::Method::POST,
+        &url,
+        Some(body.to_vec()),
+        FORWARD_TIMEOUT,
+    )
+    .await
+    .map_err(|e| {
         ApiError::new(
             StatusCode::BAD_GATEWAY,
             format!("worker {worker} at {endpoint}: {e}"),
         )
-    };
-    let exchange = async {
-        let resp = crate::http::client()
-            .request(req)
-            .await
-            .map_err(|e| unreachable(e.to_string()))?;
-        let status = resp.status();
-        let bytes = resp
-            .into_body()
-            .collect()
-            .await
-            .map_err(|e| unreachable(e.to_string()))?
-            .to_bytes();
-        Ok::<_, ApiError>((status, bytes))
-    };
-    let (status, bytes) = tokio::time::timeout(FORWARD_TIMEOUT, exchange)
-        .await
-        .map_err(|_| unreachable(format!("no answer within {FORWARD_TIMEOUT:?}")))??;
+    })?;
     Ok((
         status,
         [(header::CONTENT_TYPE, "application/json")],

@@ -1,11 +1,18 @@
-//! The HTTP JSON API: `/api/v1/{images,volumes,vms,workers,scalegroups}[/NAME]`,
-//! `/api/v1/vms/NAME/agent` for a VM's guest agent, and the operator actions of [`actions`].
+//! The HTTP JSON API: `/api/v1/{images,volumes,vms,workers,scalegroups,loadbalancers}[/NAME]`,
+//! `/api/v1/vms/NAME/agent` for a VM's guest agent, the operator actions of [`actions`], and the
+//! image store's blobs (`/api/v1/blobs/DIGEST`).
 
 mod actions;
 mod admission;
 mod agent;
+mod blobs;
 mod error;
+mod guard;
 mod resources;
+
+use std::sync::Arc;
+
+use axum::extract::FromRef;
 
 use axum::extract::DefaultBodyLimit;
 use axum::http::StatusCode;
@@ -14,22 +21,63 @@ use axum::Router;
 
 pub use actions::{ScaleRequest, StartRequest};
 pub use error::ApiError;
+pub use guard::require_json;
 pub use resources::List;
 
-use crate::model::{ImageSpec, ScaleGroupSpec, Spec, VmSpec, VolumeSpec, WorkerSpec};
+use crate::images::store::BlobStore;
+use crate::model::{
+    ImageSpec, LoadBalancerSpec, ScaleGroupSpec, Spec, VmSpec, VolumeSpec, WorkerSpec,
+};
 use crate::store::Store;
+
+/// What the API serves from.
+#[derive(Clone)]
+pub struct Api {
+    pub store: Store,
+    pub images: Images,
+}
+
+/// The image store, and what images may name.
+#[derive(Clone, Default)]
+pub struct Images {
+    /// Blobs pushed with `lightbyte image push`; none: this server keeps no images.
+    pub blobs: Option<Arc<BlobStore>>,
+    /// Images may name files on the workers by path (trusted operators only: any file of
+    /// every worker can be made a guest's disk).
+    pub allow_host_path: bool,
+}
+
+impl FromRef<Api> for Store {
+    fn from_ref(api: &Api) -> Store {
+        api.store.clone()
+    }
+}
+
+impl FromRef<Api> for Images {
+    fn from_ref(api: &Api) -> Images {
+        api.images.clone()
+    }
+}
 
 /// Request bodies larger than this are refused (413): every object is far smaller, and etcd
 /// refuses values over 1.5 MiB anyway.
 pub const MAX_BODY: usize = 1 << 20;
 
-pub fn router(store: Store) -> Router {
+pub fn router(api: Api) -> Router {
+    // Blobs stream in whatever their size: no body limit on that route.
+    let blob_routes = Router::new()
+        .route(
+            "/api/v1/blobs/{digest}",
+            get(blobs::get).head(blobs::head).put(blobs::put),
+        )
+        .layer(DefaultBodyLimit::disable());
     Router::new()
         .merge(kind::<ImageSpec>())
         .merge(kind::<VolumeSpec>())
         .merge(kind::<VmSpec>())
         .merge(kind::<WorkerSpec>())
         .merge(kind::<ScaleGroupSpec>())
+        .merge(kind::<LoadBalancerSpec>())
         .route("/api/v1/vms/{name}/agent", post(agent::forward))
         .route("/api/v1/vms/{name}/start", post(actions::start))
         .route("/api/v1/vms/{name}/stop", post(actions::stop))
@@ -38,13 +86,15 @@ pub fn router(store: Store) -> Router {
         .route("/api/v1/workers/{name}/forget", post(actions::forget))
         .route("/api/v1/scalegroups/{name}/scale", post(actions::scale))
         .route("/healthz", get(healthz))
+        .layer(DefaultBodyLimit::max(MAX_BODY))
+        .layer(axum::middleware::from_fn(guard::require_json))
+        .merge(blob_routes)
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
-        .layer(DefaultBodyLimit::max(MAX_BODY))
-        .with_state(store)
+        .with_state(api)
 }
 
-fn kind<S: Spec>() -> Router<Store> {
+fn kind<S: Spec>() -> Router<Api> {
     use resources::{create, delete, get as get_one, list, replace};
     Router::new()
         .route(

@@ -7,9 +7,12 @@ use axum::http::StatusCode;
 use axum::Json;
 use serde::Serialize;
 
-use super::admission::{check_exclusive, check_references, check_unused};
+use super::admission::{
+    check_exclusive, check_kind_rules, check_references, check_unused, check_worker_empty,
+};
 use super::error::ApiError;
-use crate::model::{validate, Object, ObjectInput, Spec};
+use super::Images;
+use crate::model::{validate, Object, ObjectInput, Spec, WorkerSpec};
 use crate::store::Store;
 
 /// `GET /api/v1/<kind>`: every object and the revision they were read at.
@@ -39,6 +42,7 @@ pub async fn get<S: Spec>(
 /// `POST /api/v1/<kind>`: 201 with the stored object.
 pub async fn create<S: Spec>(
     State(store): State<Store>,
+    State(images): State<Images>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<(StatusCode, Json<Object<S>>), ApiError> {
     let input = parse::<S>(body)?;
@@ -52,6 +56,7 @@ pub async fn create<S: Spec>(
     };
     obj.validate()
         .map_err(|e| ApiError::field(StatusCode::UNPROCESSABLE_ENTITY, e))?;
+    check_kind_rules(&images, &obj.spec)?;
     check_references(&store, &obj.spec).await?;
     check_exclusive(&store, obj.name(), &obj.spec).await?;
     let created = store.create(obj).await?;
@@ -62,6 +67,7 @@ pub async fn create<S: Spec>(
 /// object's (409 otherwise). The status is the controllers' and is kept.
 pub async fn replace<S: Spec>(
     State(store): State<Store>,
+    State(images): State<Images>,
     path: Result<Path<String>, PathRejection>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<Object<S>>, ApiError> {
@@ -93,6 +99,7 @@ pub async fn replace<S: Spec>(
         .spec
         .validate()
         .map_err(|e| ApiError::field(StatusCode::UNPROCESSABLE_ENTITY, e))?;
+    check_kind_rules(&images, &input.spec)?;
     check_references(&store, &input.spec).await?;
     check_exclusive(&store, &name, &input.spec).await?;
     let updated = store
@@ -112,10 +119,13 @@ pub async fn delete<S: Spec>(
     RawQuery(query): RawQuery,
 ) -> Result<Json<Object<S>>, ApiError> {
     let name = path_name(path)?;
-    let expected = parse_delete_query(query.as_deref())?;
+    let (expected, force) = parse_delete_query(query.as_deref())?;
     // Fail with 404 before looking for users of something that does not exist.
     store.get::<S>(&name).await?;
     check_unused(&store, S::KIND, &name).await?;
+    if S::KIND == WorkerSpec::KIND && !force {
+        check_worker_empty(&store, &name).await?;
+    }
     Ok(Json(store.delete::<S>(&name, expected).await?))
 }
 
@@ -144,10 +154,22 @@ fn parse<S: Spec>(body: Result<Bytes, BytesRejection>) -> Result<ObjectInput<S>,
     })
 }
 
-fn parse_delete_query(query: Option<&str>) -> Result<Option<i64>, ApiError> {
+/// `resource_version=N` (delete only that version) and `force=true` (a worker that still holds
+/// VMs).
+fn parse_delete_query(query: Option<&str>) -> Result<(Option<i64>, bool), ApiError> {
     let mut expected = None;
+    let mut force = false;
     for pair in query.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
         match pair.split_once('=') {
+            Some(("force", v)) => match v {
+                "true" => force = true,
+                "false" => force = false,
+                _ => {
+                    return Err(ApiError::bad_request(format!(
+                        "query parameter force: {v:?} is not true or false"
+                    )))
+                }
+            },
             Some(("resource_version", v)) => match v.parse::<i64>() {
                 Ok(n) if n > 0 => expected = Some(n),
                 _ => {
@@ -158,12 +180,12 @@ fn parse_delete_query(query: Option<&str>) -> Result<Option<i64>, ApiError> {
             },
             _ => {
                 return Err(ApiError::bad_request(format!(
-                    "unknown query parameter {pair:?}: only resource_version is accepted"
+                    "unknown query parameter {pair:?}: only resource_version and force are accepted"
                 )))
             }
         }
     }
-    Ok(expected)
+    Ok((expected, force))
 }
 
 #[cfg(test)]
@@ -172,13 +194,18 @@ mod tests {
 
     #[test]
     fn delete_query() {
-        assert_eq!(parse_delete_query(None).unwrap(), None);
+        assert_eq!(parse_delete_query(None).unwrap(), (None, false));
         assert_eq!(
             parse_delete_query(Some("resource_version=42")).unwrap(),
-            Some(42)
+            (Some(42), false)
         );
         assert!(parse_delete_query(Some("resource_version=x")).is_err());
         assert!(parse_delete_query(Some("resource_version=0")).is_err());
-        assert!(parse_delete_query(Some("force=true")).is_err());
+        assert_eq!(
+            parse_delete_query(Some("force=true&resource_version=7")).unwrap(),
+            (Some(7), true)
+        );
+        assert!(parse_delete_query(Some("force=yes")).is_err());
+        assert!(parse_delete_query(Some("colour=red")).is_err());
     }
 }

@@ -63,6 +63,14 @@ fn config(args: AgentArgs) -> Result<WorkerConfig> {
             .filter(|p| p.exists())
             .unwrap_or_else(|| PathBuf::from("vmm")),
     };
+    let proxy = match args.proxy {
+        Some(p) => p,
+        None => std::env::current_exe()
+            .ok()
+            .and_then(|e| Some(e.parent()?.join("lightbyte-proxy")))
+            .filter(|p| p.exists())
+            .unwrap_or_else(|| PathBuf::from("lightbyte-proxy")),
+    };
     for (what, path) in [("--kernel", &args.kernel), ("--initramfs", &args.initramfs)] {
         if let Some(p) = path {
             if !p.is_file() {
@@ -77,6 +85,9 @@ fn config(args: AgentArgs) -> Result<WorkerConfig> {
         labels: args.labels.into_iter().collect(),
         state_dir,
         vmm,
+        proxy,
+        server: args.server,
+        image_gc_grace: args.image_gc_grace,
         kernel: args.kernel,
         initramfs: args.initramfs,
         cmdline: args.cmdline,

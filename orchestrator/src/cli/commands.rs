@@ -47,7 +47,22 @@ pub async fn run(cli: Cli) -> Result<()> {
             agent,
         }) => super::agent::run(*agent).await,
         Command::ScaleGroup(cmd) => super::groups::run(&client()?, cmd, output).await,
+        Command::Lb(cmd) => super::lbs::run(&client()?, cmd, output).await,
+        Command::Proxy { args } => proxy(args),
     }
+}
+
+/// Hands over to `lightbyte-proxy`: the proxy is its own binary (Pingora stays out of the
+/// control plane's), this is the way to it under the one command users know.
+fn proxy(args: Vec<std::ffi::OsString>) -> Result<()> {
+    use std::os::unix::process::CommandExt;
+    let bin = std::env::current_exe()
+        .ok()
+        .and_then(|e| Some(e.parent()?.join("lightbyte-proxy")))
+        .filter(|p| p.exists())
+        .unwrap_or_else(|| "lightbyte-proxy".into());
+    let err = std::process::Command::new(&bin).args(args).exec();
+    Err(anyhow::anyhow!("cannot run {}: {err}", bin.display()))
 }
 
 async fn server(args: ServerArgs) -> Result<()> {
@@ -64,13 +79,16 @@ async fn server(args: ServerArgs) -> Result<()> {
     let holder = format!("{id}-{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
     let config = ServerConfig {
         etcd: args.etcd,
-        listen: args.listen,
+        listen: args.listen[0],
+        also_listen: args.listen[1..].to_vec(),
         etcd_timeout: args.etcd_timeout,
         controllers: ControllerConfig {
             holder,
             lease_ttl: args.lease_ttl,
             resync: args.resync,
         },
+        image_dir: args.image_dir,
+        allow_host_path: args.allow_host_path,
     };
     let plane = ControlPlane::start(config).await?;
     // Scripts and tests read the address from this line when they pass port 0.
@@ -129,7 +147,11 @@ async fn wait_vms(
                         bail!("vm {name} does not exist");
                     }
                 }
-                Err(e) => return Err(e.into()),
+                Err(e) => {
+                    if super::groups::retry_transient::<()>(Err(e.into()), deadline)?.is_none() {
+                        pending.push(format!("{name} (unknown for now)"));
+                    }
+                }
             }
         }
         if pending.is_empty() {
@@ -246,7 +268,8 @@ async fn image(client: &ApiClient, cmd: ImageCommand, output: Output) -> Result<
             cmdline,
         } => {
             let spec = ImageSpec {
-                path,
+                digest: None,
+                path: Some(path),
                 format: format.into(),
                 size,
                 kernel,
@@ -254,6 +277,27 @@ async fn image(client: &ApiClient, cmd: ImageCommand, output: Output) -> Result<
                 cmdline,
             };
             done(output, &client.create(&name, &spec).await?, "added")
+        }
+        ImageCommand::Push {
+            name,
+            file,
+            format,
+            kernel,
+            initramfs,
+            cmdline,
+        } => {
+            let spec = super::push::push(
+                client.base(),
+                &super::push::Files {
+                    disk: file,
+                    format: format.into(),
+                    kernel,
+                    initramfs,
+                    cmdline,
+                },
+            )
+            .await?;
+            done(output, &client.create(&name, &spec).await?, "pushed")
         }
         ImageCommand::List => show(output, &client.list::<ImageSpec>().await?, image_table),
         ImageCommand::Get { name } => {
@@ -386,13 +430,18 @@ fn vm_table(vms: &[Vm]) -> Table {
 }
 
 fn image_table(images: &[Image]) -> Table {
-    let mut t = Table::new(&["NAME", "FORMAT", "SIZE", "PATH"]);
+    let mut t = Table::new(&["NAME", "FORMAT", "SIZE", "SOURCE"]);
     for i in images {
+        let source = match &i.spec.digest {
+            // The first 12 hex digits say which, as container tools show them.
+            Some(d) => d.chars().take("sha256:".len() + 12).collect(),
+            None => i.spec.source().to_string(),
+        };
         t.row(vec![
             i.name().to_string(),
             i.spec.format.as_str().to_string(),
             i.spec.size.map_or("-".to_string(), |s| s.to_string()),
-            i.spec.path.clone(),
+            source,
         ]);
     }
     t
@@ -449,4 +498,14 @@ fn worker_table(workers: &[Worker], vms: &[Vm]) -> Table {
         ]);
     }
     t
+}
+
+/// The kinds of the conditions that hold, for a table column (`Available,Degraded`).
+pub(super) fn held(conditions: &[orchestrator::model::Condition]) -> String {
+    conditions
+        .iter()
+        .filter(|c| c.status)
+        .map(|c| c.kind.as_str())
+        .collect::<Vec<_>>()
+        .join(",")
 }

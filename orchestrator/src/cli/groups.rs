@@ -9,7 +9,7 @@ use super::commands::{done, show, show_one};
 use super::table::Table;
 use super::{Output, ScaleGroupCommand, TemplateArgs, WaitArgs};
 use orchestrator::api::ScaleRequest;
-use orchestrator::client::ApiClient;
+use orchestrator::client::{ApiClient, ClientError};
 use orchestrator::model::{
     ScaleGroup, ScaleGroupSpec, UpdateStrategy, VmSpec, VmTemplate, VolumeTemplate, WorkerSpec,
     WorkerState,
@@ -146,22 +146,61 @@ async fn settle(client: &ApiClient, name: &str, wait: WaitArgs) -> Result<()> {
     if !wait.wait {
         return Ok(());
     }
-    let deadline = tokio::time::Instant::now() + wait.timeout;
+    poll(wait.timeout, || async {
+        let g = client.get::<ScaleGroupSpec>(name).await?;
+        Ok((progress(&g), settled(&g)))
+    })
+    .await
+}
+
+/// Calls `step` until it says done, printing its progress line when it changes; fails after
+/// `timeout` with the last line.
+pub(super) async fn poll<F, Fut>(timeout: Duration, mut step: F) -> Result<()>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<(String, bool)>>,
+{
+    let deadline = tokio::time::Instant::now() + timeout;
     let mut last = String::new();
     loop {
-        let g = client.get::<ScaleGroupSpec>(name).await?;
-        let line = progress(&g);
+        let Some((line, done)) = retry_transient(step().await, deadline)? else {
+            tokio::time::sleep(POLL).await;
+            continue;
+        };
         if line != last {
             eprintln!("{line}");
             last = line;
         }
-        if settled(&g) {
+        if done {
             return Ok(());
         }
         if tokio::time::Instant::now() >= deadline {
-            bail!("timed out after {:?}: {last}", wait.timeout);
+            bail!("timed out after {timeout:?}: {last}");
         }
         tokio::time::sleep(POLL).await;
+    }
+}
+
+/// A waiting loop's step result: a transient failure of the control plane (etcd unavailable,
+/// no answer in time) is said once per occurrence and gives `None` (try again) until
+/// `deadline`; anything else stands.
+pub(super) fn retry_transient<T>(
+    step: Result<T>,
+    deadline: tokio::time::Instant,
+) -> Result<Option<T>> {
+    match step {
+        Ok(v) => Ok(Some(v)),
+        Err(e)
+            if tokio::time::Instant::now() < deadline
+                && e.chain().any(|c| {
+                    c.downcast_ref::<ClientError>()
+                        .is_some_and(ClientError::is_transient)
+                }) =>
+        {
+            eprintln!("({e:#}; retrying)");
+            Ok(None)
+        }
+        Err(e) => Err(e),
     }
 }
 
@@ -170,9 +209,13 @@ async fn members_gone(client: &ApiClient, g: &ScaleGroup, timeout: Duration) -> 
     let deadline = tokio::time::Instant::now() + timeout;
     let mut last = usize::MAX;
     loop {
-        let left = client
-            .list::<VmSpec>()
-            .await?
+        let Some(vms) =
+            retry_transient(client.list::<VmSpec>().await.map_err(Into::into), deadline)?
+        else {
+            tokio::time::sleep(POLL).await;
+            continue;
+        };
+        let left = vms
             .into_iter()
             .filter(|vm| {
                 vm.metadata
@@ -203,10 +246,18 @@ pub async fn drained(client: &ApiClient, name: &str, timeout: Duration) -> Resul
     let deadline = tokio::time::Instant::now() + timeout;
     let mut last = String::new();
     loop {
-        let w = client
-            .get::<WorkerSpec>(name)
-            .await
-            .with_context(|| format!("worker {name}"))?;
+        let step = async {
+            let w = client
+                .get::<WorkerSpec>(name)
+                .await
+                .with_context(|| format!("worker {name}"))?;
+            let vms = client.list::<VmSpec>().await?;
+            anyhow::Ok((w, vms))
+        };
+        let Some((w, vms)) = retry_transient(step.await, deadline)? else {
+            tokio::time::sleep(POLL).await;
+            continue;
+        };
         if w.status.state == WorkerState::Drained {
             eprintln!("{name}: Drained");
             return Ok(());
@@ -214,7 +265,6 @@ pub async fn drained(client: &ApiClient, name: &str, timeout: Duration) -> Resul
         if !w.spec.drain {
             bail!("worker {name} is no longer draining (uncordoned?)");
         }
-        let vms = client.list::<VmSpec>().await?;
         let on: Vec<String> = vms
             .iter()
             .filter(|vm| {
@@ -256,13 +306,6 @@ fn table(groups: &[ScaleGroup]) -> Table {
         "CONDITIONS",
     ]);
     for g in groups {
-        let conditions: Vec<String> = g
-            .status
-            .conditions
-            .iter()
-            .filter(|c| c.status)
-            .map(|c| c.kind.clone())
-            .collect();
         t.row(vec![
             g.name().to_string(),
             g.spec.replicas.to_string(),
@@ -272,7 +315,7 @@ fn table(groups: &[ScaleGroup]) -> Table {
             g.spec.template.image.clone(),
             g.spec.template.cpus.to_string(),
             g.spec.template.memory.to_string(),
-            conditions.join(","),
+            super::commands::held(&g.status.conditions),
         ]);
     }
     t

@@ -3,6 +3,8 @@
 mod agent;
 mod commands;
 mod groups;
+mod lbs;
+mod push;
 mod table;
 
 use std::net::SocketAddr;
@@ -53,6 +55,85 @@ pub enum Command {
     /// they fail, rolled over when the template changes
     #[command(subcommand, name = "scale-group")]
     ScaleGroup(ScaleGroupCommand),
+    /// HTTP load balancers in front of scale groups or VMs (Pingora proxies in VMs of their own
+    /// or beside the worker agents), showing addresses and backend health
+    #[command(subcommand, name = "lb")]
+    Lb(LbCommand),
+    /// Run or control the load-balancing proxy itself (`lightbyte-proxy`, next to this binary
+    /// or on PATH): `lightbyte proxy run --control SOCK`, `apply`, `status`, `stop`
+    #[command(disable_help_flag = true)]
+    Proxy {
+        /// Passed to lightbyte-proxy as they are (`lightbyte proxy --help` shows its help)
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<std::ffi::OsString>,
+    },
+}
+
+// Parsed once per run: the size of its largest variant costs nothing.
+#[allow(clippy::large_enum_variant)]
+#[derive(Debug, Subcommand)]
+pub enum LbCommand {
+    /// Create a load balancer
+    Create {
+        name: String,
+        /// A port it accepts HTTP on (repeatable)
+        #[arg(long = "port", required = true)]
+        ports: Vec<u16>,
+        /// The scale group whose Running members are the backends
+        #[arg(long)]
+        group: Option<String>,
+        /// A VM that is a backend too (repeatable)
+        #[arg(long = "vm")]
+        vms: Vec<String>,
+        /// The backends' port
+        #[arg(long)]
+        target_port: u16,
+        /// Backend health check: tcp (a connection is accepted) or http (GET answers 200)
+        #[arg(long, default_value = "tcp", value_parser = ["tcp", "http"])]
+        health: String,
+        /// The path an http health check asks for
+        #[arg(long, default_value = "/")]
+        health_path: String,
+        /// How often backends are checked
+        #[arg(long, default_value = "2s", value_parser = duration)]
+        health_interval: Duration,
+        /// How long one check may take
+        #[arg(long, default_value = "1s", value_parser = duration)]
+        health_timeout: Duration,
+        /// round-robin, or consistent (hash of the client's address)
+        #[arg(long, default_value = "round-robin", value_parser = ["round-robin", "consistent"])]
+        selection: String,
+        /// How long requests a removed backend serves may take to finish
+        #[arg(long, value_name = "DURATION", default_value = "10s")]
+        drain_grace: orchestrator::model::Seconds,
+        /// guest: proxy VMs of its own; host: the proxy beside every worker agent
+        #[arg(long, default_value = "guest", value_parser = ["guest", "host"])]
+        placement: String,
+        /// guest: the image of the proxy VMs
+        #[arg(long)]
+        image: Option<String>,
+        /// guest: how many proxy VMs
+        #[arg(long, default_value_t = 2)]
+        proxies: u32,
+        /// guest: memory of each proxy VM
+        #[arg(long, default_value = "128M", value_parser = size)]
+        proxy_memory: ByteSize,
+        /// Wait until a proxy runs the current backends and every backend is healthy
+        #[arg(long)]
+        wait: bool,
+        /// Give up waiting after this long
+        #[arg(long, value_name = "DURATION", default_value = "10m", value_parser = duration)]
+        timeout: Duration,
+    },
+    List,
+    /// A load balancer with its addresses, proxies and each backend's health
+    Get {
+        name: String,
+    },
+    /// Delete it (and its proxy VMs)
+    Delete {
+        name: String,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -65,9 +146,10 @@ pub struct ServerArgs {
         required = true
     )]
     pub etcd: Vec<String>,
-    /// Address the HTTP API listens on (port 0 picks a free one; the address is logged)
+    /// Address the HTTP API listens on (port 0 picks a free one; the address is logged);
+    /// repeat it to serve on more (e.g. where workers in another network pull images)
     #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:7070")]
-    pub listen: SocketAddr,
+    pub listen: Vec<SocketAddr>,
     /// Controller leader lease TTL: a crashed leader is replaced within this time
     #[arg(long, value_name = "DURATION", default_value = "5s", value_parser = duration)]
     pub lease_ttl: Duration,
@@ -80,6 +162,14 @@ pub struct ServerArgs {
     /// This instance's identity in leader keys [default: HOSTNAME-PID]
     #[arg(long, value_name = "NAME")]
     pub id: Option<String>,
+    /// Where images pushed with `lightbyte image push` are kept, by SHA-256 (several servers
+    /// of one cluster share it, e.g. on NFS) [default: no image store]
+    #[arg(long, value_name = "DIR")]
+    pub image_dir: Option<std::path::PathBuf>,
+    /// Let images name files on the workers by path (`image add --path`): any file of every
+    /// worker can then become a guest's disk, so only for trusted operators
+    #[arg(long)]
+    pub allow_host_path: bool,
 }
 
 #[derive(Debug, Subcommand)]
@@ -158,7 +248,26 @@ pub enum WaitFor {
 
 #[derive(Debug, Subcommand)]
 pub enum ImageCommand {
-    /// Register a base image that every worker has at PATH
+    /// Upload FILE (and its boot files) to the control plane's image store and register it as
+    /// image NAME; workers pull it by its SHA-256 on first use and verify it
+    Push {
+        name: String,
+        file: std::path::PathBuf,
+        /// The file's format, checked against its content (never guessed)
+        #[arg(long, value_enum, default_value_t = FormatArg::Qcow2)]
+        format: FormatArg,
+        /// Kernel its VMs boot, uploaded too [default: the worker's --kernel]
+        #[arg(long, value_name = "FILE")]
+        kernel: Option<std::path::PathBuf>,
+        /// Initramfs loaded with --kernel, uploaded too
+        #[arg(long, value_name = "FILE", requires = "kernel")]
+        initramfs: Option<std::path::PathBuf>,
+        /// Kernel command line; workers append the VM's network configuration (ip=...)
+        #[arg(long, value_name = "STR")]
+        cmdline: Option<String>,
+    },
+    /// Register a base image that every worker has at PATH (refused unless the server runs
+    /// with --allow-host-path)
     Add {
         name: String,
         #[arg(long)]
@@ -366,17 +475,30 @@ pub struct AgentArgs {
     /// The vmm binary [default: `vmm` next to this binary, else on PATH]
     #[arg(long, value_name = "PATH")]
     pub vmm: Option<std::path::PathBuf>,
+    /// The load-balancing proxy run for host-placed load balancers (needs --listen)
+    /// [default: `lightbyte-proxy` next to this binary, else on PATH]
+    #[arg(long, value_name = "PATH")]
+    pub proxy: Option<std::path::PathBuf>,
+    /// The control plane images are pulled from (`lightbyte image push` stores them there);
+    /// without it only images by host path can be started here
+    #[arg(long, value_name = "URL")]
+    pub server: Option<String>,
+    /// Cached images no VM here uses are removed after this long
+    #[arg(long, value_name = "DURATION", default_value = "10m", value_parser = duration)]
+    pub image_gc_grace: Duration,
     /// Kernel for images that name none
     #[arg(long, value_name = "PATH")]
     pub kernel: Option<std::path::PathBuf>,
     /// Initramfs loaded with --kernel
     #[arg(long, value_name = "PATH", requires = "kernel")]
     pub initramfs: Option<std::path::PathBuf>,
-    /// Kernel command line for images that name none (the VM's ip= is appended)
+    /// Kernel command line for images that name none (the VM's ip= is appended).
+    /// random.trust_cpu=on seeds the guest's random pool from RDRAND at boot: without it a
+    /// small guest can wait a long time for entropy, and programs that read it block
     #[arg(
         long,
         value_name = "STR",
-        default_value = "console=ttyS0 reboot=k panic=1"
+        default_value = "console=ttyS0 reboot=k panic=1 random.trust_cpu=on"
     )]
     pub cmdline: String,
     /// The network VMs name in spec.network that this worker serves

@@ -3,6 +3,8 @@
 //! the next reconcile (by this instance or its successor) starts from what etcd holds.
 
 mod health;
+mod lb_proxies;
+mod load_balancer;
 mod mover;
 mod placement;
 mod runner;
@@ -13,6 +15,7 @@ use std::future::Future;
 use std::time::Duration;
 
 pub use health::WorkerHealth;
+pub use load_balancer::{LoadBalancers, PROXY_LABEL};
 pub use mover::{Mover, RETRY_FAILED_AFTER};
 pub use placement::Placement;
 pub use runner::{passes, run};
@@ -31,6 +34,12 @@ pub trait Controller: Send + Sync + 'static {
     /// Makes one pass. `store` is fenced by the current leadership: a write after the
     /// leadership ended fails with `StoreError::Deposed`.
     fn reconcile(&self, store: &Store) -> impl Future<Output = Result<(), StoreError>> + Send;
+
+    /// After a pass: how soon the next one is due even if nothing changes (a deadline the pass
+    /// saw coming, a remote state to poll); the configured resync otherwise.
+    fn wake_after(&self) -> Option<Duration> {
+        None
+    }
 }
 
 /// How every controller of one control-plane instance runs.

@@ -107,7 +107,10 @@ async fn lead<C: Controller>(
                 continue;
             }
         }
-        wait_for_change(store, &prefixes, revision + 1, config.resync).await;
+        let resync = controller
+            .wake_after()
+            .map_or(config.resync, |w| w.min(config.resync));
+        wait_for_change(store, &prefixes, revision + 1, resync).await;
     }
 }
 

@@ -4,21 +4,30 @@
 //! worker rolls members over surge first (a member is removed only once enough others are
 //! Running). Members and member volumes of deleted groups are deleted.
 //!
+//! A member let go (scale-down, rolling replacement) of a group behind load balancers retires
+//! first: it is marked (`status.retiring_since`), load balancers stop sending it requests, and
+//! it is deleted once the longest drain grace of those load balancers has passed.
+//!
 //! Every pass recounts from etcd, so a pass cut short (a leader killed between two creates)
 //! leaves nothing for the successor to undo: it counts what exists and makes up the difference.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Mutex;
 use std::time::{Duration, SystemTime};
 
 use super::Controller;
 use crate::model::{
-    member_volumes, Condition, Metadata, Object, OwnerRef, ScaleGroup, ScaleGroupSpec,
-    ScaleGroupStatus, Vm, VmSpec, VmState, Volume, VolumeSpec, VolumeStatus, WorkerSpec,
-    SUFFIX_LEN,
+    member_volumes, Condition, LoadBalancerSpec, Metadata, Object, OwnerRef, ScaleGroup,
+    ScaleGroupSpec, ScaleGroupStatus, Vm, VmSpec, VmState, Volume, VolumeSpec, VolumeStatus,
+    WorkerSpec, SUFFIX_LEN,
 };
 use crate::store::{keys, Store, StoreError};
 
-pub struct ScaleGroups;
+#[derive(Default)]
+pub struct ScaleGroups {
+    /// The soonest a retiring member is due for deletion, as of the last pass.
+    next_due: Mutex<Option<SystemTime>>,
+}
 
 impl Controller for ScaleGroups {
     const NAME: &'static str = "scale-groups";
@@ -28,7 +37,17 @@ impl Controller for ScaleGroups {
             keys::kind_prefix("scalegroup"),
             keys::kind_prefix("vm"),
             keys::kind_prefix("worker"),
+            keys::kind_prefix("loadbalancer"),
         ]
+    }
+
+    fn wake_after(&self) -> Option<Duration> {
+        let due = (*self.next_due.lock().ok()?)?;
+        Some(
+            due.duration_since(SystemTime::now())
+                .unwrap_or(Duration::ZERO)
+                .max(Duration::from_millis(100)),
+        )
     }
 
     async fn reconcile(&self, store: &Store) -> Result<(), StoreError> {
@@ -60,7 +79,18 @@ impl Controller for ScaleGroups {
                 None => orphans.push(vm),
             }
         }
+        // A group's members retire for as long as the slowest load balancer in front of it
+        // drains.
+        let (lbs, _) = store.list::<LoadBalancerSpec>().await?;
+        let mut graces: BTreeMap<&str, Duration> = BTreeMap::new();
+        for lb in &lbs {
+            if let Some(g) = lb.spec.target.group.as_deref() {
+                let e = graces.entry(g).or_default();
+                *e = (*e).max(lb.spec.drain_grace.duration());
+            }
+        }
         let now = SystemTime::now();
+        let mut next_due = None;
         for group in &groups {
             let mine = members.remove(group.name()).unwrap_or_default();
             let pass = GroupPass {
@@ -68,8 +98,14 @@ impl Controller for ScaleGroups {
                 group,
                 leaving: &leaving,
                 now,
+                grace: graces.get(group.name()).copied().unwrap_or_default(),
             };
-            pass.run(mine).await?;
+            if let Some(due) = pass.run(mine).await? {
+                next_due = Some(next_due.map_or(due, |d: SystemTime| d.min(due)));
+            }
+        }
+        if let Ok(mut d) = self.next_due.lock() {
+            *d = next_due;
         }
         for vm in orphans {
             tracing::info!(vm = vm.name(), "its scale group is gone; deleting");
@@ -84,6 +120,8 @@ struct GroupPass<'a> {
     group: &'a ScaleGroup,
     leaving: &'a BTreeSet<&'a str>,
     now: SystemTime,
+    /// How long a member let go retires before it is deleted.
+    grace: Duration,
 }
 
 impl GroupPass<'_> {
@@ -125,12 +163,56 @@ impl GroupPass<'_> {
             >= self.spec().replace_lost_after.duration()
     }
 
-    async fn run(&self, members: Vec<&Vm>) -> Result<(), StoreError> {
+    /// When a retiring member is due for deletion: it retires for the group's grace.
+    fn retirement_due(&self, vm: &Vm) -> Option<SystemTime> {
+        let since = vm.status.retiring_since.as_deref()?;
+        let since = humantime::parse_rfc3339(since).unwrap_or(self.now);
+        Some(since + self.grace)
+    }
+
+    /// Lets a member go: deleted at once when no load balancer needs to drain it, otherwise
+    /// marked retiring. Whether it is gone from the group's count.
+    async fn retire(&self, vm: &Vm) -> Result<bool, StoreError> {
+        if self.grace.is_zero() {
+            return delete_member(self.store, vm).await;
+        }
+        let uid = vm.metadata.uid.clone();
+        let since = humantime::format_rfc3339_seconds(self.now).to_string();
+        let r = self
+            .store
+            .update_from::<VmSpec, _>(vm, |o| {
+                if o.metadata.uid == uid && o.status.retiring_since.is_none() {
+                    o.status.retiring_since = Some(since.clone());
+                }
+                Ok(())
+            })
+            .await;
+        match r {
+            Ok(_) => Ok(true),
+            Err(StoreError::NotFound { .. }) => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Reconciles the group's members. The soonest a retiring member is due, if any.
+    async fn run(&self, members: Vec<&Vm>) -> Result<Option<SystemTime>, StoreError> {
         let replicas = self.spec().replicas as usize;
         let surge = self.spec().update.max_surge as usize;
         let unavailable = self.spec().update.max_unavailable as usize;
         let mut kept = Vec::new();
+        let mut next_due: Option<SystemTime> = None;
+        let mut retired = 0usize;
         for vm in members {
+            // Retiring members no longer count: their replacements are made meanwhile.
+            if let Some(due) = self.retirement_due(vm) {
+                if due <= self.now || vm.status.state != VmState::Running {
+                    tracing::info!(group = self.name(), vm = vm.name(), "retired; deleting");
+                    retired += usize::from(delete_member(self.store, vm).await?);
+                } else {
+                    next_due = Some(next_due.map_or(due, |d| d.min(due)));
+                }
+                continue;
+            }
             let why = match vm.status.state {
                 VmState::Failed => Some("failed"),
                 _ if self.replaceable_lost(vm) => Some("lost past the grace period"),
@@ -206,7 +288,7 @@ impl GroupPass<'_> {
                     *c -= 1;
                 }
                 tracing::info!(group = self.name(), vm = vm.name(), "scaling down");
-                deleted += usize::from(delete_member(self.store, vm).await?);
+                deleted += usize::from(self.retire(vm).await?);
             }
         }
 
@@ -251,19 +333,20 @@ impl GroupPass<'_> {
                 vm = vm.name(),
                 "replacing outdated member"
             );
-            if delete_member(self.store, vm).await? {
+            if self.retire(vm).await? {
                 deleted += 1;
                 ready_count -= 1;
             } else {
                 left.push(vm);
             }
         }
-        if deleted > 0 {
-            // The counts below would be stale: the next pass (triggered by these deletes)
+        if deleted + retired > 0 {
+            // The counts below would be stale: the next pass (triggered by these writes)
             // writes the status.
-            return Ok(());
+            return Ok(next_due);
         }
-        self.write_status(&current, &left).await
+        self.write_status(&current, &left).await?;
+        Ok(next_due)
     }
 
     async fn create_member(&self) -> Result<(), StoreError> {

@@ -1,4 +1,6 @@
-//! `Image`: a base disk file that every worker has at the same path.
+//! `Image`: a base disk, by content (`digest`: a blob pushed to the control plane's image store,
+//! which workers pull and verify) or, for trusted operators of a server started with
+//! `--allow-host-path`, by a path every worker has.
 
 use serde::{Deserialize, Serialize};
 
@@ -26,8 +28,13 @@ impl DiskFormat {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ImageSpec {
-    /// Absolute path of the base image on every worker.
-    pub path: String,
+    /// The disk in the image store: `sha256:<hex>` (`lightbyte image push`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub digest: Option<String>,
+    /// Or: absolute path of the base image on every worker (refused unless the server allows
+    /// host paths).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<String>,
     /// Stated, never probed: guessing a format from a file's header lets a guest that wrote a
     /// qcow2 header into a raw disk read host files through a forged backing file.
     #[serde(default)]
@@ -35,8 +42,8 @@ pub struct ImageSpec {
     /// Virtual size, when known; volumes of this image must be at least this large.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub size: Option<ByteSize>,
-    /// Kernel VMs of this image boot directly (absolute path on every worker); when absent, the
-    /// worker's `--kernel`.
+    /// Kernel VMs of this image boot directly (a digest in the image store, or an absolute path
+    /// on every worker); when absent, the worker's `--kernel`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub kernel: Option<String>,
     /// Initramfs loaded with the kernel; when absent, the worker's `--initramfs` (if the kernel
@@ -46,6 +53,54 @@ pub struct ImageSpec {
     /// Kernel command line; the worker appends the network configuration (`ip=`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cmdline: Option<String>,
+}
+
+/// A digest `sha256:<64 hex>`.
+fn digest(field: &str, value: &str) -> Result<(), FieldError> {
+    value
+        .parse::<crate::images::Digest>()
+        .map(|_| ())
+        .map_err(|e| FieldError::new(field, e))
+}
+
+/// A boot file: a digest in the image store, or an absolute host path.
+fn file_ref(field: &str, value: &str) -> Result<(), FieldError> {
+    if crate::images::Digest::looks_like(value) {
+        digest(field, value)
+    } else {
+        absolute_path(field, value)
+    }
+}
+
+impl ImageSpec {
+    /// The host paths it names (disk, kernel, initramfs): what a server without
+    /// `--allow-host-path` refuses.
+    pub fn host_paths(&self) -> Vec<(&'static str, &str)> {
+        let mut v = Vec::new();
+        if let Some(p) = &self.path {
+            v.push(("spec.path", p.as_str()));
+        }
+        for (field, f) in [
+            ("spec.kernel", &self.kernel),
+            ("spec.initramfs", &self.initramfs),
+        ] {
+            if let Some(f) = f
+                .as_deref()
+                .filter(|f| !crate::images::Digest::looks_like(f))
+            {
+                v.push((field, f));
+            }
+        }
+        v
+    }
+
+    /// The disk as a user reads it: its digest, or its path.
+    pub fn source(&self) -> &str {
+        self.digest
+            .as_deref()
+            .or(self.path.as_deref())
+            .unwrap_or("-")
+    }
 }
 
 /// Longest kernel command line the boot protocol carries (x86 `COMMAND_LINE_SIZE`), minus room
@@ -63,15 +118,30 @@ impl Spec for ImageSpec {
     const PLURAL: &'static str = "images";
 
     fn validate(&self) -> Result<(), FieldError> {
-        absolute_path("spec.path", &self.path)?;
+        match (&self.digest, &self.path) {
+            (Some(d), None) => digest("spec.digest", d)?,
+            (None, Some(p)) => absolute_path("spec.path", p)?,
+            (Some(_), Some(_)) => {
+                return Err(FieldError::new(
+                    "spec.path",
+                    "give spec.digest or spec.path, not both",
+                ))
+            }
+            (None, None) => {
+                return Err(FieldError::new(
+                    "spec.digest",
+                    "is required (push the image with `lightbyte image push`)",
+                ))
+            }
+        }
         if self.size == Some(ByteSize(0)) {
             return Err(FieldError::new("spec.size", "must not be zero"));
         }
         if let Some(k) = &self.kernel {
-            absolute_path("spec.kernel", k)?;
+            file_ref("spec.kernel", k)?;
         }
         if let Some(i) = &self.initramfs {
-            absolute_path("spec.initramfs", i)?;
+            file_ref("spec.initramfs", i)?;
             if self.kernel.is_none() {
                 return Err(FieldError::new(
                     "spec.initramfs",

@@ -3,6 +3,7 @@
 
 mod duration;
 mod image;
+mod load_balancer;
 mod scale_group;
 mod size;
 pub mod validate;
@@ -17,6 +18,10 @@ use serde::{Deserialize, Serialize};
 
 pub use duration::Seconds;
 pub use image::{DiskFormat, ImageSpec, ImageStatus};
+pub use load_balancer::{
+    BackendStatus, HealthCheck, HealthKind, Listener, LoadBalancerSpec, LoadBalancerStatus,
+    Placement, PlacementKind, ProxyState, Selection, Target, MAX_LISTENERS, MAX_PROXIES,
+};
 pub use scale_group::{
     member_volumes, Condition, ScaleGroupSpec, ScaleGroupStatus, UpdateStrategy, VmTemplate,
     VolumeTemplate, MAX_REPLICAS, SUFFIX_LEN,
@@ -163,3 +168,4 @@ pub type Volume = Object<VolumeSpec>;
 pub type Vm = Object<VmSpec>;
 pub type Worker = Object<WorkerSpec>;
 pub type ScaleGroup = Object<ScaleGroupSpec>;
+pub type LoadBalancer = Object<LoadBalancerSpec>;

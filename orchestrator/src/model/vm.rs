@@ -74,6 +74,9 @@ pub enum VmState {
     Scheduled,
     Starting,
     Running,
+    /// Its `vmm` paused it because the host could not take a disk write (disk full): the
+    /// message says which disk and why; it goes on once resumed through the vmm's API.
+    Paused,
     Stopping,
     Stopped,
     /// Its worker stopped heartbeating: it may still run there, so it is not started elsewhere.
@@ -116,6 +119,10 @@ pub struct VmStatus {
     /// A cold move to another worker under way (its worker is draining).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub moving: Option<Move>,
+    /// When its scale group let it go (RFC 3339, UTC): load balancers stop sending it requests
+    /// at once, and the group deletes it once their drain grace has passed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retiring_since: Option<String>,
 }
 
 /// A cold move: the source worker powers the VM off and checksums its disks, the target fetches

@@ -15,10 +15,16 @@ use super::record::{Layout, Record};
 use super::want::{concerns, want, Want};
 use super::{api, forgotten, guest, mac_address, netdev, probe, tap_name, tasks};
 use super::{WorkerConfig, WorkerError};
+use crate::images::cache::ImageCache;
 use crate::model::{MovePhase, Power, Vm, VmSpec, VmState, VmStatus, VolumeSpec, WorkerSpec};
 use crate::registration::Registration;
 use crate::store::{Cache, Store, StoreError};
 use crate::task::Backoff;
+use vmm_api::client::Client;
+
+/// `vmm`'s exit status when the guest asked for a reboot (0: powered off; 1: VMM error; 4:
+/// triple fault; 5: guest panic — the last three are crashes).
+const VMM_EXIT_REBOOT: i32 = 3;
 
 /// How often processes are checked and guests probed.
 const TICK: Duration = Duration::from_millis(500);
@@ -30,6 +36,8 @@ const RESTART_WINDOW: Duration = Duration::from_secs(600);
 const FETCH_ATTEMPTS: u32 = 5;
 /// How often volume files are checked against the volumes that still live here.
 const VOLUME_CHECK: Duration = Duration::from_secs(2);
+/// How often unused cached images are looked for.
+const IMAGE_GC: Duration = Duration::from_secs(30);
 /// Wait before the next attempt (times the attempts made), and between hand-over attempts.
 const FETCH_RETRY: Duration = Duration::from_secs(2);
 
@@ -56,7 +64,14 @@ pub async fn run(cfg: WorkerConfig, shutdown: CancellationToken) -> Result<(), W
                 .await
                 .map_err(|e| WorkerError::Setup(format!("listening on {addr}: {e}")))?;
             tracing::info!(%bound, "serving requests for guest agents");
-            tokio::spawn(api::serve(listener, layout.clone(), shutdown.clone()));
+            let state = api::ApiState {
+                layout: layout.clone(),
+                proxy: std::sync::Arc::new(super::host_proxy::HostProxy::new(
+                    cfg.proxy.clone(),
+                    layout.root_dir().join("proxy"),
+                )),
+            };
+            tokio::spawn(api::serve(listener, state, shutdown.clone()));
             Some(bound.to_string())
         }
         None => None,
@@ -174,8 +189,15 @@ impl Agent {
             }
             slots.insert(vm.rec.name.clone(), Slot::Idle(Box::new(vm)));
         }
+        let images = ImageCache::open(&layout.images_dir(), cfg.server.clone())
+            .map_err(|e| WorkerError::Setup(format!("image cache: {e}")))?;
         Ok(Agent {
-            ctx: Arc::new(Ctx { cfg, layout, store }),
+            ctx: Arc::new(Ctx {
+                cfg,
+                layout,
+                store,
+                images,
+            }),
             slots,
             placed: BTreeMap::new(),
             listed: false,
@@ -194,6 +216,7 @@ impl Agent {
         let mut dirty = true;
         let mut last_list = Instant::now();
         let mut last_volumes = Instant::now() - VOLUME_CHECK;
+        let mut last_gc = Instant::now();
         let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(5));
         let mut retry_at = Instant::now();
         loop {
@@ -243,12 +266,56 @@ impl Agent {
                     tracing::warn!(error = %e, "cannot check for deleted volumes");
                 }
             }
+            if last_gc.elapsed() >= IMAGE_GC {
+                last_gc = Instant::now();
+                self.collect_images().await;
+            }
             self.collect_finished().await;
             self.converge();
             self.monitor().await;
             for obj in self.report().await {
                 vms.note(obj);
             }
+        }
+    }
+
+    /// Removes cached images that no disk here is an overlay of and that nothing asked for
+    /// within the grace period. Disks being made or fetched keep theirs through the grace.
+    async fn collect_images(&self) {
+        let ctx = self.ctx.clone();
+        let r = tokio::task::spawn_blocking(move || {
+            let layout = &ctx.layout;
+            let mut disks: Vec<std::path::PathBuf> = Vec::new();
+            for dir in [layout.vms_dir(), layout.volumes_dir()] {
+                let Ok(entries) = std::fs::read_dir(&dir) else {
+                    continue;
+                };
+                for e in entries.flatten() {
+                    let p = e.path();
+                    if p.is_dir() {
+                        disks.extend(
+                            std::fs::read_dir(&p)
+                                .into_iter()
+                                .flatten()
+                                .flatten()
+                                .map(|f| f.path())
+                                .filter(|f| f.extension().is_some_and(|x| x == "qcow2")),
+                        );
+                    } else if p.extension().is_some_and(|x| x == "qcow2") {
+                        disks.push(p);
+                    }
+                }
+            }
+            let in_use = crate::images::cache::backing_files(disks)?;
+            Ok::<_, std::io::Error>(ctx.images.collect(&in_use, ctx.cfg.image_gc_grace))
+        })
+        .await;
+        match r {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "not collecting images: a disk's header is unreadable")
+            }
+            Err(e) => tracing::warn!(error = %e, "image collection failed"),
         }
     }
 
@@ -617,6 +684,7 @@ impl Agent {
         let mut restarts = Vec::new();
         let mut powered_off = Vec::new();
         let mut probes = JoinSet::new();
+        let mut pauses = JoinSet::new();
         for (name, slot) in &mut self.slots {
             let Slot::Idle(vm) = slot else { continue };
             if vm.ended.is_some() {
@@ -628,6 +696,19 @@ impl Agent {
             };
             match liveness {
                 Liveness::Alive => {
+                    // Whether its vmm paused it (a disk the host could not write).
+                    let socket = self.ctx.layout.socket(name);
+                    let name2 = name.clone();
+                    pauses.spawn(async move {
+                        let client = Client::new(socket).with_timeout(Duration::from_secs(1));
+                        let paused = match client.info().await {
+                            Ok(info) if info.state == vmm_api::types::VmState::Paused => {
+                                info.pause_reason
+                            }
+                            _ => None,
+                        };
+                        (name2, paused)
+                    });
                     if vm.up && vm.agent.is_none() && vm.agent_misses < AGENT_PINGS {
                         // Up by the TCP probe: its agent may still be starting.
                         vm.agent_misses += 1;
@@ -669,6 +750,10 @@ impl Agent {
                         vm.rec.stopped = true;
                         vm.ended = Some((VmState::Stopped, "the guest powered off".into()));
                         powered_off.push((name.clone(), vm.rec.uid.clone()));
+                    } else if status.and_then(|s| s.code()) == Some(VMM_EXIT_REBOOT) {
+                        // The guest asked for a reboot: start it again, not a crash.
+                        tracing::info!(vm = %name, "guest rebooted; starting it again");
+                        restarts.push(name.clone());
                     } else {
                         let now = Instant::now();
                         vm.crashes
@@ -698,6 +783,18 @@ impl Agent {
                     if let Err(e) = self.ctx.layout.save(&vm.rec) {
                         tracing::warn!(vm = %name, error = %e, "cannot update the VM record");
                     }
+                }
+            }
+        }
+        while let Some(r) = pauses.join_next().await {
+            let Ok((name, paused)) = r else { continue };
+            if let Some(Slot::Idle(vm)) = self.slots.get_mut(&name) {
+                if paused != vm.paused {
+                    match &paused {
+                        Some(why) => tracing::warn!(vm = %name, "paused by its vmm: {why}"),
+                        None => tracing::info!(vm = %name, "no longer paused"),
+                    }
+                    vm.paused = paused;
                 }
             }
         }
@@ -889,6 +986,10 @@ fn observed(vm: &LocalVm) -> VmStatus {
     } else {
         VmState::Starting
     };
+    if let Some(why) = &vm.paused {
+        s.state = VmState::Paused;
+        s.message = Some(format!("paused by its vmm: {why}"));
+    }
     s.ip = vm.up.then(|| vm.rec.ip.to_string());
     s.agent = vm.agent.clone().filter(|_| vm.up);
     s.boot_time = vm.rec.boot_time.clone();

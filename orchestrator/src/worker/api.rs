@@ -3,9 +3,13 @@
 //!   plane forwards (`lightbyte vm agent NAME ...`), with an agent request as JSON; the answer is
 //!   the agent's response (200), or 404 (no such VM here), 502 (its agent did not answer);
 //! - `GET /api/v1/moves/NAME/disks/I`: the disks of a VM moving away, to the target worker
-//!   bearing the move's token (see [`super::moves`]).
+//!   bearing the move's token (see [`super::moves`]);
+//! - `POST /api/v1/proxy/apply` (a proxy configuration) and `GET /api/v1/proxy/status`: the
+//!   proxy of host-placed load balancers (see [`super::host_proxy`]); a refused push is 409
+//!   (stale) or 422 (invalid, or a port in use) and changes nothing.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use agent_proto::Request;
@@ -18,6 +22,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use super::guest;
+use super::host_proxy::{HostProxy, ProxyError};
 use super::record::Layout;
 use crate::api::ApiError;
 use crate::model::validate::dns_label;
@@ -32,12 +37,21 @@ pub async fn bind(addr: SocketAddr) -> std::io::Result<(TcpListener, SocketAddr)
     Ok((listener, bound))
 }
 
+#[derive(Clone)]
+pub struct ApiState {
+    pub layout: Layout,
+    pub proxy: Arc<HostProxy>,
+}
+
 /// Serves until `shutdown` is cancelled.
-pub async fn serve(listener: TcpListener, layout: Layout, shutdown: CancellationToken) {
+pub async fn serve(listener: TcpListener, state: ApiState, shutdown: CancellationToken) {
     let app = Router::new()
         .route("/api/v1/vms/{name}/agent", post(agent))
         .route("/api/v1/moves/{name}/disks/{index}", get(disk))
-        .with_state(layout);
+        .route("/api/v1/proxy/apply", post(proxy_apply))
+        .route("/api/v1/proxy/status", get(proxy_status))
+        .layer(axum::middleware::from_fn(crate::api::require_json))
+        .with_state(state);
     let served = axum::serve(listener, app)
         .with_graceful_shutdown(async move { shutdown.cancelled().await })
         .await;
@@ -46,8 +60,40 @@ pub async fn serve(listener: TcpListener, layout: Layout, shutdown: Cancellation
     }
 }
 
+async fn proxy_apply(
+    State(state): State<ApiState>,
+    body: Result<Json<lb_config::ProxyConfig>, axum::extract::rejection::JsonRejection>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let Json(config) = body.map_err(|e| ApiError::bad_request(e.body_text()))?;
+    config
+        .validate()
+        .map_err(|e| ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, e.to_string()))?;
+    match state.proxy.apply(config).await {
+        Ok(revision) => Ok(Json(serde_json::json!({ "revision": revision }))),
+        Err(ProxyError::Refused { kind, message }) => {
+            let code = match kind {
+                lb_config::control::ErrorKind::Stale => StatusCode::CONFLICT,
+                _ => StatusCode::UNPROCESSABLE_ENTITY,
+            };
+            Err(ApiError::new(code, message))
+        }
+        Err(e) => Err(ApiError::new(StatusCode::BAD_GATEWAY, e.to_string())),
+    }
+}
+
+async fn proxy_status(
+    State(state): State<ApiState>,
+) -> Result<Json<lb_config::ProxyStatus>, ApiError> {
+    state
+        .proxy
+        .status()
+        .await
+        .map(Json)
+        .map_err(|e| ApiError::new(StatusCode::BAD_GATEWAY, e.to_string()))
+}
+
 async fn disk(
-    State(layout): State<Layout>,
+    State(ApiState { layout, .. }): State<ApiState>,
     Path((name, index)): Path<(String, usize)>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
@@ -56,7 +102,7 @@ async fn disk(
 }
 
 async fn agent(
-    State(layout): State<Layout>,
+    State(ApiState { layout, .. }): State<ApiState>,
     Path(name): Path<String>,
     Json(request): Json<Request>,
 ) -> Result<Json<agent_proto::Response>, ApiError> {

@@ -94,7 +94,7 @@ async fn archive(layout: &Layout) {
 }
 
 fn move_to(from: &Path, to: &Path) {
-    match std::fs::rename(from, to) {
+    match super::durable::rename(from, to) {
         Ok(()) => tracing::info!(from = %from.display(), to = %to.display(), "archived"),
         Err(e) => tracing::error!(from = %from.display(), error = %e, "cannot archive"),
     }

@@ -2,18 +2,22 @@
 //! that process's API. Failures are typed so that the agent decides by kind whether a start is
 //! retried as it is (etcd unreachable) or the VM has a problem to report.
 
+use std::path::PathBuf;
 use std::time::{Duration, SystemTime};
 
 use vmm_api::client::{Client, ClientError};
-use vmm_api::config::{DiskConfig, DiskFormat, NetConfig, SerialConfig, VmConfig, VsockConfig};
+use vmm_api::config::{
+    DiskConfig, DiskFormat, NetConfig, OnError, SerialConfig, VmConfig, VsockConfig,
+};
 use vmm_api::mac::MacError;
 use vmm_api::MacAddr;
 
-use super::disks::{ensure_overlay, OverlayError};
+use super::disks::{ensure_overlay, Base, OverlayError};
 use super::ip_param;
 use super::local::{write_status, Ctx, LocalVm};
 use super::netdev::{self, NetError};
 use super::process::{log_tail, ApiWaitError, VmmProcess};
+use crate::images::Digest;
 use crate::model::{ImageSpec, Vm, VmState, VolumeSpec};
 use crate::store::StoreError;
 
@@ -40,6 +44,15 @@ pub enum StartError {
     /// etcd failed answering (unreachable: see [`StartError::is_transient`]).
     #[error(transparent)]
     Store(StoreError),
+    /// An image (or its kernel or initramfs) could not be pulled.
+    #[error("image {image}: {source}")]
+    Pull {
+        image: String,
+        source: crate::images::cache::PullError,
+    },
+    /// An image names a digest that is not one.
+    #[error("image {image}: {why}")]
+    BadImage { image: String, why: String },
     /// Neither the image nor the worker says which kernel to boot.
     #[error("image {image} names no kernel and worker {worker} has no --kernel")]
     NoKernel { image: String, worker: String },
@@ -102,8 +115,15 @@ pub(super) async fn launch(ctx: &Ctx, vm: &mut LocalVm, obj: &Vm) -> Result<(), 
     })
     .await;
     let image = get::<ImageSpec>(ctx, &obj.spec.image).await?;
+    let base = resolve_base(ctx, &obj.spec.image, &image).await?;
     let (kernel, initramfs) = match &image.kernel {
-        Some(k) => (k.into(), image.initramfs.as_ref().map(Into::into)),
+        Some(k) => (
+            resolve_file(ctx, &obj.spec.image, k).await?,
+            match &image.initramfs {
+                Some(i) => Some(resolve_file(ctx, &obj.spec.image, i).await?),
+                None => None,
+            },
+        ),
         None => match &cfg.kernel {
             Some(k) => (k.clone(), cfg.initramfs.clone()),
             None => {
@@ -123,12 +143,13 @@ pub(super) async fn launch(ctx: &Ctx, vm: &mut LocalVm, obj: &Vm) -> Result<(), 
 
     // Disks: the root overlay, then the named volumes in order.
     let root = ctx.layout.root_disk(&name);
-    let mut disks = vec![(root, image.clone(), None)];
+    let mut disks = vec![(root, base, None)];
     for v in &obj.spec.volumes {
         claim_volume(ctx, v).await?;
         let vol = get::<VolumeSpec>(ctx, v).await?;
         let vimg = get::<ImageSpec>(ctx, &vol.image).await?;
-        disks.push((ctx.layout.volume(v), vimg, Some(vol.size.bytes())));
+        let vbase = resolve_base(ctx, &vol.image, &vimg).await?;
+        disks.push((ctx.layout.volume(v), vbase, Some(vol.size.bytes())));
     }
     let disk_paths: Vec<_> = disks.iter().map(|(p, _, _)| p.clone()).collect();
     tokio::task::spawn_blocking(move || {
@@ -179,6 +200,9 @@ pub(super) async fn launch(ctx: &Ctx, vm: &mut LocalVm, obj: &Vm) -> Result<(), 
                 read_only: false,
                 serial: None,
                 direct: false,
+                // A full host disk pauses the VM (the worker reports it Paused) rather than
+                // failing the guest's writes.
+                on_error: OnError::Pause,
             })
             .collect(),
         nets: vec![NetConfig {
@@ -247,4 +271,40 @@ async fn get<S: crate::model::Spec>(ctx: &Ctx, name: &str) -> Result<S, StartErr
             },
             e => StartError::Store(e),
         })
+}
+
+/// A file an image names: pulled into the cache (verified) when it is a digest, as it is when
+/// it is a host path.
+async fn resolve_file(ctx: &Ctx, image: &str, file: &str) -> Result<PathBuf, StartError> {
+    if !Digest::looks_like(file) {
+        return Ok(PathBuf::from(file));
+    }
+    let d: Digest = file.parse().map_err(|why| StartError::BadImage {
+        image: image.to_string(),
+        why,
+    })?;
+    ctx.images.get(&d).await.map_err(|source| StartError::Pull {
+        image: image.to_string(),
+        source,
+    })
+}
+
+/// The base of overlays of `image` here.
+async fn resolve_base(ctx: &Ctx, name: &str, image: &ImageSpec) -> Result<Base, StartError> {
+    let (file, cached) = match (&image.digest, &image.path) {
+        (Some(d), _) => (resolve_file(ctx, name, d).await?, true),
+        (None, Some(p)) => (PathBuf::from(p), false),
+        (None, None) => {
+            return Err(StartError::BadImage {
+                image: name.to_string(),
+                why: "names neither a digest nor a path".into(),
+            })
+        }
+    };
+    Ok(Base {
+        file,
+        format: image.format,
+        size: image.size.map(|s| s.bytes()),
+        cached,
+    })
 }

@@ -6,6 +6,7 @@ use std::time::Instant;
 use super::process::VmmProcess;
 use super::record::{Layout, Record};
 use super::WorkerConfig;
+use crate::images::cache::ImageCache;
 use crate::model::{Vm, VmSpec, VmState, VmStatus};
 use crate::store::{Store, StoreError};
 
@@ -14,6 +15,8 @@ pub(super) struct Ctx {
     pub cfg: WorkerConfig,
     pub layout: Layout,
     pub store: Store,
+    /// Images pulled from the control plane.
+    pub images: ImageCache,
 }
 
 /// A VM that runs (or ran) here.
@@ -38,6 +41,8 @@ pub(super) struct LocalVm {
     pub down: bool,
     /// Not before this: the next attempt at handing it over to a move.
     pub next_try: Option<Instant>,
+    /// Why its `vmm` paused it (a disk write the host could not take), while it is paused.
+    pub paused: Option<String>,
 }
 
 impl LocalVm {
@@ -71,6 +76,7 @@ impl LocalVm {
             last_error: None,
             down: false,
             next_try: None,
+            paused: None,
         }
     }
 }

@@ -11,8 +11,10 @@
 mod agent;
 pub mod api;
 pub mod disks;
+pub mod durable;
 mod forgotten;
 pub mod guest;
+pub mod host_proxy;
 pub mod ipam;
 mod launch;
 mod local;
@@ -45,6 +47,12 @@ pub struct WorkerConfig {
     pub state_dir: PathBuf,
     /// The `vmm` binary.
     pub vmm: PathBuf,
+    /// The `lightbyte-proxy` binary, run for host-placed load balancers.
+    pub proxy: PathBuf,
+    /// The control plane to pull images from.
+    pub server: Option<String>,
+    /// Cached images no VM here uses are removed after this long.
+    pub image_gc_grace: Duration,
     /// Kernel, initramfs and command line for images that name none.
     pub kernel: Option<PathBuf>,
     pub initramfs: Option<PathBuf>,

@@ -11,20 +11,17 @@
 //! The files are put in place just before the VM starts. The source deletes its copy only when
 //! the mover ends the move, once the VM runs here.
 
-use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
 use axum::body::Body;
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
-use http_body_util::{BodyExt, Full};
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
-use tokio::io::AsyncWriteExt;
 
 use super::local::Ctx;
 use super::record::{Layout, Outgoing, OutgoingDisk, Record};
+use crate::images::transfer::{self, checksum, Expected, FetchError};
 use crate::model::{MovePhase, MovedDisk, Power, Vm, VmSpec, VmState, VolumeSpec, WorkerSpec};
 use crate::store::{keys, StoreError};
 
@@ -79,27 +76,6 @@ struct Manifest {
 
 pub fn now_rfc3339() -> String {
     humantime::format_rfc3339_seconds(SystemTime::now()).to_string()
-}
-
-/// The hex SHA-256 and length of a file.
-pub fn checksum(path: &Path) -> std::io::Result<(String, u64)> {
-    let mut f = std::fs::File::open(path)?;
-    let mut hasher = Sha256::new();
-    let mut buf = vec![0u8; 1 << 20];
-    let mut len = 0u64;
-    loop {
-        let n = f.read(&mut buf)?;
-        if n == 0 {
-            break;
-        }
-        hasher.update(&buf[..n]);
-        len += n as u64;
-    }
-    Ok((hex(&hasher.finalize()), len))
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// Source: the VM is off. Checksums its disks, publishes the token and reports Copying.
@@ -258,7 +234,7 @@ pub(super) async fn fetch(ctx: &Ctx, obj: &Vm) -> Result<(), MoveError> {
         serde_json::to_vec(&manifest).expect("manifests serialize"),
     )
     .map_err(io_err(&tmp))?;
-    std::fs::rename(&tmp, &manifest_path).map_err(io_err(&manifest_path))?;
+    super::durable::rename(&tmp, &manifest_path).map_err(io_err(&manifest_path))?;
 
     // The volumes' data lives here from now on (the source keeps its copy until the move ends).
     for v in m.disks.iter().filter_map(|d| d.volume.as_deref()) {
@@ -311,7 +287,7 @@ pub(super) async fn fetch(ctx: &Ctx, obj: &Vm) -> Result<(), MoveError> {
     }
 }
 
-/// Streams one file into `file`, checking length and SHA-256 before it takes the final name.
+/// Streams one disk into `file`, checking length and SHA-256 before it takes the final name.
 async fn download(
     url: &str,
     token: &str,
@@ -319,66 +295,16 @@ async fn download(
     disk: &MovedDisk,
     file: &Path,
 ) -> Result<(), MoveError> {
-    let fetch_err = |why: String| MoveError::Fetch {
-        index,
-        url: url.to_string(),
-        why,
+    let want = Expected {
+        sha256: disk.sha256.clone(),
+        size: Some(disk.size),
     };
-    let part = file.with_extension("part");
-    let req = hyper::Request::get(url)
-        .header(header::AUTHORIZATION, format!("Bearer {token}"))
-        .body(Full::new(bytes::Bytes::new()))
-        .map_err(|e| fetch_err(e.to_string()))?;
-    let copy = async {
-        let resp = crate::http::client()
-            .request(req)
-            .await
-            .map_err(|e| fetch_err(e.to_string()))?;
-        if resp.status() != StatusCode::OK {
-            let status = resp.status();
-            let body = resp.into_body().collect().await.map(|b| b.to_bytes());
-            let text = body
-                .map(|b| String::from_utf8_lossy(&b).into_owned())
-                .unwrap_or_default();
-            return Err(fetch_err(format!("{status}: {text}")));
-        }
-        let mut out = tokio::fs::File::create(&part)
-            .await
-            .map_err(io_err(&part))?;
-        let mut hasher = Sha256::new();
-        let mut len = 0u64;
-        let mut body = resp.into_body();
-        while let Some(frame) = body.frame().await {
-            let frame = frame.map_err(|e| fetch_err(e.to_string()))?;
-            if let Ok(data) = frame.into_data() {
-                len += data.len() as u64;
-                if len > disk.size {
-                    return Err(MoveError::Damaged {
-                        index,
-                        why: format!("more than the {} bytes announced", disk.size),
-                    });
-                }
-                hasher.update(&data);
-                out.write_all(&data).await.map_err(io_err(&part))?;
-            }
-        }
-        out.sync_all().await.map_err(io_err(&part))?;
-        Ok((hex(&hasher.finalize()), len))
-    };
-    let (sha, len) = tokio::time::timeout(FETCH_TIMEOUT, copy)
-        .await
-        .map_err(|_| fetch_err(format!("not done within {FETCH_TIMEOUT:?}")))??;
-    if len != disk.size || sha != disk.sha256 {
-        let _ = std::fs::remove_file(&part);
-        return Err(MoveError::Damaged {
-            index,
-            why: format!(
-                "{len} bytes with SHA-256 {sha}, expected {} bytes with {}",
-                disk.size, disk.sha256
-            ),
-        });
+    match transfer::download(url, Some(token), &want, file, FETCH_TIMEOUT).await {
+        Ok(_) => Ok(()),
+        Err(FetchError::Fetch { url, why }) => Err(MoveError::Fetch { index, url, why }),
+        Err(FetchError::Damaged { why, .. }) => Err(MoveError::Damaged { index, why }),
+        Err(FetchError::Io { path, source }) => Err(MoveError::Io { path, source }),
     }
-    std::fs::rename(&part, file).map_err(io_err(file))
 }
 
 /// Puts the disks fetched for `name` (VM `uid`) in place: the root overlay in its directory,
@@ -403,7 +329,7 @@ pub(super) fn install_incoming(layout: &Layout, name: &str, uid: &str) -> std::i
         if let Some(parent) = to.parent() {
             std::fs::create_dir_all(parent)?;
         }
-        std::fs::rename(dir.join(format!("{index}.qcow2")), &to)?;
+        super::durable::rename(&dir.join(format!("{index}.qcow2")), &to)?;
     }
     std::fs::remove_dir_all(&dir)?;
     tracing::info!(vm = %name, disks = manifest.disks.len(), "moved disks installed");

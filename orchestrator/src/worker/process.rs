@@ -31,7 +31,14 @@ pub enum Liveness {
 impl VmmProcess {
     /// Starts `vmm --api-socket SOCKET`, its output appended to `log`.
     pub fn spawn(vmm: &Path, socket: &Path, log: &Path) -> io::Result<VmmProcess> {
-        let out = OpenOptions::new().create(true).append(true).open(log)?;
+        let out = {
+            use std::os::unix::fs::OpenOptionsExt;
+            OpenOptions::new()
+                .create(true)
+                .append(true)
+                .mode(0o600)
+                .open(log)?
+        };
         let err = out.try_clone()?;
         let child = Command::new(vmm)
             .arg("--api-socket")

@@ -125,14 +125,23 @@ impl Layout {
         self.root.join("incoming").join(name)
     }
 
+    /// Images pulled from the control plane.
+    pub fn images_dir(&self) -> PathBuf {
+        self.root.join("images")
+    }
+
     /// Where the copies of a forgotten worker's VMs are kept (never deleted by the agent).
     pub fn archive_dir(&self) -> PathBuf {
         self.root.join("archive")
     }
 
+    /// The state directories, 0700: the VMs' disks, logs, consoles and sockets are no one
+    /// else's business on the host.
     pub fn create_dirs(&self) -> io::Result<()> {
-        std::fs::create_dir_all(self.vms_dir())?;
-        std::fs::create_dir_all(self.volumes_dir())
+        for d in [self.root.clone(), self.vms_dir(), self.volumes_dir()] {
+            create_private_dir(&d)?;
+        }
+        Ok(())
     }
 
     /// Writes the record atomically (temporary file, fsync, rename): a crash leaves the old
@@ -140,12 +149,14 @@ impl Layout {
     pub fn save(&self, rec: &Record) -> io::Result<()> {
         use std::io::Write;
         let dir = self.vm_dir(&rec.name);
-        std::fs::create_dir_all(&dir)?;
+        create_private_dir(&dir)?;
         let tmp = dir.join("vm.json.tmp");
-        let mut f = std::fs::File::create(&tmp)?;
+        let mut f = private_file(&tmp)?;
         f.write_all(&serde_json::to_vec_pretty(rec).map_err(io::Error::other)?)?;
         f.sync_all()?;
-        std::fs::rename(&tmp, self.record(&rec.name))
+        super::durable::rename(&tmp, &self.record(&rec.name))?;
+        // The VM's directory may be new: its entry in vms/ must be durable too.
+        super::durable::sync_parent(&dir)
     }
 
     /// Every record on disk. Directories without a readable record are reported, not fatal:
@@ -200,6 +211,24 @@ fn read_record(path: &Path) -> Result<Record, RecordError> {
         path: path.to_path_buf(),
         source,
     })
+}
+
+/// Creates `dir` (and its parents) and makes it 0700.
+pub fn create_private_dir(dir: &Path) -> io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::create_dir_all(dir)?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+}
+
+/// Creates (or truncates) `path` with mode 0600.
+pub fn private_file(path: &Path) -> io::Result<std::fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
 }
 
 #[cfg(test)]

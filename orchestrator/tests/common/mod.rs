@@ -228,13 +228,17 @@ pub fn controller_config(holder: &str) -> ControllerConfig {
     }
 }
 
-/// A control plane in this process on a free port.
+/// A control plane in this process on a free port. Its images may name host paths (the tests
+/// of other things register images by path); `tests/images.rs` starts its own without.
 pub async fn control_plane(etcd: &Etcd, holder: &str) -> ControlPlane {
     ControlPlane::start(ServerConfig {
         etcd: vec![etcd.url()],
         listen: "127.0.0.1:0".parse().expect("addr"),
+        also_listen: Vec::new(),
         etcd_timeout: Duration::from_secs(2),
         controllers: controller_config(holder),
+        image_dir: None,
+        allow_host_path: true,
     })
     .await
     .expect("control plane")

@@ -46,7 +46,7 @@ impl Qcow2 {
         let off = m.reftable[r];
         let order = self.g.rc_order;
         refcount::set(self.refblock(m, off)?, order, i, v);
-        m.dirty_rb.insert(off);
+        m.rb.mark_dirty(off);
         Ok(())
     }
 
@@ -60,16 +60,17 @@ impl Qcow2 {
         if v == 1 {
             m.free_cursor = m.free_cursor.min(c);
             m.l2.remove(c * self.g.cs);
+            m.zeroed.remove(&c);
         }
         Ok(())
     }
 
-    /// Adds one reference to cluster `c` (a cluster shared by compressed clusters).
+    /// Writes the refcount blocks changed since they were last written.
     pub(crate) fn write_dirty_refblocks(&self, m: &mut Meta) -> Result<()> {
-        let dirty = std::mem::take(&mut m.dirty_rb);
-        for off in dirty {
-            let block = self.refblock(m, off)?.clone();
-            self.write_meta(&block, off)?;
+        for (off, stamp) in m.rb.dirty() {
+            let block = m.rb.peek(off).expect("dirty blocks stay cached");
+            self.write_meta(block, off)?;
+            m.rb.clean_if(off, stamp);
         }
         Ok(())
     }
@@ -151,9 +152,7 @@ impl Qcow2 {
         self.write_dirty_refblocks(m)?;
         let bytes: Vec<u8> = m.reftable.iter().flat_map(|e| e.to_be_bytes()).collect();
         self.write_meta(&bytes, m.reftable_offset)?;
-        self.file
-            .set_len(self.file_len()?.max(m.eof * self.g.cs))
-            .map_err(crate::error::Error::io(&self.path))?;
+        self.set_file_len(self.file_len()?.max(m.eof * self.g.cs))?;
         self.sync()?;
         let mut hdr = [0u8; 12];
         hdr[..8].copy_from_slice(&m.reftable_offset.to_be_bytes());
@@ -190,9 +189,11 @@ impl Qcow2 {
             }
         }
         let rest = want - got.len() as u64;
+        let mut past_eof = 0..0;
         if rest > 0 {
             let start = self.take_eof(m, rest)?;
             got.extend(start..start + rest);
+            past_eof = start..start + rest;
         }
         for &c in &got {
             self.set_refcount(m, c, 1)?;
@@ -200,28 +201,32 @@ impl Qcow2 {
         self.write_dirty_refblocks(m)?;
         let len = self.file_len()?;
         if m.eof * self.g.cs > len {
-            self.file
-                .set_len(m.eof * self.g.cs)
-                .map_err(crate::error::Error::io(&self.path))?;
+            self.set_file_len(m.eof * self.g.cs)?;
         }
         self.sync()?;
         m.reserved.extend(got);
+        // Clusters past the old end of the file read as zeroes (a hole), durably so once the
+        // new length is synced: nothing needs to write zeroes into them.
+        m.zeroed.extend(past_eof);
         Ok(())
     }
 
-    /// `n` clusters for new data or tables, as host offsets (refcount 1, durable).
-    pub(crate) fn alloc(&self, m: &mut Meta, n: u64) -> Result<Vec<u64>> {
+    /// `n` clusters for new data or tables (refcount 1, durable), as host offsets, each with
+    /// whether it is known to read as zeroes (never written since the file grew over it).
+    pub(crate) fn alloc(&self, m: &mut Meta, n: u64) -> Result<Vec<(u64, bool)>> {
         if (m.reserved.len() as u64) < n {
             let short = n - m.reserved.len() as u64;
             self.reserve(m, short)?;
         }
-        Ok(m.reserved
-            .drain(..n as usize)
-            .map(|c| c * self.g.cs)
+        let got: Vec<u64> = m.reserved.drain(..n as usize).collect();
+        Ok(got
+            .into_iter()
+            .map(|c| (c * self.g.cs, m.zeroed.remove(&c)))
             .collect())
     }
 
-    /// Hands clusters from a failed operation back to the reservation pool.
+    /// Hands clusters from a failed operation back to the reservation pool. Nothing durable
+    /// may point at them; they may have been written in part (no longer known zero).
     pub(crate) fn unalloc(&self, m: &mut Meta, hosts: &[u64]) {
         for h in hosts.iter().rev() {
             m.reserved.push_front(h / self.g.cs);
@@ -237,9 +242,7 @@ impl Qcow2 {
         self.write_dirty_refblocks(m)?;
         let len = self.file_len()?;
         if m.eof * self.g.cs > len {
-            self.file
-                .set_len(m.eof * self.g.cs)
-                .map_err(crate::error::Error::io(&self.path))?;
+            self.set_file_len(m.eof * self.g.cs)?;
         }
         self.sync()?;
         Ok(start * self.g.cs)

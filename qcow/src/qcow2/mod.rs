@@ -2,11 +2,28 @@
 //! is written through to the file as it changes; guest data moves outside the lock, so many
 //! reads and writes run at once.
 //!
-//! Crash safety: clusters are reserved in batches whose refcounts are made durable (fdatasync)
-//! before any table points at them, tables are written before the pointers to them, and
-//! clusters dropped from tables are only freed at the next flush, after the tables that no
-//! longer reference them are durable. A crash can therefore leak clusters but never leaves a
-//! referenced cluster with a refcount of zero.
+//! Crash safety. A power loss keeps what was written before the last fdatasync and any subset
+//! of what was written after it, so every "A before B" below is a sync between them, not an
+//! order of writes; tests/crash.rs rebuilds thousands of such states and checks each.
+//! - Refcounts before references: clusters are reserved in batches whose refcounts are made
+//!   durable before any table may point at them.
+//! - Tables before pointers: a new L2 table is zeroes on disk (a hole past the old end of the
+//!   file, or written and synced when the cluster is recycled) before its L1 entry is written.
+//! - Data before mappings: L2 tables are written back, not through. An entry changes in the
+//!   cached table only after its data cluster is written, and dirty tables reach the file after
+//!   a sync that covers those data writes (at a flush, or when the cache is full of dirty
+//!   tables), as QEMU's cache dependencies do. After a completed flush every acknowledged write
+//!   is durable.
+//! - No reuse while referenced: a cluster dropped from a table is freed only at a flush, once
+//!   the table without it is durable; only then may the allocator hand it out again.
+//!
+//! So a crash may leak clusters but never leaves a referenced cluster with a refcount of zero,
+//! a table pointing at stale contents, or a guest cluster showing another's data.
+//!
+//! Errors: a failed write leaves memory as the file last saw it: an L1 entry changes in memory
+//! only after its write succeeded (a failed one leaks its table rather than risk handing it
+//! out twice), an allocation's L2 entries change only after its data is written (clusters of a
+//! failed one go back to the pool), and dirty tables stay dirty until written.
 
 mod alloc;
 mod cache;
@@ -16,16 +33,19 @@ mod write;
 
 pub(crate) use write::ZeroMode;
 
-use std::collections::{BTreeSet, HashSet, VecDeque};
+use std::collections::{HashSet, VecDeque};
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock};
 
+use vm_memory::VolatileSlice;
+
 use self::cache::TableCache;
 use crate::entry;
 use crate::error::{Error, Result};
 use crate::header::{self, Compression, Header};
+use crate::hook::{FileOp, Hook};
 use crate::iov;
 use crate::layer::Layer;
 
@@ -79,14 +99,18 @@ pub(crate) struct Meta {
     pub reftable: Vec<u64>,
     pub reftable_offset: u64,
     pub rb: TableCache<Vec<u8>>,
-    /// Refcount blocks changed since they were last written.
-    pub dirty_rb: BTreeSet<u64>,
+    /// Count of L2 entry changes; `synced_changes` of them are known to follow their data onto
+    /// the disk (their data writes completed before a sync that returned).
+    pub l2_changes: u64,
+    pub synced_changes: u64,
     /// First cluster index past everything allocated.
     pub eof: u64,
     /// Where the search for free clusters resumes.
     pub free_cursor: u64,
     /// Clusters with a durable refcount of 1 that nothing references yet.
     pub reserved: VecDeque<u64>,
+    /// Reserved clusters known to read as zeroes (taken past the end of the file).
+    pub zeroed: HashSet<u64>,
     /// Size of the next reservation batch.
     pub batch: u64,
     /// Clusters (indices) unreferenced by the tables, to be freed at the next flush.
@@ -116,6 +140,8 @@ pub struct Qcow2 {
     pub(crate) size: AtomicU64,
     /// The last decompressed cluster (sequential reads of compressed images hit it).
     decompressed: Mutex<Option<(u64, Arc<Vec<u8>>)>>,
+    /// Sees every change to the file (crash and fault-injection tests).
+    hook: Option<Hook>,
 }
 
 fn be64_words(buf: &[u8]) -> Vec<u64> {
@@ -206,10 +232,12 @@ impl Qcow2 {
             reftable,
             reftable_offset: h.reftable_offset,
             rb: TableCache::new((RB_CACHE_BYTES / g.cs).clamp(8, 1024) as usize),
-            dirty_rb: BTreeSet::new(),
+            l2_changes: 0,
+            synced_changes: 0,
             eof,
             free_cursor: 0,
             reserved: VecDeque::new(),
+            zeroed: HashSet::new(),
             batch: 16,
             pending_free: Vec::new(),
             inflight: HashSet::new(),
@@ -228,6 +256,7 @@ impl Qcow2 {
             allocated: Condvar::new(),
             gate: RwLock::new(()),
             decompressed: Mutex::new(None),
+            hook: None,
         };
         if writable {
             q.prepare_for_writing()?;
@@ -273,6 +302,11 @@ impl Qcow2 {
         self.data = data;
     }
 
+    /// Passes every later change to the file through `hook`.
+    pub fn set_hook(&mut self, hook: Option<Hook>) {
+        self.hook = hook;
+    }
+
     /// Attaches the backing layer (done once, before the image is shared).
     pub fn set_backing(&mut self, backing: Option<Layer>) {
         self.backing = backing.map(Box::new);
@@ -301,8 +335,49 @@ impl Qcow2 {
         Error::corrupt(&self.path, reason)
     }
 
+    /// Runs `run`, a change to the file described by `op`, past the hook when one is attached
+    /// (`op` is only built then: it copies written bytes).
+    fn change(
+        &self,
+        op: impl FnOnce() -> FileOp,
+        run: impl FnOnce() -> std::io::Result<()>,
+    ) -> Result<()> {
+        let Some(hook) = &self.hook else {
+            return run().map_err(Error::io(&self.path));
+        };
+        let op = op();
+        hook.0.before(&op).map_err(Error::io(&self.path))?;
+        run().map_err(Error::io(&self.path))?;
+        hook.0.after(&op);
+        Ok(())
+    }
+
     pub(crate) fn write_meta(&self, bytes: &[u8], off: u64) -> Result<()> {
-        iov::pwrite(&self.file, bytes, off).map_err(Error::io(&self.path))
+        self.change(
+            || FileOp::Write {
+                offset: off,
+                data: bytes.to_vec(),
+            },
+            || iov::pwrite(&self.file, bytes, off),
+        )
+    }
+
+    /// Writes guest data (through the O_DIRECT descriptor when there is one).
+    pub(crate) fn write_data(&self, slices: &[VolatileSlice<'_>], off: u64) -> Result<()> {
+        self.change(
+            || {
+                let bufs = iov::Bufs::new(slices);
+                let mut data = vec![0u8; bufs.len() as usize];
+                bufs.copy_out(0, &mut data);
+                FileOp::Write { offset: off, data }
+            },
+            || self.data.write(&self.file, slices, off),
+        )
+    }
+
+    /// Sets the file's length.
+    pub(crate) fn set_file_len(&self, len: u64) -> Result<()> {
+        self.change(|| FileOp::SetLen(len), || self.file.set_len(len))
     }
 
     pub(crate) fn read_meta(&self, bytes: &mut [u8], off: u64) -> Result<()> {
@@ -310,7 +385,7 @@ impl Qcow2 {
     }
 
     pub(crate) fn sync(&self) -> Result<()> {
-        self.file.sync_data().map_err(Error::io(&self.path))
+        self.change(|| FileOp::Sync, || self.file.sync_data())
     }
 
     /// Offset of the L2 table for guest offset `guest` (0: none), checked.
@@ -331,19 +406,73 @@ impl Qcow2 {
             }
             let mut buf = vec![0u8; self.g.cs as usize];
             self.read_meta(&mut buf, off)?;
-            m.l2.insert(off, be64_words(&buf));
+            return self.cache_l2(m, off, be64_words(&buf));
         }
-        Ok(m.l2.get_mut(off).expect("just cached"))
+        Ok(m.l2.get_mut(off).expect("cached"))
     }
 
-    /// Makes everything written so far durable, then frees the clusters that tables stopped
-    /// referencing.
+    /// Caches `table` (as it is on disk) for `off`, making room first when every cached table
+    /// is dirty.
+    pub(crate) fn cache_l2<'m>(
+        &self,
+        m: &'m mut Meta,
+        off: u64,
+        table: Vec<u64>,
+    ) -> Result<&'m mut Vec<u64>> {
+        if m.l2.full_of_dirty() {
+            self.write_back_l2(m)?;
+        }
+        Ok(m.l2.insert(off, table))
+    }
+
+    /// Records a change to the cached L2 table at `off`.
+    pub(crate) fn l2_changed(&self, m: &mut Meta, off: u64) {
+        m.l2.mark_dirty(off);
+        m.l2_changes += 1;
+    }
+
+    /// Writes the dirty L2 tables, after a sync when entries changed since the last one (the
+    /// data they point at must be durable first). Returns whether anything was written.
+    fn write_back_l2(&self, m: &mut Meta) -> Result<bool> {
+        let dirty = m.l2.dirty();
+        if dirty.is_empty() {
+            return Ok(false);
+        }
+        if m.l2_changes > m.synced_changes {
+            // Under the lock no entry can change meanwhile: every one so far is covered.
+            self.sync()?;
+            m.synced_changes = m.l2_changes;
+        }
+        for (off, stamp) in dirty {
+            let table = m.l2.peek(off).expect("dirty tables stay cached");
+            let bytes: Vec<u8> = table.iter().flat_map(|e| e.to_be_bytes()).collect();
+            self.write_meta(&bytes, off)?;
+            m.l2.clean_if(off, stamp);
+        }
+        Ok(true)
+    }
+
+    /// Makes every acknowledged write durable (data, then the tables mapping it), then frees
+    /// the clusters that durable tables stopped referencing.
     pub fn flush(&self) -> Result<()> {
         if !self.writable {
             return Ok(());
         }
+        // The bulk of the data goes out without holding the lock.
+        let before = self.lock().l2_changes;
         self.sync()?;
-        let pending = std::mem::take(&mut self.lock().pending_free);
+        let mut m = self.lock();
+        m.synced_changes = m.synced_changes.max(before);
+        let wrote = self.write_back_l2(&mut m)?;
+        // Everything these clusters were dropped from is in the tables just written.
+        let pending = std::mem::take(&mut m.pending_free);
+        drop(m);
+        if wrote || !pending.is_empty() {
+            if let Err(e) = self.sync() {
+                self.lock().pending_free.extend(pending);
+                return Err(e);
+            }
+        }
         if !pending.is_empty() {
             // No transfer may still be aimed at a cluster we hand back to the allocator.
             let _exclusive = self.gate.write().unwrap_or_else(|e| e.into_inner());
@@ -388,9 +517,7 @@ impl Qcow2 {
         }
         let len = self.file.metadata().map_err(Error::io(&self.path))?.len();
         if end * self.g.cs < len {
-            self.file
-                .set_len(end * self.g.cs)
-                .map_err(Error::io(&self.path))?;
+            self.set_file_len(end * self.g.cs)?;
             m.eof = end;
             m.free_cursor = m.free_cursor.min(end);
         }

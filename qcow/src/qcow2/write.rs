@@ -27,6 +27,8 @@ struct NewCluster {
     source: Source,
     /// The host cluster was newly allocated (as opposed to reusing a "zero, allocated" one).
     fresh: bool,
+    /// The host cluster reads as zeroes already: zero parts need not be written.
+    zeroed: bool,
     /// Clusters losing a reference once the new entry is in place.
     release: Vec<u64>,
 }
@@ -76,54 +78,66 @@ impl Qcow2 {
                         "writing through an L2 table shared with a snapshot",
                     ));
                 }
-                m.l1[i] |= COPIED;
-                self.write_meta(&m.l1[i].to_be_bytes(), m.l1_offset + i as u64 * 8)?;
+                let entry = m.l1[i] | COPIED;
+                self.write_meta(&entry.to_be_bytes(), m.l1_offset + i as u64 * 8)?;
+                m.l1[i] = entry;
             }
             return Ok(off);
         }
         if i >= m.l1.len() {
             return Err(self.corrupt("guest offset beyond the L1 table"));
         }
-        let host = self.alloc(m, 1)?[0];
-        let zeroes = vec![0u8; self.g.cs as usize];
-        // The table must be on disk (zeroed) before the L1 entry points at it.
-        self.write_meta(&zeroes, host)?;
-        m.l2.insert(
-            host,
-            vec![0u64; (self.g.l2_entries * self.g.l2_words) as usize],
-        );
-        m.l1[i] = host | COPIED;
-        self.write_meta(&m.l1[i].to_be_bytes(), m.l1_offset + i as u64 * 8)?;
+        let (host, zeroed) = self.alloc(m, 1)?[0];
+        if !zeroed {
+            // A recycled cluster holds old contents: the table must be zeroes on disk before
+            // the L1 entry may point at it.
+            let zeroes = vec![0u8; self.g.cs as usize];
+            if let Err(e) = self.write_meta(&zeroes, host).and_then(|()| self.sync()) {
+                self.unalloc(m, &[host]);
+                return Err(e);
+            }
+        }
+        let entry = host | COPIED;
+        // A failed write may have landed all the same: the table stays allocated (a leak at
+        // worst) rather than going back to the pool while the file may point at it.
+        self.write_meta(&entry.to_be_bytes(), m.l1_offset + i as u64 * 8)?;
+        m.l1[i] = entry;
+        let words = (self.g.l2_entries * self.g.l2_words) as usize;
+        self.cache_l2(m, host, vec![0u64; words])?;
         Ok(host)
     }
 
-    /// Sets the L2 entry of guest cluster `index` (the table exists) and writes it through.
+    /// Sets the L2 entry of guest cluster `index` (the table exists) in the cache; the table
+    /// is written back at the next flush.
     fn set_l2(&self, m: &mut Meta, index: u64, value: u64) -> Result<()> {
-        let guest = index * self.g.cs;
-        let off = self.l2_offset(m, guest)?;
-        let i = (index % self.g.l2_entries) as usize;
-        let table = self.l2_table(m, off)?;
-        table[i] = value;
-        self.write_meta(&value.to_be_bytes(), off + i as u64 * 8)
+        let (applied, done) = self.set_l2_entries(m, &[(index, value)]);
+        debug_assert!(applied <= 1);
+        done
     }
 
-    /// Sets the L2 entries of consecutive guest clusters `(index, value)` (tables exist),
-    /// writing each table's run through in one go.
-    fn set_l2_entries(&self, m: &mut Meta, entries: &[(u64, u64)]) -> Result<()> {
+    /// Sets the L2 entries of consecutive guest clusters `(index, value)` (tables exist) in
+    /// the cache. Returns how many were set: all, or on an error (loading a table) a prefix.
+    fn set_l2_entries(&self, m: &mut Meta, entries: &[(u64, u64)]) -> (usize, Result<()>) {
         let per = self.g.l2_entries;
+        let mut applied = 0;
         for run in entries.chunk_by(|a, b| b.0 == a.0 + 1 && b.0 % per != 0) {
             let first = run[0].0;
-            let off = self.l2_offset(m, first * self.g.cs)?;
+            let off = match self.l2_offset(m, first * self.g.cs) {
+                Ok(off) => off,
+                Err(e) => return (applied, Err(e)),
+            };
             let i = (first % per) as usize;
-            let table = self.l2_table(m, off)?;
-            let mut bytes = Vec::with_capacity(run.len() * 8);
+            let table = match self.l2_table(m, off) {
+                Ok(t) => t,
+                Err(e) => return (applied, Err(e)),
+            };
             for (k, (_, v)) in run.iter().enumerate() {
                 table[i + k] = *v;
-                bytes.extend_from_slice(&v.to_be_bytes());
             }
-            self.write_meta(&bytes, off + i as u64 * 8)?;
+            self.l2_changed(m, off);
+            applied += run.len();
         }
-        Ok(())
+        (applied, Ok(()))
     }
 
     /// Clusters that hold a reference because of `map`.
@@ -203,6 +217,7 @@ impl Qcow2 {
                 host: reuse.unwrap_or(0),
                 source,
                 fresh: reuse.is_none(),
+                zeroed: false,
                 release,
             });
         }
@@ -210,7 +225,7 @@ impl Qcow2 {
         let hosts = self.alloc(m, fresh)?;
         let mut hosts = hosts.into_iter();
         for n in news.iter_mut().filter(|n| n.fresh) {
-            n.host = hosts.next().expect("allocated one per fresh cluster");
+            (n.host, n.zeroed) = hosts.next().expect("allocated one per fresh cluster");
         }
         for n in &news {
             m.inflight.insert(n.index);
@@ -236,45 +251,56 @@ impl Qcow2 {
         Ok(buf)
     }
 
-    /// Writes the new clusters' contents: guest data plus old contents around it.
+    /// Writes the new clusters' contents: guest data plus old contents around it (except
+    /// zeroes over clusters that read as zeroes already).
     fn fill(&self, news: &[NewCluster], guest: u64, bufs: Bufs<'_, '_>) -> Result<()> {
+        enum Part {
+            Old(usize),
+            Guest { at: u64 },
+        }
         let cs = self.g.cs;
         let end = guest + bufs.len();
+        let mut owned: Vec<Vec<u8>> = Vec::new();
+        // (host offset, what, length), in host order within each cluster.
+        let mut pieces: Vec<(u64, Part, u64)> = Vec::new();
+        for n in news {
+            let c0 = n.index * cs;
+            let ws = guest.max(c0) - c0;
+            let we = end.min(c0 + cs) - c0;
+            let keep_hole = n.zeroed && matches!(n.source, Source::Zero);
+            if ws > 0 && !keep_hole {
+                owned.push(self.old_bytes(n.source, n.index, 0..ws)?);
+                pieces.push((n.host, Part::Old(owned.len() - 1), ws));
+            }
+            pieces.push((
+                n.host + ws,
+                Part::Guest {
+                    at: c0 + ws - guest,
+                },
+                we - ws,
+            ));
+            if we < cs && !keep_hole {
+                owned.push(self.old_bytes(n.source, n.index, we..cs)?);
+                pieces.push((n.host + we, Part::Old(owned.len() - 1), cs - we));
+            }
+        }
         let mut i = 0;
-        while i < news.len() {
-            // A group of clusters contiguous on the host goes out in one pwritev.
+        while i < pieces.len() {
+            // Pieces contiguous on the host go out in one pwritev.
             let mut j = i + 1;
-            while j < news.len()
-                && news[j].host == news[j - 1].host + cs
-                && news[j].index == news[j - 1].index + 1
-            {
+            let mut host_end = pieces[i].0 + pieces[i].2;
+            while j < pieces.len() && pieces[j].0 == host_end {
+                host_end += pieces[j].2;
                 j += 1;
             }
-            let mut owned: Vec<Vec<u8>> = Vec::new();
-            let mut parts: Vec<(bool, u64, u64)> = Vec::new(); // (is_owned, a, b)
-            for n in &news[i..j] {
-                let c0 = n.index * cs;
-                let ws = guest.max(c0) - c0;
-                let we = end.min(c0 + cs) - c0;
-                if ws > 0 {
-                    owned.push(self.old_bytes(n.source, n.index, 0..ws)?);
-                    parts.push((true, owned.len() as u64 - 1, 0));
-                }
-                parts.push((false, c0 + ws - guest, we - ws));
-                if we < cs {
-                    owned.push(self.old_bytes(n.source, n.index, we..cs)?);
-                    parts.push((true, owned.len() as u64 - 1, 0));
-                }
-            }
             let mut slices: Vec<VolatileSlice<'_>> = Vec::new();
-            for (is_owned, a, b) in parts {
-                if is_owned {
-                    slices.push(iov::slice_of_ro(&owned[a as usize]));
-                } else {
-                    slices.extend(bufs.sub(a, b));
+            for (_, part, len) in &pieces[i..j] {
+                match part {
+                    Part::Old(k) => slices.push(iov::slice_of_ro(&owned[*k])),
+                    Part::Guest { at } => slices.extend(bufs.sub(*at, *len)),
                 }
             }
-            iov::write_all_at(&self.file, &slices, news[i].host).map_err(Error::io(&self.path))?;
+            self.write_data(&slices, pieces[i].0)?;
             i = j;
         }
         Ok(())
@@ -300,9 +326,7 @@ impl Qcow2 {
             };
             match step {
                 Step::InPlace { host, len: n } => {
-                    self.data
-                        .write(&self.file, &bufs.sub(pos, n), host)
-                        .map_err(Error::io(&self.path))?;
+                    self.write_data(&bufs.sub(pos, n), host)?;
                     pos += n;
                 }
                 Step::Allocate(news) => {
@@ -315,20 +339,25 @@ impl Qcow2 {
                     for n in &news {
                         m.inflight.remove(&n.index);
                     }
-                    let committed = filled.and_then(|()| {
-                        let entries: Vec<(u64, u64)> =
-                            news.iter().map(|n| (n.index, n.host | COPIED)).collect();
-                        self.set_l2_entries(&mut m, &entries)?;
-                        for n in &news {
-                            m.pending_free.extend(&n.release);
+                    // The entries change only once the data is written; those that could not
+                    // be set leave their clusters unreferenced, back in the pool.
+                    let (applied, committed) = match filled {
+                        Ok(()) => {
+                            let entries: Vec<(u64, u64)> =
+                                news.iter().map(|n| (n.index, n.host | COPIED)).collect();
+                            self.set_l2_entries(&mut m, &entries)
                         }
-                        Ok(())
-                    });
-                    if committed.is_err() {
-                        let fresh: Vec<u64> =
-                            news.iter().filter(|n| n.fresh).map(|n| n.host).collect();
-                        self.unalloc(&mut m, &fresh);
+                        Err(e) => (0, Err(e)),
+                    };
+                    for n in &news[..applied] {
+                        m.pending_free.extend(&n.release);
                     }
+                    let unused: Vec<u64> = news[applied..]
+                        .iter()
+                        .filter(|n| n.fresh)
+                        .map(|n| n.host)
+                        .collect();
+                    self.unalloc(&mut m, &unused);
                     drop(m);
                     self.allocated.notify_all();
                     committed?;

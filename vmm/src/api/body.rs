@@ -14,13 +14,14 @@ use serde::de::{self, DeserializeOwned, MapAccess, Visitor};
 use serde::{Deserialize, Deserializer};
 use vmm_api::config::{check_cpu_count, DEFAULT_CPUS, DEFAULT_MEMORY};
 use vmm_api::parse::{
-    check_disk_path, check_disk_serial, check_tap_name, check_vsock, parse_disk_format, parse_size,
+    check_disk_path, check_disk_serial, check_tap_name, check_vsock, parse_disk_format,
+    parse_on_error, parse_size,
 };
 use vmm_api::types::{RestoreBody, ShutdownBody, SnapshotBody, MAX_SHUTDOWN_TIMEOUT_MS};
 
 use crate::config::{
-    ConfigError, DiskConfig, NetConfig, SerialConfig, VmConfig, VsockConfig, DEFAULT_CMDLINE,
-    MAX_CPUS,
+    ConfigError, DiskConfig, NetConfig, OnError, SerialConfig, VmConfig, VsockConfig,
+    DEFAULT_CMDLINE, MAX_CPUS,
 };
 use vmm_api::MacAddr;
 
@@ -146,6 +147,8 @@ struct DiskBody {
     serial: Option<String>,
     #[serde(default)]
     direct: bool,
+    #[serde(rename = "on-error")]
+    on_error: Option<String>,
 }
 
 /// The keys of `--net`.
@@ -257,12 +260,17 @@ impl DiskBody {
             Some(s) => Some(check_disk_serial(s).map_err(err)?.to_string()),
             None => None,
         };
+        let on_error = match &self.on_error {
+            Some(p) => parse_on_error(p).map_err(err)?,
+            None => OnError::default(),
+        };
         Ok(DiskConfig {
             path,
             format,
             read_only: self.readonly,
             serial,
             direct: self.direct,
+            on_error,
         })
     }
 }
@@ -447,7 +455,7 @@ mod tests {
             r#"{"kernel":"/img/vmlinux","initramfs":"/img/initrd.cpio","cmdline":"console=ttyS0",
                 "cpus":2,"memory":"1G","serial":"file:/tmp/console",
                 "disks":[{"path":"/img/root.qcow2","format":"qcow2","readonly":true,
-                          "serial":"x","direct":true},{"path":"/img/data.raw"}],
+                          "serial":"x","direct":true,"on-error":"report"},{"path":"/img/data.raw"}],
                 "nets":[]}"#,
         )
         .unwrap();
@@ -463,9 +471,11 @@ mod tests {
                 read_only: true,
                 serial: Some("x".into()),
                 direct: true,
+                on_error: OnError::Report,
             }
         );
         assert_eq!(c.disks[1].format, None);
+        assert_eq!(c.disks[1].on_error, OnError::Pause);
         assert!(!c.disks[1].read_only);
         assert!(c.nets.is_empty());
         let c = create(

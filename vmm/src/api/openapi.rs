@@ -13,7 +13,7 @@ use vmm_api::types::{
 use vmm_api::MacAddr;
 
 use super::body;
-use crate::config::{DiskConfig, NetConfig, SerialConfig, VmConfig, VsockConfig};
+use crate::config::{DiskConfig, NetConfig, OnError, SerialConfig, VmConfig, VsockConfig};
 
 const HTTP_METHODS: &[&str] = &["get", "put", "post", "delete", "patch", "head", "options"];
 
@@ -191,6 +191,7 @@ fn response_schemas_name_the_serialized_fields() {
             read_only: false,
             serial: None,
             direct: false,
+            on_error: OnError::Pause,
         }],
         nets: vec![NetConfig {
             tap: "tap0".into(),
@@ -207,6 +208,7 @@ fn response_schemas_name_the_serialized_fields() {
         disks: vec![DiskCounters::default()],
         nets: vec![NetCounters::default()],
         exit_reason: None,
+        pause_reason: Some("disk 0 (/d): write failed".into()),
     })
     .unwrap();
     assert_eq!(keys(&info), properties(&doc, "VmInfo"));

@@ -228,7 +228,8 @@ pub fn attach_devices(
         .disks
         .iter()
         .zip(host.disks)
-        .map(|(disk, backend)| attach_disk(vm, &mut root, disk, backend, cfg.cpus))
+        .enumerate()
+        .map(|(i, (disk, backend))| attach_disk(vm, &mut root, (i, disk), backend, cfg.cpus, exit))
         .collect::<Result<Vec<_>, _>>()?;
     let mut nets = CloseOnError(Vec::with_capacity(cfg.nets.len()));
     for (net, tap) in cfg.nets.iter().zip(host.taps) {
@@ -282,14 +283,18 @@ fn attach_virtio(vm: &Vm, pci: &mut PciRoot, device: Box<dyn VirtioDevice>) -> R
 fn attach_disk(
     vm: &Vm,
     pci: &mut PciRoot,
-    disk: &DiskConfig,
+    (index, disk): (usize, &DiskConfig),
     backend: Box<dyn DiskBackend>,
     cpus: u8,
+    exit: &ExitHandle,
 ) -> Result<(SharedDisk, Arc<Counters>), Error> {
     let opts = BlockOptions {
         read_only: disk.read_only,
         serial: disk.serial.clone().unwrap_or_default(),
         num_queues: u16::from(cpus),
+        on_error: disk.on_error,
+        name: format!("disk {index} ({})", disk.path.display()),
+        stall: exit.clone(),
     };
     let block = Block::new(backend, &opts);
     let shared = (block.backend(), block.counters());

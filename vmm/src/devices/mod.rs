@@ -36,9 +36,12 @@ pub enum VmEvent {
     Panic,
     /// A vCPU hit an error it cannot continue from.
     Error(String),
+    /// A device cannot go on until the host is fixed (a disk's write failed with
+    /// `on-error=pause`): the VM pauses, and `resume` picks up where it stopped. Not an end.
+    Stall(String),
 }
 
-/// Handle that devices use to ask for the VM to stop.
+/// Handle that devices use to ask for the VM to stop (or pause).
 #[derive(Clone, Debug)]
 pub struct ExitHandle(Sender<VmEvent>);
 

@@ -170,6 +170,7 @@ pub fn open_image(path: &Path, format: Option<Format>, writable: bool) -> Result
         writable,
         format,
         direct: false,
+        hook: None,
     };
     Image::open(path, &opts).context("opening the image")
 }

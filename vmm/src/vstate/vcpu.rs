@@ -22,6 +22,9 @@ const APIC_LVT1: usize = 0x360;
 const APIC_MODE_NMI: u32 = 0x4;
 const APIC_MODE_EXTINT: u32 = 0x7;
 
+/// The reset reason of a triple fault (KVM_EXIT_SHUTDOWN): `vmm` exits with its own status.
+pub const TRIPLE_FAULT: &str = "triple fault";
+
 /// Error setting up a vCPU.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -212,7 +215,7 @@ impl Vcpu {
                 None
             }
             Ok(VcpuExit::Hlt) | Ok(VcpuExit::Intr) | Ok(VcpuExit::IrqWindowOpen) => None,
-            Ok(VcpuExit::Shutdown) => Some(VmEvent::Reset("triple fault")),
+            Ok(VcpuExit::Shutdown) => Some(VmEvent::Reset(TRIPLE_FAULT)),
             Ok(VcpuExit::SystemEvent(kind, _)) => Some(match kind {
                 KVM_SYSTEM_EVENT_SHUTDOWN => VmEvent::PowerOff,
                 KVM_SYSTEM_EVENT_RESET => VmEvent::Reset("KVM system reset"),

@@ -12,8 +12,10 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use super::block::{Block, BlockOptions};
 use super::pci::VirtioPciDevice;
 use super::*;
+use crate::config::OnError;
 use crate::devices::pci::msix::{MsiMessage, MsiSink};
 use crate::devices::pci::root::PciDevice;
+use crate::devices::VmEvent;
 use ::block::{DiskBackend, Format, ImageDisk};
 
 const COMMON: u64 = 0x0000;
@@ -80,12 +82,28 @@ impl Driver {
                 .unwrap();
             Box::new(ImageDisk::open(&path, Some(Format::Raw), read_only, false).unwrap())
         };
+        let (drv, _) = Self::with_backend(backend, read_only, OnError::Report, dir, disk);
+        drv
+    }
+
+    /// A driver whose device serves `backend`, with the VM's event channel.
+    fn with_backend(
+        backend: Box<dyn DiskBackend>,
+        read_only: bool,
+        on_error: OnError,
+        dir: tempfile::TempDir,
+        disk: Vec<u8>,
+    ) -> (Self, std::sync::mpsc::Receiver<VmEvent>) {
+        let (exit, events) = crate::builder::steps::exit_channel();
         let block = Block::new(
             backend,
             &BlockOptions {
                 read_only,
                 serial: "sim".into(),
                 num_queues: 1,
+                on_error,
+                name: "disk 0 (sim)".into(),
+                stall: exit,
             },
         );
         let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
@@ -99,13 +117,14 @@ impl Driver {
             None,
         )
         .unwrap();
-        Self {
+        let drv = Self {
             dev,
             mem,
             fired,
             _dir: dir,
             disk,
-        }
+        };
+        (drv, events)
     }
 
     fn w(&mut self, offset: u64, data: &[u8]) {
@@ -192,28 +211,12 @@ impl Driver {
 
     /// Submits a read of one sector and waits for it to complete.
     fn read_sector(&mut self, sector: u64, avail_idx: u16) -> (u8, Vec<u8>) {
-        self.mem.write_obj(0u32, GuestAddress(HDR)).unwrap();
-        self.mem.write_obj(sector, GuestAddress(HDR + 8)).unwrap();
-        self.mem.write_obj(0xffu8, GuestAddress(STATUS)).unwrap();
-        self.desc(0, HDR, 16, VRING_DESC_F_NEXT, 1);
-        self.desc(1, DATA, 512, VRING_DESC_F_WRITE | VRING_DESC_F_NEXT, 2);
-        self.desc(2, STATUS, 1, VRING_DESC_F_WRITE, 0);
+        self.submit_sector(false, sector, avail_idx, 0);
+        assert!(
+            self.wait_used(avail_idx + 1, Duration::from_secs(10)),
+            "request not completed"
+        );
         let slot = u64::from(avail_idx % 16);
-        self.mem
-            .write_obj(0u16, GuestAddress(AVAIL + 4 + 2 * slot))
-            .unwrap();
-        self.mem
-            .write_obj(avail_idx + 1, GuestAddress(AVAIL + 2))
-            .unwrap();
-        self.w(NOTIFY, &0u16.to_le_bytes());
-        let start = Instant::now();
-        while self.mem.read_obj::<u16>(GuestAddress(USED + 2)).unwrap() != avail_idx + 1 {
-            assert!(
-                start.elapsed() < Duration::from_secs(10),
-                "request not completed"
-            );
-            std::thread::sleep(Duration::from_millis(1));
-        }
         let used_len: u32 = self
             .mem
             .read_obj(GuestAddress(USED + 4 + 8 * slot + 4))
@@ -222,6 +225,47 @@ impl Driver {
         let mut data = vec![0u8; 512];
         self.mem.read_slice(&mut data, GuestAddress(DATA)).unwrap();
         (self.mem.read_obj(GuestAddress(STATUS)).unwrap(), data)
+    }
+
+    /// Puts a one-sector read or write (its header, data and status in descriptors 3k..3k+2
+    /// for chain `k`, data at DATA + 512k) in the available ring as entry `avail_idx`, and
+    /// kicks.
+    fn submit_sector(&mut self, write: bool, sector: u64, avail_idx: u16, k: u16) {
+        let (hdr, data, status) = (
+            HDR + 16 * u64::from(k),
+            DATA + 512 * u64::from(k),
+            STATUS + u64::from(k),
+        );
+        self.mem
+            .write_obj(u32::from(write), GuestAddress(hdr))
+            .unwrap();
+        self.mem.write_obj(sector, GuestAddress(hdr + 8)).unwrap();
+        self.mem.write_obj(0xffu8, GuestAddress(status)).unwrap();
+        let d = u64::from(3 * k);
+        let data_flags = if write { 0 } else { VRING_DESC_F_WRITE };
+        self.desc(d, hdr, 16, VRING_DESC_F_NEXT, 3 * k + 1);
+        self.desc(d + 1, data, 512, data_flags | VRING_DESC_F_NEXT, 3 * k + 2);
+        self.desc(d + 2, status, 1, VRING_DESC_F_WRITE, 0);
+        let slot = u64::from(avail_idx % 16);
+        self.mem
+            .write_obj(3 * k, GuestAddress(AVAIL + 4 + 2 * slot))
+            .unwrap();
+        self.mem
+            .write_obj(avail_idx + 1, GuestAddress(AVAIL + 2))
+            .unwrap();
+        self.w(NOTIFY, &0u16.to_le_bytes());
+    }
+
+    /// The used index, once it reaches `idx` (false when `within` passes first).
+    fn wait_used(&self, idx: u16, within: Duration) -> bool {
+        let start = Instant::now();
+        while self.mem.read_obj::<u16>(GuestAddress(USED + 2)).unwrap() != idx {
+            if start.elapsed() > within {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        true
     }
 }
 
@@ -311,4 +355,136 @@ fn block_config_space() {
     let mut nq = [0u8; 2];
     drv.dev.bar_read(0, 0x2000 + 34, &mut nq);
     assert_eq!(u16::from_le_bytes(nq), 1);
+}
+
+/// A disk in memory whose writes fail with ENOSPC while `full` is set.
+struct Filling {
+    inner: ::block::MemoryDisk,
+    full: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl DiskBackend for Filling {
+    fn size(&self) -> u64 {
+        self.inner.size()
+    }
+    fn read_at(
+        &mut self,
+        offset: u64,
+        bufs: &[vm_memory::VolatileSlice<'_>],
+    ) -> std::io::Result<()> {
+        self.inner.read_at(offset, bufs)
+    }
+    fn write_at(
+        &mut self,
+        offset: u64,
+        bufs: &[vm_memory::VolatileSlice<'_>],
+    ) -> std::io::Result<()> {
+        if self.full.load(Ordering::SeqCst) {
+            return Err(std::io::Error::from_raw_os_error(libc::ENOSPC));
+        }
+        self.inner.write_at(offset, bufs)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
+    fn discard(&mut self, offset: u64, len: u64) -> std::io::Result<()> {
+        self.inner.discard(offset, len)
+    }
+    fn write_zeroes(&mut self, offset: u64, len: u64, unmap: bool) -> std::io::Result<()> {
+        self.inner.write_zeroes(offset, len, unmap)
+    }
+}
+
+fn filling_driver(
+    on_error: OnError,
+) -> (
+    Driver,
+    Arc<std::sync::atomic::AtomicBool>,
+    std::sync::mpsc::Receiver<VmEvent>,
+) {
+    let disk: Vec<u8> = (0..65536u32).map(|i| (i * 3) as u8).collect();
+    let full = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let backend = Filling {
+        inner: ::block::MemoryDisk::new(disk.clone()),
+        full: full.clone(),
+    };
+    let (mut drv, events) = Driver::with_backend(
+        Box::new(backend),
+        false,
+        on_error,
+        tempfile::tempdir().unwrap(),
+        disk,
+    );
+    drv.bring_up();
+    (drv, full, events)
+}
+
+#[test]
+fn a_write_failing_on_a_full_host_disk_waits_for_resume_and_then_goes_through() {
+    let (mut drv, full, events) = filling_driver(OnError::Pause);
+    let payload = [0x5au8; 512];
+    drv.mem.write_slice(&payload, GuestAddress(DATA)).unwrap();
+    drv.submit_sector(true, 9, 0, 0);
+    // Not answered: the VM is asked to pause instead.
+    match events.recv_timeout(Duration::from_secs(10)) {
+        Ok(VmEvent::Stall(why)) => assert!(
+            why.contains("disk 0 (sim)") && why.contains("No space left"),
+            "{why}"
+        ),
+        other => panic!("expected a stall, got {other:?}"),
+    }
+    assert!(
+        !drv.wait_used(1, Duration::from_millis(200)),
+        "the failed write was answered"
+    );
+    assert_eq!(drv.mem.read_obj::<u8>(GuestAddress(STATUS)).unwrap(), 0xff);
+    // A later request waits behind it, even a read.
+    drv.submit_sector(false, 2, 1, 1);
+    assert!(
+        !drv.wait_used(1, Duration::from_millis(200)),
+        "served while stalled"
+    );
+    // A resume before the host is fixed: the retry fails, the VM is asked to pause again.
+    drv.dev.pause().unwrap();
+    drv.dev.resume();
+    assert!(matches!(
+        events.recv_timeout(Duration::from_secs(10)),
+        Ok(VmEvent::Stall(_))
+    ));
+    assert!(!drv.wait_used(1, Duration::from_millis(200)));
+    // Space freed, VM paused and resumed: both go through, in order, without an error.
+    full.store(false, Ordering::SeqCst);
+    drv.dev.pause().unwrap();
+    drv.dev.resume();
+    assert!(
+        drv.wait_used(2, Duration::from_secs(10)),
+        "not retried on resume"
+    );
+    assert_eq!(
+        drv.mem.read_obj::<u8>(GuestAddress(STATUS)).unwrap(),
+        0,
+        "write status"
+    );
+    assert_eq!(
+        drv.mem.read_obj::<u8>(GuestAddress(STATUS + 1)).unwrap(),
+        0,
+        "read status"
+    );
+    let (status, data) = drv.read_sector(9, 2);
+    assert_eq!((status, &data[..]), (0, &payload[..]), "the write landed");
+    assert!(events.try_recv().is_err(), "no further stall");
+}
+
+#[test]
+fn with_on_error_report_the_guest_gets_the_error() {
+    let (mut drv, _full, events) = filling_driver(OnError::Report);
+    drv.submit_sector(true, 9, 0, 0);
+    assert!(drv.wait_used(1, Duration::from_secs(10)));
+    assert_eq!(
+        drv.mem.read_obj::<u8>(GuestAddress(STATUS)).unwrap(),
+        virtio_bindings::virtio_blk::VIRTIO_BLK_S_IOERR as u8
+    );
+    assert!(events.try_recv().is_err(), "no stall with on-error=report");
+    let (status, _) = drv.read_sector(2, 1);
+    assert_eq!(status, 0, "reads go on");
 }

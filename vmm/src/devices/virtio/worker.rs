@@ -11,7 +11,7 @@
 
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -32,6 +32,9 @@ struct RunState {
     paused: AtomicBool,
     /// Events being served, plus work taken from the guest and not yet answered.
     busy: AtomicUsize,
+    /// Resumes so far: a handler holding work back until the VM was paused and resumed (a
+    /// stalled disk) compares counts.
+    resumes: AtomicU64,
 }
 
 /// What a handler can do besides serving: (de)register its own descriptors, and account for
@@ -51,6 +54,11 @@ impl Ctx<'_> {
     /// True while the device is paused: take no new work from the guest.
     pub fn paused(&self) -> bool {
         self.run.paused.load(Ordering::SeqCst)
+    }
+
+    /// How many times the device was resumed after a pause.
+    pub fn resumes(&self) -> u64 {
+        self.run.resumes.load(Ordering::SeqCst)
     }
 
     /// `n` pieces of work were taken and will be answered later (asynchronous transfers): a
@@ -203,6 +211,7 @@ impl DeviceWorker {
     /// Serves again after [`DeviceWorker::pause`]; kicks that arrived meanwhile were consumed
     /// without serving, so every queue is looked at again.
     pub fn resume(&self) {
+        self.run.resumes.fetch_add(1, Ordering::SeqCst);
         self.run.paused.store(false, Ordering::SeqCst);
         if let Some(a) = self.active().as_ref() {
             for k in &a.kicks {

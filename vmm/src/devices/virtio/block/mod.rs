@@ -3,6 +3,7 @@
 //! transfers out through the block layer's engine. Disks themselves are the `block` crate's.
 
 pub mod request;
+mod stall;
 
 use std::sync::{Arc, Mutex};
 
@@ -16,10 +17,12 @@ use virtio_queue::QueueT;
 use vm_memory::{GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
 
-use self::request::{complete, completion, plan, Completion, Desc, DiskInfo, Plan, SECTOR_SIZE};
+use self::request::{complete, plan, Completion, Desc, DiskInfo, Plan, SECTOR_SIZE};
+use self::stall::{Parked, Stalls, Work};
 use super::worker::{Ctx, DeviceWorker, EventHandler, Watch};
 use super::{ActivateError, Activation, ActiveQueue, Interrupt, VirtioDevice, VIRTIO_F_VERSION_1};
-use crate::devices::PauseError;
+use crate::config::OnError;
+use crate::devices::{ExitHandle, PauseError};
 
 /// virtio device ID of a block device.
 pub const VIRTIO_ID_BLOCK: u16 = 2;
@@ -38,6 +41,12 @@ pub struct BlockOptions {
     pub serial: String,
     /// Number of request queues.
     pub num_queues: u16,
+    /// What a failed write does.
+    pub on_error: OnError,
+    /// How the disk is named in messages ("disk 0 (/path)").
+    pub name: String,
+    /// Where a stalled disk asks for the VM to pause.
+    pub stall: ExitHandle,
 }
 
 /// A disk backend shared between its device and whoever closes it at the end.
@@ -49,6 +58,9 @@ pub struct Block {
     info: DiskInfo,
     num_queues: u16,
     worker: DeviceWorker,
+    on_error: OnError,
+    name: String,
+    stall: ExitHandle,
 }
 
 impl Block {
@@ -65,6 +77,9 @@ impl Block {
             info,
             num_queues: opts.num_queues.max(1),
             worker: DeviceWorker::new("virtio-blk"),
+            on_error: opts.on_error,
+            name: opts.name.clone(),
+            stall: opts.stall.clone(),
         }
     }
 
@@ -149,6 +164,7 @@ impl VirtioDevice for Block {
             disk: self.disk.clone(),
             info: self.info.clone(),
             engine,
+            stalls: Stalls::new(self.on_error, self.name.clone(), self.stall.clone()),
         };
         self.worker.start(watches, handler)?;
         Ok(())
@@ -182,6 +198,7 @@ struct QueueHandler {
     disk: SharedDisk,
     info: DiskInfo,
     engine: Engine<Pending>,
+    stalls: Stalls,
 }
 
 impl EventHandler for QueueHandler {
@@ -205,18 +222,23 @@ impl QueueHandler {
         let mut touched = vec![false; self.queues.len()];
         for Done { tag, io, result } in self.engine.reap() {
             ctx.release(1);
-            let c = completion(&io, tag.status, result);
-            if answer(
-                &self.mem,
-                &mut self.queues,
-                &self.info,
-                tag.queue,
-                tag.head,
-                &c,
-            ) {
-                touched[tag.queue] = true;
+            let p = Parked {
+                queue: tag.queue,
+                head: tag.head,
+                status: tag.status,
+                work: Work::Transfer(io),
+            };
+            if let Some((p, result)) = self.stalls.settle(ctx, p, result) {
+                let c = p.work.completion(p.status, result);
+                if answer(&self.mem, &mut self.queues, &self.info, p.queue, p.head, &c) {
+                    touched[p.queue] = true;
+                }
             }
         }
+        self.notify(&touched);
+    }
+
+    fn notify(&mut self, touched: &[bool]) {
         for (q, _) in touched.iter().enumerate().filter(|(_, t)| **t) {
             self.notify_if_needed(q);
         }
@@ -232,21 +254,61 @@ impl QueueHandler {
         }
     }
 
+    /// Retries the requests that waited for the VM to be resumed, in order. False when the
+    /// disk is still stalled (a retry failed again: the VM pauses again).
+    fn retry_parked(&mut self, ctx: &Ctx<'_>) -> bool {
+        let mut touched = vec![false; self.queues.len()];
+        let mut disk = self.disk.lock().unwrap_or_else(|e| e.into_inner());
+        let mut waiting = self.stalls.take().into_iter();
+        for p in waiting.by_ref() {
+            let result = p.work.run(&self.mem, disk.as_mut());
+            let Some((p, result)) = self.stalls.settle(ctx, p, result) else {
+                // It failed again: the rest wait behind it, in order.
+                break;
+            };
+            let c = p.work.completion(p.status, result);
+            if answer(&self.mem, &mut self.queues, &self.info, p.queue, p.head, &c) {
+                touched[p.queue] = true;
+            }
+        }
+        for p in waiting {
+            self.stalls.keep(p);
+        }
+        drop(disk);
+        self.notify(&touched);
+        !self.stalls.stalled()
+    }
+
     /// Serves every available request of queue `q`, then interrupts the driver if it asked to be.
+    /// A stalled disk serves nothing until the VM was resumed and what waited went through.
     fn serve_queue(&mut self, q: usize, ctx: &Ctx<'_>) {
+        if self.stalls.stalled() && (!self.stalls.due(ctx) || !self.retry_parked(ctx)) {
+            // The kick comes again when the VM is resumed.
+            return;
+        }
         let QueueHandler {
             mem,
             queues,
             disk,
             info,
             engine,
+            stalls,
             ..
         } = self;
         let mut disk = disk.lock().unwrap_or_else(|e| e.into_inner());
         let mut served = false;
         // Transfers for the engine, merged and submitted once the available ring is drained.
         let mut transfers: Vec<(Pending, Io)> = Vec::new();
-        loop {
+        // Answers a request carried out synchronously, unless it waits (a stalled write).
+        let settle = |stalls: &mut Stalls, queues: &mut [ActiveQueue], p: Parked, result| {
+            if let Some((p, result)) = stalls.settle(ctx, p, result) {
+                let c = p.work.completion(p.status, result);
+                answer(mem, queues, info, p.queue, p.head, &c)
+            } else {
+                false
+            }
+        };
+        'ring: loop {
             if let Err(e) = queues[q].queue.disable_notification(mem) {
                 tracing::warn!("virtio-blk queue {q}: {e:?}");
                 return;
@@ -260,8 +322,14 @@ impl QueueHandler {
                         writable: d.is_write_only(),
                     })
                     .collect();
-                let completion = match plan(mem, disk.as_mut(), info, &descs) {
-                    Ok(Plan::Complete(c)) => Some(c),
+                let parked = |status, work| Parked {
+                    queue: q,
+                    head,
+                    status,
+                    work,
+                };
+                match plan(mem, info, &descs) {
+                    Ok(Plan::Complete(c)) => served |= answer(mem, queues, info, q, head, &c),
                     Ok(Plan::Transfer(t)) if engine.is_async() => {
                         let pending = Pending {
                             queue: q,
@@ -269,20 +337,27 @@ impl QueueHandler {
                             status: t.status,
                         };
                         transfers.push((pending, t.io));
-                        None
                     }
-                    Ok(Plan::Transfer(t)) => Some(t.run_sync(mem, disk.as_mut())),
+                    Ok(Plan::Transfer(t)) => {
+                        let work = Work::Transfer(t.io);
+                        let result = work.run(mem, disk.as_mut());
+                        served |= settle(stalls, queues, parked(t.status, work), result);
+                    }
+                    Ok(Plan::Disk { op, status }) => {
+                        let result = op.run(disk.as_mut());
+                        served |= settle(stalls, queues, parked(status, Work::Disk(op)), result);
+                    }
                     Err(_) => {
                         // No status byte to answer in: hand the chain back empty.
                         if let Err(e) = queues[q].queue.add_used(mem, head, 0) {
                             tracing::warn!("virtio-blk queue {q}: add_used: {e:?}");
                         }
                         served = true;
-                        None
                     }
-                };
-                if let Some(c) = completion {
-                    served |= answer(mem, queues, info, q, head, &c);
+                }
+                if stalls.stalled() {
+                    // Later requests wait in the ring until the VM is resumed.
+                    break 'ring;
                 }
             }
             match queues[q].queue.enable_notification(mem) {
@@ -302,8 +377,15 @@ impl QueueHandler {
                     ctx.release(n);
                     // The engine is full: serve these synchronously.
                     for (p, io) in run {
-                        let c = completion(&io, p.status, io.run_sync(mem, disk.as_mut()));
-                        served |= answer(mem, queues, info, p.queue, p.head, &c);
+                        let work = Work::Transfer(io);
+                        let result = work.run(mem, disk.as_mut());
+                        let p = Parked {
+                            queue: p.queue,
+                            head: p.head,
+                            status: p.status,
+                            work,
+                        };
+                        served |= settle(stalls, queues, p, result);
                     }
                 }
             }

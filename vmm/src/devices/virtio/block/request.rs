@@ -227,10 +227,68 @@ pub struct Completion {
 /// What to do with a chain.
 #[derive(Debug)]
 pub enum Plan {
-    /// Done already (errors, flush, GET_ID, discard, write-zeroes).
+    /// Done already (errors, GET_ID).
     Complete(Completion),
     /// A read or write to carry out, synchronously or through an asynchronous engine.
     Transfer(Transfer),
+    /// A flush, discard or write-zeroes to carry out synchronously (see
+    /// [`DiskOp::completion`]).
+    Disk {
+        /// What to do.
+        op: DiskOp,
+        /// Where the status byte goes.
+        status: GuestAddress,
+    },
+}
+
+/// A request on the disk as a whole or a range of it, without guest buffers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DiskOp {
+    /// Make what was written durable.
+    Flush,
+    /// Drop `len` bytes at `offset`.
+    Discard {
+        /// Byte offset.
+        offset: u64,
+        /// Bytes.
+        len: u64,
+    },
+    /// Zero `len` bytes at `offset`, freeing space when `unmap`.
+    WriteZeroes {
+        /// Byte offset.
+        offset: u64,
+        /// Bytes.
+        len: u64,
+        /// Space may be freed.
+        unmap: bool,
+    },
+}
+
+impl DiskOp {
+    /// Carries it out.
+    pub fn run(&self, disk: &mut dyn DiskBackend) -> std::io::Result<()> {
+        match *self {
+            DiskOp::Flush => disk.flush(),
+            DiskOp::Discard { offset, len } => disk.discard(offset, len),
+            DiskOp::WriteZeroes { offset, len, unmap } => disk.write_zeroes(offset, len, unmap),
+        }
+    }
+
+    /// Its completion, given its outcome.
+    pub fn completion(&self, status: GuestAddress, result: std::io::Result<()>) -> Completion {
+        let code = match result {
+            Ok(()) => VIRTIO_BLK_S_OK,
+            Err(e) => {
+                tracing::warn!("virtio-blk: {self:?}: {e}");
+                VIRTIO_BLK_S_IOERR
+            }
+        };
+        Completion {
+            status_addr: status,
+            status: code as u8,
+            written: 0,
+        }
+    }
 }
 
 impl Transfer {
@@ -262,13 +320,9 @@ pub fn completion(io: &Io, status: GuestAddress, result: std::io::Result<()>) ->
     }
 }
 
-/// Executes a parsed request, except for data transfers, which come back as a [`Transfer`].
-fn plan_request(
-    mem: &GuestMemoryMmap,
-    disk: &mut dyn DiskBackend,
-    info: &DiskInfo,
-    req: Request,
-) -> Plan {
+/// Checks a parsed request and says what it takes: data transfers come back as a [`Transfer`],
+/// requests on the disk as a [`DiskOp`], the rest is answered.
+fn plan_request(mem: &GuestMemoryMmap, info: &DiskInfo, req: Request) -> Plan {
     let done = |status: u32, written: u32| {
         Plan::Complete(Completion {
             status_addr: req.status,
@@ -309,12 +363,9 @@ fn plan_request(
                 None => done(VIRTIO_BLK_S_IOERR, 0),
             }
         }
-        VIRTIO_BLK_T_FLUSH => match disk.flush() {
-            Ok(()) => done(VIRTIO_BLK_S_OK, 0),
-            Err(e) => {
-                tracing::warn!("virtio-blk: flush: {e}");
-                done(VIRTIO_BLK_S_IOERR, 0)
-            }
+        VIRTIO_BLK_T_FLUSH => Plan::Disk {
+            op: DiskOp::Flush,
+            status: req.status,
         },
         VIRTIO_BLK_T_GET_ID => {
             let mut id = [0u8; VIRTIO_BLK_ID_BYTES as usize];
@@ -350,23 +401,24 @@ fn plan_request(
                 return done(VIRTIO_BLK_S_IOERR, 0);
             };
             let flags = seg.flags.to_native();
-            let result = if req.kind == VIRTIO_BLK_T_DISCARD {
+            let op = if req.kind == VIRTIO_BLK_T_DISCARD {
                 if flags != 0 {
                     return done(VIRTIO_BLK_S_UNSUPP, 0);
                 }
-                disk.discard(offset, bytes)
+                DiskOp::Discard { offset, len: bytes }
             } else {
                 if flags & !WRITE_ZEROES_UNMAP != 0 {
                     return done(VIRTIO_BLK_S_UNSUPP, 0);
                 }
-                disk.write_zeroes(offset, bytes, flags & WRITE_ZEROES_UNMAP != 0)
-            };
-            match result {
-                Ok(()) => done(VIRTIO_BLK_S_OK, 0),
-                Err(e) => {
-                    tracing::warn!("virtio-blk: discard/write-zeroes at {offset:#x}: {e}");
-                    done(VIRTIO_BLK_S_IOERR, 0)
+                DiskOp::WriteZeroes {
+                    offset,
+                    len: bytes,
+                    unmap: flags & WRITE_ZEROES_UNMAP != 0,
                 }
+            };
+            Plan::Disk {
+                op,
+                status: req.status,
             }
         }
         _ => done(VIRTIO_BLK_S_UNSUPP, 0),
@@ -384,14 +436,9 @@ fn descs_of(data: &[(GuestAddress, u32)]) -> Vec<Desc> {
 }
 
 /// Parses a chain and does everything but its data transfer.
-pub fn plan(
-    mem: &GuestMemoryMmap,
-    disk: &mut dyn DiskBackend,
-    info: &DiskInfo,
-    descs: &[Desc],
-) -> Result<Plan, Unanswerable> {
+pub fn plan(mem: &GuestMemoryMmap, info: &DiskInfo, descs: &[Desc]) -> Result<Plan, Unanswerable> {
     match parse(mem, descs) {
-        Ok(req) => Ok(plan_request(mem, disk, info, req)),
+        Ok(req) => Ok(plan_request(mem, info, req)),
         Err((Some(status_addr), status)) => Ok(Plan::Complete(Completion {
             status_addr,
             status,
@@ -417,9 +464,10 @@ pub fn handle(
     info: &DiskInfo,
     descs: &[Desc],
 ) -> Result<u32, Unanswerable> {
-    let completion = match plan(mem, disk, info, descs)? {
+    let completion = match plan(mem, info, descs)? {
         Plan::Complete(c) => c,
         Plan::Transfer(t) => t.run_sync(mem, disk),
+        Plan::Disk { op, status } => op.completion(status, op.run(disk)),
     };
     complete(mem, &completion)
 }

@@ -1,0 +1,152 @@
+//! One running balancer: a Pingora HTTP proxy service on its listener, its `LoadBalancer`, and
+//! the health checks on their timer.
+
+use std::io;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+
+use lb_config::BalancerConfig;
+use pingora::server::configuration::ServerConf;
+use pingora::services::Service as _;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use crate::app::{App, Routing, Stats};
+use crate::discovery::Pushed;
+use crate::listeners::Listeners;
+use crate::selector::Selector;
+
+pub struct Balancer {
+    pub config: BalancerConfig,
+    discovery: Pushed,
+    routing: Arc<RwLock<Arc<Routing>>>,
+    pub stats: Arc<Stats>,
+    stop: watch::Sender<bool>,
+    serving: JoinHandle<()>,
+    health: JoinHandle<()>,
+}
+
+impl Balancer {
+    /// Starts accepting on `config.listen` (a socket of `listeners`, bound now if needed).
+    pub async fn start(config: BalancerConfig, listeners: &Listeners) -> io::Result<Balancer> {
+        let table = listeners.table_for(config.listen)?;
+        let discovery = Pushed::default();
+        discovery.set(&config.backends);
+        let routing = routing_for(&config, &discovery).await;
+        let health = spawn_health(&routing.selector, &config);
+        let routing = Arc::new(RwLock::new(routing));
+        let stats = Arc::new(Stats::default());
+        let app = App {
+            routing: routing.clone(),
+            stats: stats.clone(),
+        };
+        let conf = Arc::new(ServerConf::default());
+        let mut service = pingora::proxy::http_proxy_service_with_name(&conf, app, &config.name);
+        service.add_tcp(&config.listen.to_string());
+        let (stop, shutdown) = watch::channel(false);
+        let serving = tokio::spawn(async move {
+            service.start_service(Some(table), shutdown, 1).await;
+        });
+        tracing::info!(balancer = %config.name, listen = %config.listen, backends = config.backends.len(), "balancer started");
+        Ok(Balancer {
+            config,
+            discovery,
+            routing,
+            stats,
+            stop,
+            serving,
+            health,
+        })
+    }
+
+    /// Takes `config`, which listens where this balancer does, without stopping the service:
+    /// new backends alone update the selection in place; new selection or health settings swap
+    /// in a fresh selector (with its own health checks) that the next request uses.
+    pub async fn reconfigure(&mut self, config: &BalancerConfig) {
+        let mut same = self.config.clone();
+        same.backends = config.backends.clone();
+        same.drain_grace_secs = config.drain_grace_secs;
+        self.discovery.set(&config.backends);
+        if same == *config {
+            self.selector().update().await;
+        } else {
+            let routing = routing_for(config, &self.discovery).await;
+            self.health.abort();
+            self.health = spawn_health(&routing.selector, config);
+            *self.routing.write().unwrap_or_else(|e| e.into_inner()) = routing;
+            tracing::info!(balancer = %config.name, selection = ?config.selection, "selection and health settings replaced in place");
+        }
+        self.config = config.clone();
+    }
+
+    fn selector(&self) -> Arc<Selector> {
+        self.routing
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .selector
+            .clone()
+    }
+
+    /// Whether `other` can be taken in place: it listens where this balancer does.
+    pub fn same_listener(&self, other: &BalancerConfig) -> bool {
+        self.config.listen == other.listen
+    }
+
+    pub fn health(&self) -> Vec<(std::net::SocketAddr, bool)> {
+        self.selector().health()
+    }
+
+    /// Stops accepting at once; `closed` runs once this balancer's listener copy is gone (the
+    /// caller frees the port then, when nothing else uses it), then in-flight requests get up to
+    /// the drain grace to finish.
+    pub async fn drain(self, closed: impl FnOnce()) {
+        let name = self.config.name.clone();
+        let _ = self.stop.send(true);
+        let _ = self.serving.await;
+        self.health.abort();
+        closed();
+        let grace = Duration::from_secs(self.config.drain_grace_secs);
+        let start = Instant::now();
+        while self.stats.in_flight.load(Ordering::Relaxed) > 0 && start.elapsed() < grace {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let left = self.stats.in_flight.load(Ordering::Relaxed);
+        if left > 0 {
+            tracing::warn!(balancer = %name, left, "drain grace over with requests in flight");
+        } else {
+            tracing::info!(balancer = %name, took = ?start.elapsed(), "balancer drained");
+        }
+    }
+}
+
+/// The selection `config` asks for over `discovery`'s backends, filled in.
+async fn routing_for(config: &BalancerConfig, discovery: &Pushed) -> Arc<Routing> {
+    let selector = Arc::new(Selector::new(
+        config.selection,
+        discovery.clone(),
+        &config.health,
+    ));
+    selector.update().await;
+    Arc::new(Routing {
+        selector,
+        hash_key: config.selection == lb_config::Selection::Consistent,
+    })
+}
+
+fn spawn_health(selector: &Arc<Selector>, config: &BalancerConfig) -> JoinHandle<()> {
+    tokio::spawn(check_health(
+        selector.clone(),
+        Duration::from_millis(config.health.interval_ms),
+    ))
+}
+
+/// Checks every backend now and then every `interval` (in parallel: one slow backend does not
+/// delay the verdict on the others).
+async fn check_health(selector: Arc<Selector>, interval: Duration) {
+    loop {
+        let started = Instant::now();
+        selector.backends().run_health_check(true).await;
+        tokio::time::sleep(interval.saturating_sub(started.elapsed())).await;
+    }
+}
