@@ -63,7 +63,7 @@ fn host_script(label: &str, dir: &str, create: &Value, snapshot: bool) -> String
     let peer = paths::binary("vsockpeer").unwrap().display().to_string();
     let restore = if snapshot {
         r#"echo "== snapshot"; c "$API" PUT vm/pause; c "$API" PUT vm/snapshot -d "{\"destination_dir\":\"$T/snap\"}"
-c "$API" PUT vm/shutdown -d '{"timeout_ms": 100}'; wait $P1
+c "$API" PUT vm/shutdown -d '{"timeout_ms": 100}'; reap
 echo "== restore"
 $VMM --api-socket "$API2" > "$D/vmm-2.log" 2>&1 & P1=$!
 wait_sock "$API2"; API=$API2
@@ -82,8 +82,25 @@ c() {{ sock=$1; shift; m=$1; p=$2; shift 2
       curl -s -S --max-time 120 --unix-socket "$sock" -X "$m" -H 'Content-Type: application/json' "$@" \
         -w ' HTTP%{{http_code}}\n' "http://localhost/api/v1/$p"; }}
 wait_sock() {{ for _ in $(seq 1 100); do [ -S "$1" ] && return 0; sleep 0.1; done; echo "TIMEOUT socket $1"; }}
-wait_line() {{ for _ in $(seq 1 1500); do grep -q "$1" "$SER" 2>/dev/null && return 0; sleep 0.2; done; echo "TIMEOUT waiting for $1"; }}
-agent() {{ $VMM agent "$@" --socket "$SOCK"; }}
+# What each vmm thread is blocked on: a stalled guest shows its vCPUs in kvm_vcpu_block.
+threads() {{ for t in /proc/$P1/task/*; do echo "  $(cat $t/comm): $(cat $t/wchan 2>/dev/null)"; done; }}
+seen() {{ for _ in $(seq 1 $(($2 * 5))); do grep -q "$1" "$SER" 2>/dev/null && return 0; sleep 0.2; done; return 1; }}
+# Waits for a guest line. A guest silent for 180 s is reported with its threads' states and
+# then paused and resumed once (its vCPUs leave KVM_RUN and re-enter it, which re-checks
+# pending events): nested KVM in the TCG test host has been seen to leave both halted vCPUs
+# of a 2-vCPU guest waiting for a wakeup that never came. A guest that goes on after that
+# kick is reported as KICKED (the test prints it); one that does not is a TIMEOUT.
+wait_line() {{ seen "$1" 180 && return 0
+  echo "STALL waiting for $1"; threads
+  c "$API" PUT vm/pause; c "$API" PUT vm/resume
+  if seen "$1" 120; then echo "KICKED: the guest went on after a pause/resume ($1)"; else echo "TIMEOUT waiting for $1"; threads; fi; }}
+# Every host step is bounded: a stalled connection must fail the test, not hang it.
+agent() {{ timeout -k 5 300 $VMM agent "$@" --socket "$SOCK"; }}
+PEER="timeout -k 5 600 $PEER"
+# The vmm's exit, waited for at most 60 s (then its threads are shown and it is killed).
+reap() {{ for _ in $(seq 1 300); do kill -0 $P1 2>/dev/null || break; sleep 0.2; done
+  if kill -0 $P1 2>/dev/null; then echo "TIMEOUT the vmm did not exit"; threads; kill -9 $P1; fi
+  wait $P1; RC=$?; }}
 $PEER listen "${{SOCK}}_6000" 16 {MIB4} > "$D/p6000.log" 2>&1 &
 $PEER listen "${{SOCK}}_6001" 1 {MIB4} > "$D/p6001.log" 2>&1 &
 $PEER listen "${{SOCK}}_6002" 1 {MIB4} --close-after 65536 > "$D/p6002.log" 2>&1 &
@@ -104,8 +121,7 @@ wait_line VSOCK-GUEST-DIALS-DONE
 echo "== ping-2"; agent ping > "$D/ping2.json" 2>&1; echo "RC $?"
 wait_line VSOCK-GUEST-DONE
 echo "== shutdown"; agent shutdown > "$D/shutdown.json" 2>&1; echo "RC $?"
-for _ in $(seq 1 300); do kill -0 $P1 2>/dev/null || break; sleep 0.2; done
-wait $P1; echo "VMM-EXIT $?"
+reap; echo "VMM-EXIT $RC"
 }} > "$D/script.log" 2>&1"#,
         create_body = sh_quote(&create.to_string()),
         sockets = socket_dir(label),
@@ -265,8 +281,28 @@ fn vsock_connections_and_the_guest_agent() {
             snapshot,
         ));
     }
-    s.run(host, Duration::from_secs(1500)).unwrap();
+    if let Err(e) = s.run(host, Duration::from_secs(1200)) {
+        // The scenario's own output is empty (each boot logs to its directory): show where
+        // each boot stopped.
+        for (label, _, _) in boots {
+            let serial = read(&dir.join(label), "serial.log");
+            let tail: Vec<&str> = serial.lines().rev().take(40).collect();
+            eprintln!(
+                "{label} script:\n{}\n{label} serial (last 40 lines, newest first):\n{}",
+                read(&dir.join(label), "script.log"),
+                tail.join("\n")
+            );
+        }
+        panic!("{e:#}");
+    }
     for (label, _, snapshot) in boots {
+        let script = read(&dir.join(label), "script.log");
+        for line in lines_with(&script, "KICKED")
+            .into_iter()
+            .chain(lines_with(&script, "STALL"))
+        {
+            println!("{label}: {line}");
+        }
         check_boot(&dir.join(label), label, snapshot);
     }
 }
