@@ -139,6 +139,8 @@ fn worker_starts_restarts_readopts_and_cleans_up() {
                 .filter(|c| c.contains('K'))
         })
         .await;
+        // The vmm makes the console file itself (capped and rotated, see vmm's serial_log).
+        assert_eq!(mode(&console), 0o600, "console.log");
 
         // A killed vmm is restarted with the same address, TAP and disk.
         kill9(pid);

@@ -2,7 +2,6 @@
 //! snapshot restore ([`crate::snapshot::restore`]): what differs between the two is only what
 //! fills guest memory and the initial state of each piece, never how the pieces are made.
 
-use std::fs::OpenOptions;
 use std::io;
 use std::sync::mpsc::{channel, Receiver};
 use std::sync::{Arc, Mutex};
@@ -27,6 +26,7 @@ use crate::devices::pci::root::{CONFIG_IO_PORT, CONFIG_IO_PORTS};
 use crate::devices::pci::{PciConfigIo, PciEcam, PciRoot};
 use crate::devices::pvpanic::{PvPanic, PVPANIC_PORT};
 use crate::devices::serial::{self, SerialDevice, SerialOut};
+use crate::devices::serial_log::SerialLog;
 use crate::devices::virtio::block::request::Counters;
 use crate::devices::virtio::block::{Block, BlockOptions, SharedDisk};
 use crate::devices::virtio::net::tap::Tap;
@@ -131,11 +131,7 @@ fn serial_out(cfg: &SerialConfig) -> Result<SerialOut, Error> {
         SerialConfig::Stdout => Box::new(io::stdout()),
         SerialConfig::Off => Box::new(io::sink()),
         SerialConfig::File(path) => Box::new(
-            OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(path)
-                .map_err(host(format!("serial file {}", path.display())))?,
+            SerialLog::open(path).map_err(host(format!("serial file {}", path.display())))?,
         ),
     })
 }

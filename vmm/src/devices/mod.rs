@@ -8,6 +8,7 @@ pub mod i8042;
 pub mod pci;
 pub mod pvpanic;
 pub mod serial;
+pub mod serial_log;
 pub mod virtio;
 
 use std::sync::mpsc::Sender;

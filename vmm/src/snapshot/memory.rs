@@ -4,7 +4,7 @@
 //! read.
 
 use std::fs::{File, OpenOptions};
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::Path;
 
 use serde::{Deserialize, Serialize};
@@ -72,9 +72,11 @@ pub struct Region {
 
 /// Writes every region of `mem` to `path`; returns the layout.
 pub fn save(mem: &GuestMemoryMmap, path: &Path) -> Result<Vec<Region>, MemoryError> {
+    // Guest memory holds the guest's secrets: readable by the owner only.
     let file = OpenOptions::new()
         .write(true)
         .create_new(true)
+        .mode(0o600)
         .open(path)
         .map_err(file_err(path))?;
     let mut regions = Vec::new();
@@ -143,4 +145,28 @@ pub fn restore(path: &Path, regions: &[Region]) -> Result<GuestMemoryMmap, Memor
         );
     }
     GuestMemoryMmap::from_regions(mapped).map_err(|e| MemoryError::Regions(e.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    #[test]
+    fn the_memory_file_is_the_owners_alone_and_holds_the_guests_bytes() {
+        let mem: GuestMemoryMmap =
+            GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 2 * PAGE)]).unwrap();
+        mem.write_slice(b"secret", GuestAddress(PAGE as u64 + 10))
+            .unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("memory");
+        let regions = save(&mem, &path).unwrap();
+        assert_eq!(regions.len(), 1);
+        let meta = std::fs::metadata(&path).unwrap();
+        assert_eq!(meta.permissions().mode() & 0o777, 0o600);
+        let bytes = std::fs::read(&path).unwrap();
+        assert_eq!(&bytes[PAGE + 10..PAGE + 16], b"secret");
+        // An existing file is never overwritten.
+        assert!(save(&mem, &path).is_err());
+    }
 }

@@ -12,6 +12,8 @@ mod memory;
 mod restore;
 
 use std::fs;
+use std::io::Write;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -145,7 +147,13 @@ pub fn save(vm: &RunningVm, cfg: &VmConfig, dir: &Path) -> Result<(), Error> {
         let path = path.to_path_buf();
         move |source| Error::Io { path, source }
     };
-    fs::create_dir_all(dir).map_err(io(dir))?;
+    // A new directory is the owner's alone (0700); the files in it are 0600 (guest memory and
+    // device state hold the guest's secrets).
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(io(dir))?;
     if dir.join(STATE_FILE).exists() || dir.join(MEMORY_FILE).exists() {
         return Err(Error::Exists(dir.to_path_buf()));
     }
@@ -163,7 +171,13 @@ pub fn save(vm: &RunningVm, cfg: &VmConfig, dir: &Path) -> Result<(), Error> {
     };
     let json = serde_json::to_vec(&state).map_err(|e| io(dir)(e.into()))?;
     let tmp = dir.join(format!("{STATE_FILE}.tmp"));
-    fs::write(&tmp, json)
+    fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)
+        .and_then(|mut f| f.write_all(&json))
         .and_then(|()| fs::rename(&tmp, dir.join(STATE_FILE)))
         .map_err(io(dir))?;
     Ok(())
