@@ -10,6 +10,7 @@ pub mod images;
 pub mod lease;
 pub mod model;
 pub mod registration;
+pub mod serve;
 pub mod server;
 pub mod sim;
 pub mod store;

@@ -25,6 +25,8 @@ pub struct ServerConfig {
     pub image_dir: Option<std::path::PathBuf>,
     /// Whether images may name files on the workers by path.
     pub allow_host_path: bool,
+    /// Connection cap, header deadline and allowed Host names of the API.
+    pub limits: crate::serve::Limits,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -110,15 +112,12 @@ impl ControlPlane {
             })?);
         }
         for listener in listeners {
-            let stop = shutdown.clone();
-            let app = app.clone();
-            tasks.spawn(async move {
-                let serve = axum::serve(listener, app)
-                    .with_graceful_shutdown(async move { stop.cancelled().await });
-                if let Err(e) = serve.await {
-                    tracing::error!(error = %e, "API server failed");
-                }
-            });
+            tasks.spawn(crate::serve::serve(
+                listener,
+                app.clone(),
+                config.limits.clone(),
+                shutdown.clone(),
+            ));
         }
         tasks.spawn(controllers::run(
             Scheduler,

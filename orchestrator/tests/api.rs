@@ -644,3 +644,95 @@ async fn non_json_bodies_and_deleting_a_busy_worker_are_refused() {
     let (s, body) = http_async(addr, "DELETE", "/api/v1/workers/w1?force=true", None).await;
     assert_eq!(s, 200, "{body}");
 }
+
+/// Sends `request` raw on a fresh connection and reads until the server closes it or `wait`
+/// passes: (what came back, whether the server closed the connection).
+fn raw(addr: std::net::SocketAddr, request: &str, wait: Duration) -> (String, bool) {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(wait)).unwrap();
+    s.write_all(request.as_bytes()).unwrap();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) => return (String::from_utf8_lossy(&got).into_owned(), true),
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+            Err(_) => return (String::from_utf8_lossy(&got).into_owned(), false),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn foreign_hosts_silent_clients_and_excess_connections_are_held_off() {
+    use orchestrator::server::{ControlPlane, ServerConfig};
+    let etcd = Etcd::start();
+    let plane = ControlPlane::start(ServerConfig {
+        etcd: vec![etcd.url()],
+        listen: "127.0.0.1:0".parse().unwrap(),
+        also_listen: Vec::new(),
+        etcd_timeout: Duration::from_secs(2),
+        controllers: common::controller_config("cp"),
+        image_dir: None,
+        allow_host_path: false,
+        limits: orchestrator::serve::Limits {
+            max_connections: 2,
+            header_timeout: Duration::from_secs(2),
+            allowed_hosts: vec!["cp.test".into()],
+        },
+    })
+    .await
+    .unwrap();
+    let addr = plane.addr();
+    tokio::task::spawn_blocking(move || {
+        // DNS rebinding: only addresses, localhost and the names the server was given.
+        let port = addr.port();
+        for (host, want) in [
+            (format!("127.0.0.1:{port}"), "HTTP/1.1 200"),
+            (format!("localhost:{port}"), "HTTP/1.1 200"),
+            (format!("cp.test:{port}"), "HTTP/1.1 200"),
+            (format!("evil.example:{port}"), "HTTP/1.1 421"),
+            (format!("127.0.0.1.evil.example:{port}"), "HTTP/1.1 421"),
+        ] {
+            let req =
+                format!("GET /api/v1/images HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n");
+            let (resp, _) = raw(addr, &req, Duration::from_secs(10));
+            assert!(resp.starts_with(want), "{host}: {resp}");
+        }
+
+        // Half a request, and nothing at all: both closed at the header deadline.
+        for partial in ["GET /api/v1/images HTTP/1.1\r\nHost: 127.0.0.1\r\n", ""] {
+            let t = Instant::now();
+            let (_, closed) = raw(addr, partial, Duration::from_secs(10));
+            assert!(closed, "{partial:?}: still open after 10 s");
+            assert!(
+                t.elapsed() >= Duration::from_millis(1500),
+                "{partial:?}: closed too early"
+            );
+        }
+
+        // The cap: two silent connections take both slots; a third is not served while they
+        // are open, and is served once one of them closes.
+        let a = std::net::TcpStream::connect(addr).unwrap();
+        let _b = std::net::TcpStream::connect(addr).unwrap();
+        std::thread::sleep(Duration::from_millis(200));
+        let third = std::thread::spawn(move || {
+            let t = Instant::now();
+            let req = "GET /api/v1/images HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n";
+            let (resp, _) = raw(addr, req, Duration::from_secs(10));
+            (resp, t.elapsed())
+        });
+        std::thread::sleep(Duration::from_millis(1000));
+        assert!(
+            !third.is_finished(),
+            "a third connection was served past the cap"
+        );
+        drop(a);
+        let (resp, took) = third.join().unwrap();
+        assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
+        assert!(took >= Duration::from_millis(1000), "served after {took:?}");
+    })
+    .await
+    .unwrap();
+    plane.shutdown(Duration::from_secs(2)).await;
+}

@@ -29,6 +29,7 @@ async fn plane(etcd: &Etcd, dir: &std::path::Path) -> ControlPlane {
         controllers: common::controller_config("images-test"),
         image_dir: Some(dir.to_path_buf()),
         allow_host_path: false,
+        limits: Default::default(),
     })
     .await
     .expect("control plane")

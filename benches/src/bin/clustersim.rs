@@ -204,6 +204,7 @@ async fn main() -> Result<()> {
         // The simulated workers start nothing: a path names the image.
         image_dir: None,
         allow_host_path: true,
+        limits: Default::default(),
     })
     .await?;
     let api = ApiClient::new(&format!("http://{}", plane.addr()), Duration::from_secs(60))?;

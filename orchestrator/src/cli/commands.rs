@@ -89,6 +89,11 @@ async fn server(args: ServerArgs) -> Result<()> {
         },
         image_dir: args.image_dir,
         allow_host_path: args.allow_host_path,
+        limits: orchestrator::serve::Limits {
+            max_connections: args.max_connections as usize,
+            header_timeout: args.header_timeout,
+            allowed_hosts: args.allowed_host,
+        },
     };
     let plane = ControlPlane::start(config).await?;
     // Scripts and tests read the address from this line when they pass port 0.

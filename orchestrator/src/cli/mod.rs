@@ -170,6 +170,18 @@ pub struct ServerArgs {
     /// worker can then become a guest's disk, so only for trusted operators
     #[arg(long)]
     pub allow_host_path: bool,
+    /// Connections served at once; more wait until one closes
+    #[arg(long, value_name = "N", default_value_t = 1024, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub max_connections: u32,
+    /// Time a client has to send a request's headers; idle keep-alive connections are closed
+    /// after it too
+    #[arg(long, value_name = "DURATION", default_value = "15s", value_parser = duration)]
+    pub header_timeout: Duration,
+    /// A host name clients may use to reach this server (repeatable). Requests whose Host is
+    /// not an IP address, localhost or such a name are refused (421): a web page must not
+    /// reach the API through a name that resolves to this host (DNS rebinding)
+    #[arg(long, value_name = "NAME")]
+    pub allowed_host: Vec<String>,
 }
 
 #[derive(Debug, Subcommand)]

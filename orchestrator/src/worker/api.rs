@@ -52,12 +52,7 @@ pub async fn serve(listener: TcpListener, state: ApiState, shutdown: Cancellatio
         .route("/api/v1/proxy/status", get(proxy_status))
         .layer(axum::middleware::from_fn(crate::api::require_json))
         .with_state(state);
-    let served = axum::serve(listener, app)
-        .with_graceful_shutdown(async move { shutdown.cancelled().await })
-        .await;
-    if let Err(e) = served {
-        tracing::error!("worker API: {e}");
-    }
+    crate::serve::serve(listener, app, crate::serve::Limits::default(), shutdown).await;
 }
 
 async fn proxy_apply(

@@ -239,6 +239,7 @@ pub async fn control_plane(etcd: &Etcd, holder: &str) -> ControlPlane {
         controllers: controller_config(holder),
         image_dir: None,
         allow_host_path: true,
+        limits: Default::default(),
     })
     .await
     .expect("control plane")
