@@ -65,7 +65,12 @@ pub struct ApiClient {
 #[serde(bound = "")]
 struct ListBody<S: Spec> {
     items: Vec<Object<S>>,
+    #[serde(rename = "continue", default)]
+    next: Option<String>,
 }
+
+/// Objects per page when the client lists.
+const LIST_PAGE: usize = 500;
 
 #[derive(Deserialize)]
 struct ErrorBody {
@@ -115,11 +120,20 @@ impl ApiClient {
         &self.base
     }
 
+    /// Every object of a kind, read in pages of one snapshot.
     pub async fn list<S: Spec>(&self) -> Result<Vec<Object<S>>, ClientError> {
-        let body: ListBody<S> = self
-            .request(Method::GET, &format!("/api/v1/{}", S::PLURAL), None)
-            .await?;
-        Ok(body.items)
+        let mut items = Vec::new();
+        let mut path = format!("/api/v1/{}?limit={LIST_PAGE}", S::PLURAL);
+        loop {
+            let body: ListBody<S> = self.request(Method::GET, &path, None).await?;
+            items.extend(body.items);
+            match body.next {
+                Some(token) => {
+                    path = format!("/api/v1/{}?limit={LIST_PAGE}&continue={token}", S::PLURAL)
+                }
+                None => return Ok(items),
+            }
+        }
     }
 
     pub async fn get<S: Spec>(&self, name: &str) -> Result<Object<S>, ClientError> {

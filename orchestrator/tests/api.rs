@@ -736,3 +736,81 @@ async fn foreign_hosts_silent_clients_and_excess_connections_are_held_off() {
     .unwrap();
     plane.shutdown(Duration::from_secs(2)).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lists_come_in_pages_of_one_snapshot() {
+    let etcd = Etcd::start();
+    let plane = control_plane(&etcd, "cp").await;
+    let addr = plane.addr();
+    let image = |name: &str| {
+        json!({"metadata": {"name": name}, "spec": {"path": format!("/img/{name}.qcow2")}})
+            .to_string()
+    };
+    for i in 0..7 {
+        let (status, _) = http_async(
+            addr,
+            "POST",
+            "/api/v1/images",
+            Some(&image(&format!("img-{i}"))),
+        )
+        .await;
+        assert_eq!(status, 201);
+    }
+    let names = |page: &Value| -> Vec<String> {
+        page["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|o| o["metadata"]["name"].as_str().unwrap().to_string())
+            .collect()
+    };
+    let (status, first) = http_async(addr, "GET", "/api/v1/images?limit=3", None).await;
+    assert_eq!(status, 200, "{first}");
+    assert_eq!(names(&first), ["img-0", "img-1", "img-2"]);
+    let token = first["continue"]
+        .as_str()
+        .expect("a continue token")
+        .to_string();
+    // Created between pages: after the snapshot, so in no page of it.
+    let (status, _) = http_async(addr, "POST", "/api/v1/images", Some(&image("img-3a"))).await;
+    assert_eq!(status, 201);
+    let mut seen = names(&first);
+    let mut token = Some(token);
+    while let Some(t) = token {
+        let (status, page) = http_async(
+            addr,
+            "GET",
+            &format!("/api/v1/images?limit=3&continue={t}"),
+            None,
+        )
+        .await;
+        assert_eq!(status, 200, "{page}");
+        assert_eq!(
+            page["resource_version"], first["resource_version"],
+            "one snapshot"
+        );
+        seen.extend(names(&page));
+        token = page["continue"].as_str().map(str::to_string);
+    }
+    assert_eq!(seen, (0..7).map(|i| format!("img-{i}")).collect::<Vec<_>>());
+    // Without limit: everything now, the new one included.
+    let (_, all) = http_async(addr, "GET", "/api/v1/images", None).await;
+    assert_eq!(names(&all).len(), 8);
+    assert!(all.get("continue").is_none());
+    // Bad queries are 400; a token naming a revision from the future too.
+    let future: String = format!("{}/img-1", i64::MAX / 2)
+        .bytes()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    for q in [
+        "limit=0".to_string(),
+        "limit=1001".into(),
+        "limit=3&continue=nonsense".into(),
+        "continue=00".into(),
+        format!("limit=3&continue={future}"),
+        "limit=3&order=desc".into(),
+    ] {
+        let (status, body) = http_async(addr, "GET", &format!("/api/v1/images?{q}"), None).await;
+        assert_eq!(status, 400, "{q}: {body}");
+    }
+}

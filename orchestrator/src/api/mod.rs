@@ -8,6 +8,7 @@ mod agent;
 mod blobs;
 mod error;
 mod guard;
+mod paging;
 mod resources;
 
 use std::sync::Arc;

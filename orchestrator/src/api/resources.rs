@@ -11,23 +11,59 @@ use super::admission::{
     check_exclusive, check_kind_rules, check_references, check_unused, check_worker_empty,
 };
 use super::error::ApiError;
+use super::paging::{self, ListQuery};
 use super::Images;
 use crate::model::{validate, Object, ObjectInput, Spec, WorkerSpec};
 use crate::store::Store;
 
-/// `GET /api/v1/<kind>`: every object and the revision they were read at.
+/// `GET /api/v1/<kind>`: every object (or a page of them, see [`super::paging`]) and the
+/// revision they were read at.
 #[derive(Debug, Serialize)]
 #[serde(bound = "")]
 pub struct List<S: Spec> {
     pub items: Vec<Object<S>>,
     pub resource_version: i64,
+    /// The next page's token, when more follow.
+    #[serde(rename = "continue", skip_serializing_if = "Option::is_none")]
+    pub next: Option<String>,
 }
 
-pub async fn list<S: Spec>(State(store): State<Store>) -> Result<Json<List<S>>, ApiError> {
-    let (items, resource_version) = store.list::<S>().await?;
+pub async fn list<S: Spec>(
+    State(store): State<Store>,
+    RawQuery(query): RawQuery,
+) -> Result<Json<List<S>>, ApiError> {
+    let (limit, from) = match paging::parse(query.as_deref())? {
+        ListQuery::All => {
+            let (items, resource_version) = store.list::<S>().await?;
+            return Ok(Json(List {
+                items,
+                resource_version,
+                next: None,
+            }));
+        }
+        ListQuery::Page { limit, from } => (limit, from),
+    };
+    let (after, revision) = match &from {
+        Some(c) => {
+            // A token from another cluster or a forged one: refused, not read "in the future".
+            if c.revision > store.revision().await? {
+                return Err(ApiError::bad_request(
+                    "query parameter continue: not a token this server gave out",
+                ));
+            }
+            (Some(c.after.as_str()), c.revision)
+        }
+        None => (None, 0),
+    };
+    let page = store.list_page::<S>(after, limit, revision).await?;
+    let next = match page.objects.last() {
+        Some(last) if page.more => Some(paging::token(page.revision, last.name())),
+        _ => None,
+    };
     Ok(Json(List {
-        items,
-        resource_version,
+        items: page.objects,
+        resource_version: page.revision,
+        next,
     }))
 }
 

@@ -36,6 +36,9 @@ pub enum StoreError {
     Invalid(#[from] FieldError),
     #[error("watch from revision {requested} is impossible: etcd compacted its history up to {compacted}")]
     Compacted { requested: i64, compacted: i64 },
+    /// A read at a revision etcd has compacted away (a paged list that took too long).
+    #[error("etcd compacted the revision this list was read at: {0}")]
+    Expired(String),
     /// Anything else etcd refused (a request too large, a permission error, ...).
     #[error("etcd: {0}")]
     Etcd(String),
@@ -61,6 +64,11 @@ impl From<etcd_client::Error> for StoreError {
                 ) =>
             {
                 StoreError::Unavailable(s.message().to_string())
+            }
+            E::GRpcStatus(ref s)
+                if s.code() == Code::OutOfRange && s.message().contains("compacted") =>
+            {
+                StoreError::Expired(s.message().to_string())
             }
             E::WatchError(ref m) | E::LeaseKeepAliveError(ref m) => {
                 StoreError::Unavailable(m.clone())

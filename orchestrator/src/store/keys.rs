@@ -12,6 +12,16 @@ pub fn kind_prefix(kind: &str) -> String {
     format!("{ROOT}{kind}/")
 }
 
+/// The end of the key range of `prefix` (its last byte incremented): a prefix of ours ends in
+/// an ASCII character, never 0xff.
+pub fn prefix_end(prefix: &str) -> Vec<u8> {
+    let mut end = prefix.as_bytes().to_vec();
+    if let Some(last) = end.last_mut() {
+        *last += 1;
+    }
+    end
+}
+
 /// The key a controller's leader holds (value: the holder's identity, attached to its lease).
 pub fn leader(controller: &str) -> String {
     format!("{ROOT}_leader/{controller}")

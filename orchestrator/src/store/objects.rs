@@ -37,6 +37,18 @@ fn encode<S: Spec>(obj: &Object<S>) -> Vec<u8> {
     serde_json::to_vec(&stored).expect("resources always serialize")
 }
 
+/// Objects per etcd read when listing a whole kind.
+pub const LIST_PAGE: usize = 500;
+
+/// One page of a kind.
+pub struct Page<S: Spec> {
+    pub objects: Vec<Object<S>>,
+    /// The revision the page was read at.
+    pub revision: i64,
+    /// Whether more objects follow.
+    pub more: bool,
+}
+
 fn not_found<S: Spec>(name: &str) -> StoreError {
     StoreError::NotFound {
         kind: S::KIND,
@@ -56,17 +68,57 @@ impl Store {
     }
 
     /// Every object of a kind, sorted by name, and the revision they were read at (a watch
-    /// from the next revision sees every later change).
+    /// from the next revision sees every later change). Read in pages of [`LIST_PAGE`] at one
+    /// revision: one etcd answer is limited to 4 MiB, a few thousand VMs.
     pub async fn list<S: Spec>(&self) -> Result<(Vec<Object<S>>, i64), StoreError> {
+        let mut all = Vec::new();
+        let mut revision = 0;
+        let mut after: Option<String> = None;
+        loop {
+            let page = self
+                .list_page::<S>(after.as_deref(), LIST_PAGE, revision)
+                .await?;
+            revision = page.revision;
+            after = page.objects.last().map(|o| o.name().to_string());
+            all.extend(page.objects);
+            if !page.more || after.is_none() {
+                return Ok((all, revision));
+            }
+        }
+    }
+
+    /// Up to `limit` objects of a kind named after `after` (sorted by name), read at
+    /// `revision` (0: now). A revision etcd has compacted away is [`StoreError::Expired`].
+    pub async fn list_page<S: Spec>(
+        &self,
+        after: Option<&str>,
+        limit: usize,
+        revision: i64,
+    ) -> Result<Page<S>, StoreError> {
+        let prefix = keys::kind_prefix(S::KIND);
+        let start = match after {
+            // The first key after that object's.
+            Some(name) => format!("{}\0", keys::object(S::KIND, name)),
+            None => prefix.clone(),
+        };
+        let mut opts = GetOptions::new()
+            .with_range(keys::prefix_end(&prefix))
+            .with_limit(i64::try_from(limit).unwrap_or(i64::MAX));
+        if revision > 0 {
+            opts = opts.with_revision(revision);
+        }
         let mut kv = self.client.kv_client();
-        let opts = GetOptions::new().with_prefix();
-        let resp = self
-            .call(kv.get(keys::kind_prefix(S::KIND), Some(opts)))
-            .await?;
-        let revision = resp.header().map_or(0, |h| h.revision());
+        let resp = self.call(kv.get(start, Some(opts))).await?;
+        // The header carries the store's current revision; a page read at an earlier one
+        // belongs to that one.
+        let current = resp.header().map_or(0, |h| h.revision());
         self.count_read(resp.kvs());
         let objects = resp.kvs().iter().map(decode).collect::<Result<_, _>>()?;
-        Ok((objects, revision))
+        Ok(Page {
+            objects,
+            revision: if revision > 0 { revision } else { current },
+            more: resp.more(),
+        })
     }
 
     /// Creates `obj` if no object of its kind has its name. The store sets the uid, the
