@@ -636,6 +636,31 @@ async fn non_json_bodies_and_deleting_a_busy_worker_are_refused() {
         })
         .await
         .unwrap();
+    // `forgotten` only through the forget action (which checks the heartbeat): a PUT that
+    // sets it on a live worker is refused and changes nothing.
+    let (_, w) = http_async(addr, "GET", "/api/v1/workers/w1", None).await;
+    let mut forged = w.clone();
+    forged["spec"]["forgotten"] = json!(true);
+    let (s, body) = http_async(addr, "PUT", "/api/v1/workers/w1", Some(&forged.to_string())).await;
+    assert_eq!(s, 422, "{body}");
+    assert_eq!(body["field"], "spec.forgotten", "{body}");
+    let (_, now) = http_async(addr, "GET", "/api/v1/workers/w1", None).await;
+    assert_ne!(now["spec"]["forgotten"], json!(true));
+    assert_eq!(
+        now["metadata"]["resource_version"],
+        w["metadata"]["resource_version"]
+    );
+    let mut relabelled = w.clone();
+    relabelled["spec"]["labels"] = json!({"rack": "a"});
+    let (s, body) = http_async(
+        addr,
+        "PUT",
+        "/api/v1/workers/w1",
+        Some(&relabelled.to_string()),
+    )
+    .await;
+    assert_eq!(s, 200, "other fields still change: {body}");
+
     let (s, body) = http_async(addr, "DELETE", "/api/v1/workers/w1", None).await;
     assert_eq!(s, 409, "{body}");
     assert!(body["error"].as_str().unwrap().contains("web-1"), "{body}");

@@ -7,11 +7,30 @@ use super::error::ApiError;
 use super::Images;
 use crate::images::Digest;
 use crate::model::{
-    FieldError, ImageSpec, LoadBalancerSpec, ScaleGroupSpec, Spec, VmSpec, VolumeSpec,
+    FieldError, ImageSpec, LoadBalancerSpec, ScaleGroupSpec, Spec, VmSpec, VolumeSpec, WorkerSpec,
 };
-use crate::store::Store;
+use crate::store::{Store, StoreError};
 
 /// Rules of one kind that need more than the spec: an image's host paths and blobs.
+/// Fields a PUT may not change: a Worker's `forgotten` flag is set only by the `forget` action
+/// (which first checks that the worker stopped heartbeating: forgetting a live worker would run
+/// its VMs twice) and cleared only by the worker itself.
+pub fn check_replace<S: Spec>(stored: &S, new: &S) -> Result<(), StoreError> {
+    let any = |s: &S| {
+        (s as &dyn std::any::Any)
+            .downcast_ref::<WorkerSpec>()
+            .map(|w| w.forgotten)
+    };
+    match (any(stored), any(new)) {
+        (Some(was), Some(now)) if was != now => Err(StoreError::Invalid(FieldError::new(
+            "spec.forgotten",
+            "cannot be changed with a PUT: `lightbyte worker forget NAME` (POST \
+             /api/v1/workers/NAME/forget) sets it, the worker clears it",
+        ))),
+        _ => Ok(()),
+    }
+}
+
 pub fn check_kind_rules<S: Spec>(images: &Images, spec: &S) -> Result<(), ApiError> {
     match (spec as &dyn std::any::Any).downcast_ref::<ImageSpec>() {
         Some(image) => check_image(images, image),

@@ -8,7 +8,8 @@ use axum::Json;
 use serde::Serialize;
 
 use super::admission::{
-    check_exclusive, check_kind_rules, check_references, check_unused, check_worker_empty,
+    check_exclusive, check_kind_rules, check_references, check_replace, check_unused,
+    check_worker_empty,
 };
 use super::error::ApiError;
 use super::paging::{self, ListQuery};
@@ -140,6 +141,7 @@ pub async fn replace<S: Spec>(
     check_exclusive(&store, &name, &input.spec).await?;
     let updated = store
         .update_at::<S, _>(&name, expected, |o| {
+            check_replace(&o.spec, &input.spec)?;
             o.spec = input.spec.clone();
             Ok(())
         })
