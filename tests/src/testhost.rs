@@ -205,8 +205,14 @@ impl Host {
         let scratch = self.work.join("scratch.img");
         fs::File::create(&scratch)?.set_len(SCRATCH_SIZE)?;
         let agent = repo_root().join("tests/testhost/agent.sh");
+        // nohz=off highres=off: the test host ticks from the LAPIC's periodic mode, which QEMU
+        // re-arms by itself. With one-shot timers (the default), a test host under TCG was
+        // seen frozen for good in the middle of a scenario: QEMU at 0 % CPU, its main loop
+        // polling with no timer armed, the test host's vCPU halted — a one-shot expiry that
+        // never came leaves nothing to wake it. A periodic tick also runs the test host's
+        // timers (those of the nested guests' LAPICs included) at every tick.
         let append = format!(
-            "console=ttyS0 quiet panic=-1 mitigations=off lbwork={} lbagent={}",
+            "console=ttyS0 quiet panic=-1 mitigations=off nohz=off highres=off lbwork={} lbagent={}",
             self.work.display(),
             agent.display()
         );
