@@ -308,6 +308,7 @@ impl Host {
         let out_path = qemu.queue.join(format!("{id}.out"));
         let start = Instant::now();
         let mut streamed = 0u64;
+        let mut progress = Progress::new(qemu.child.id());
         loop {
             streamed = stream_new_output(&out_path, streamed);
             if let Ok(rc) = fs::read_to_string(&rc_path) {
@@ -318,13 +319,18 @@ impl Host {
                 });
             }
             let died = qemu.child.try_wait()?;
-            if died.is_some() || start.elapsed() > timeout {
+            let frozen = progress.frozen();
+            if died.is_some() || frozen || start.elapsed() > timeout {
                 let _ = qemu.child.kill();
                 let _ = qemu.child.wait();
                 inner.qemu = None;
                 let output = fs::read_to_string(&out_path).unwrap_or_default();
                 let why = match died {
                     Some(s) => format!("the test host exited ({s})"),
+                    None if frozen => format!(
+                        "the test host froze: QEMU used no CPU for {FROZEN_AFTER:?} (after {:?})",
+                        start.elapsed()
+                    ),
                     None => format!("timed out after {timeout:?}"),
                 };
                 bail!(
@@ -335,6 +341,50 @@ impl Host {
             thread::sleep(POLL);
         }
     }
+}
+
+/// How long QEMU may use no CPU at all before the test host counts as frozen (an idle test host
+/// still ticks and polls its queue, using some CPU every second).
+const FROZEN_AFTER: Duration = Duration::from_secs(120);
+
+/// Watches QEMU's CPU time: a test host whose QEMU stops using CPU has frozen (its vCPU halted
+/// with nothing to wake it), and waiting out the scenario's whole timeout would tell nothing
+/// more.
+struct Progress {
+    pid: u32,
+    cpu: u64,
+    since: Instant,
+}
+
+impl Progress {
+    fn new(pid: u32) -> Progress {
+        Progress {
+            pid,
+            cpu: cpu_ticks(pid).unwrap_or(0),
+            since: Instant::now(),
+        }
+    }
+
+    fn frozen(&mut self) -> bool {
+        let Some(cpu) = cpu_ticks(self.pid) else {
+            return false;
+        };
+        if cpu != self.cpu {
+            self.cpu = cpu;
+            self.since = Instant::now();
+        }
+        self.since.elapsed() > FROZEN_AFTER
+    }
+}
+
+/// User plus system CPU time of `pid` in clock ticks, from `/proc/PID/stat`.
+fn cpu_ticks(pid: u32) -> Option<u64> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) may hold spaces; the fields after its ')' are plain.
+    let rest = &stat[stat.rfind(')')? + 1..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // utime and stime are fields 14 and 15: 12 and 13 after the state (field 3).
+    Some(fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?)
 }
 
 /// Forks `cmd` from a thread that stays alive (waiting on nothing) for the rest of the process, so
@@ -390,4 +440,25 @@ pub fn shared() -> Result<&'static Host> {
     HOST.get_or_init(|| Host::new().map_err(|e| format!("{e:#}")))
         .as_ref()
         .map_err(|e| anyhow::anyhow!("test host: {e}"))
+}
+
+#[cfg(test)]
+mod progress_tests {
+    use super::*;
+
+    #[test]
+    fn cpu_time_is_read_and_grows_with_work() {
+        let me = std::process::id();
+        let before = cpu_ticks(me).expect("our own stat");
+        let t = Instant::now();
+        let mut x = 0u64;
+        while t.elapsed() < Duration::from_millis(300) {
+            x = x.wrapping_mul(31).wrapping_add(7);
+        }
+        std::hint::black_box(x);
+        assert!(cpu_ticks(me).unwrap() > before);
+        assert_eq!(cpu_ticks(u32::MAX), None);
+        let mut p = Progress::new(me);
+        assert!(!p.frozen());
+    }
 }
