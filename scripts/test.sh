@@ -13,7 +13,19 @@ cargo build --workspace --bins --all-targets
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 status=0
-cargo test --workspace --no-fail-fast 2>&1 | tee "$log" || status=$?
+# Output goes through tee on a descriptor of its own, not a pipeline: a process that a failed
+# test left running (a proxy, a server) holds the pipe open, and a pipeline would wait on it for
+# ever. Once cargo is done, whatever still runs from this build's target directory is ended and
+# tee gets a few seconds to write out what it has.
+exec 3> >(tee "$log")
+tee_pid=$!
+cargo test --workspace --no-fail-fast >&3 2>&1 || status=$?
+exec 3>&-
+if pkill -f "$PWD/target/" 2>/dev/null; then
+  echo "test.sh: ended processes that tests left running"
+fi
+for _ in $(seq 1 50); do kill -0 "$tee_pid" 2>/dev/null || break; sleep 0.2; done
+kill "$tee_pid" 2>/dev/null || true
 # Only cargo's own summaries count (a test's output may say "0x900000 failed").
 results=$(grep -E '^test result: ' "$log" || true)
 passed=$(grep -oE '[0-9]+ passed' <<<"$results" | awk '{s+=$1} END {print s+0}')

@@ -17,6 +17,10 @@ use crate::discovery::Pushed;
 use crate::listeners::Listeners;
 use crate::selector::Selector;
 
+/// How long a stopped balancer waits for connections it accepted to be read before it counts
+/// the requests in flight.
+const ACCEPT_SETTLE: Duration = Duration::from_millis(500);
+
 pub struct Balancer {
     pub config: BalancerConfig,
     discovery: Pushed,
@@ -108,6 +112,12 @@ impl Balancer {
         closed();
         let grace = Duration::from_secs(self.config.drain_grace_secs);
         let start = Instant::now();
+        // A request counts as in flight once its headers are read: a connection accepted just
+        // before the service stopped may not be read yet (its client sent the request already),
+        // and a process that exits now would drop it unanswered (one request in 1,587 did, in
+        // an upgrade under load). Give such connections a moment to be read before trusting a
+        // zero.
+        tokio::time::sleep(ACCEPT_SETTLE.min(grace)).await;
         while self.stats.in_flight.load(Ordering::Relaxed) > 0 && start.elapsed() < grace {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }

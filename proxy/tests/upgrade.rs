@@ -13,7 +13,33 @@ use common::{free_addr, get, load, Backend, Outcome};
 
 const BIN: &str = env!("CARGO_BIN_EXE_lightbyte-proxy");
 
-fn start(control: &Path, takeover: bool) -> Child {
+/// A proxy process that is killed when the test ends, however it ends: one left running by a
+/// failed test holds the test runner's output open, and the whole suite waits on it.
+struct Proc(Child);
+
+impl std::ops::Deref for Proc {
+    type Target = Child;
+    fn deref(&self) -> &Child {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Proc {
+    fn deref_mut(&mut self) -> &mut Child {
+        &mut self.0
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if let Ok(None) = self.0.try_wait() {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}
+
+fn start(control: &Path, takeover: bool) -> Proc {
     let mut c = Command::new(BIN);
     c.arg("run")
         .arg("--control")
@@ -22,7 +48,7 @@ fn start(control: &Path, takeover: bool) -> Child {
     if takeover {
         c.arg("--takeover");
     }
-    c.stdout(Stdio::null()).spawn().unwrap()
+    Proc(c.stdout(Stdio::null()).spawn().unwrap())
 }
 
 async fn wait_socket(control: &Path) {
