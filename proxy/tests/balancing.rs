@@ -30,6 +30,15 @@ fn config(revision: u64, balancers: Vec<BalancerConfig>) -> ProxyConfig {
     }
 }
 
+/// `n` requests for `/`, one after the other.
+async fn requests(listen: SocketAddr, n: usize) -> Vec<Outcome> {
+    let mut outcomes = Vec::with_capacity(n);
+    for _ in 0..n {
+        outcomes.push(get(listen, "/").await);
+    }
+    outcomes
+}
+
 fn tally(outcomes: &[Outcome]) -> BTreeMap<String, usize> {
     let mut t = BTreeMap::new();
     for o in outcomes {
@@ -58,10 +67,7 @@ async fn requests_spread_evenly_over_every_backend() {
         ))
         .await
         .unwrap();
-    let mut outcomes = Vec::new();
-    for _ in 0..300 {
-        outcomes.push(get(listen, "/").await);
-    }
+    let outcomes = requests(listen, 300).await;
     let t = tally(&outcomes);
     assert_eq!(t.len(), 3, "{t:?}");
     for b in &bs {
@@ -73,10 +79,7 @@ async fn requests_spread_evenly_over_every_backend() {
     let mut c = balancer("web", listen, &bs.iter().collect::<Vec<_>>());
     c.selection = Selection::Consistent;
     proxy.apply(config(2, vec![c])).await.unwrap();
-    let mut outcomes = Vec::new();
-    for _ in 0..30 {
-        outcomes.push(get(listen, "/").await);
-    }
+    let outcomes = requests(listen, 30).await;
     assert_eq!(tally(&outcomes).len(), 1, "{:?}", tally(&outcomes));
     proxy.shutdown().await;
 }
@@ -166,10 +169,7 @@ async fn selection_and_health_settings_change_in_place_under_load() {
         "failed requests: {t:?}"
     );
     // The last push (revision 7) asked for round robin: both backends serve again.
-    let mut after = Vec::new();
-    for _ in 0..20 {
-        after.push(get(listen, "/").await);
-    }
+    let after = requests(listen, 20).await;
     assert_eq!(tally(&after).len(), 2, "{:?}", tally(&after));
     proxy.shutdown().await;
 }
