@@ -14,11 +14,12 @@ use tokio::task::JoinHandle;
 
 use crate::app::{App, Routing, Stats};
 use crate::discovery::Pushed;
+use crate::gate::Gate;
 use crate::listeners::Listeners;
 use crate::selector::Selector;
 
-/// How long a stopped balancer waits for connections it accepted to be read before it counts
-/// the requests in flight.
+/// How long a stopped balancer waits for connections it accepted to be read before it closes
+/// idle ones and counts the requests in flight.
 const ACCEPT_SETTLE: Duration = Duration::from_millis(500);
 
 pub struct Balancer {
@@ -27,6 +28,7 @@ pub struct Balancer {
     routing: Arc<RwLock<Arc<Routing>>>,
     pub stats: Arc<Stats>,
     stop: watch::Sender<bool>,
+    gate: Gate,
     serving: JoinHandle<()>,
     health: JoinHandle<()>,
 }
@@ -46,7 +48,9 @@ impl Balancer {
             stats: stats.clone(),
         };
         let conf = Arc::new(ServerConf::default());
-        let mut service = pingora::proxy::http_proxy_service_with_name(&conf, app, &config.name);
+        let gate = Gate::new(pingora::proxy::http_proxy(&conf, app));
+        let mut service =
+            pingora::services::listening::Service::new(config.name.clone(), gate.clone());
         service.add_tcp(&config.listen.to_string());
         let (stop, shutdown) = watch::channel(false);
         let serving = tokio::spawn(async move {
@@ -59,6 +63,7 @@ impl Balancer {
             routing,
             stats,
             stop,
+            gate,
             serving,
             health,
         })
@@ -112,12 +117,12 @@ impl Balancer {
         closed();
         let grace = Duration::from_secs(self.config.drain_grace_secs);
         let start = Instant::now();
-        // A request counts as in flight once its headers are read: a connection accepted just
-        // before the service stopped may not be read yet (its client sent the request already),
-        // and a process that exits now would drop it unanswered (one request in 1,587 did, in
-        // an upgrade under load). Give such connections a moment to be read before trusting a
-        // zero.
+        // A connection accepted just before the service stopped may not be read yet (its
+        // client sent the request already): give it a moment before idle connections are
+        // closed (see `gate`) and before a zero in flight is trusted, since a request counts
+        // once its headers are read.
         tokio::time::sleep(ACCEPT_SETTLE.min(grace)).await;
+        self.gate.close_idle().await;
         while self.stats.in_flight.load(Ordering::Relaxed) > 0 && start.elapsed() < grace {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }

@@ -13,6 +13,7 @@ pub mod app;
 pub mod balancer;
 pub mod control;
 pub mod discovery;
+pub mod gate;
 pub mod handover;
 pub mod listeners;
 pub mod proxy;

@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{free_addr, get, load, Backend, Outcome};
+use common::{free_addr, get, get_on, load, Backend, Outcome};
 use lightbyte_proxy::config::{BalancerConfig, HealthCheck, ProxyConfig, Selection};
 use lightbyte_proxy::{ApplyError, Proxy};
 
@@ -237,10 +237,16 @@ async fn balancers_come_and_go_at_run_time() {
         .await
         .unwrap();
     assert_eq!(get(l2, "/").await, Outcome::Ok("b2".into()));
+    // A connection accepted before the removal whose request comes just after it is served
+    // (it was reset when the service's stop closed idle connections at once).
+    let early = tokio::net::TcpStream::connect(l1).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
     proxy
         .apply(config(3, vec![balancer("two", l2, &[&b2])]))
         .await
         .unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(get_on(early, "/").await, Outcome::Ok("b1".into()));
     // Removed: the port closes once its accept loop stopped.
     let t = Instant::now();
     while get(l1, "/").await != Outcome::Refused {

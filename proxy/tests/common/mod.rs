@@ -106,24 +106,28 @@ pub enum Outcome {
 /// One request on a new connection.
 pub async fn get(addr: SocketAddr, path: &str) -> Outcome {
     let attempt = async {
-        let mut conn = match TcpStream::connect(addr).await {
-            Ok(c) => c,
-            Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => return Outcome::Refused,
-            Err(e) => return Outcome::Broken(e.to_string()),
-        };
-        let req = format!("GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n");
-        if let Err(e) = conn.write_all(req.as_bytes()).await {
-            return Outcome::Broken(e.to_string());
+        match TcpStream::connect(addr).await {
+            Ok(conn) => get_on(conn, path).await,
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => Outcome::Refused,
+            Err(e) => Outcome::Broken(e.to_string()),
         }
-        let mut resp = Vec::new();
-        if let Err(e) = conn.read_to_end(&mut resp).await {
-            return Outcome::Broken(e.to_string());
-        }
-        parse(&resp)
     };
     tokio::time::timeout(Duration::from_secs(10), attempt)
         .await
         .unwrap_or_else(|_| Outcome::Broken("timeout".into()))
+}
+
+/// One request on `conn`, an open connection.
+pub async fn get_on(mut conn: TcpStream, path: &str) -> Outcome {
+    let req = format!("GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n");
+    if let Err(e) = conn.write_all(req.as_bytes()).await {
+        return Outcome::Broken(e.to_string());
+    }
+    let mut resp = Vec::new();
+    if let Err(e) = conn.read_to_end(&mut resp).await {
+        return Outcome::Broken(e.to_string());
+    }
+    parse(&resp)
 }
 
 fn parse(resp: &[u8]) -> Outcome {
