@@ -13,6 +13,8 @@ keep=0
 [ "${1:-}" = --keep ] && keep=1
 export LIGHTBYTE_BIN=${LIGHTBYTE_BIN:-$here/target/release}
 export LIGHTBYTE_SERVER=http://127.0.0.1:7070
+# dev-cluster.sh writes the CLI's admin token there.
+export LIGHTBYTE_TOKEN_FILE=${LIGHTBYTE_DEV_DIR:-/tmp/lightbyte-dev}/admin.token
 # Built (and cached) outside the test host, which has no Rust toolchain on its PATH:
 # scripts/quickstart.sh passes them in.
 kernel=${KERNEL:-$(bash "$here/tests/guest/build-kernel.sh")/vmlinux}

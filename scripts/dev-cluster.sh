@@ -12,6 +12,9 @@
 # Layout (worker k = 1..N):
 #   - etcd: 127.0.0.1:$ETCD_PORT and 10.123.0.1:$ETCD_PORT (the workers' side), data in DIR/etcd;
 #   - control plane: http://127.0.0.1:$API_PORT (`lightbyte --server ...`), log DIR/server.log;
+#   - API tokens in DIR/tokens (0600): DIR/admin.token for the CLI
+#     (`export LIGHTBYTE_TOKEN_FILE=DIR/admin.token`), DIR/node.token that the control plane
+#     and the workers present to each other;
 #   - bridge lbdev0 (10.123.0.1/24) in this namespace, joined by one veth per worker;
 #   - namespace lbdev-wk: eth0 10.123.0.(10+k), worker "wk" with bridge lbbr0 and VM subnet
 #     10.124.k.0/24, state in DIR/wk, log DIR/wk.log; this namespace routes 10.124.k.0/24
@@ -54,7 +57,7 @@ done
 case "$workers" in ''|*[!0-9]*) echo "--workers must be a number" >&2; exit 2 ;; esac
 if [ "$workers" -lt 1 ] || [ "$workers" -gt 200 ]; then echo "--workers must be 1..200" >&2; exit 2; fi
 
-lb() { "$bin/lightbyte" --server "http://127.0.0.1:$API_PORT" "$@"; }
+lb() { LIGHTBYTE_TOKEN_FILE="$dir/admin.token" "$bin/lightbyte" --server "http://127.0.0.1:$API_PORT" "$@"; }
 
 # Starts "$@" detached (own session, survives this script), output appended to $1.log, pid to
 # $1.pid, the command kept in $1.cmd for `start`.
@@ -151,11 +154,17 @@ up() {
     --initial-advertise-peer-urls "http://127.0.0.1:$PEER_PORT" \
     --initial-cluster "lbdev=http://127.0.0.1:$PEER_PORT"
   wait_for etcd 150 curl -sf "http://127.0.0.1:$ETCD_PORT/health"
+  echo "== API tokens in $dir/tokens (the CLI's: $dir/admin.token)"
+  (
+    umask 077
+    "$bin/lightbyte" token new --role admin --name admin --file "$dir/tokens" >"$dir/admin.token"
+    "$bin/lightbyte" token new --role node --name cluster --file "$dir/tokens" >"$dir/node.token"
+  )
   echo "== control plane on http://127.0.0.1:$API_PORT"
   # Also on the bridge: the workers pull pushed images from it.
   daemon server "$bin/lightbyte" server --etcd "http://127.0.0.1:$ETCD_PORT" \
     --listen "127.0.0.1:$API_PORT" --listen "10.123.0.1:$API_PORT" --lease-ttl "$lease_ttl" \
-    --image-dir "$dir/images"
+    --image-dir "$dir/images" --tokens "$dir/tokens" --token-file "$dir/node.token"
   wait_for "the control plane" 150 curl -sf "http://127.0.0.1:$API_PORT/healthz"
   for k in $(seq "$workers"); do
     ns=lbdev-w$k
@@ -171,7 +180,8 @@ up() {
     ip route add "10.124.$k.0/24" via "10.123.0.$((10 + k))"
     args=(--etcd "http://10.123.0.1:$ETCD_PORT" --name "w$k" --state-dir "$dir/w$k"
           --vmm "$bin/vmm" --bridge lbbr0 --subnet "10.124.$k.0/24" --lease-ttl "$lease_ttl"
-          --listen "10.123.0.$((10 + k)):7071" --server "http://10.123.0.1:$API_PORT")
+          --listen "10.123.0.$((10 + k)):7071" --server "http://10.123.0.1:$API_PORT"
+          --tokens "$dir/tokens" --token-file "$dir/node.token")
     [ -n "$kernel" ] && args+=(--kernel "$kernel")
     [ -n "$initramfs" ] && args+=(--initramfs "$initramfs")
     [ -n "$worker_cpus" ] && args+=(--cpus "$worker_cpus")
@@ -189,7 +199,7 @@ up() {
   wait_for "$workers Ready workers" 300 all_ready \
     || { tail -5 "$dir"/w*.log >&2; exit 1; }
   lb worker list
-  echo "cluster up: export LIGHTBYTE_SERVER=http://127.0.0.1:$API_PORT; '$0 down' takes it down"
+  echo "cluster up: export LIGHTBYTE_SERVER=http://127.0.0.1:$API_PORT LIGHTBYTE_TOKEN_FILE=$dir/admin.token; '$0 down' takes it down"
 }
 
 case "$cmd" in

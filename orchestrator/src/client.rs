@@ -203,7 +203,7 @@ impl ApiClient {
         body: Option<Vec<u8>>,
     ) -> Result<T, ClientError> {
         let url = format!("{}{path}", self.base);
-        let req = Request::builder()
+        let req = crate::auth::authorize(Request::builder())
             .method(method)
             .uri(&url)
             .header("content-type", "application/json")

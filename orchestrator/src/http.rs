@@ -29,7 +29,7 @@ pub async fn exchange(
     timeout: Duration,
 ) -> Result<(hyper::StatusCode, Bytes), String> {
     use http_body_util::BodyExt;
-    let req = hyper::Request::builder()
+    let req = crate::auth::authorize(hyper::Request::builder())
         .method(method)
         .uri(url)
         .header(hyper::header::CONTENT_TYPE, "application/json")

@@ -2,6 +2,7 @@
 //! watch workers, the HTTP API over them, and the client the CLI uses.
 
 pub mod api;
+pub mod auth;
 pub mod client;
 pub mod controllers;
 pub mod election;

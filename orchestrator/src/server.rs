@@ -27,6 +27,8 @@ pub struct ServerConfig {
     pub allow_host_path: bool,
     /// Connection cap, header deadline and allowed Host names of the API.
     pub limits: crate::serve::Limits,
+    /// Who may call the API.
+    pub auth: crate::auth::Auth,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -102,6 +104,7 @@ impl ControlPlane {
                 allow_host_path: config.allow_host_path,
             },
         });
+        let app = crate::auth::guard(app, &config.auth, crate::auth::Surface::ControlPlane);
         let mut listeners = vec![listener];
         for addr in &config.also_listen {
             listeners.push(TcpListener::bind(addr).await.map_err(|source| {

@@ -72,6 +72,7 @@ async fn agent_requests_reach_the_guest_through_the_worker() {
     tokio::spawn(orchestrator::worker::api::serve(
         listener,
         state,
+        common::auth(),
         stop.clone(),
     ));
     let spec = WorkerSpec {

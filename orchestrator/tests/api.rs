@@ -335,6 +335,8 @@ impl Server {
                 "--listen",
                 "127.0.0.1:0",
                 "--allow-host-path",
+                "--tokens",
+                &common::tokens_file().display().to_string(),
             ])
             .args(["--lease-ttl", "2s", "--etcd-timeout", "2s"])
             .env("RUST_LOG", "warn")
@@ -379,6 +381,7 @@ fn cli(server: &str, args: &[&str]) -> Run {
     let out = Command::new(env!("CARGO_BIN_EXE_lightbyte"))
         .args(args)
         .env("LIGHTBYTE_SERVER", server)
+        .env("LIGHTBYTE_TOKEN", common::ADMIN_TOKEN)
         .stdin(Stdio::null())
         .output()
         .expect("lightbyte");
@@ -444,6 +447,7 @@ fn cli_round_trip() {
     let bad_env = Command::new(env!("CARGO_BIN_EXE_lightbyte"))
         .args(["--server", &server.url, "vm", "list"])
         .env("LIGHTBYTE_SERVER", "http://127.0.0.1:1")
+        .env("LIGHTBYTE_TOKEN", common::ADMIN_TOKEN)
         .output()
         .unwrap();
     assert!(bad_env.status.success());
@@ -570,7 +574,8 @@ fn http_typed(
     write!(
         s,
         "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\
-         Content-Type: {content_type}\r\nContent-Length: {}\r\n\r\n{body}",
+         Authorization: Bearer {}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\n\r\n{body}",
+        common::ADMIN_TOKEN,
         body.len()
     )
     .unwrap();
@@ -705,6 +710,7 @@ async fn foreign_hosts_silent_clients_and_excess_connections_are_held_off() {
             header_timeout: Duration::from_secs(2),
             allowed_hosts: vec!["cp.test".into()],
         },
+        auth: common::auth(),
     })
     .await
     .unwrap();
@@ -719,8 +725,7 @@ async fn foreign_hosts_silent_clients_and_excess_connections_are_held_off() {
             (format!("evil.example:{port}"), "HTTP/1.1 421"),
             (format!("127.0.0.1.evil.example:{port}"), "HTTP/1.1 421"),
         ] {
-            let req =
-                format!("GET /api/v1/images HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n");
+            let req = format!("GET /healthz HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n");
             let (resp, _) = raw(addr, &req, Duration::from_secs(10));
             assert!(resp.starts_with(want), "{host}: {resp}");
         }
@@ -743,7 +748,7 @@ async fn foreign_hosts_silent_clients_and_excess_connections_are_held_off() {
         std::thread::sleep(Duration::from_millis(200));
         let third = std::thread::spawn(move || {
             let t = Instant::now();
-            let req = "GET /api/v1/images HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n";
+            let req = "GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n";
             let (resp, _) = raw(addr, req, Duration::from_secs(10));
             (resp, t.elapsed())
         });
@@ -838,4 +843,115 @@ async fn lists_come_in_pages_of_one_snapshot() {
         let (status, body) = http_async(addr, "GET", &format!("/api/v1/images?{q}"), None).await;
         assert_eq!(status, 400, "{q}: {body}");
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_without_a_token_or_beyond_their_role_are_refused_and_change_nothing() {
+    use common::{http_as, NODE_TOKEN, VIEWER_TOKEN};
+    let etcd = Etcd::start();
+    let plane = control_plane(&etcd, "cp").await;
+    let addr = plane.addr();
+    let image =
+        json!({"metadata": {"name": "base"}, "spec": {"path": "/img/base.qcow2"}}).to_string();
+    let call = move |token: Option<&'static str>, method: &'static str, path: &'static str| {
+        let body = (method != "GET").then(|| image.clone());
+        tokio::task::spawn_blocking(move || {
+            http_as(token, addr, method, path, body.as_deref()).unwrap()
+        })
+    };
+    let wrong = "not-a-token-of-this-server-000000000000";
+    for (token, method, want) in [
+        (None, "GET", 401),
+        (None, "POST", 401),
+        (Some(wrong), "POST", 401),
+        (Some(VIEWER_TOKEN), "POST", 403),
+        (Some(NODE_TOKEN), "POST", 403),
+        (Some(VIEWER_TOKEN), "GET", 200),
+        (Some(NODE_TOKEN), "GET", 200),
+    ] {
+        let (status, body) = call(token, method, "/api/v1/images").await.unwrap();
+        assert_eq!(status, want, "{token:?} {method}: {body}");
+        if want == 401 {
+            assert!(body.contains("error"), "{body}");
+        }
+    }
+    // Nothing was written by any of them.
+    assert!(resource_keys(&etcd).await.is_empty());
+    let (status, body) = call(Some(VIEWER_TOKEN), "DELETE", "/api/v1/images/base")
+        .await
+        .unwrap();
+    assert_eq!(status, 403, "{body}");
+    assert!(body.contains("watcher (viewer) may not DELETE"), "{body}");
+    // Liveness needs no token; the admin writes.
+    assert_eq!(call(None, "GET", "/healthz").await.unwrap().0, 200);
+    assert_eq!(
+        call(Some(common::ADMIN_TOKEN), "POST", "/api/v1/images")
+            .await
+            .unwrap()
+            .0,
+        201
+    );
+    assert_eq!(resource_keys(&etcd).await, ["/lightbyte/image/base"]);
+    plane.shutdown(Duration::from_secs(2)).await;
+}
+
+#[test]
+fn the_cli_presents_its_token_and_a_server_needs_tokens_or_insecure() {
+    let etcd = Etcd::start();
+    let server = Server::start(&etcd);
+    let run = |env: &[(&str, &str)], args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_lightbyte"))
+            .args(args)
+            .env("LIGHTBYTE_SERVER", &server.url)
+            .env_remove("LIGHTBYTE_TOKEN")
+            .env_remove("LIGHTBYTE_TOKEN_FILE")
+            .envs(env.iter().copied())
+            .stdin(Stdio::null())
+            .output()
+            .unwrap()
+    };
+    let text = |o: &std::process::Output| String::from_utf8_lossy(&o.stderr).into_owned();
+    let none = run(&[], &["vm", "list"]);
+    assert!(!none.status.success());
+    assert!(text(&none).contains("401 Unauthorized"), "{}", text(&none));
+    let viewer = run(
+        &[("LIGHTBYTE_TOKEN", common::VIEWER_TOKEN)],
+        &["image", "add", "base", "--path", "/img/base.qcow2"],
+    );
+    assert!(text(&viewer).contains("403 Forbidden"), "{}", text(&viewer));
+    assert!(run(
+        &[("LIGHTBYTE_TOKEN", common::VIEWER_TOKEN)],
+        &["vm", "list"]
+    )
+    .status
+    .success());
+    // `token new` makes a 0600 file the server takes; a token file for the CLI.
+    let dir = tempfile::tempdir().unwrap();
+    let tokens = dir.path().join("tokens");
+    let t = tokens.to_str().unwrap();
+    let made = run(
+        &[],
+        &[
+            "token", "new", "--role", "admin", "--name", "ops", "--file", t,
+        ],
+    );
+    assert!(made.status.success(), "{}", text(&made));
+    let token = String::from_utf8_lossy(&made.stdout).trim().to_string();
+    assert_eq!(token.len(), 64);
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(&tokens).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o600);
+    let own = dir.path().join("ops.token");
+    std::fs::write(&own, format!("{token}\n")).unwrap();
+    let r = run(&[], &["--token-file", own.to_str().unwrap(), "vm", "list"]);
+    // Not this server's token.
+    assert!(text(&r).contains("401"), "{}", text(&r));
+    // A server with neither --tokens nor --insecure does not start, and says what to do.
+    let out = Command::new(env!("CARGO_BIN_EXE_lightbyte"))
+        .args(["server", "--etcd", &etcd.url(), "--listen", "127.0.0.1:0"])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(text(&out).contains("--insecure"), "{}", text(&out));
 }

@@ -30,6 +30,7 @@ async fn plane(etcd: &Etcd, dir: &std::path::Path) -> ControlPlane {
         image_dir: Some(dir.to_path_buf()),
         allow_host_path: false,
         limits: Default::default(),
+        auth: common::auth(),
     })
     .await
     .expect("control plane")

@@ -204,7 +204,25 @@ async fn host_load_balancer_follows_its_group() {
         layout: Layout::new(dir.path()),
         proxy: Arc::new(HostProxy::new(proxy_bin, dir.path().join("proxy"))),
     };
-    tokio::spawn(worker_api::serve(listener, state, stop.clone()));
+    tokio::spawn(worker_api::serve(
+        listener,
+        state,
+        common::auth(),
+        stop.clone(),
+    ));
+    // The worker API asks for a token too; a viewer only reads.
+    for (token, method, path, want) in [
+        (None, "GET", "/api/v1/proxy/status", 401),
+        (Some(common::VIEWER_TOKEN), "POST", "/api/v1/proxy/apply", 403),
+        (Some(common::VIEWER_TOKEN), "POST", "/api/v1/vms/x/agent", 403),
+    ] {
+        let got = tokio::task::spawn_blocking(move || {
+            common::http_as(token, bound, method, path, Some("{}")).unwrap()
+        })
+        .await
+        .unwrap();
+        assert_eq!(got.0, want, "{token:?} {method} {path}: {}", got.1);
+    }
     let _w = FakeWorker::start_serving(
         &store,
         "w1",

@@ -181,6 +181,7 @@ fn worker_starts_restarts_readopts_and_cleans_up() {
             let out = Command::new(env!("CARGO_BIN_EXE_lightbyte"))
                 .args(["--server", &server, "vm", "wait"])
                 .args(args)
+                .env("LIGHTBYTE_TOKEN", common::ADMIN_TOKEN)
                 .output()
                 .unwrap();
             (

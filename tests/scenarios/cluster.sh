@@ -13,6 +13,8 @@ export LIGHTBYTE_BIN
 export LIGHTBYTE_DEV_DIR
 LIGHTBYTE_DEV_DIR=$(mktemp -d /tmp/lbcluster.XXXXXX)/dev
 export LIGHTBYTE_SERVER=http://127.0.0.1:7070
+# dev-cluster.sh writes the CLI's admin token there.
+export LIGHTBYTE_TOKEN_FILE=$LIGHTBYTE_DEV_DIR/admin.token
 cluster() { bash "$here/scripts/dev-cluster.sh" "$@"; }
 lb() { "$LIGHTBYTE_BIN/lightbyte" "$@"; }
 D=$LIGHTBYTE_DEV_DIR

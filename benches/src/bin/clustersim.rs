@@ -205,6 +205,8 @@ async fn main() -> Result<()> {
         image_dir: None,
         allow_host_path: true,
         limits: Default::default(),
+        // A simulation on loopback in this process: what it measures is the controllers.
+        auth: orchestrator::auth::Auth::Insecure,
     })
     .await?;
     let api = ApiClient::new(&format!("http://{}", plane.addr()), Duration::from_secs(60))?;

@@ -124,7 +124,14 @@ async fn main() -> Result<()> {
     let lightbyte = lightbyte_tests::paths::binary("lightbyte")?;
     let _server = Child(
         Command::new(&lightbyte)
-            .args(["server", "--etcd", "http://127.0.0.1:1", "--listen"])
+            // Blob throughput on loopback: one token check per request would not show.
+            .args([
+                "server",
+                "--insecure",
+                "--etcd",
+                "http://127.0.0.1:1",
+                "--listen",
+            ])
             .arg(format!("127.0.0.1:{api}"))
             .arg("--image-dir")
             .arg(dir.path().join("store"))

@@ -78,7 +78,13 @@ fn config(args: AgentArgs) -> Result<WorkerConfig> {
             }
         }
     }
+    // Serving nothing, it asks nothing: --tokens or --insecure only with --listen.
+    let auth = match args.listen {
+        Some(_) => super::commands::auth(&args.auth, "worker API")?,
+        None => orchestrator::auth::Auth::Insecure,
+    };
     Ok(WorkerConfig {
+        auth,
         etcd: args.etcd,
         name,
         capacity: Capacity { cpus, memory },

@@ -8,8 +8,8 @@ use serde::Serialize;
 
 use super::table::Table;
 use super::{
-    AgentRequest, Cli, Command, ImageCommand, Output, ServerArgs, VmCommand, VolumeCommand,
-    WaitFor, WorkerArgs, WorkerCommand,
+    AgentRequest, Cli, Command, ImageCommand, Output, ServerArgs, TokenCommand, VmCommand,
+    VolumeCommand, WaitFor, WorkerArgs, WorkerCommand,
 };
 use orchestrator::api::StartRequest;
 use orchestrator::client::{ApiClient, DEFAULT_SERVER};
@@ -26,6 +26,7 @@ const CLIENT_TIMEOUT: Duration = Duration::from_secs(10);
 
 pub async fn run(cli: Cli) -> Result<()> {
     let output = cli.output;
+    own_token(cli.token_file.as_deref())?;
     let client = || -> Result<ApiClient> {
         let url = cli
             .server
@@ -49,7 +50,42 @@ pub async fn run(cli: Cli) -> Result<()> {
         Command::ScaleGroup(cmd) => super::groups::run(&client()?, cmd, output).await,
         Command::Lb(cmd) => super::lbs::run(&client()?, cmd, output).await,
         Command::Proxy { args } => proxy(args),
+        Command::Token(TokenCommand::New { role, name, file }) => {
+            let role = role.parse().map_err(|e: String| anyhow::anyhow!(e))?;
+            let token = orchestrator::auth::tokens::add(&file, role, &name)?;
+            println!("{token}");
+            Ok(())
+        }
     }
+}
+
+/// Takes the token this process presents from `--token-file`, else $LIGHTBYTE_TOKEN, else
+/// $LIGHTBYTE_TOKEN_FILE.
+fn own_token(flag: Option<&std::path::Path>) -> Result<()> {
+    let from_env = std::env::var("LIGHTBYTE_TOKEN")
+        .ok()
+        .map(|t| t.trim().to_string())
+        .filter(|t| !t.is_empty());
+    if let (None, Some(t)) = (flag, from_env) {
+        orchestrator::auth::set_own_token(t);
+        return Ok(());
+    }
+    let path = flag
+        .map(std::path::Path::to_path_buf)
+        .or_else(|| std::env::var_os("LIGHTBYTE_TOKEN_FILE").map(Into::into));
+    if let Some(path) = path {
+        orchestrator::auth::set_own_token(orchestrator::auth::tokens::read_own(&path)?);
+    }
+    Ok(())
+}
+
+/// The server's or worker's authentication from its flags.
+pub(super) fn auth(args: &super::AuthArgs, what: &str) -> Result<orchestrator::auth::Auth> {
+    Ok(orchestrator::auth::Auth::from_flags(
+        args.tokens.as_deref(),
+        args.insecure,
+        what,
+    )?)
 }
 
 /// Hands over to `lightbyte-proxy`: the proxy is its own binary (Pingora stays out of the
@@ -94,6 +130,7 @@ async fn server(args: ServerArgs) -> Result<()> {
             header_timeout: args.header_timeout,
             allowed_hosts: args.allowed_host,
         },
+        auth: auth(&args.auth, "control plane")?,
     };
     let plane = ControlPlane::start(config).await?;
     // Scripts and tests read the address from this line when they pass port 0.

@@ -22,6 +22,11 @@ pub struct Cli {
     /// Control-plane URL [default: $LIGHTBYTE_SERVER, else http://127.0.0.1:7070]
     #[arg(long, global = true, value_name = "URL")]
     pub server: Option<String>,
+    /// A file whose first line is the bearer token this command presents (to the control
+    /// plane; a server or worker presents it to the other components) [default:
+    /// $LIGHTBYTE_TOKEN_FILE; $LIGHTBYTE_TOKEN holds the token itself]
+    #[arg(long, global = true, value_name = "FILE")]
+    pub token_file: Option<std::path::PathBuf>,
     /// Output format
     #[arg(short = 'o', long, global = true, value_enum, default_value_t = Output::Table)]
     pub output: Output,
@@ -59,6 +64,10 @@ pub enum Command {
     /// or beside the worker agents), showing addresses and backend health
     #[command(subcommand, name = "lb")]
     Lb(LbCommand),
+    /// API tokens: `lightbyte token new --role admin --name alice --file TOKENS` adds one to a
+    /// tokens file (a server's or worker's --tokens) and prints it
+    #[command(subcommand)]
+    Token(TokenCommand),
     /// Run or control the load-balancing proxy itself (`lightbyte-proxy`, next to this binary
     /// or on PATH): `lightbyte proxy run --control SOCK`, `apply`, `status`, `stop`
     #[command(disable_help_flag = true)]
@@ -136,8 +145,40 @@ pub enum LbCommand {
     },
 }
 
+#[derive(Debug, Subcommand)]
+pub enum TokenCommand {
+    /// Add a new random token to a tokens file (created 0600 if missing) and print it; the
+    /// servers using the file take it within a second, no restart
+    New {
+        /// admin (everything), viewer (reads only) or node (components: the control plane
+        /// calling workers, workers pulling images)
+        #[arg(long, value_parser = ["admin", "viewer", "node"])]
+        role: String,
+        /// Who holds it (shown in the servers' logs)
+        #[arg(long)]
+        name: String,
+        /// The tokens file
+        #[arg(long, value_name = "FILE")]
+        file: std::path::PathBuf,
+    },
+}
+
+/// Who may call a server: its tokens file, or nobody is asked.
+#[derive(Debug, Clone, Args)]
+pub struct AuthArgs {
+    /// Tokens file: one `TOKEN ROLE NAME` per line (mode 0600; `lightbyte token new` writes
+    /// it); every request must bear one of them. Changes apply within a second
+    #[arg(long, value_name = "FILE")]
+    pub tokens: Option<std::path::PathBuf>,
+    /// Serve without authentication: anyone who can reach the port can do anything
+    #[arg(long)]
+    pub insecure: bool,
+}
+
 #[derive(Debug, Args)]
 pub struct ServerArgs {
+    #[command(flatten)]
+    pub auth: AuthArgs,
     /// etcd endpoints, comma-separated
     #[arg(
         long,
@@ -544,6 +585,9 @@ pub struct AgentArgs {
     /// plane forwards `lightbyte vm agent` to it. It must be reachable from the control plane.
     #[arg(long, value_name = "ADDR")]
     pub listen: Option<SocketAddr>,
+    /// Who may call it at --listen
+    #[command(flatten)]
+    pub auth: AuthArgs,
 }
 
 #[derive(Debug, Subcommand)]

@@ -131,8 +131,9 @@ pub async fn download(
         why,
     };
     let part = file.with_extension("part");
+    // A move's own token, else this process's (a worker pulling an image).
     let mut req = hyper::Request::get(url);
-    if let Some(token) = bearer {
+    if let Some(token) = bearer.or(crate::auth::own_token()) {
         req = req.header(header::AUTHORIZATION, format!("Bearer {token}"));
     }
     let req = req

@@ -99,7 +99,7 @@ pub async fn remote_size(base: &str, d: &Digest) -> Result<Option<u64>, UploadEr
         url: url.clone(),
         why,
     };
-    let req = Request::builder()
+    let req = crate::auth::authorize(Request::builder())
         .method(Method::HEAD)
         .uri(&url)
         .body(Full::new(Bytes::new()).map_err(|e| match e {}).boxed())
@@ -146,7 +146,7 @@ pub async fn upload(base: &str, d: &Digest, path: &Path) -> Result<u64, UploadEr
             Frame::data(b)
         })
     });
-    let req = Request::builder()
+    let req = crate::auth::authorize(Request::builder())
         .method(Method::PUT)
         .uri(&url)
         .header(hyper::header::CONTENT_TYPE, "application/octet-stream")

@@ -71,7 +71,12 @@ pub async fn run(cfg: WorkerConfig, shutdown: CancellationToken) -> Result<(), W
                     layout.root_dir().join("proxy"),
                 )),
             };
-            tokio::spawn(api::serve(listener, state, shutdown.clone()));
+            tokio::spawn(api::serve(
+                listener,
+                state,
+                cfg.auth.clone(),
+                shutdown.clone(),
+            ));
             Some(bound.to_string())
         }
         None => None,

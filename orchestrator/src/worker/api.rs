@@ -25,6 +25,7 @@ use super::guest;
 use super::host_proxy::{HostProxy, ProxyError};
 use super::record::Layout;
 use crate::api::ApiError;
+use crate::auth::{Auth, Surface};
 use crate::model::validate::dns_label;
 
 /// How long a guest agent has to answer a forwarded request.
@@ -43,13 +44,21 @@ pub struct ApiState {
     pub proxy: Arc<HostProxy>,
 }
 
-/// Serves until `shutdown` is cancelled.
-pub async fn serve(listener: TcpListener, state: ApiState, shutdown: CancellationToken) {
-    let app = Router::new()
+/// Serves until `shutdown` is cancelled; `auth` says who may call it.
+pub async fn serve(
+    listener: TcpListener,
+    state: ApiState,
+    auth: Auth,
+    shutdown: CancellationToken,
+) {
+    let guarded = Router::new()
         .route("/api/v1/vms/{name}/agent", post(agent))
-        .route("/api/v1/moves/{name}/disks/{index}", get(disk))
         .route("/api/v1/proxy/apply", post(proxy_apply))
-        .route("/api/v1/proxy/status", get(proxy_status))
+        .route("/api/v1/proxy/status", get(proxy_status));
+    // A move's disks are served to whoever bears that move's own single-purpose token (the
+    // target worker), which `moves::serve_disk` checks: not behind the role tokens.
+    let app = crate::auth::guard(guarded, &auth, Surface::Worker)
+        .route("/api/v1/moves/{name}/disks/{index}", get(disk))
         .layer(axum::middleware::from_fn(crate::api::require_json))
         .with_state(state);
     crate::serve::serve(listener, app, crate::serve::Limits::default(), shutdown).await;

@@ -77,6 +77,8 @@ pub struct WorkerConfig {
     /// Where to serve requests for the VMs' guest agents (the control plane forwards
     /// `lightbyte vm agent` here); none: not served.
     pub listen: Option<std::net::SocketAddr>,
+    /// Who may call what it serves at `listen`.
+    pub auth: crate::auth::Auth,
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -139,6 +139,10 @@ impl Agent {
         .to_vec();
         if o.listen {
             args.extend(["--listen".to_string(), "127.0.0.1:0".to_string()]);
+            args.extend([
+                "--tokens".to_string(),
+                super::tokens_file().display().to_string(),
+            ]);
         }
         let mut a = Agent {
             child: None,
@@ -157,6 +161,8 @@ impl Agent {
             .unwrap();
         let child = Command::new(env!("CARGO_BIN_EXE_lightbyte"))
             .args(&self.args)
+            // What a worker presents to the control plane (image pulls) and to other workers.
+            .env("LIGHTBYTE_TOKEN", super::NODE_TOKEN)
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log)

@@ -23,6 +23,46 @@ use orchestrator::store::Store;
 /// Leader lease TTL in tests: etcd's minimum.
 pub const TTL: Duration = Duration::from_secs(2);
 
+/// The tokens of [`tokens_file`], by role.
+pub const ADMIN_TOKEN: &str = "test-admin-000000000000000000000000000";
+pub const VIEWER_TOKEN: &str = "test-viewer-00000000000000000000000000";
+pub const NODE_TOKEN: &str = "test-node-0000000000000000000000000000";
+
+/// The tokens file every server in the tests authenticates with (written once per test
+/// process, 0600).
+pub fn tokens_file() -> PathBuf {
+    static FILE: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    FILE.get_or_init(|| {
+        use std::os::unix::fs::OpenOptionsExt;
+        let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR"));
+        let path = dir.join("tokens");
+        let part = dir.join(format!("tokens.{}", std::process::id()));
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&part)
+            .expect("tokens file");
+        write!(
+            f,
+            "{ADMIN_TOKEN} admin tester\n{VIEWER_TOKEN} viewer watcher\n{NODE_TOKEN} node workers\n"
+        )
+        .expect("tokens file");
+        std::fs::rename(&part, &path).expect("tokens file");
+        path
+    })
+    .clone()
+}
+
+/// Token authentication for a server in this process; this process's own requests (the
+/// API client, the control plane's calls to workers) bear the admin token.
+pub fn auth() -> orchestrator::auth::Auth {
+    orchestrator::auth::set_own_token(ADMIN_TOKEN.to_string());
+    let file = orchestrator::auth::TokenFile::open(&tokens_file()).expect("tokens file");
+    orchestrator::auth::Auth::Tokens(std::sync::Arc::new(file))
+}
+
 pub struct Etcd {
     child: Option<Child>,
     dir: tempfile::TempDir,
@@ -169,8 +209,19 @@ fn healthy(port: u16) -> bool {
         Ok((200, body)) if body.contains("\"health\":\"true\""))
 }
 
-/// One HTTP/1.1 request over a fresh connection: (status, body).
+/// One HTTP/1.1 request over a fresh connection, as the admin: (status, body).
 pub fn http(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    body: Option<&str>,
+) -> std::io::Result<(u16, String)> {
+    http_as(Some(ADMIN_TOKEN), addr, method, path, body)
+}
+
+/// [`http`] bearing `token`, or no credentials.
+pub fn http_as(
+    token: Option<&str>,
     addr: SocketAddr,
     method: &str,
     path: &str,
@@ -179,9 +230,12 @@ pub fn http(
     let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
     s.set_read_timeout(Some(Duration::from_secs(15)))?;
     let body = body.unwrap_or("");
+    let auth = token
+        .map(|t| format!("Authorization: Bearer {t}\r\n"))
+        .unwrap_or_default();
     write!(
         s,
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n{auth}\
          Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
         body.len()
     )?;
@@ -240,6 +294,7 @@ pub async fn control_plane(etcd: &Etcd, holder: &str) -> ControlPlane {
         image_dir: None,
         allow_host_path: true,
         limits: Default::default(),
+        auth: auth(),
     })
     .await
     .expect("control plane")
