@@ -12,9 +12,10 @@ here=$(cd "$(dirname "$0")/.." && pwd)
 keep=0
 [ "${1:-}" = --keep ] && keep=1
 export LIGHTBYTE_BIN=${LIGHTBYTE_BIN:-$here/target/release}
-export LIGHTBYTE_SERVER=http://127.0.0.1:7070
-# dev-cluster.sh writes the CLI's admin token there.
-export LIGHTBYTE_TOKEN_FILE=${LIGHTBYTE_DEV_DIR:-/tmp/lightbyte-dev}/admin.token
+# What dev-cluster.sh's DIR/env sets: the CLI as the cluster's admin, over mutual TLS.
+dev=${LIGHTBYTE_DEV_DIR:-/tmp/lightbyte-dev}
+export LIGHTBYTE_SERVER=https://127.0.0.1:7070 LIGHTBYTE_TOKEN_FILE=$dev/admin.token
+export LIGHTBYTE_CA=$dev/pki/ca.crt LIGHTBYTE_CERT=$dev/pki/admin.crt LIGHTBYTE_KEY=$dev/pki/admin.key
 # Built (and cached) outside the test host, which has no Rust toolchain on its PATH:
 # scripts/quickstart.sh passes them in.
 kernel=${KERNEL:-$(bash "$here/tests/guest/build-kernel.sh")/vmlinux}

@@ -10,11 +10,12 @@
 #   dev-cluster.sh stop|start etcd|server|wK [--dir DIR]   (failure drills: kill -9, start again)
 #
 # Layout (worker k = 1..N):
-#   - etcd: 127.0.0.1:$ETCD_PORT and 10.123.0.1:$ETCD_PORT (the workers' side), data in DIR/etcd;
-#   - control plane: http://127.0.0.1:$API_PORT (`lightbyte --server ...`), log DIR/server.log;
-#   - API tokens in DIR/tokens (0600): DIR/admin.token for the CLI
-#     (`export LIGHTBYTE_TOKEN_FILE=DIR/admin.token`), DIR/node.token that the control plane
-#     and the workers present to each other;
+#   - a CA and certificates in DIR/pki (`lightbyte pki`): every connection is mutual TLS;
+#   - etcd: https://127.0.0.1:$ETCD_PORT and https://10.123.0.1:$ETCD_PORT (the workers' side),
+#     client certificates required, data in DIR/etcd;
+#   - control plane: https://127.0.0.1:$API_PORT, log DIR/server.log;
+#   - API tokens in DIR/tokens (0600): DIR/admin.token for the CLI, DIR/node.token that the
+#     control plane and the workers present to each other; `. DIR/env` sets up the CLI;
 #   - bridge lbdev0 (10.123.0.1/24) in this namespace, joined by one veth per worker;
 #   - namespace lbdev-wk: eth0 10.123.0.(10+k), worker "wk" with bridge lbbr0 and VM subnet
 #     10.124.k.0/24, state in DIR/wk, log DIR/wk.log; this namespace routes 10.124.k.0/24
@@ -57,7 +58,14 @@ done
 case "$workers" in ''|*[!0-9]*) echo "--workers must be a number" >&2; exit 2 ;; esac
 if [ "$workers" -lt 1 ] || [ "$workers" -gt 200 ]; then echo "--workers must be 1..200" >&2; exit 2; fi
 
-lb() { LIGHTBYTE_TOKEN_FILE="$dir/admin.token" "$bin/lightbyte" --server "http://127.0.0.1:$API_PORT" "$@"; }
+pki=$dir/pki
+# The CLI as the cluster's admin (what DIR/env exports).
+lb() {
+  LIGHTBYTE_TOKEN_FILE="$dir/admin.token" LIGHTBYTE_CA="$pki/ca.crt" LIGHTBYTE_CERT="$pki/admin.crt" \
+    LIGHTBYTE_KEY="$pki/admin.key" "$bin/lightbyte" --server "https://127.0.0.1:$API_PORT" "$@"
+}
+# curl with the admin's certificate (health checks).
+tls_curl() { curl -sf --cacert "$pki/ca.crt" --cert "$pki/admin.crt" --key "$pki/admin.key" "$@"; }
 
 # Starts "$@" detached (own session, survives this script), output appended to $1.log, pid to
 # $1.pid, the command kept in $1.cmd for `start`.
@@ -142,18 +150,27 @@ up() {
   fi
   mkdir -p "$dir"
   touch "$dir/.lightbyte-dev"
+  echo "== CA and certificates in $pki"
+  "$bin/lightbyte" pki init --dir "$pki" >/dev/null
+  issue() { "$bin/lightbyte" pki issue --dir "$pki" "$@" >/dev/null; }
+  issue etcd --san 127.0.0.1 --san 10.123.0.1 --san localhost
+  issue server --san 127.0.0.1 --san 10.123.0.1 --san localhost
+  issue admin
+  for k in $(seq "$workers"); do issue "w$k" --san "10.123.0.$((10 + k))"; done
   echo "== host bridge lbdev0 10.123.0.1/24"
   ip link add lbdev0 type bridge
   ip addr add 10.123.0.1/24 dev lbdev0
   ip link set lbdev0 up
   echo "== etcd on 127.0.0.1:$ETCD_PORT and 10.123.0.1:$ETCD_PORT"
   daemon etcd etcd --name lbdev --data-dir "$dir/etcd" \
-    --listen-client-urls "http://127.0.0.1:$ETCD_PORT,http://10.123.0.1:$ETCD_PORT" \
-    --advertise-client-urls "http://127.0.0.1:$ETCD_PORT" \
+    --listen-client-urls "https://127.0.0.1:$ETCD_PORT,https://10.123.0.1:$ETCD_PORT" \
+    --advertise-client-urls "https://127.0.0.1:$ETCD_PORT" \
+    --cert-file "$pki/etcd.crt" --key-file "$pki/etcd.key" --trusted-ca-file "$pki/ca.crt" \
+    --client-cert-auth \
     --listen-peer-urls "http://127.0.0.1:$PEER_PORT" \
     --initial-advertise-peer-urls "http://127.0.0.1:$PEER_PORT" \
     --initial-cluster "lbdev=http://127.0.0.1:$PEER_PORT"
-  wait_for etcd 150 curl -sf "http://127.0.0.1:$ETCD_PORT/health"
+  wait_for etcd 150 tls_curl "https://127.0.0.1:$ETCD_PORT/health"
   echo "== API tokens in $dir/tokens (the CLI's: $dir/admin.token)"
   (
     umask 077
@@ -162,10 +179,11 @@ up() {
   )
   echo "== control plane on http://127.0.0.1:$API_PORT"
   # Also on the bridge: the workers pull pushed images from it.
-  daemon server "$bin/lightbyte" server --etcd "http://127.0.0.1:$ETCD_PORT" \
+  daemon server "$bin/lightbyte" server --etcd "https://127.0.0.1:$ETCD_PORT" \
+    --ca "$pki/ca.crt" --cert "$pki/server.crt" --key "$pki/server.key" \
     --listen "127.0.0.1:$API_PORT" --listen "10.123.0.1:$API_PORT" --lease-ttl "$lease_ttl" \
     --image-dir "$dir/images" --tokens "$dir/tokens" --token-file "$dir/node.token"
-  wait_for "the control plane" 150 curl -sf "http://127.0.0.1:$API_PORT/healthz"
+  wait_for "the control plane" 150 tls_curl "https://127.0.0.1:$API_PORT/healthz"
   for k in $(seq "$workers"); do
     ns=lbdev-w$k
     echo "== worker w$k in namespace $ns (10.123.0.$((10 + k)), VMs on 10.124.$k.0/24)"
@@ -178,10 +196,11 @@ up() {
     ip -n "$ns" route add default via 10.123.0.1
     ip netns exec "$ns" sysctl -qw net.ipv4.ip_forward=1
     ip route add "10.124.$k.0/24" via "10.123.0.$((10 + k))"
-    args=(--etcd "http://10.123.0.1:$ETCD_PORT" --name "w$k" --state-dir "$dir/w$k"
+    args=(--etcd "https://10.123.0.1:$ETCD_PORT" --name "w$k" --state-dir "$dir/w$k"
           --vmm "$bin/vmm" --bridge lbbr0 --subnet "10.124.$k.0/24" --lease-ttl "$lease_ttl"
-          --listen "10.123.0.$((10 + k)):7071" --server "http://10.123.0.1:$API_PORT"
-          --tokens "$dir/tokens" --token-file "$dir/node.token")
+          --listen "10.123.0.$((10 + k)):7071" --server "https://10.123.0.1:$API_PORT"
+          --tokens "$dir/tokens" --token-file "$dir/node.token"
+          --ca "$pki/ca.crt" --cert "$pki/w$k.crt" --key "$pki/w$k.key")
     [ -n "$kernel" ] && args+=(--kernel "$kernel")
     [ -n "$initramfs" ] && args+=(--initramfs "$initramfs")
     [ -n "$worker_cpus" ] && args+=(--cpus "$worker_cpus")
@@ -199,7 +218,12 @@ up() {
   wait_for "$workers Ready workers" 300 all_ready \
     || { tail -5 "$dir"/w*.log >&2; exit 1; }
   lb worker list
-  echo "cluster up: export LIGHTBYTE_SERVER=http://127.0.0.1:$API_PORT LIGHTBYTE_TOKEN_FILE=$dir/admin.token; '$0 down' takes it down"
+  cat >"$dir/env" <<EOF
+export LIGHTBYTE_SERVER=https://127.0.0.1:$API_PORT
+export LIGHTBYTE_TOKEN_FILE=$dir/admin.token
+export LIGHTBYTE_CA=$pki/ca.crt LIGHTBYTE_CERT=$pki/admin.crt LIGHTBYTE_KEY=$pki/admin.key
+EOF
+  echo "cluster up: '. $dir/env' sets up the CLI; '$0 down' takes it down"
 }
 
 case "$cmd" in

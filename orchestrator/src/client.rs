@@ -5,7 +5,6 @@ use std::time::Duration;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper::{Method, Request, StatusCode};
-use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use serde::de::DeserializeOwned;
@@ -57,7 +56,7 @@ impl ClientError {
 #[derive(Clone)]
 pub struct ApiClient {
     base: String,
-    http: Client<HttpConnector, Full<Bytes>>,
+    http: Client<crate::tls::Connector, Full<Bytes>>,
     timeout: Duration,
 }
 
@@ -100,15 +99,13 @@ impl ApiClient {
                     url: url.to_string(),
                     reason: e.to_string(),
                 })?;
-        if uri.scheme_str() != Some("http") || uri.host().is_none() {
+        if !matches!(uri.scheme_str(), Some("http" | "https")) || uri.host().is_none() {
             return Err(ClientError::Url {
                 url: url.to_string(),
-                reason: "expected http://HOST[:PORT]".into(),
+                reason: "expected https://HOST[:PORT] (or http:// for an --insecure server)".into(),
             });
         }
-        let mut connector = HttpConnector::new();
-        connector.set_connect_timeout(Some(timeout));
-        let http = Client::builder(TokioExecutor::new()).build(connector);
+        let http = Client::builder(TokioExecutor::new()).build(crate::tls::connector(timeout));
         Ok(ApiClient {
             base,
             http,

@@ -1,23 +1,21 @@
 //! The one HTTP client the control plane and workers use to talk to workers (agent requests,
-//! disk copies): plain HTTP/1 over TCP with a connect timeout; callers bound whole exchanges.
+//! disk copies): HTTP/1 over mutual TLS (plain TCP for an --insecure cluster) with a connect
+//! timeout; callers bound whole exchanges.
 
 use std::sync::OnceLock;
 use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::Full;
-use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 
-pub type HttpClient = Client<HttpConnector, Full<Bytes>>;
+pub type HttpClient = Client<crate::tls::Connector, Full<Bytes>>;
 
 pub fn client() -> &'static HttpClient {
     static CLIENT: OnceLock<HttpClient> = OnceLock::new();
     CLIENT.get_or_init(|| {
-        let mut connector = HttpConnector::new();
-        connector.set_connect_timeout(Some(Duration::from_secs(5)));
-        Client::builder(TokioExecutor::new()).build(connector)
+        Client::builder(TokioExecutor::new()).build(crate::tls::connector(Duration::from_secs(5)))
     })
 }
 

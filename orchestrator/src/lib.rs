@@ -10,12 +10,14 @@ pub mod http;
 pub mod images;
 pub mod lease;
 pub mod model;
+pub mod pki;
 pub mod registration;
 pub mod serve;
 pub mod server;
 pub mod sim;
 pub mod store;
 mod task;
+pub mod tls;
 pub mod worker;
 
 pub use task::Backoff;

@@ -43,14 +43,17 @@ impl Default for Limits {
     }
 }
 
-/// Serves `app` on `listener` within `limits` until `shutdown` is cancelled; connections in
-/// progress then finish their request.
+/// Serves `app` on `listener` within `limits` (over TLS with `tls`, which asks clients for
+/// their certificates) until `shutdown` is cancelled; connections in progress then finish
+/// their request.
 pub async fn serve(
     listener: TcpListener,
     app: Router,
     limits: Limits,
+    tls: Option<Arc<rustls::ServerConfig>>,
     shutdown: CancellationToken,
 ) {
+    let tls = tls.map(tokio_rustls::TlsAcceptor::from);
     let hosts = Arc::new(limits.allowed_hosts.clone());
     let app = app.layer(axum::middleware::from_fn(
         move |req: Request, next: Next| {
@@ -80,26 +83,48 @@ pub async fn serve(
         let service = TowerToHyperService::new(app.clone());
         let timeout = limits.header_timeout;
         let stop = shutdown.clone();
+        let tls = tls.clone();
         tokio::spawn(async move {
             let _slot = slot;
-            let mut builder = hyper::server::conn::http1::Builder::new();
-            builder
-                .timer(TokioTimer::new())
-                .header_read_timeout(timeout)
-                .keep_alive(true);
-            let conn = builder.serve_connection(TokioIo::new(stream), service);
-            tokio::pin!(conn);
-            let result = tokio::select! {
-                r = conn.as_mut() => r,
-                () = stop.cancelled() => {
-                    conn.as_mut().graceful_shutdown();
-                    conn.await
-                }
+            let Some(tls) = tls else {
+                return serve_connection(stream, service, timeout, stop, peer).await;
             };
-            if let Err(e) = result {
-                tracing::debug!(%peer, error = %e, "connection ended");
+            // The handshake shares the header deadline: a silent client holds no slot longer.
+            match tokio::time::timeout(timeout, tls.accept(stream)).await {
+                Ok(Ok(stream)) => serve_connection(stream, service, timeout, stop, peer).await,
+                Ok(Err(e)) => tracing::warn!(%peer, error = %e, "refused: TLS handshake failed"),
+                Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
             }
         });
+    }
+}
+
+/// One connection's requests, until it closes or the server stops.
+async fn serve_connection<I>(
+    io: I,
+    service: TowerToHyperService<Router>,
+    timeout: Duration,
+    stop: CancellationToken,
+    peer: std::net::SocketAddr,
+) where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(timeout)
+        .keep_alive(true);
+    let conn = builder.serve_connection(TokioIo::new(io), service);
+    tokio::pin!(conn);
+    let result = tokio::select! {
+        r = conn.as_mut() => r,
+        () = stop.cancelled() => {
+            conn.as_mut().graceful_shutdown();
+            conn.await
+        }
+    };
+    if let Err(e) = result {
+        tracing::debug!(%peer, error = %e, "connection ended");
     }
 }
 

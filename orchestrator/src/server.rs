@@ -29,6 +29,8 @@ pub struct ServerConfig {
     pub limits: crate::serve::Limits,
     /// Who may call the API.
     pub auth: crate::auth::Auth,
+    /// Mutual TLS (none: plain HTTP).
+    pub tls: Option<crate::tls::TlsFiles>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -41,6 +43,8 @@ pub enum ServerError {
     },
     #[error(transparent)]
     Store(#[from] StoreError),
+    #[error(transparent)]
+    Tls(crate::tls::TlsError),
     #[error("image store {}: {source}", dir.display())]
     Images {
         dir: std::path::PathBuf,
@@ -54,6 +58,7 @@ pub enum ServerError {
 /// gracefully and hands its leaderships over at once.
 pub struct ControlPlane {
     addr: SocketAddr,
+    tls: bool,
     store: Store,
     shutdown: CancellationToken,
     tasks: JoinSet<()>,
@@ -76,6 +81,10 @@ impl ControlPlane {
                 addr: config.listen,
                 source,
             })?;
+        let tls = match &config.tls {
+            Some(files) => Some(files.server_config().map_err(ServerError::Tls)?),
+            None => None,
+        };
         let store = Store::connect(&config.etcd, config.etcd_timeout).await?;
         let handle = store.clone();
         let shutdown = CancellationToken::new();
@@ -119,6 +128,7 @@ impl ControlPlane {
                 listener,
                 app.clone(),
                 config.limits.clone(),
+                tls.clone(),
                 shutdown.clone(),
             ));
         }
@@ -155,6 +165,7 @@ impl ControlPlane {
         tracing::info!(%addr, holder = %config.controllers.holder, "control plane started");
         Ok(ControlPlane {
             addr,
+            tls: config.tls.is_some(),
             store: handle,
             shutdown,
             tasks,
@@ -164,6 +175,12 @@ impl ControlPlane {
     /// Where the API listens.
     pub fn addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// `https://ADDR`, or `http://ADDR` without TLS.
+    pub fn url(&self) -> String {
+        let scheme = if self.tls { "https" } else { "http" };
+        format!("{scheme}://{}", self.addr)
     }
 
     /// The etcd traffic of this instance (API and controllers) so far.

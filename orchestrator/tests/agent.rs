@@ -73,6 +73,7 @@ async fn agent_requests_reach_the_guest_through_the_worker() {
         listener,
         state,
         common::auth(),
+        Some(common::tls_files().server_config().unwrap()),
         stop.clone(),
     ));
     let spec = WorkerSpec {

@@ -326,7 +326,8 @@ struct Server {
 
 impl Server {
     fn start(etcd: &Etcd) -> Server {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_lightbyte"))
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_lightbyte"));
+        let mut child = common::client_env(&mut cmd)
             // Images by path: these tests are about the CLI and the API, not the image store.
             .args([
                 "server",
@@ -378,10 +379,10 @@ struct Run {
 /// Runs the CLI with `LIGHTBYTE_SERVER` set to `server`.
 fn cli(server: &str, args: &[&str]) -> Run {
     let start = Instant::now();
-    let out = Command::new(env!("CARGO_BIN_EXE_lightbyte"))
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_lightbyte"));
+    let out = common::client_env(&mut cmd)
         .args(args)
         .env("LIGHTBYTE_SERVER", server)
-        .env("LIGHTBYTE_TOKEN", common::ADMIN_TOKEN)
         .stdin(Stdio::null())
         .output()
         .expect("lightbyte");
@@ -444,10 +445,10 @@ fn cli_round_trip() {
     assert!(ok(&["worker", "list"]).starts_with("NAME   STATE"));
 
     // --server wins over the environment.
-    let bad_env = Command::new(env!("CARGO_BIN_EXE_lightbyte"))
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_lightbyte"));
+    let bad_env = common::client_env(&mut cmd)
         .args(["--server", &server.url, "vm", "list"])
         .env("LIGHTBYTE_SERVER", "http://127.0.0.1:1")
-        .env("LIGHTBYTE_TOKEN", common::ADMIN_TOKEN)
         .output()
         .unwrap();
     assert!(bad_env.status.success());
@@ -501,7 +502,7 @@ fn etcd_down_answers_503_within_seconds() {
         &["image", "add", "base", "--path", "/img/base.qcow2"],
     );
     assert_eq!(r.code, 0, "{}", r.stderr);
-    let addr = server.url.trim_start_matches("http://").parse().unwrap();
+    let addr = server.url.trim_start_matches("https://").parse().unwrap();
 
     let (status, _) = http(addr, "GET", "/healthz", None).unwrap();
     assert_eq!(status, 200);
@@ -570,7 +571,8 @@ fn http_typed(
     body: &str,
 ) -> (u16, String) {
     use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    let s = std::net::TcpStream::connect(addr).unwrap();
+    let mut s = common::tls_stream(s, addr).unwrap();
     write!(
         s,
         "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\
@@ -580,7 +582,8 @@ fn http_typed(
     )
     .unwrap();
     let mut resp = String::new();
-    s.read_to_string(&mut resp).unwrap();
+    // A TLS peer may close without close_notify once it answered.
+    let _ = s.read_to_string(&mut resp);
     let status = resp.split(' ').nth(1).unwrap().parse().unwrap();
     (status, resp)
 }
@@ -710,7 +713,9 @@ async fn foreign_hosts_silent_clients_and_excess_connections_are_held_off() {
             header_timeout: Duration::from_secs(2),
             allowed_hosts: vec!["cp.test".into()],
         },
-        auth: common::auth(),
+        // Plain HTTP: these are checks on raw requests.
+        auth: orchestrator::auth::Auth::Insecure,
+        tls: None,
     })
     .await
     .unwrap();
@@ -900,7 +905,8 @@ fn the_cli_presents_its_token_and_a_server_needs_tokens_or_insecure() {
     let etcd = Etcd::start();
     let server = Server::start(&etcd);
     let run = |env: &[(&str, &str)], args: &[&str]| {
-        Command::new(env!("CARGO_BIN_EXE_lightbyte"))
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_lightbyte"));
+        common::client_env(&mut cmd)
             .args(args)
             .env("LIGHTBYTE_SERVER", &server.url)
             .env_remove("LIGHTBYTE_TOKEN")
@@ -946,12 +952,25 @@ fn the_cli_presents_its_token_and_a_server_needs_tokens_or_insecure() {
     let r = run(&[], &["--token-file", own.to_str().unwrap(), "vm", "list"]);
     // Not this server's token.
     assert!(text(&r).contains("401"), "{}", text(&r));
-    // A server with neither --tokens nor --insecure does not start, and says what to do.
-    let out = Command::new(env!("CARGO_BIN_EXE_lightbyte"))
-        .args(["server", "--etcd", &etcd.url(), "--listen", "127.0.0.1:0"])
-        .stdin(Stdio::null())
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    assert!(text(&out).contains("--insecure"), "{}", text(&out));
+    // A server with neither --tokens nor --insecure does not start, nor one without TLS files,
+    // and each says what to do.
+    let server_says = |tls: bool, extra: &[&str]| {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_lightbyte"));
+        if tls {
+            common::client_env(&mut cmd);
+        }
+        let out = cmd
+            .args(["server", "--etcd", &etcd.url(), "--listen", "127.0.0.1:0"])
+            .args(extra)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        assert!(!out.status.success());
+        text(&out)
+    };
+    let said = server_says(true, &[]);
+    assert!(said.contains("--tokens FILE"), "{said}");
+    let tokens = common::tokens_file().display().to_string();
+    let said = server_says(false, &["--tokens", &tokens]);
+    assert!(said.contains("lightbyte pki"), "{said}");
 }

@@ -28,7 +28,7 @@ fn vm(cpus: u32, memory: &str) -> VmSpec {
 }
 
 async fn api(addr: std::net::SocketAddr) -> ApiClient {
-    let api = ApiClient::new(&format!("http://{addr}"), LIMIT).unwrap();
+    let api = ApiClient::new(&format!("https://{addr}"), LIMIT).unwrap();
     let image = ImageSpec {
         digest: None,
         path: Some("/img/base.qcow2".into()),

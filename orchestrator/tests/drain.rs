@@ -128,7 +128,7 @@ fn two_real_workers_scale_move_lose_and_forget() {
     rt.block_on(async {
         let store = etcd.store().await;
         let plane = control_plane(&etcd, "cp").await;
-        let api = ApiClient::new(&format!("http://{}", plane.addr()), LIMIT).unwrap();
+        let api = ApiClient::new(&plane.url(), LIMIT).unwrap();
         let none = json!({});
         let base = dir.path().join("base.raw");
         std::fs::write(&base, vec![0u8; 4 << 20]).unwrap();

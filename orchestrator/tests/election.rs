@@ -145,7 +145,7 @@ async fn a_crashed_control_plane_is_replaced_and_leaders_never_overlap() {
     // Work for cp-a's controllers: two workers come up, two VMs need places.
     let w1 = register(&store, "w1", 4, "4G").await;
     let _w2 = register(&store, "w2", 4, "4G").await;
-    let api_a = ApiClient::new(&format!("http://{}", a.addr()), limit).unwrap();
+    let api_a = ApiClient::new(&a.url(), limit).unwrap();
     api_a
         .create("base", &image("base", "/img/base.qcow2").spec)
         .await
@@ -174,7 +174,7 @@ async fn a_crashed_control_plane_is_replaced_and_leaders_never_overlap() {
     );
 
     // Work for cp-b's controllers: a new VM, and a worker whose agent dies.
-    let api_b = ApiClient::new(&format!("http://{}", b.addr()), limit).unwrap();
+    let api_b = ApiClient::new(&b.url(), limit).unwrap();
     api_b.create("web-3", &vm_spec()).await.unwrap();
     wait_placed(&store, &["web-3"]).await;
     drop(w1);

@@ -48,7 +48,7 @@ async fn fakes(store: &Store, names: &[&str], cpus: u32) -> Vec<FakeWorker> {
 }
 
 async fn api(addr: std::net::SocketAddr) -> ApiClient {
-    let api = ApiClient::new(&format!("http://{addr}"), LIMIT).unwrap();
+    let api = ApiClient::new(&format!("https://{addr}"), LIMIT).unwrap();
     let image = ImageSpec {
         digest: None,
         path: Some("/img/base.qcow2".into()),

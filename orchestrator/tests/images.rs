@@ -31,6 +31,7 @@ async fn plane(etcd: &Etcd, dir: &std::path::Path) -> ControlPlane {
         allow_host_path: false,
         limits: Default::default(),
         auth: common::auth(),
+        tls: Some(common::tls_files()),
     })
     .await
     .expect("control plane")
@@ -63,7 +64,7 @@ async fn images_are_pushed_checked_pulled_once_verified_and_collected() {
     let etcd = Etcd::start();
     let dir = tempfile::tempdir().unwrap();
     let cp = plane(&etcd, &dir.path().join("store")).await;
-    let base = format!("http://{}", cp.addr());
+    let base = cp.url();
     let client = ApiClient::new(&base, Duration::from_secs(10)).unwrap();
 
     // A 3 MiB raw disk, pushed.

@@ -192,7 +192,7 @@ async fn host_load_balancer_follows_its_group() {
     let store = Store::connect(&[etcd.url()], Duration::from_secs(2))
         .await
         .unwrap();
-    let api = ApiClient::new(&format!("http://{}", cp.addr()), LIMIT).unwrap();
+    let api = ApiClient::new(&cp.url(), LIMIT).unwrap();
 
     // The worker API with a real host proxy.
     let dir = tempfile::tempdir().unwrap();
@@ -208,13 +208,24 @@ async fn host_load_balancer_follows_its_group() {
         listener,
         state,
         common::auth(),
+        Some(common::tls_files().server_config().unwrap()),
         stop.clone(),
     ));
     // The worker API asks for a token too; a viewer only reads.
     for (token, method, path, want) in [
         (None, "GET", "/api/v1/proxy/status", 401),
-        (Some(common::VIEWER_TOKEN), "POST", "/api/v1/proxy/apply", 403),
-        (Some(common::VIEWER_TOKEN), "POST", "/api/v1/vms/x/agent", 403),
+        (
+            Some(common::VIEWER_TOKEN),
+            "POST",
+            "/api/v1/proxy/apply",
+            403,
+        ),
+        (
+            Some(common::VIEWER_TOKEN),
+            "POST",
+            "/api/v1/vms/x/agent",
+            403,
+        ),
     ] {
         let got = tokio::task::spawn_blocking(move || {
             common::http_as(token, bound, method, path, Some("{}")).unwrap()
@@ -396,7 +407,7 @@ async fn host_load_balancer_follows_its_group() {
 
     // Stale and malformed pushes to the worker's proxy are refused; it keeps what it runs.
     let lb = lb_status(&api, "front").await;
-    let url = |p: &str| format!("http://{bound}/api/v1/proxy/{p}");
+    let url = |p: &str| format!("https://{bound}/api/v1/proxy/{p}");
     let stale = serde_json::json!({"revision": 1, "balancers": []}).to_string();
     let (code, _) = orchestrator::http::exchange(
         hyper::Method::POST,

@@ -65,7 +65,7 @@ fn worker_starts_restarts_readopts_and_cleans_up() {
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
         let plane = control_plane(&etcd, "cp").await;
-        let api = ApiClient::new(&format!("http://{}", plane.addr()), LIMIT).unwrap();
+        let api = ApiClient::new(&plane.url(), LIMIT).unwrap();
         let base = dir.path().join("base.raw");
         std::fs::write(&base, vec![0u8; 4 << 20]).unwrap();
         for (name, code) in [("spin", SPIN), ("off", POWEROFF)] {
@@ -176,12 +176,12 @@ fn worker_starts_restarts_readopts_and_cleans_up() {
         );
         assert!(!state.join("vms/blue-1").exists());
         // `lightbyte vm wait`, the scripts' way to wait for these states.
-        let server = format!("http://{}", plane.addr());
+        let server = plane.url();
         let wait = |args: &[&str]| {
-            let out = Command::new(env!("CARGO_BIN_EXE_lightbyte"))
+            let mut cmd = Command::new(env!("CARGO_BIN_EXE_lightbyte"));
+            let out = common::client_env(&mut cmd)
                 .args(["--server", &server, "vm", "wait"])
                 .args(args)
-                .env("LIGHTBYTE_TOKEN", common::ADMIN_TOKEN)
                 .output()
                 .unwrap();
             (

@@ -12,9 +12,11 @@ export LIGHTBYTE_BIN
 # Sockets cannot live on the test host's 9p work directory: the cluster lives in /tmp.
 export LIGHTBYTE_DEV_DIR
 LIGHTBYTE_DEV_DIR=$(mktemp -d /tmp/lbcluster.XXXXXX)/dev
-export LIGHTBYTE_SERVER=http://127.0.0.1:7070
-# dev-cluster.sh writes the CLI's admin token there.
+# What dev-cluster.sh's DIR/env sets: the CLI as the cluster's admin, over mutual TLS.
+export LIGHTBYTE_SERVER=https://127.0.0.1:7070
 export LIGHTBYTE_TOKEN_FILE=$LIGHTBYTE_DEV_DIR/admin.token
+export LIGHTBYTE_CA=$LIGHTBYTE_DEV_DIR/pki/ca.crt LIGHTBYTE_CERT=$LIGHTBYTE_DEV_DIR/pki/admin.crt
+export LIGHTBYTE_KEY=$LIGHTBYTE_DEV_DIR/pki/admin.key
 cluster() { bash "$here/scripts/dev-cluster.sh" "$@"; }
 lb() { "$LIGHTBYTE_BIN/lightbyte" "$@"; }
 D=$LIGHTBYTE_DEV_DIR

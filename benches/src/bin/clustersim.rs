@@ -207,6 +207,7 @@ async fn main() -> Result<()> {
         limits: Default::default(),
         // A simulation on loopback in this process: what it measures is the controllers.
         auth: orchestrator::auth::Auth::Insecure,
+        tls: None,
     })
     .await?;
     let api = ApiClient::new(&format!("http://{}", plane.addr()), Duration::from_secs(60))?;

@@ -48,7 +48,10 @@ pub async fn forward(
                 ),
             )
         })?;
-    let url = format!("http://{endpoint}/api/v1/vms/{name}/agent");
+    let url = format!(
+        "{}://{endpoint}/api/v1/vms/{name}/agent",
+        crate::tls::scheme()
+    );
     let (status, bytes) = crate::http::exchange(
         hyper::Method::POST,
         &url,

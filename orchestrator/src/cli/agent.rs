@@ -6,12 +6,13 @@ use anyhow::{bail, Context, Result};
 use tokio_util::sync::CancellationToken;
 
 use orchestrator::model::{ByteSize, Capacity, FieldError};
+use orchestrator::tls::TlsFiles;
 use orchestrator::worker::{self, WorkerConfig};
 
 use super::AgentArgs;
 
-pub async fn run(args: AgentArgs) -> Result<()> {
-    let cfg = config(args)?;
+pub async fn run(args: AgentArgs, tls: Option<TlsFiles>) -> Result<()> {
+    let cfg = config(args, tls)?;
     tracing::info!(
         worker = %cfg.name,
         cpus = cfg.capacity.cpus,
@@ -37,7 +38,7 @@ pub async fn run(args: AgentArgs) -> Result<()> {
     }
 }
 
-fn config(args: AgentArgs) -> Result<WorkerConfig> {
+fn config(args: AgentArgs, tls: Option<TlsFiles>) -> Result<WorkerConfig> {
     let name = args.name.unwrap_or_default();
     orchestrator::model::validate::dns_label("--name", &name)
         .map_err(|e: FieldError| anyhow::anyhow!("{e}"))?;
@@ -80,11 +81,12 @@ fn config(args: AgentArgs) -> Result<WorkerConfig> {
     }
     // Serving nothing, it asks nothing: --tokens or --insecure only with --listen.
     let auth = match args.listen {
-        Some(_) => super::commands::auth(&args.auth, "worker API")?,
+        Some(_) => super::commands::auth(&args.auth, &tls, "worker API")?,
         None => orchestrator::auth::Auth::Insecure,
     };
     Ok(WorkerConfig {
         auth,
+        tls,
         etcd: args.etcd,
         name,
         capacity: Capacity { cpus, memory },

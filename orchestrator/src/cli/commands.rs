@@ -8,8 +8,8 @@ use serde::Serialize;
 
 use super::table::Table;
 use super::{
-    AgentRequest, Cli, Command, ImageCommand, Output, ServerArgs, TokenCommand, VmCommand,
-    VolumeCommand, WaitFor, WorkerArgs, WorkerCommand,
+    AgentRequest, Cli, Command, ImageCommand, Output, PkiCommand, ServerArgs, TokenCommand,
+    VmCommand, VolumeCommand, WaitFor, WorkerArgs, WorkerCommand,
 };
 use orchestrator::api::StartRequest;
 use orchestrator::client::{ApiClient, DEFAULT_SERVER};
@@ -27,6 +27,19 @@ const CLIENT_TIMEOUT: Duration = Duration::from_secs(10);
 pub async fn run(cli: Cli) -> Result<()> {
     let output = cli.output;
     own_token(cli.token_file.as_deref())?;
+    let env = |name: &str| {
+        std::env::var_os(name)
+            .filter(|v| !v.is_empty())
+            .map(Into::into)
+    };
+    let tls = orchestrator::tls::TlsFiles::from_flags(
+        cli.ca.clone().or_else(|| env("LIGHTBYTE_CA")),
+        cli.cert.clone().or_else(|| env("LIGHTBYTE_CERT")),
+        cli.key.clone().or_else(|| env("LIGHTBYTE_KEY")),
+    )?;
+    if let Some(files) = &tls {
+        orchestrator::tls::set_own(files.clone())?;
+    }
     let client = || -> Result<ApiClient> {
         let url = cli
             .server
@@ -36,7 +49,7 @@ pub async fn run(cli: Cli) -> Result<()> {
         Ok(ApiClient::new(&url, CLIENT_TIMEOUT)?)
     };
     match cli.command {
-        Command::Server(args) => server(args).await,
+        Command::Server(args) => server(args, tls).await,
         Command::Vm(cmd) => vm(&client()?, cmd, output).await,
         Command::Image(cmd) => image(&client()?, cmd, output).await,
         Command::Volume(cmd) => volume(&client()?, cmd, output).await,
@@ -46,10 +59,20 @@ pub async fn run(cli: Cli) -> Result<()> {
         Command::Worker(WorkerArgs {
             command: None,
             agent,
-        }) => super::agent::run(*agent).await,
+        }) => super::agent::run(*agent, tls).await,
         Command::ScaleGroup(cmd) => super::groups::run(&client()?, cmd, output).await,
         Command::Lb(cmd) => super::lbs::run(&client()?, cmd, output).await,
         Command::Proxy { args } => proxy(args),
+        Command::Pki(PkiCommand::Init { dir, name }) => {
+            let crt = orchestrator::pki::init(&dir, &name)?;
+            println!("{}", crt.display());
+            Ok(())
+        }
+        Command::Pki(PkiCommand::Issue { dir, name, sans }) => {
+            let (crt, key) = orchestrator::pki::issue(&dir, &name, &sans)?;
+            println!("{}\n{}", crt.display(), key.display());
+            Ok(())
+        }
         Command::Token(TokenCommand::New { role, name, file }) => {
             let role = role.parse().map_err(|e: String| anyhow::anyhow!(e))?;
             let token = orchestrator::auth::tokens::add(&file, role, &name)?;
@@ -79,8 +102,22 @@ fn own_token(flag: Option<&std::path::Path>) -> Result<()> {
     Ok(())
 }
 
-/// The server's or worker's authentication from its flags.
-pub(super) fn auth(args: &super::AuthArgs, what: &str) -> Result<orchestrator::auth::Auth> {
+/// The server's or worker's authentication from its flags: tokens and mutual TLS, or
+/// `--insecure`.
+pub(super) fn auth(
+    args: &super::AuthArgs,
+    tls: &Option<orchestrator::tls::TlsFiles>,
+    what: &str,
+) -> Result<orchestrator::auth::Auth> {
+    if tls.is_none() && !args.insecure {
+        bail!(
+            "the {what} serves over mutual TLS: give --ca, --cert and --key (`lightbyte pki init` \
+             and `lightbyte pki issue` make them), or serve plain HTTP with --insecure"
+        );
+    }
+    if tls.is_none() {
+        tracing::warn!("--insecure: the {what} serves plain HTTP; anyone on the path can read and change its traffic");
+    }
     Ok(orchestrator::auth::Auth::from_flags(
         args.tokens.as_deref(),
         args.insecure,
@@ -101,7 +138,7 @@ fn proxy(args: Vec<std::ffi::OsString>) -> Result<()> {
     Err(anyhow::anyhow!("cannot run {}: {err}", bin.display()))
 }
 
-async fn server(args: ServerArgs) -> Result<()> {
+async fn server(args: ServerArgs, tls: Option<orchestrator::tls::TlsFiles>) -> Result<()> {
     let id = match args.id {
         Some(id) => id,
         None => {
@@ -130,11 +167,16 @@ async fn server(args: ServerArgs) -> Result<()> {
             header_timeout: args.header_timeout,
             allowed_hosts: args.allowed_host,
         },
-        auth: auth(&args.auth, "control plane")?,
+        auth: auth(&args.auth, &tls, "control plane")?,
+        tls: tls.clone(),
     };
     let plane = ControlPlane::start(config).await?;
     // Scripts and tests read the address from this line when they pass port 0.
-    eprintln!("lightbyte server listening on http://{}", plane.addr());
+    eprintln!(
+        "lightbyte server listening on {}://{}",
+        if tls.is_some() { "https" } else { "http" },
+        plane.addr()
+    );
     wait_for_signal().await?;
     eprintln!("lightbyte server stopping");
     plane.shutdown(Duration::from_secs(5)).await;

@@ -27,6 +27,17 @@ pub struct Cli {
     /// $LIGHTBYTE_TOKEN_FILE; $LIGHTBYTE_TOKEN holds the token itself]
     #[arg(long, global = true, value_name = "FILE")]
     pub token_file: Option<std::path::PathBuf>,
+    /// The cluster's CA certificate: the only issuer trusted for servers (and, by a server, for
+    /// clients) [default: $LIGHTBYTE_CA]
+    #[arg(long, global = true, value_name = "FILE")]
+    pub ca: Option<std::path::PathBuf>,
+    /// This process's certificate (from `lightbyte pki issue`): presented to servers, and served
+    /// by `server` and `worker --listen` [default: $LIGHTBYTE_CERT]
+    #[arg(long, global = true, value_name = "FILE")]
+    pub cert: Option<std::path::PathBuf>,
+    /// The key of --cert [default: $LIGHTBYTE_KEY]
+    #[arg(long, global = true, value_name = "FILE")]
+    pub key: Option<std::path::PathBuf>,
     /// Output format
     #[arg(short = 'o', long, global = true, value_enum, default_value_t = Output::Table)]
     pub output: Output,
@@ -64,6 +75,10 @@ pub enum Command {
     /// or beside the worker agents), showing addresses and backend health
     #[command(subcommand, name = "lb")]
     Lb(LbCommand),
+    /// The cluster's certificate authority: `pki init --dir D` makes it, `pki issue --dir D
+    /// NAME --san ADDR...` a certificate for a component or user (mutual TLS everywhere)
+    #[command(subcommand)]
+    Pki(PkiCommand),
     /// API tokens: `lightbyte token new --role admin --name alice --file TOKENS` adds one to a
     /// tokens file (a server's or worker's --tokens) and prints it
     #[command(subcommand)]
@@ -146,6 +161,29 @@ pub enum LbCommand {
 }
 
 #[derive(Debug, Subcommand)]
+pub enum PkiCommand {
+    /// Make a new CA in DIR (ca.crt, ca.key 0600; DIR 0700); never overwrites one
+    Init {
+        #[arg(long, value_name = "DIR")]
+        dir: std::path::PathBuf,
+        /// The CA's common name
+        #[arg(long, default_value = "lightbyte cluster CA")]
+        name: String,
+    },
+    /// Issue DIR/NAME.crt and DIR/NAME.key (0600), signed by DIR's CA, good for serving and
+    /// as a client; issuing a name again renews it
+    Issue {
+        #[arg(long, value_name = "DIR")]
+        dir: std::path::PathBuf,
+        /// The certificate's name (its subject)
+        name: String,
+        /// A DNS name or IP address it is reached by (repeatable; servers need theirs)
+        #[arg(long = "san", value_name = "NAME|IP")]
+        sans: Vec<String>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
 pub enum TokenCommand {
     /// Add a new random token to a tokens file (created 0600 if missing) and print it; the
     /// servers using the file take it within a second, no restart
@@ -163,15 +201,17 @@ pub enum TokenCommand {
     },
 }
 
-/// Who may call a server: its tokens file, or nobody is asked.
+/// Who may call a server: mutual TLS (the global --ca, --cert, --key) and its tokens file, or
+/// nobody is asked.
 #[derive(Debug, Clone, Args)]
 pub struct AuthArgs {
     /// Tokens file: one `TOKEN ROLE NAME` per line (mode 0600; `lightbyte token new` writes
     /// it); every request must bear one of them. Changes apply within a second
     #[arg(long, value_name = "FILE")]
     pub tokens: Option<std::path::PathBuf>,
-    /// Serve without authentication: anyone who can reach the port can do anything
-    #[arg(long)]
+    /// Serve without authentication, over plain HTTP unless --cert is given: anyone who can
+    /// reach the port can do anything
+    #[arg(long, conflicts_with = "tokens")]
     pub insecure: bool,
 }
 

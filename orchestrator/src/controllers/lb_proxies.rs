@@ -45,7 +45,7 @@ impl ProxyAt {
     pub async fn status(&self) -> Result<ProxyStatus, String> {
         match self {
             ProxyAt::Host { endpoint, .. } => {
-                let url = format!("http://{endpoint}/api/v1/proxy/status");
+                let url = format!("{}://{endpoint}/api/v1/proxy/status", crate::tls::scheme());
                 let (code, body) =
                     crate::http::exchange(hyper::Method::GET, &url, None, TIMEOUT).await?;
                 if !code.is_success() {
@@ -84,7 +84,7 @@ impl ProxyAt {
     pub async fn push(&self, config: &ProxyConfig) -> Pushed {
         match self {
             ProxyAt::Host { endpoint, .. } => {
-                let url = format!("http://{endpoint}/api/v1/proxy/apply");
+                let url = format!("{}://{endpoint}/api/v1/proxy/apply", crate::tls::scheme());
                 let body = serde_json::to_vec(config).expect("a configuration serializes");
                 match crate::http::exchange(hyper::Method::POST, &url, Some(body), TIMEOUT).await {
                     Ok((code, _)) if code.is_success() => Pushed::Applied,
@@ -126,7 +126,10 @@ impl ProxyAt {
         let ProxyAt::Guest { vm, endpoint } = self else {
             return Err("not a guest".into());
         };
-        let url = format!("http://{endpoint}/api/v1/vms/{vm}/agent");
+        let url = format!(
+            "{}://{endpoint}/api/v1/vms/{vm}/agent",
+            crate::tls::scheme()
+        );
         let body = serde_json::to_vec(&request).expect("a request serializes");
         let (code, body) =
             crate::http::exchange(hyper::Method::POST, &url, Some(body), TIMEOUT).await?;

@@ -13,7 +13,6 @@ use futures_util::StreamExt;
 use http_body_util::{BodyExt, Full, StreamBody};
 use hyper::body::Frame;
 use hyper::{Method, Request, StatusCode};
-use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 
@@ -83,12 +82,11 @@ pub enum UploadError {
 }
 
 /// One client (and its connection pool) for every blob request of the process.
-fn client() -> &'static Client<HttpConnector, Body> {
-    static CLIENT: std::sync::OnceLock<Client<HttpConnector, Body>> = std::sync::OnceLock::new();
+fn client() -> &'static Client<crate::tls::Connector, Body> {
+    static CLIENT: std::sync::OnceLock<Client<crate::tls::Connector, Body>> =
+        std::sync::OnceLock::new();
     CLIENT.get_or_init(|| {
-        let mut connector = HttpConnector::new();
-        connector.set_connect_timeout(Some(Duration::from_secs(10)));
-        Client::builder(TokioExecutor::new()).build(connector)
+        Client::builder(TokioExecutor::new()).build(crate::tls::connector(Duration::from_secs(10)))
     })
 }
 

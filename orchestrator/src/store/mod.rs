@@ -76,13 +76,23 @@ impl Store {
         if endpoints.is_empty() {
             return Err(StoreError::Etcd("no etcd endpoint given".into()));
         }
-        let options = ConnectOptions::new()
+        let mut options = ConnectOptions::new()
             .with_connect_timeout(timeout)
             .with_timeout(timeout)
             // HTTP/2 pings find a dead connection (etcd host gone without a reset), so watches
             // and keep-alive streams fail instead of waiting forever.
             .with_keep_alive(Duration::from_secs(2), timeout)
             .with_keep_alive_while_idle(true);
+        // https endpoints: this process's certificate is its identity to etcd too.
+        if endpoints.iter().any(|e| e.starts_with("https://")) {
+            let files = crate::tls::own().ok_or_else(|| {
+                StoreError::Etcd("https etcd endpoints need --ca, --cert and --key".into())
+            })?;
+            let tls = files
+                .etcd_options()
+                .map_err(|e| StoreError::Etcd(e.to_string()))?;
+            options = options.with_tls(tls);
+        }
         let client = tokio::time::timeout(timeout, Client::connect(endpoints, Some(options)))
             .await
             .map_err(|_| StoreError::Unavailable(format!("no answer within {timeout:?}")))??;

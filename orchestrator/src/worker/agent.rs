@@ -71,10 +71,19 @@ pub async fn run(cfg: WorkerConfig, shutdown: CancellationToken) -> Result<(), W
                     layout.root_dir().join("proxy"),
                 )),
             };
+            let tls = match &cfg.tls {
+                Some(files) => Some(
+                    files
+                        .server_config()
+                        .map_err(|e| WorkerError::Setup(e.to_string()))?,
+                ),
+                None => None,
+            };
             tokio::spawn(api::serve(
                 listener,
                 state,
                 cfg.auth.clone(),
+                tls,
                 shutdown.clone(),
             ));
             Some(bound.to_string())

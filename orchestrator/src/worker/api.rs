@@ -44,11 +44,12 @@ pub struct ApiState {
     pub proxy: Arc<HostProxy>,
 }
 
-/// Serves until `shutdown` is cancelled; `auth` says who may call it.
+/// Serves until `shutdown` is cancelled; `auth` says who may call it, over `tls` when given.
 pub async fn serve(
     listener: TcpListener,
     state: ApiState,
     auth: Auth,
+    tls: Option<std::sync::Arc<rustls::ServerConfig>>,
     shutdown: CancellationToken,
 ) {
     let guarded = Router::new()
@@ -61,7 +62,14 @@ pub async fn serve(
         .route("/api/v1/moves/{name}/disks/{index}", get(disk))
         .layer(axum::middleware::from_fn(crate::api::require_json))
         .with_state(state);
-    crate::serve::serve(listener, app, crate::serve::Limits::default(), shutdown).await;
+    crate::serve::serve(
+        listener,
+        app,
+        crate::serve::Limits::default(),
+        tls,
+        shutdown,
+    )
+    .await;
 }
 
 async fn proxy_apply(

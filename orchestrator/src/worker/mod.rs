@@ -79,6 +79,8 @@ pub struct WorkerConfig {
     pub listen: Option<std::net::SocketAddr>,
     /// Who may call what it serves at `listen`.
     pub auth: crate::auth::Auth,
+    /// Mutual TLS for what it serves at `listen` (none: plain HTTP).
+    pub tls: Option<crate::tls::TlsFiles>,
 }
 
 #[derive(Debug, thiserror::Error)]

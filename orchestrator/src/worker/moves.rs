@@ -220,7 +220,10 @@ pub(super) async fn fetch(ctx: &Ctx, obj: &Vm) -> Result<(), MoveError> {
                 continue;
             }
         }
-        let url = format!("http://{endpoint}/api/v1/moves/{name}/disks/{index}");
+        let url = format!(
+            "{}://{endpoint}/api/v1/moves/{name}/disks/{index}",
+            crate::tls::scheme()
+        );
         download(&url, &token.token, index, disk, &file).await?;
         tracing::info!(vm = %name, index, bytes = disk.size, from = %m.from, "disk copied and verified");
     }

@@ -159,7 +159,8 @@ impl Agent {
             .append(true)
             .open(&self.log)
             .unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_lightbyte"))
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_lightbyte"));
+        let child = super::client_env(&mut cmd)
             .args(&self.args)
             // What a worker presents to the control plane (image pulls) and to other workers.
             .env("LIGHTBYTE_TOKEN", super::NODE_TOKEN)

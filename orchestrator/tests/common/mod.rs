@@ -56,9 +56,11 @@ pub fn tokens_file() -> PathBuf {
 }
 
 /// Token authentication for a server in this process; this process's own requests (the
-/// API client, the control plane's calls to workers) bear the admin token.
+/// API client, the control plane's calls to workers) bear the admin token and go over TLS with
+/// the tests' certificate.
 pub fn auth() -> orchestrator::auth::Auth {
     orchestrator::auth::set_own_token(ADMIN_TOKEN.to_string());
+    orchestrator::tls::set_own(tls_files()).expect("TLS files");
     let file = orchestrator::auth::TokenFile::open(&tokens_file()).expect("tokens file");
     orchestrator::auth::Auth::Tokens(std::sync::Arc::new(file))
 }
@@ -68,17 +70,29 @@ pub struct Etcd {
     dir: tempfile::TempDir,
     client_port: u16,
     peer_port: u16,
+    /// Clients must come over TLS with a certificate of the tests' CA.
+    tls: bool,
 }
 
 impl Etcd {
     /// Starts etcd and waits until it answers. Call it from the test's own thread: PDEATHSIG
     /// fires when the thread that spawned the child ends.
     pub fn start() -> Etcd {
+        Etcd::start_with(false)
+    }
+
+    /// [`Etcd::start`] serving TLS only, to clients with a certificate of the tests' CA.
+    pub fn start_tls() -> Etcd {
+        Etcd::start_with(true)
+    }
+
+    fn start_with(tls: bool) -> Etcd {
         let mut etcd = Etcd {
             child: None,
             dir: tempfile::tempdir().expect("temp dir for etcd"),
             client_port: 0,
             peer_port: 0,
+            tls,
         };
         for _ in 0..5 {
             (etcd.client_port, etcd.peer_port) = free_ports();
@@ -93,7 +107,8 @@ impl Etcd {
     }
 
     pub fn url(&self) -> String {
-        format!("http://127.0.0.1:{}", self.client_port)
+        let scheme = if self.tls { "https" } else { "http" };
+        format!("{scheme}://127.0.0.1:{}", self.client_port)
     }
 
     /// Kills etcd (SIGKILL: as if its host died) and waits for it to exit.
@@ -109,12 +124,19 @@ impl Etcd {
 
     /// A raw etcd client, to check what is really stored.
     pub async fn client(&self) -> etcd_client::Client {
-        etcd_client::Client::connect([self.url()], None)
+        let options = self.tls.then(|| {
+            etcd_client::ConnectOptions::new()
+                .with_tls(tls_files().etcd_options().expect("TLS options"))
+        });
+        etcd_client::Client::connect([self.url()], options)
             .await
             .expect("etcd client")
     }
 
     pub async fn store(&self) -> Store {
+        if self.tls {
+            orchestrator::tls::set_own(tls_files()).expect("TLS files");
+        }
         Store::connect(&[self.url()], Duration::from_secs(2))
             .await
             .expect("store")
@@ -127,9 +149,16 @@ impl Etcd {
             .append(true)
             .open(self.log_path())
             .expect("etcd log file");
-        let client = format!("http://127.0.0.1:{}", self.client_port);
+        let client = self.url();
         let peer = format!("http://127.0.0.1:{}", self.peer_port);
         let mut cmd = Command::new("etcd");
+        if self.tls {
+            let files = tls_files();
+            cmd.arg(format!("--cert-file={}", files.cert.display()))
+                .arg(format!("--key-file={}", files.key.display()))
+                .arg(format!("--trusted-ca-file={}", files.ca.display()))
+                .arg("--client-cert-auth");
+        }
         cmd.arg("--name=test")
             .arg(format!("--data-dir={}", data.display()))
             .arg(format!("--listen-client-urls={client}"))
@@ -162,7 +191,7 @@ impl Etcd {
             if let Some(Ok(Some(_))) = self.child.as_mut().map(|c| c.try_wait()) {
                 return false;
             }
-            if healthy(self.client_port) {
+            if healthy(self.client_port, self.tls) {
                 return true;
             }
             std::thread::sleep(Duration::from_millis(50));
@@ -204,9 +233,62 @@ fn free_ports() -> (u16, u16) {
     )
 }
 
-fn healthy(port: u16) -> bool {
-    matches!(http(SocketAddr::from(([127, 0, 0, 1], port)), "GET", "/health", None),
-        Ok((200, body)) if body.contains("\"health\":\"true\""))
+fn healthy(port: u16, tls: bool) -> bool {
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    let got = if tls {
+        http(addr, "GET", "/health", None)
+    } else {
+        http_plain(addr, "GET", "/health")
+    };
+    matches!(got, Ok((200, body)) if body.contains("\"health\":\"true\""))
+}
+
+/// The tests' CA and the one certificate (for 127.0.0.1 and localhost) every server and client
+/// of a test process serves and presents, made once per process.
+pub fn tls_files() -> orchestrator::tls::TlsFiles {
+    static FILES: std::sync::OnceLock<orchestrator::tls::TlsFiles> = std::sync::OnceLock::new();
+    FILES
+        .get_or_init(|| {
+            let root = PathBuf::from(env!("CARGO_TARGET_TMPDIR"));
+            // Those of test processes that have ended.
+            for entry in std::fs::read_dir(&root).into_iter().flatten().flatten() {
+                let name = entry.file_name().to_string_lossy().to_string();
+                if let Some(pid) = name.strip_prefix("pki-") {
+                    if !std::path::Path::new("/proc").join(pid).exists() {
+                        let _ = std::fs::remove_dir_all(entry.path());
+                    }
+                }
+            }
+            let dir = root.join(format!("pki-{}", std::process::id()));
+            let _ = std::fs::remove_dir_all(&dir);
+            orchestrator::pki::init(&dir, "tests CA").expect("CA");
+            let (cert, key) =
+                orchestrator::pki::issue(&dir, "node", &["127.0.0.1".into(), "localhost".into()])
+                    .expect("certificate");
+            orchestrator::tls::TlsFiles {
+                ca: dir.join("ca.crt"),
+                cert,
+                key,
+            }
+        })
+        .clone()
+}
+
+/// Sets what a child `lightbyte` process needs to be a client of the tests' servers: TLS files
+/// and the admin token (callers may override the token).
+pub fn client_env(cmd: &mut Command) -> &mut Command {
+    let files = tls_files();
+    cmd.env("LIGHTBYTE_CA", &files.ca)
+        .env("LIGHTBYTE_CERT", &files.cert)
+        .env("LIGHTBYTE_KEY", &files.key)
+        .env("LIGHTBYTE_TOKEN", ADMIN_TOKEN)
+}
+
+/// A plain-HTTP GET (etcd without TLS).
+fn http_plain(addr: SocketAddr, method: &str, path: &str) -> std::io::Result<(u16, String)> {
+    let s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
+    s.set_read_timeout(Some(Duration::from_secs(15)))?;
+    exchange(s, &addr, None, method, path, None)
 }
 
 /// One HTTP/1.1 request over a fresh connection, as the admin: (status, body).
@@ -227,8 +309,30 @@ pub fn http_as(
     path: &str,
     body: Option<&str>,
 ) -> std::io::Result<(u16, String)> {
-    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
+    let s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
     s.set_read_timeout(Some(Duration::from_secs(15)))?;
+    exchange(tls_stream(s, addr)?, &addr, token, method, path, body)
+}
+
+/// `s` (connected to `addr`) under TLS with the tests' certificate.
+pub fn tls_stream(
+    s: TcpStream,
+    addr: SocketAddr,
+) -> std::io::Result<rustls::StreamOwned<rustls::ClientConnection, TcpStream>> {
+    let config = tls_files().client_config().map_err(std::io::Error::other)?;
+    let name = rustls::pki_types::ServerName::IpAddress(addr.ip().into());
+    let conn = rustls::ClientConnection::new(config, name).map_err(std::io::Error::other)?;
+    Ok(rustls::StreamOwned::new(conn, s))
+}
+
+fn exchange(
+    mut s: impl Read + Write,
+    addr: &SocketAddr,
+    token: Option<&str>,
+    method: &str,
+    path: &str,
+    body: Option<&str>,
+) -> std::io::Result<(u16, String)> {
     let body = body.unwrap_or("");
     let auth = token
         .map(|t| format!("Authorization: Bearer {t}\r\n"))
@@ -240,7 +344,12 @@ pub fn http_as(
         body.len()
     )?;
     let mut resp = String::new();
-    s.read_to_string(&mut resp)?;
+    match s.read_to_string(&mut resp) {
+        Ok(_) => {}
+        // A TLS peer that closes without close_notify after answering: the answer stands.
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof && !resp.is_empty() => {}
+        Err(e) => return Err(e),
+    }
     let status = resp
         .split(' ')
         .nth(1)
@@ -295,6 +404,7 @@ pub async fn control_plane(etcd: &Etcd, holder: &str) -> ControlPlane {
         allow_host_path: true,
         limits: Default::default(),
         auth: auth(),
+        tls: Some(tls_files()),
     })
     .await
     .expect("control plane")
