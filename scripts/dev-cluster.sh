@@ -201,6 +201,8 @@ up() {
           --listen "10.123.0.$((10 + k)):7071" --server "https://10.123.0.1:$API_PORT"
           --tokens "$dir/tokens" --token-file "$dir/node.token"
           --ca "$pki/ca.crt" --cert "$pki/w$k.crt" --key "$pki/w$k.key")
+    # Guests reach no worker's API (etcd and the control plane are denied already).
+    for j in $(seq "$workers"); do args+=(--guest-deny "10.123.0.$((10 + j)):7071"); done
     [ -n "$kernel" ] && args+=(--kernel "$kernel")
     [ -n "$initramfs" ] && args+=(--initramfs "$initramfs")
     [ -n "$worker_cpus" ] && args+=(--cpus "$worker_cpus")

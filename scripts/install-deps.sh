@@ -22,6 +22,8 @@ packages=(
   # Worker agents and the local cluster: bridges, TAPs, namespaces and veths (ip), pkill/setsid
   # (procps, util-linux), and ping to check that VMs answer on their addresses.
   iproute2 procps util-linux iputils-ping
+  # The guests' firewall (anti-spoofing, no access to the worker's services, etcd, the API).
+  nftables
   # The load-balancing proxy: Pingora builds zlib-ng with cmake. Its benchmark drives load with
   # wrk and compares with nginx as a reverse proxy.
   cmake wrk nginx-light

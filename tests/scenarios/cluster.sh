@@ -39,6 +39,18 @@ echo "== cluster up"
 cluster up --workers 2 --kernel "$KERNEL" --initramfs "$INITRAMFS" \
   --worker-cpus 4 --worker-memory 768M --lease-ttl 15s || { fail cluster-up "see above"; exit 1; }
 
+echo "== security: mutual TLS and tokens"
+P=$D/pki
+code() { curl -s -o /dev/null -w '%{http_code}' "$@"; }
+check api-no-token test "$(code --cacert "$P/ca.crt" --cert "$P/admin.crt" --key "$P/admin.key" \
+  https://127.0.0.1:7070/api/v1/vms)" = 401
+check api-no-certificate sh -c "! curl -s --cacert '$P/ca.crt' \
+  -H \"Authorization: Bearer \$(cat '$D/admin.token')\" https://127.0.0.1:7070/api/v1/vms"
+check api-no-plain-http sh -c "! curl -s --max-time 5 http://127.0.0.1:7070/healthz | grep -q ok"
+check etcd-no-certificate sh -c "! curl -s --max-time 5 --cacert '$P/ca.crt' https://127.0.0.1:23790/health"
+check etcd-with-certificate sh -c "curl -s --cacert '$P/ca.crt' --cert '$P/admin.crt' \
+  --key '$P/admin.key' https://127.0.0.1:23790/health | grep -q true"
+
 base=$WORK/base.raw
 truncate -s 64M "$base"
 lb image push base "$base" --format raw \
@@ -105,6 +117,49 @@ check bad-image-rejected refused 'not found' lb vm create bad-2 --image missing
 check bad-name-rejected refused 422 lb vm create Bad_Name --image base
 nothing_written() { local l; l=$(lb vm list -o json) && ! grep -qi 'bad' <<<"$l"; }
 check nothing-written nothing_written
+
+echo "== guest firewall: a guest sends only as itself and reaches no service of the cluster"
+# The guest tries etcd, the control plane and both workers' APIs (nc -e true: a connection
+# made), pings web-1 and its gateway as itself, then with another IP, then with another MAC.
+spoof_sh='r() { if "$@" >/dev/null 2>&1; then echo yes; else echo no; fi; }
+own=$(ip addr show dev eth0 | sed -n "s/.*inet \([0-9.]*\)\/.*/\1/p")
+gw=$(ip route | sed -n "s/^default via \([0-9.]*\).*/\1/p")
+sleep 2
+(nc -l -p 9000 >/dev/null 2>&1 &); sleep 1
+echo "SPOOF nc-works=$(r nc -w 3 127.0.0.1 9000 -e true)"
+echo "SPOOF own-peer=$(r ping -c 2 -W 3 PEER)"
+echo "SPOOF own-gw=$(r ping -c 2 -W 3 $gw)"
+echo "SPOOF etcd=$(r nc -w 3 10.123.0.1 23790 -e true)"
+echo "SPOOF api=$(r nc -w 3 10.123.0.1 7070 -e true)"
+echo "SPOOF w1-api=$(r nc -w 3 10.123.0.11 7071 -e true)"
+echo "SPOOF w2-api=$(r nc -w 3 10.123.0.12 7071 -e true)"
+ip addr flush dev eth0; ip addr add ${own%.*}.250/24 dev eth0; ip route add default via $gw
+echo "SPOOF ip-peer=$(r ping -c 2 -W 3 PEER)"
+echo "SPOOF ip-gw=$(r ping -c 2 -W 3 $gw)"
+ip addr flush dev eth0; ip link set eth0 address 02:00:00:00:66:66
+ip addr add $own/24 dev eth0; ip route add default via $gw
+echo "SPOOF mac-peer=$(r ping -c 2 -W 3 PEER)"
+echo "SPOOF mac-gw=$(r ping -c 2 -W 3 $gw)"
+echo SPOOF-DONE'
+spoof_sh=${spoof_sh//PEER/$ip}
+lb vm create spoof --image base --memory 96M --cmdline "lbcmd64=$(printf %s "$spoof_sh" | base64 -w0)"
+check spoof-running wait_state spoof Running 240
+sw=$(field spoof placement)
+for _ in $(seq 120); do grep -q SPOOF-DONE "$D/$sw/vms/spoof/console.log" 2>/dev/null && break; sleep 1; done
+grep -a "SPOOF" "$D/$sw/vms/spoof/console.log" || true
+said() { grep -aq "SPOOF $1" "$D/$sw/vms/spoof/console.log"; }
+check guest-tcp-test-works said nc-works=yes
+check guest-as-itself-reaches-peer said own-peer=yes
+check guest-as-itself-reaches-gateway said own-gw=yes
+check guest-no-etcd said etcd=no
+check guest-no-control-plane said api=no
+check guest-no-worker-api sh -c "grep -aq 'SPOOF w1-api=no' '$D/$sw/vms/spoof/console.log' &&
+  grep -aq 'SPOOF w2-api=no' '$D/$sw/vms/spoof/console.log'"
+check spoofed-ip-dropped sh -c "grep -aq 'SPOOF ip-peer=no' '$D/$sw/vms/spoof/console.log' &&
+  grep -aq 'SPOOF ip-gw=no' '$D/$sw/vms/spoof/console.log'"
+check spoofed-mac-dropped sh -c "grep -aq 'SPOOF mac-peer=no' '$D/$sw/vms/spoof/console.log' &&
+  grep -aq 'SPOOF mac-gw=no' '$D/$sw/vms/spoof/console.log'"
+lb vm delete spoof
 
 echo "== spreading: a group's replicas go to different workers"
 lb vm create app-1 --image base --memory 96M

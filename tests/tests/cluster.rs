@@ -1,6 +1,7 @@
 //! The orchestrator end to end with real guests: etcd, a control plane and two worker agents
 //! (each in its own network namespace) inside the test host, driven through the `lightbyte`
-//! CLI by `tests/scenarios/cluster.sh`: a VM reaches Running with the guest's IP (the guest
+//! CLI by `tests/scenarios/cluster.sh`, every connection mutual TLS: the API refuses a client
+//! without a certificate or a token, etcd one without a certificate; a VM reaches Running with the guest's IP (the guest
 //! configured it and answers pings), survives a `kill -9` of its worker agent and is re-adopted
 //! without a reboot, bad specs are refused with nothing written, etcd going away gives 503 within
 //! seconds and the controllers recover, replicas spread, and deleting VMs removes their
@@ -15,6 +16,19 @@ use lightbyte_tests::{artifacts, paths, testhost};
 
 /// Every check the scenario makes; each must report "ok".
 const CHECKS: &[&str] = &[
+    "api-no-token",
+    "api-no-certificate",
+    "api-no-plain-http",
+    "etcd-no-certificate",
+    "etcd-with-certificate",
+    "guest-tcp-test-works",
+    "guest-as-itself-reaches-peer",
+    "guest-as-itself-reaches-gateway",
+    "guest-no-etcd",
+    "guest-no-control-plane",
+    "guest-no-worker-api",
+    "spoofed-ip-dropped",
+    "spoofed-mac-dropped",
     "running",
     "console-net",
     "ping-guest",

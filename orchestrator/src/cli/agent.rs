@@ -84,9 +84,27 @@ fn config(args: AgentArgs, tls: Option<TlsFiles>) -> Result<WorkerConfig> {
         Some(_) => super::commands::auth(&args.auth, &tls, "worker API")?,
         None => orchestrator::auth::Auth::Insecure,
     };
+    let firewall = if args.no_guest_firewall {
+        tracing::warn!(
+            "--no-guest-firewall: guests may spoof addresses and reach this host's services"
+        );
+        None
+    } else {
+        let mut deny = args.guest_deny.clone();
+        for url in args.etcd.iter().chain(args.server.iter()) {
+            deny.extend(endpoint_addrs(url)?);
+        }
+        deny.sort();
+        deny.dedup();
+        Some(worker::firewall::Guard {
+            bridge: args.bridge.clone(),
+            deny,
+        })
+    };
     Ok(WorkerConfig {
         auth,
         tls,
+        firewall,
         etcd: args.etcd,
         name,
         capacity: Capacity { cpus, memory },
@@ -110,6 +128,35 @@ fn config(args: AgentArgs, tls: Option<TlsFiles>) -> Result<WorkerConfig> {
         max_restarts: args.max_restarts,
         listen: args.listen,
     })
+}
+
+/// The IPv4 addresses and port an http(s) URL names (its host resolved).
+fn endpoint_addrs(url: &str) -> Result<Vec<std::net::SocketAddrV4>> {
+    use std::net::ToSocketAddrs;
+    let uri: hyper::Uri = url
+        .parse()
+        .with_context(|| format!("invalid URL {url:?}"))?;
+    let host = uri
+        .host()
+        .with_context(|| format!("no host in {url:?}"))?
+        .trim_start_matches('[')
+        .trim_end_matches(']');
+    let port = uri
+        .port_u16()
+        .unwrap_or(if uri.scheme_str() == Some("https") {
+            443
+        } else {
+            80
+        });
+    let addrs = (host, port)
+        .to_socket_addrs()
+        .with_context(|| format!("resolving {host}"))?;
+    Ok(addrs
+        .filter_map(|a| match a {
+            std::net::SocketAddr::V4(v4) => Some(v4),
+            std::net::SocketAddr::V6(_) => None,
+        })
+        .collect())
 }
 
 /// MemTotal from /proc/meminfo, in bytes.

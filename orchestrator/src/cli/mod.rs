@@ -628,6 +628,15 @@ pub struct AgentArgs {
     /// Who may call it at --listen
     #[command(flatten)]
     pub auth: AuthArgs,
+    /// Let guests send from any address and reach anything (no nftables rules). By default a
+    /// guest may only send from its own MAC and IP, reaches none of this host's services, and
+    /// is not forwarded to etcd or the control plane
+    #[arg(long)]
+    pub no_guest_firewall: bool,
+    /// Another ADDR:PORT guests may not reach (repeatable; etcd's and --server's are denied
+    /// already)
+    #[arg(long = "guest-deny", value_name = "ADDR:PORT")]
+    pub guest_deny: Vec<std::net::SocketAddrV4>,
 }
 
 #[derive(Debug, Subcommand)]

@@ -56,6 +56,23 @@ pub async fn run(cfg: WorkerConfig, shutdown: CancellationToken) -> Result<(), W
         .create_dirs()
         .map_err(|e| WorkerError::Setup(format!("{}: {e}", cfg.state_dir.display())))?;
     netdev::ensure_bridge(&cfg.bridge, cfg.subnet.gateway(), cfg.subnet.prefix()).await?;
+    if let Some(guard) = &cfg.firewall {
+        guard
+            .install()
+            .await
+            .map_err(|e| WorkerError::Setup(format!("guest firewall: {e}")))?;
+        // Installing starts from empty tables: the VMs still running get their rules again.
+        for rec in layout.load_all().map(|(r, _)| r).unwrap_or_default() {
+            if netdev::exists(&rec.tap) {
+                super::firewall::allow_vm(&guard.bridge, &rec.tap, &rec.mac, rec.ip)
+                    .await
+                    .map_err(|e| {
+                        WorkerError::Setup(format!("guest firewall of {}: {e}", rec.name))
+                    })?;
+            }
+        }
+        tracing::info!(bridge = %guard.bridge, deny = ?guard.deny, "guest firewall installed");
+    }
     let store = connect(&cfg, &shutdown).await?;
     let Some(store) = store else { return Ok(()) };
     let endpoint = match cfg.listen {

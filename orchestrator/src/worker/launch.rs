@@ -68,6 +68,9 @@ pub enum StartError {
     /// The TAP could not be made.
     #[error(transparent)]
     Tap(#[from] NetError),
+    /// The guest's firewall rules could not be set.
+    #[error("guest firewall: {0}")]
+    Firewall(#[from] super::firewall::FirewallError),
     /// The `vmm` could not be started.
     #[error("cannot start {vmm}: {source}")]
     Spawn { vmm: String, source: std::io::Error },
@@ -160,6 +163,9 @@ pub(super) async fn launch(ctx: &Ctx, vm: &mut LocalVm, obj: &Vm) -> Result<(), 
     .await??;
 
     netdev::create_tap(&vm.rec.tap, &cfg.bridge).await?;
+    if let Some(guard) = &cfg.firewall {
+        super::firewall::allow_vm(&guard.bridge, &vm.rec.tap, &vm.rec.mac, vm.rec.ip).await?;
+    }
 
     let socket = ctx.layout.socket(&name);
     let _ = std::fs::remove_file(&socket);

@@ -12,6 +12,7 @@ mod agent;
 pub mod api;
 pub mod disks;
 pub mod durable;
+pub mod firewall;
 mod forgotten;
 pub mod guest;
 pub mod host_proxy;
@@ -81,6 +82,8 @@ pub struct WorkerConfig {
     pub auth: crate::auth::Auth,
     /// Mutual TLS for what it serves at `listen` (none: plain HTTP).
     pub tls: Option<crate::tls::TlsFiles>,
+    /// The guests' firewall (none: guests may send anything and reach anything).
+    pub firewall: Option<firewall::Guard>,
 }
 
 #[derive(Debug, thiserror::Error)]

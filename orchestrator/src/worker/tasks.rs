@@ -10,7 +10,6 @@ use vmm_api::client::Client;
 use super::launch::launch;
 use super::local::{write_status, Ctx, LocalVm};
 use super::moves::prepare_outgoing;
-use super::netdev;
 use super::process::Liveness;
 use crate::model::{Vm, VmState};
 
@@ -38,7 +37,7 @@ pub(super) async fn start(
                 p.kill();
                 p.wait_exit(Duration::from_secs(5)).await;
             }
-            if let Err(e) = netdev::delete_tap(&vm.rec.tap).await {
+            if let Err(e) = super::firewall::release(ctx.cfg.firewall.as_ref(), &vm.rec.tap).await {
                 tracing::warn!(vm = %name, error = %e, "cannot remove TAP");
             }
             if err.is_transient() {
@@ -137,7 +136,7 @@ pub(super) async fn surrender(
         format!("off for its move to {to}; disks ready"),
     ));
     // The TAP is not needed while the VM is away (and is made again if it comes back).
-    if let Err(e) = netdev::delete_tap(&vm.rec.tap).await {
+    if let Err(e) = super::firewall::release(ctx.cfg.firewall.as_ref(), &vm.rec.tap).await {
         tracing::warn!(vm = %vm.rec.name, error = %e, "cannot remove TAP");
     }
     if let Err(e) = prepare_outgoing(&ctx, &mut vm.rec, &obj).await {
@@ -153,7 +152,7 @@ pub(super) async fn surrender(
 pub(super) async fn stop(ctx: Arc<Ctx>, mut vm: Box<LocalVm>) -> Option<Box<LocalVm>> {
     let name = vm.rec.name.clone();
     power_off(&ctx, &mut vm).await;
-    if let Err(e) = netdev::delete_tap(&vm.rec.tap).await {
+    if let Err(e) = super::firewall::release(ctx.cfg.firewall.as_ref(), &vm.rec.tap).await {
         tracing::warn!(vm = %name, error = %e, "cannot remove TAP; will retry");
         return Some(vm);
     }
