@@ -161,7 +161,7 @@ up() {
   ip link add lbdev0 type bridge
   ip addr add 10.123.0.1/24 dev lbdev0
   ip link set lbdev0 up
-  echo "== etcd on 127.0.0.1:$ETCD_PORT and 10.123.0.1:$ETCD_PORT"
+  echo "== etcd on https://127.0.0.1:$ETCD_PORT and https://10.123.0.1:$ETCD_PORT"
   daemon etcd etcd --name lbdev --data-dir "$dir/etcd" \
     --listen-client-urls "https://127.0.0.1:$ETCD_PORT,https://10.123.0.1:$ETCD_PORT" \
     --advertise-client-urls "https://127.0.0.1:$ETCD_PORT" \
@@ -177,7 +177,7 @@ up() {
     "$bin/lightbyte" token new --role admin --name admin --file "$dir/tokens" >"$dir/admin.token"
     "$bin/lightbyte" token new --role node --name cluster --file "$dir/tokens" >"$dir/node.token"
   )
-  echo "== control plane on http://127.0.0.1:$API_PORT"
+  echo "== control plane on https://127.0.0.1:$API_PORT"
   # Also on the bridge: the workers pull pushed images from it.
   daemon server "$bin/lightbyte" server --etcd "https://127.0.0.1:$ETCD_PORT" \
     --ca "$pki/ca.crt" --cert "$pki/server.crt" --key "$pki/server.key" \
@@ -218,7 +218,7 @@ up() {
     done
   done
   wait_for "$workers Ready workers" 300 all_ready \
-    || { tail -5 "$dir"/w*.log >&2; exit 1; }
+    || { tail -n 5 "$dir"/w*.log >&2; exit 1; }
   lb worker list
   cat >"$dir/env" <<EOF
 export LIGHTBYTE_SERVER=https://127.0.0.1:$API_PORT

@@ -21,18 +21,14 @@ const CERT_DAYS: i64 = 365;
 
 #[derive(Debug, thiserror::Error)]
 pub enum PkiError {
-    #[error("{}: {source}", path.display())]
+    // Causes are in the messages, not sources: printed as a chain they would repeat.
+    #[error("{}: {error}", path.display())]
     Io {
         path: PathBuf,
-        #[source]
-        source: std::io::Error,
+        error: std::io::Error,
     },
-    #[error("{what}: {source}")]
-    Cert {
-        what: String,
-        #[source]
-        source: rcgen::Error,
-    },
+    #[error("{what}: {error}")]
+    Cert { what: String, error: rcgen::Error },
     #[error("{} exists: a CA is never overwritten (remove the directory to start over)", .0.display())]
     Exists(PathBuf),
     #[error("no CA in {}: run `lightbyte pki init --dir {}` first", .0.display(), .0.display())]
@@ -42,9 +38,9 @@ pub enum PkiError {
 }
 
 fn cert_err(what: &str) -> impl FnOnce(rcgen::Error) -> PkiError + '_ {
-    move |source| PkiError::Cert {
+    move |error| PkiError::Cert {
         what: what.to_string(),
-        source,
+        error,
     }
 }
 
@@ -64,7 +60,10 @@ pub fn ca_paths(dir: &Path) -> (PathBuf, PathBuf) {
 pub fn init(dir: &Path, name: &str) -> Result<PathBuf, PkiError> {
     let io = |path: &Path| {
         let path = path.to_path_buf();
-        move |source| PkiError::Io { path, source }
+        move |source| PkiError::Io {
+            path,
+            error: source,
+        }
     };
     std::fs::create_dir_all(dir).map_err(io(dir))?;
     std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(io(dir))?;
@@ -110,7 +109,7 @@ pub fn issue(dir: &Path, name: &str, sans: &[String]) -> Result<(PathBuf, PathBu
     let read = |p: &Path| {
         std::fs::read_to_string(p).map_err(|source| PkiError::Io {
             path: p.to_path_buf(),
-            source,
+            error: source,
         })
     };
     let ca_key = KeyPair::from_pem(&read(&ca_key)?).map_err(cert_err("CA key"))?;
@@ -140,7 +139,7 @@ pub fn issue(dir: &Path, name: &str, sans: &[String]) -> Result<(PathBuf, PathBu
 fn write_file(path: &Path, bytes: &[u8], mode: u32) -> Result<(), PkiError> {
     let io = |source| PkiError::Io {
         path: path.to_path_buf(),
-        source,
+        error: source,
     };
     let part = path.with_extension("part");
     let _ = std::fs::remove_file(&part);

@@ -9,7 +9,7 @@ guest="$here/../guest"
 cache=${LIGHTBYTE_CACHE:-$HOME/.cache/lightbyte}
 kdir=$("$guest/fetch-debian-kernel.sh" amd64)
 modules=(virtio_pci kvm_amd tun bridge veth 9pnet_virtio 9p overlay loop ext4 virtio_net virtio_blk
-         vhost_vsock vhost_net sch_netem nf_tables nft_ct)
+         vhost_vsock vhost_net sch_netem nf_tables nft_ct nft_meta_bridge)
 key=$( (cat "$here/init" "$here/build.sh" "$guest/copy-modules.sh" /bin/busybox; echo "$kdir") \
        | sha256sum | cut -c1-16)
 out="$cache/testhost-$key.cpio"

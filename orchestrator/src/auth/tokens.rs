@@ -21,11 +21,11 @@ pub const MIN_TOKEN_LEN: usize = 32;
 
 #[derive(Debug, thiserror::Error)]
 pub enum TokenError {
-    #[error("tokens file {}: {source}", path.display())]
+    // The cause is in the message, not a source: printed as a chain it would repeat.
+    #[error("tokens file {}: {error}", path.display())]
     Io {
         path: PathBuf,
-        #[source]
-        source: std::io::Error,
+        error: std::io::Error,
     },
     #[error("tokens file {}:{line}: {reason}", path.display())]
     Parse {
@@ -127,7 +127,7 @@ fn digest(token: &str) -> [u8; 32] {
 fn read(path: &Path) -> Result<(Table, (SystemTime, u64, u64)), TokenError> {
     let io = |source| TokenError::Io {
         path: path.to_path_buf(),
-        source,
+        error: source,
     };
     let meta = std::fs::metadata(path).map_err(io)?;
     let mode = meta.permissions().mode() & 0o777;
@@ -201,7 +201,7 @@ pub fn generate() -> std::io::Result<String> {
 pub fn add(path: &Path, role: Role, name: &str) -> Result<String, TokenError> {
     let io = |source| TokenError::Io {
         path: path.to_path_buf(),
-        source,
+        error: source,
     };
     if name.is_empty() || name.chars().any(char::is_whitespace) {
         return Err(TokenError::Parse {
@@ -232,7 +232,7 @@ pub fn add(path: &Path, role: Role, name: &str) -> Result<String, TokenError> {
 pub fn read_own(path: &Path) -> Result<String, TokenError> {
     let io = |source| TokenError::Io {
         path: path.to_path_buf(),
-        source,
+        error: source,
     };
     let text = std::fs::read_to_string(path).map_err(io)?;
     let token = text.lines().next().unwrap_or("").trim().to_string();

@@ -26,20 +26,15 @@ const CLIENT_TIMEOUT: Duration = Duration::from_secs(10);
 
 pub async fn run(cli: Cli) -> Result<()> {
     let output = cli.output;
-    own_token(cli.token_file.as_deref())?;
-    let env = |name: &str| {
-        std::env::var_os(name)
-            .filter(|v| !v.is_empty())
-            .map(Into::into)
+    // Making certificates and tokens reaches no server: no credentials of its own (the ones
+    // named in the environment may not exist yet, as when a cluster is being set up).
+    let local_only = matches!(cli.command, Command::Pki(_) | Command::Token(_));
+    let tls = if local_only {
+        None
+    } else {
+        own_token(cli.token_file.as_deref())?;
+        own_tls(&cli)?
     };
-    let tls = orchestrator::tls::TlsFiles::from_flags(
-        cli.ca.clone().or_else(|| env("LIGHTBYTE_CA")),
-        cli.cert.clone().or_else(|| env("LIGHTBYTE_CERT")),
-        cli.key.clone().or_else(|| env("LIGHTBYTE_KEY")),
-    )?;
-    if let Some(files) = &tls {
-        orchestrator::tls::set_own(files.clone())?;
-    }
     let client = || -> Result<ApiClient> {
         let url = cli
             .server
@@ -63,6 +58,13 @@ pub async fn run(cli: Cli) -> Result<()> {
         Command::ScaleGroup(cmd) => super::groups::run(&client()?, cmd, output).await,
         Command::Lb(cmd) => super::lbs::run(&client()?, cmd, output).await,
         Command::Proxy { args } => proxy(args),
+        command @ (Command::Pki(_) | Command::Token(_)) => local(command),
+    }
+}
+
+/// The commands that make files here and reach no server.
+fn local(command: Command) -> Result<()> {
+    match command {
         Command::Pki(PkiCommand::Init { dir, name }) => {
             let crt = orchestrator::pki::init(&dir, &name)?;
             println!("{}", crt.display());
@@ -79,7 +81,26 @@ pub async fn run(cli: Cli) -> Result<()> {
             println!("{token}");
             Ok(())
         }
+        other => bail!("{other:?} is not a local command"),
     }
+}
+
+/// This process's TLS files, from the flags or the environment (set for its clients too).
+fn own_tls(cli: &Cli) -> Result<Option<orchestrator::tls::TlsFiles>> {
+    let env = |name: &str| {
+        std::env::var_os(name)
+            .filter(|v| !v.is_empty())
+            .map(Into::into)
+    };
+    let tls = orchestrator::tls::TlsFiles::from_flags(
+        cli.ca.clone().or_else(|| env("LIGHTBYTE_CA")),
+        cli.cert.clone().or_else(|| env("LIGHTBYTE_CERT")),
+        cli.key.clone().or_else(|| env("LIGHTBYTE_KEY")),
+    )?;
+    if let Some(files) = &tls {
+        orchestrator::tls::set_own(files.clone())?;
+    }
+    Ok(tls)
 }
 
 /// Takes the token this process presents from `--token-file`, else $LIGHTBYTE_TOKEN, else
