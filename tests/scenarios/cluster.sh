@@ -140,7 +140,7 @@ sw=$(field spoof placement)
 spoof_log=$D/$sw/vms/spoof/console.log
 for _ in $(seq 120); do grep -q SPOOF-DONE "$spoof_log" 2>/dev/null && break; sleep 1; done
 grep -a "SPOOF" "$spoof_log" || true
-said() { for w in "$@"; do grep -aqE "SPOOF.* $w([[:space:]]|\$)" "$spoof_log" || return 1; done; }
+said() { local v; for v in "$@"; do grep -aqE "SPOOF.* $v([[:space:]]|\$)" "$spoof_log" || return 1; done; }
 check guest-tcp-test-works said nc=y
 check guest-as-itself-reaches-peer said peer=y
 check guest-as-itself-reaches-gateway said gw=y
