@@ -135,7 +135,8 @@ pub fn issue(dir: &Path, name: &str, sans: &[String]) -> Result<(PathBuf, PathBu
     Ok((crt, key_path))
 }
 
-/// Writes `bytes` to `path` through a temporary file created with `mode`, fsynced, renamed.
+/// Writes `bytes` to `path` through a temporary file created with `mode`, fsynced, renamed
+/// durably.
 fn write_file(path: &Path, bytes: &[u8], mode: u32) -> Result<(), PkiError> {
     let io = |source| PkiError::Io {
         path: path.to_path_buf(),
@@ -151,7 +152,8 @@ fn write_file(path: &Path, bytes: &[u8], mode: u32) -> Result<(), PkiError> {
         .map_err(io)?;
     f.write_all(bytes).map_err(io)?;
     f.sync_all().map_err(io)?;
-    std::fs::rename(&part, path).map_err(io)?;
+    // The directory synced too: a CA key must not vanish with a power loss.
+    crate::worker::durable::rename(&part, path).map_err(io)?;
     Ok(())
 }
 

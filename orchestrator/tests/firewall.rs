@@ -45,9 +45,12 @@ fn must(ns: &str, cmd: &str) {
     );
 }
 
-/// Runs `f` on a thread inside namespace `ns` (the processes it spawns and the sockets it
+/// Starts `f` on a thread inside namespace `ns` (the processes it spawns and the sockets it
 /// opens live there too).
-fn in_ns<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
+fn ns_thread<T: Send + 'static>(
+    ns: &str,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> std::thread::JoinHandle<T> {
     let file = std::fs::File::open(format!("/var/run/netns/{ns}")).unwrap();
     std::thread::spawn(move || {
         // SAFETY: setns on a namespace file we opened; it changes this new thread only.
@@ -55,19 +58,18 @@ fn in_ns<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'static) ->
         assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
         f()
     })
-    .join()
-    .unwrap()
+}
+
+/// Runs `f` on a thread inside namespace `ns` and waits for it.
+fn in_ns<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
+    ns_thread(ns, f).join().unwrap()
 }
 
 /// A TCP listener on `addr` in namespace `ns` that accepts and closes, for the rest of the
 /// test process.
 fn listen(ns: &str, addr: &'static str) {
-    let file = std::fs::File::open(format!("/var/run/netns/{ns}")).unwrap();
     let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        // SAFETY: setns on a namespace file we opened; it changes this new thread only.
-        let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
-        assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
+    ns_thread(ns, move || {
         let l = std::net::TcpListener::bind(addr).unwrap();
         tx.send(()).unwrap();
         for conn in l.incoming() {

@@ -154,12 +154,7 @@ pub async fn check(auth: Auth, surface: Surface, req: Request, next: Next) -> Re
     if PUBLIC.contains(&path.as_str()) && method == Method::GET {
         return next.run(req).await;
     }
-    let presented = req
-        .headers()
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .map(str::trim);
+    let presented = bearer(req.headers()).map(str::trim);
     let Some(token) = presented else {
         tracing::warn!(%method, path, "refused: no bearer token");
         return unauthorized("a bearer token is required (Authorization: Bearer TOKEN)");
@@ -177,6 +172,14 @@ pub async fn check(auth: Auth, surface: Surface, req: Request, next: Next) -> Re
         .into_response();
     }
     next.run(req).await
+}
+
+/// The token of an `Authorization: Bearer TOKEN` header, as sent.
+pub fn bearer(headers: &axum::http::HeaderMap) -> Option<&str> {
+    headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
 }
 
 fn unauthorized(message: &str) -> Response {

@@ -362,11 +362,7 @@ pub async fn serve_disk(
     let Some(out) = rec.outgoing else {
         return deny(StatusCode::NOT_FOUND, "this VM is not moving away");
     };
-    let presented = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .unwrap_or("");
+    let presented = crate::auth::bearer(headers).unwrap_or("");
     if !same(presented.as_bytes(), out.token.as_bytes()) {
         return deny(StatusCode::UNAUTHORIZED, "wrong or missing move token");
     }
