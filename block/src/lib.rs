@@ -28,6 +28,6 @@ pub use image::ImageDisk;
 pub use io::{merge_runs, Io, Segments, MAX_IOVECS};
 pub use memory::MemoryDisk;
 pub use open::{open_disk, OpenError};
-pub use pool::{Pool, DEFAULT_THREADS};
+pub use pool::{set_thread_hook, Pool, DEFAULT_THREADS};
 pub use qcow::Format;
 pub use uring::Uring;

@@ -21,6 +21,14 @@ use crate::io::{outside_memory, slices, Io};
 /// not to crowd a small host.
 pub const DEFAULT_THREADS: usize = 8;
 
+/// Called first on every I/O thread (a jailed VMM adds its seccomp filter there).
+static THREAD_HOOK: std::sync::OnceLock<fn()> = std::sync::OnceLock::new();
+
+/// Sets what every I/O thread started from now on runs first; set once per process.
+pub fn set_thread_hook(hook: fn()) {
+    let _ = THREAD_HOOK.set(hook);
+}
+
 /// One unit of work: a run of transfers that continue each other on disk, done in one call.
 struct Job<T> {
     mem: GuestMemoryMmap,
@@ -188,6 +196,9 @@ impl<T> Drop for Pool<T> {
 
 /// A pool thread: takes jobs until the pool closes.
 fn serve<T>(shared: &Shared<T>, disk: &dyn ConcurrentDisk) {
+    if let Some(hook) = THREAD_HOOK.get() {
+        hook();
+    }
     let mut state = shared.lock();
     loop {
         if let Some(job) = state.jobs.pop_front() {

@@ -15,6 +15,7 @@ pub mod config;
 pub mod console;
 pub mod control;
 pub mod devices;
+pub mod jail;
 pub mod log_limit;
 pub mod persist;
 pub mod running;

@@ -101,7 +101,27 @@ fn config(args: AgentArgs, tls: Option<TlsFiles>) -> Result<WorkerConfig> {
             deny,
         })
     };
+    let jail = if args.no_jail {
+        tracing::warn!("--no-jail: vmm processes run as root, unconfined");
+        None
+    } else {
+        let cgroup_root = if worker::jail::cgroup2_mounted() {
+            Some(args.cgroup_root.clone())
+        } else {
+            tracing::warn!(
+                "cgroup v2 is not mounted at /sys/fs/cgroup: jailed VMs run without memory, \
+                 CPU and task limits"
+            );
+            None
+        };
+        Some(worker::jail::JailSettings {
+            uid_base: args.jail_uids.0,
+            uid_count: args.jail_uids.1 - args.jail_uids.0 + 1,
+            cgroup_root,
+        })
+    };
     Ok(WorkerConfig {
+        jail,
         auth,
         tls,
         firewall,

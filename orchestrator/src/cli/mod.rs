@@ -637,6 +637,32 @@ pub struct AgentArgs {
     /// already)
     #[arg(long = "guest-deny", value_name = "ADDR:PORT")]
     pub guest_deny: Vec<std::net::SocketAddrV4>,
+    /// Run vmm processes as root, unconfined. By default each VM's vmm runs as a uid of its own
+    /// (from --jail-uids), in a mount namespace holding only its files, under seccomp filters,
+    /// in a cgroup v2 with memory, CPU and task limits from the VM's size
+    #[arg(long)]
+    pub no_jail: bool,
+    /// The uids (and gids) jailed VMs take, one each: FIRST-LAST
+    #[arg(long, value_name = "FIRST-LAST", default_value = "400000-465535", value_parser = uid_range)]
+    pub jail_uids: (u32, u32),
+    /// Where the VMs' cgroups go (DIR/<worker>/<vm>), under a cgroup v2 mount. Without cgroup v2
+    /// at /sys/fs/cgroup (a v1 or hybrid host), VMs run without these limits and the worker
+    /// says so at start
+    #[arg(long, value_name = "DIR", default_value = "/sys/fs/cgroup/lightbyte")]
+    pub cgroup_root: std::path::PathBuf,
+}
+
+/// Parses `FIRST-LAST` uids (not 0, FIRST <= LAST).
+fn uid_range(s: &str) -> Result<(u32, u32), String> {
+    let (a, b) = s
+        .split_once('-')
+        .ok_or_else(|| format!("{s}: expected FIRST-LAST"))?;
+    let parse = |v: &str| v.trim().parse::<u32>().map_err(|_| format!("{v}: not a uid"));
+    let (a, b) = (parse(a)?, parse(b)?);
+    if a == 0 || a > b || b == u32::MAX {
+        return Err(format!("{s}: needs 0 < FIRST <= LAST < 4294967295"));
+    }
+    Ok((a, b))
 }
 
 #[derive(Debug, Subcommand)]

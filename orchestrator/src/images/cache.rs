@@ -136,7 +136,9 @@ impl ImageCache {
         };
         let started = std::time::Instant::now();
         let bytes = transfer::download(&url, None, &want, &path, PULL_TIMEOUT).await?;
-        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o400)).map_err(|e| {
+        // Readable by all, writable by none: jailed VMMs (each its own uid) read images
+        // through their jails, while the cache directory (0700) keeps other users out.
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o444)).map_err(|e| {
             PullError::Io {
                 path: path.clone(),
                 source: e,

@@ -1,6 +1,7 @@
 //! The agent's loop: registration, the watch on VMs, and the passes that start, stop, watch and
 //! report the VMs placed on this worker.
 
+use std::os::unix::process::ExitStatusExt;
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -228,6 +229,7 @@ impl Agent {
                 layout,
                 store,
                 images,
+                jail_uids: tokio::sync::Mutex::new(()),
             }),
             slots,
             placed: BTreeMap::new(),
@@ -637,6 +639,7 @@ impl Agent {
             stopped: false,
             failed: None,
             outgoing: None,
+            jail_uid: None,
         })
     }
 
@@ -781,6 +784,19 @@ impl Agent {
                         vm.rec.stopped = true;
                         vm.ended = Some((VmState::Stopped, "the guest powered off".into()));
                         powered_off.push((name.clone(), vm.rec.uid.clone()));
+                    } else if status.and_then(|s| s.signal()) == Some(libc::SIGSYS) {
+                        // The seccomp filter killed it: a VMM bug or a guest attacking it.
+                        // Not restarted: it would only do the same again.
+                        let tail = log_tail(&self.ctx.layout.vmm_log(name), 300);
+                        let why = format!(
+                            "vmm was killed by SIGSYS: it made a system call its seccomp \
+                             filter forbids (a VMM bug, or a guest attacking its VMM); not \
+                             restarting. vmm log: {tail}"
+                        );
+                        tracing::error!(vm = %name, "{why}");
+                        vm.rec.stopped = true;
+                        vm.rec.failed = Some(why.clone());
+                        vm.ended = Some((VmState::Failed, why));
                     } else if status.and_then(|s| s.code()) == Some(VMM_EXIT_REBOOT) {
                         // The guest asked for a reboot: start it again, not a crash.
                         tracing::info!(vm = %name, "guest rebooted; starting it again");

@@ -14,6 +14,7 @@ use vmm_api::MacAddr;
 
 use super::disks::{ensure_overlay, Base, OverlayError};
 use super::ip_param;
+use super::jail::{pick_uid, JailSettings};
 use super::local::{write_status, Ctx, LocalVm};
 use super::netdev::{self, NetError};
 use super::process::{log_tail, ApiWaitError, VmmProcess};
@@ -71,6 +72,12 @@ pub enum StartError {
     /// The guest's firewall rules could not be set.
     #[error("guest firewall: {0}")]
     Firewall(#[from] super::firewall::FirewallError),
+    /// No uid is left for another jailed VM.
+    #[error("no free jail uid in {base}..{} (raise --jail-uids)", base + count)]
+    NoUid { base: u32, count: u32 },
+    /// The jail could not be set up.
+    #[error("jail: {0}")]
+    Jail(String),
     /// The `vmm` could not be started.
     #[error("cannot start {vmm}: {source}")]
     Spawn { vmm: String, source: std::io::Error },
@@ -155,6 +162,7 @@ pub(super) async fn launch(ctx: &Ctx, vm: &mut LocalVm, obj: &Vm) -> Result<(), 
         disks.push((ctx.layout.volume(v), vbase, Some(vol.size.bytes())));
     }
     let disk_paths: Vec<_> = disks.iter().map(|(p, _, _)| p.clone()).collect();
+    let base_paths: Vec<_> = disks.iter().map(|(_, b, _)| b.file.clone()).collect();
     tokio::task::spawn_blocking(move || {
         disks
             .iter()
@@ -162,7 +170,11 @@ pub(super) async fn launch(ctx: &Ctx, vm: &mut LocalVm, obj: &Vm) -> Result<(), 
     })
     .await??;
 
-    netdev::create_tap(&vm.rec.tap, &cfg.bridge).await?;
+    let jail = match &cfg.jail {
+        Some(settings) => Some(jail_vmm(ctx, vm, settings, obj, &disk_paths).await?),
+        None => None,
+    };
+    netdev::create_tap(&vm.rec.tap, &cfg.bridge, vm.rec.jail_uid.filter(|_| jail.is_some())).await?;
     if let Some(guard) = &cfg.firewall {
         super::firewall::allow_vm(&guard.bridge, &vm.rec.tap, &vm.rec.mac, vm.rec.ip).await?;
     }
@@ -171,11 +183,27 @@ pub(super) async fn launch(ctx: &Ctx, vm: &mut LocalVm, obj: &Vm) -> Result<(), 
     let _ = std::fs::remove_file(&socket);
     let _ = std::fs::remove_file(ctx.layout.vsock(&name));
     let log = ctx.layout.vmm_log(&name);
-    let mut process =
-        VmmProcess::spawn(&cfg.vmm, &socket, &log).map_err(|source| StartError::Spawn {
+    let extra = match jail {
+        Some((uid, cgroup)) => {
+            let mut ro = vec![kernel.clone()];
+            ro.extend(initramfs.iter().cloned());
+            ro.extend(base_paths);
+            let mut rw = vec![ctx.layout.jail_dir(&name)];
+            rw.extend(disk_paths.iter().cloned());
+            super::jail::vmm_args(uid, cgroup.as_deref(), &rw, &ro)
+        }
+        None => {
+            super::record::create_private_dir(&ctx.layout.jail_dir(&name))
+                .map_err(StartError::Record)?;
+            Vec::new()
+        }
+    };
+    let mut process = VmmProcess::spawn(&cfg.vmm, &socket, &extra, &log).map_err(|source| {
+        StartError::Spawn {
             vmm: cfg.vmm.display().to_string(),
             source,
-        })?;
+        }
+    })?;
     vm.rec.pid = Some(process.pid);
     vm.rec.pid_start = Some(process.start);
     ctx.layout.save(&vm.rec).map_err(StartError::Record)?;
@@ -229,6 +257,52 @@ pub(super) async fn launch(ctx: &Ctx, vm: &mut LocalVm, obj: &Vm) -> Result<(), 
     vm.agent_misses = 0;
     ctx.layout.save(&vm.rec).map_err(StartError::Record)?;
     Ok(())
+}
+
+/// Gets a jail ready for the VM's `vmm`: its uid (kept in the record), its jail directory and
+/// disks handed to that uid, its cgroup with limits from the VM's size. Returns the uid and
+/// the cgroup (none when cgroup v2 is not mounted here).
+async fn jail_vmm(
+    ctx: &Ctx,
+    vm: &mut LocalVm,
+    settings: &JailSettings,
+    obj: &Vm,
+    disks: &[PathBuf],
+) -> Result<(u32, Option<PathBuf>), StartError> {
+    let name = vm.rec.name.clone();
+    let uid = {
+        // One pick at a time: two VMs starting together must not take the same uid.
+        let _one = ctx.jail_uids.lock().await;
+        let (others, _) = ctx.layout.load_all().map_err(StartError::Record)?;
+        let uid = pick_uid(settings, &vm.rec, &others).ok_or(StartError::NoUid {
+            base: settings.uid_base,
+            count: settings.uid_count,
+        })?;
+        if vm.rec.jail_uid != Some(uid) {
+            vm.rec.jail_uid = Some(uid);
+            ctx.layout.save(&vm.rec).map_err(StartError::Record)?;
+        }
+        uid
+    };
+    let jail_err = |source: std::io::Error| StartError::Jail(source.to_string());
+    super::jail::prepare_dir(&ctx.layout, &name, uid).map_err(jail_err)?;
+    for d in disks {
+        super::jail::give(d, uid, 0o600).map_err(jail_err)?;
+    }
+    let cgroup = match &settings.cgroup_root {
+        Some(root) => {
+            let limits = super::jail::limits(obj.spec.memory.bytes(), obj.spec.cpus);
+            let (root, worker) = (root.clone(), ctx.cfg.name.clone());
+            let dir = tokio::task::spawn_blocking(move || {
+                super::jail::prepare_cgroup(&root, &worker, &name, limits)
+            })
+            .await?
+            .map_err(|e| StartError::Jail(format!("cgroup: {e}")))?;
+            Some(dir)
+        }
+        None => None,
+    };
+    Ok((uid, cgroup))
 }
 
 /// Reads an object the VM needs.

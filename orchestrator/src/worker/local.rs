@@ -17,6 +17,8 @@ pub(super) struct Ctx {
     pub store: Store,
     /// Images pulled from the control plane.
     pub images: ImageCache,
+    /// Held while a starting VM picks its jail uid.
+    pub jail_uids: tokio::sync::Mutex<()>,
 }
 
 /// A VM that runs (or ran) here.

@@ -17,6 +17,7 @@ mod forgotten;
 pub mod guest;
 pub mod host_proxy;
 pub mod ipam;
+pub mod jail;
 mod launch;
 mod local;
 pub mod moves;
@@ -84,6 +85,8 @@ pub struct WorkerConfig {
     pub tls: Option<crate::tls::TlsFiles>,
     /// The guests' firewall (none: guests may send anything and reach anything).
     pub firewall: Option<firewall::Guard>,
+    /// How `vmm`s are jailed (none: they run as root, unconfined).
+    pub jail: Option<jail::JailSettings>,
 }
 
 #[derive(Debug, thiserror::Error)]

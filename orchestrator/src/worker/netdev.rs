@@ -66,13 +66,20 @@ pub async fn ensure_bridge(name: &str, gateway: Ipv4Addr, prefix: u8) -> Result<
     ip(&["link", "set", name, "up"]).await
 }
 
-/// Creates the TAP `name` on `bridge`, up. An existing TAP of that name (left by an earlier
-/// attempt) is reused.
-pub async fn create_tap(name: &str, bridge: &str) -> Result<(), NetError> {
+/// Creates the TAP `name` on `bridge`, up. With `owner`, that uid (and gid) may attach to it
+/// without privileges (a jailed `vmm`). An existing TAP of that name (left by an earlier
+/// attempt) is made again, so its owner is the one asked for.
+pub async fn create_tap(name: &str, bridge: &str, owner: Option<u32>) -> Result<(), NetError> {
     check_name(name)?;
-    if !exists(name) {
-        ip(&["tuntap", "add", "dev", name, "mode", "tap"]).await?;
+    if exists(name) {
+        ip(&["link", "del", name]).await?;
     }
+    let owner = owner.map(|u| u.to_string());
+    let mut args = vec!["tuntap", "add", "dev", name, "mode", "tap"];
+    if let Some(u) = &owner {
+        args.extend(["user", u, "group", u]);
+    }
+    ip(&args).await?;
     ip(&["link", "set", name, "master", bridge, "up"]).await
 }
 

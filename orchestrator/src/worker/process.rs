@@ -29,8 +29,14 @@ pub enum Liveness {
 }
 
 impl VmmProcess {
-    /// Starts `vmm --api-socket SOCKET`, its output appended to `log`.
-    pub fn spawn(vmm: &Path, socket: &Path, log: &Path) -> io::Result<VmmProcess> {
+    /// Starts `vmm --api-socket SOCKET` with `extra` arguments (its jail), its output appended
+    /// to `log`.
+    pub fn spawn(
+        vmm: &Path,
+        socket: &Path,
+        extra: &[std::ffi::OsString],
+        log: &Path,
+    ) -> io::Result<VmmProcess> {
         let out = {
             use std::os::unix::fs::OpenOptionsExt;
             OpenOptions::new()
@@ -43,6 +49,7 @@ impl VmmProcess {
         let child = Command::new(vmm)
             .arg("--api-socket")
             .arg(socket)
+            .args(extra)
             .stdin(Stdio::null())
             .stdout(out)
             .stderr(err)
@@ -187,7 +194,7 @@ mod tests {
         std::fs::write(&script, "#!/bin/sh\necho started \"$@\"\nexec sleep 30\n").unwrap();
         std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755))
             .unwrap();
-        let mut p = VmmProcess::spawn(&script, Path::new("/tmp/x.sock"), &log).unwrap();
+        let mut p = VmmProcess::spawn(&script, Path::new("/tmp/x.sock"), &[], &log).unwrap();
         assert_eq!(p.liveness(), Liveness::Alive);
         let mut adopted = VmmProcess::adopt(p.pid, p.start).unwrap();
         assert_eq!(adopted.liveness(), Liveness::Alive);

@@ -5,8 +5,10 @@
 //! Layout under the state directory:
 //! - `vms/<name>/vm.json`: the [`Record`];
 //! - `vms/<name>/root.qcow2`: the root volume (an overlay of the image);
-//! - `vms/<name>/api.sock`, `vsock.sock`, `console.log`, `vmm.log`: the `vmm` process's API
-//!   socket, its vsock device's host socket, the guest's serial console and the VMM's own log;
+//! - `vms/<name>/vmm.log`: the VMM's own log (its stdout and stderr, opened by the worker);
+//! - `vms/<name>/jail/api.sock`, `vsock.sock`, `console.log`: the `vmm` process's API socket,
+//!   its vsock device's host socket and the guest's serial console, in the one directory a
+//!   jailed `vmm` may write to (owned by the VM's uid; the record above it stays root's);
 //! - `volumes/<name>.qcow2`: named volumes, which outlive the VMs that use them.
 
 use std::io;
@@ -44,6 +46,9 @@ pub struct Record {
     /// A move away from here under way: its disks are handed out against this token.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub outgoing: Option<Outgoing>,
+    /// The uid (and gid) its jailed `vmm` runs as, kept across restarts so its files stay its.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub jail_uid: Option<u32>,
 }
 
 /// The disks of a VM being moved away, as checksummed once it was off.
@@ -91,17 +96,22 @@ impl Layout {
         self.vm_dir(name).join("vm.json")
     }
 
+    /// What the VM's `vmm` creates: sockets and the console.
+    pub fn jail_dir(&self, name: &str) -> PathBuf {
+        self.vm_dir(name).join("jail")
+    }
+
     pub fn socket(&self, name: &str) -> PathBuf {
-        self.vm_dir(name).join("api.sock")
+        self.jail_dir(name).join("api.sock")
     }
 
     /// The host side of the VM's vsock device (its guest agent is reached through it).
     pub fn vsock(&self, name: &str) -> PathBuf {
-        self.vm_dir(name).join("vsock.sock")
+        self.jail_dir(name).join("vsock.sock")
     }
 
     pub fn console(&self, name: &str) -> PathBuf {
-        self.vm_dir(name).join("console.log")
+        self.jail_dir(name).join("console.log")
     }
 
     pub fn vmm_log(&self, name: &str) -> PathBuf {
@@ -253,6 +263,7 @@ mod tests {
             stopped: false,
             failed: None,
             outgoing: None,
+            jail_uid: None,
         };
         layout.save(&rec).unwrap();
         std::fs::create_dir_all(layout.vm_dir("junk")).unwrap();

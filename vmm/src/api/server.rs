@@ -153,6 +153,7 @@ impl ApiServer {
         let thread = std::thread::Builder::new()
             .name("vmm-api".into())
             .spawn(move || {
+                crate::jail::seccomp::enter_thread(crate::jail::seccomp::Kind::Api);
                 runtime.block_on(async move {
                     if options.exit_on_signal {
                         signals::remove_socket_on_exit_signals(path, id);

@@ -170,6 +170,13 @@ pub fn legacy_devices(
         PVPANIC_PORT.into(),
         1,
     )?;
+    if crate::jail::probe::enabled() {
+        pio.insert(
+            Arc::new(Mutex::new(crate::jail::probe::SeccompProbe)),
+            crate::jail::probe::PROBE_PORT.into(),
+            1,
+        )?;
+    }
     Ok((pio, serial))
 }
 
@@ -379,6 +386,7 @@ pub fn start(
         let ctl = control.clone();
         control
             .spawn(format!("vcpu{index}"), move || {
+                crate::jail::seccomp::enter_thread(crate::jail::seccomp::Kind::Vcpu);
                 vcpu.run(&ctl);
                 drop(vm);
             })

@@ -235,6 +235,7 @@ fn serve<H: EventHandler>(
     watches: &[(Watch, u64)],
     handler: &mut H,
 ) {
+    crate::jail::seccomp::enter_thread(crate::jail::seccomp::Kind::Device);
     let ctx = Ctx { epoll, run };
     let mut events = vec![EpollEvent::default(); watches.len() + 8];
     loop {
