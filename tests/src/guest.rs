@@ -22,6 +22,30 @@ pub const MARKER: &str = "LIGHTBYTE-GUEST-UP";
 /// Prefix of the line carrying the guest command's exit status.
 pub const CMD_EXIT: &str = "LIGHTBYTE-CMD-EXIT=";
 
+/// The uid and gid jailed test VMMs run as (`vmm --jail`): every boot a scenario composes runs
+/// jailed unless it says otherwise, so every device path is exercised under the seccomp
+/// filters, without root and inside the private mount namespace.
+pub const JAIL_ID: u32 = 4242;
+
+/// `vmm` arguments jailing it as [`JAIL_ID`].
+pub fn jail_args() -> [String; 2] {
+    ["--jail".into(), format!("uid={JAIL_ID},gid={JAIL_ID}")]
+}
+
+/// `--jail` arguments for a `vmm` whose VM comes through its API: the jail's ids and the paths
+/// the API will name, as shell words (unquoted, so they may name shell variables such as
+/// `$T`; test paths hold no spaces).
+pub fn jail_words(rw: &[&str], ro: &[&str]) -> String {
+    let mut words = jail_args().join(" ");
+    for p in rw {
+        words.push_str(&format!(" --jail-rw {p}"));
+    }
+    for p in ro {
+        words.push_str(&format!(" --jail-ro {p}"));
+    }
+    words
+}
+
 /// Quotes `s` for a POSIX shell.
 pub fn sh_quote(s: &str) -> String {
     format!("'{}'", s.replace('\'', r"'\''"))
@@ -46,6 +70,8 @@ pub struct Boot {
     pub extra_args: Vec<String>,
     /// Seconds before the run is killed.
     pub timeout_secs: u32,
+    /// Run `vmm` jailed (the default).
+    pub jailed: bool,
 }
 
 impl Boot {
@@ -60,6 +86,7 @@ impl Boot {
             guest_cmd: None,
             extra_args: Vec::new(),
             timeout_secs: 120,
+            jailed: true,
         })
     }
 
@@ -85,6 +112,12 @@ impl Boot {
     /// Adds `vmm` arguments.
     pub fn arg(mut self, arg: &str) -> Self {
         self.extra_args.push(arg.into());
+        self
+    }
+
+    /// Runs `vmm` without its jail.
+    pub fn unjailed(mut self) -> Self {
+        self.jailed = false;
         self
     }
 
@@ -121,6 +154,9 @@ impl Boot {
             self.full_cmdline(),
         ]);
         args.extend(self.extra_args.iter().cloned());
+        if self.jailed {
+            args.extend(jail_args());
+        }
         args
     }
 }

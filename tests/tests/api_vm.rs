@@ -11,7 +11,7 @@ use serde_json::json;
 
 use lightbyte_tests::artifacts;
 use lightbyte_tests::data::pattern;
-use lightbyte_tests::guest::{sh_quote, Boot, Scenario};
+use lightbyte_tests::guest::{jail_words, sh_quote, Boot, Scenario};
 use lightbyte_tests::paths;
 use lightbyte_tests::testhost;
 
@@ -68,7 +68,7 @@ fn api_lifecycle_snapshot_and_restore() {
         "disks": [{"path": disk, "format": "raw"}],
     });
     s.shell(&format!(
-        r#"{{ cd {dir}; VMM={vmm}; SER={ser}; SNAP={snap}; SOCKS=$(mktemp -d); API=$SOCKS/api-1.sock; API2=$SOCKS/api-2.sock
+        r#"{{ cd {dir}; SOCKS=$(mktemp -d); VMM="{vmm} {jail}"; SER={ser}; SNAP={snap}; API=$SOCKS/api-1.sock; API2=$SOCKS/api-2.sock
 c() {{ sock=$1; shift; m=$1; p=$2; shift 2
       curl -s -S --max-time 60 --unix-socket "$sock" -X "$m" -H 'Content-Type: application/json' "$@" \
         -w ' HTTP%{{http_code}}\n' "http://localhost/api/v1/$p"; }}
@@ -113,7 +113,14 @@ wait $pid2; echo "VMM-2-EXIT $?"
 }} > {dir}/script.log 2>&1
 "#,
         dir = q(&dir),
-        vmm = sh_quote(&vmm),
+        vmm = vmm,
+        jail = jail_words(
+            &[&dir.display().to_string(), &disk.display().to_string(), "$SOCKS"],
+            &[
+                &a.minimal_vmlinux.display().to_string(),
+                &a.initramfs.display().to_string(),
+            ],
+        ),
         ser = q(&serial),
         snap = q(&snap),
         create = sh_quote(&create.to_string()),

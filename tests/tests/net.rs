@@ -15,7 +15,7 @@ use serde_json::json;
 
 use lightbyte_tests::artifacts;
 use lightbyte_tests::data::{pattern, sha256_hex};
-use lightbyte_tests::guest::{sh_quote, Boot, Scenario};
+use lightbyte_tests::guest::{jail_words, sh_quote, Boot, Scenario, JAIL_ID};
 use lightbyte_tests::paths;
 use lightbyte_tests::testhost;
 
@@ -90,7 +90,7 @@ trap cleanup EXIT
 ip netns del $NS 2>/dev/null
 ip netns add $NS && ip -n $NS link set lo up &&
 ip -n $NS link add br0 type bridge && ip -n $NS addr add {HOST_IP}/24 dev br0 &&
-ip -n $NS link set br0 up && ip -n $NS tuntap add dev tap0 mode tap &&
+ip -n $NS link set br0 up && ip -n $NS tuntap add dev tap0 mode tap user {jail_id} group {jail_id} &&
 ip -n $NS link set tap0 master br0 && ip -n $NS link set tap0 up || {{ echo "NETNS SETUP FAILED"; exit 1; }}
 mkfifo "$TMPD/idle"; mkdir "$TMPD/www"; cp {www}/down.bin "$TMPD/www/"
 ip netns exec $NS busybox httpd -f -p {HOST_IP}:8080 -h "$TMPD/www" & HTTPD=$!
@@ -101,6 +101,7 @@ sink_done() {{ kill $NC 2>/dev/null; wait $NC 2>/dev/null
         dir = q(&dir),
         www = q(&www),
         log = q(&host_log),
+        jail_id = JAIL_ID,
     ));
     let wrapper = format!("ip netns exec {NETNS}");
     let guests = [
@@ -155,7 +156,7 @@ sink_done() {{ kill $NC 2>/dev/null; wait $NC 2>/dev/null
         "nets": [{"tap": "tap0", "mac": "52:54:00:4c:42:03"}],
     });
     s.shell(&format!(
-        r#"{{ VMM={vmm}; SER={ser}; SNAP={snap}; API=$TMPD/api-1.sock; API2=$TMPD/api-2.sock
+        r#"{{ VMM="{vmm} {jail}"; SER={ser}; SNAP={snap}; API=$TMPD/api-1.sock; API2=$TMPD/api-2.sock
 c() {{ sock=$1; shift; m=$1; p=$2; shift 2
       curl -s -S --max-time 60 --unix-socket "$sock" -X "$m" -H 'Content-Type: application/json' "$@" \
         -w ' HTTP%{{http_code}}\n' "http://localhost/api/v1/$p"; }}
@@ -184,7 +185,14 @@ echo "== info-2"; c "$API2" GET vm/info
 echo "== shutdown-2"; c "$API2" PUT vm/shutdown -d '{{"timeout_ms": 100}}'
 wait $P2; echo "VMM-2-EXIT $?"
 }} > "$D/snap-script.log" 2>&1"#,
-        vmm = sh_quote(&vmm),
+        vmm = vmm,
+        jail = jail_words(
+            &["$D", &disk.display().to_string(), "$TMPD"],
+            &[
+                &a.minimal_vmlinux.display().to_string(),
+                &a.initramfs.display().to_string(),
+            ],
+        ),
         ser = q(&serial),
         snap = q(&snap),
         create = sh_quote(&create.to_string()),

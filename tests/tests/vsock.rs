@@ -17,7 +17,7 @@ use std::time::Duration;
 use serde_json::{json, Value};
 
 use lightbyte_tests::artifacts;
-use lightbyte_tests::guest::{sh_quote, Boot, Scenario};
+use lightbyte_tests::guest::{jail_words, sh_quote, Boot, Scenario};
 use lightbyte_tests::paths;
 use lightbyte_tests::testhost;
 
@@ -65,7 +65,7 @@ fn host_script(label: &str, dir: &str, create: &Value, snapshot: bool) -> String
         r#"echo "== snapshot"; c "$API" PUT vm/pause; c "$API" PUT vm/snapshot -d "{\"destination_dir\":\"$T/snap\"}"
 c "$API" PUT vm/shutdown -d '{"timeout_ms": 100}'; reap
 echo "== restore"
-$VMM --api-socket "$API2" > "$D/vmm-2.log" 2>&1 & P1=$!
+$VMMJ --api-socket "$API2" > "$D/vmm-2.log" 2>&1 & P1=$!
 wait_sock "$API2"; API=$API2
 c "$API" PUT vm/restore -d "{\"source_dir\":\"$T/snap\",\"resume\":true}"
 wait_line 'VSOCKT hold 6003 0 ENDED'
@@ -77,6 +77,8 @@ wait_line 'VSOCKT hold 6003 0 ENDED'
         r#"D={dir}
 {{ VMM={vmm}; PEER={peer}
 T={sockets}; rm -rf "$T"; mkdir -p "$T"; SOCK=$T/v.sock; API=$T/api.sock; API2=$T/api2.sock; SER=$D/serial.log
+# The VMM runs jailed; the host's listeners are made connectable by its uid (umask 0).
+VMMJ="$VMM {jail}"
 trap 'kill $(jobs -p) 2>/dev/null; rm -rf "$T"' EXIT
 c() {{ sock=$1; shift; m=$1; p=$2; shift 2
       curl -s -S --max-time 120 --unix-socket "$sock" -X "$m" -H 'Content-Type: application/json' "$@" \
@@ -101,10 +103,10 @@ PEER="timeout -k 5 600 $PEER"
 reap() {{ for _ in $(seq 1 300); do kill -0 $P1 2>/dev/null || break; sleep 0.2; done
   if kill -0 $P1 2>/dev/null; then echo "TIMEOUT the vmm did not exit"; threads; kill -9 $P1; fi
   wait $P1; RC=$?; }}
-$PEER listen "${{SOCK}}_6000" 16 {MIB4} > "$D/p6000.log" 2>&1 &
-$PEER listen "${{SOCK}}_6001" 1 {MIB4} > "$D/p6001.log" 2>&1 &
-$PEER listen "${{SOCK}}_6002" 1 {MIB4} --close-after 65536 > "$D/p6002.log" 2>&1 &
-{hold_peer}$VMM --api-socket "$API" > "$D/vmm-1.log" 2>&1 & P1=$!
+(umask 0; $PEER listen "${{SOCK}}_6000" 16 {MIB4}) > "$D/p6000.log" 2>&1 &
+(umask 0; $PEER listen "${{SOCK}}_6001" 1 {MIB4}) > "$D/p6001.log" 2>&1 &
+(umask 0; $PEER listen "${{SOCK}}_6002" 1 {MIB4} --close-after 65536) > "$D/p6002.log" 2>&1 &
+{hold_peer}$VMMJ --api-socket "$API" > "$D/vmm-1.log" 2>&1 & P1=$!
 wait_sock "$API"
 echo "== create"; c "$API" PUT vm/create -d {create_body}
 echo "== boot"; c "$API" PUT vm/boot
@@ -125,8 +127,15 @@ reap; echo "VMM-EXIT $RC"
 }} > "$D/script.log" 2>&1"#,
         create_body = sh_quote(&create.to_string()),
         sockets = socket_dir(label),
+        jail = jail_words(
+            &["$D", "$T"],
+            &[
+                create["kernel"].as_str().unwrap_or_default(),
+                create["initramfs"].as_str().unwrap_or_default(),
+            ],
+        ),
         hold_peer = if snapshot {
-            "$PEER listen \"${SOCK}_6003\" 1 0 > \"$D/p6003.log\" 2>&1 &\n"
+            "(umask 0; $PEER listen \"${SOCK}_6003\" 1 0) > \"$D/p6003.log\" 2>&1 &\n"
         } else {
             ""
         },

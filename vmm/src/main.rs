@@ -131,7 +131,8 @@ struct Cli {
     /// VMM with SIGSYS, after a line in its log naming it). Needs root. With --kernel, the
     /// kernel, initramfs, disks (with backing chains) and the directories of the console file,
     /// vsock socket and API socket are visible; paths given later through the API must be
-    /// under --jail-ro/--jail-rw paths.
+    /// under --jail-ro/--jail-rw paths. Read-write paths are handed to uid/gid (chown, as
+    /// libvirt's dynamic ownership does); read-only ones must be readable by them.
     #[arg(long, value_name = "uid=N,gid=N[,cgroup=DIR]", value_parser = vmm::jail::parse_jail)]
     jail: Option<JailConfig>,
     /// A file or directory visible read-only inside the jail, at the same path; repeat.
@@ -207,7 +208,12 @@ fn main() -> ExitCode {
         let mut visible: Vec<Visible> = cli.jail_ro.iter().map(Visible::ro).collect();
         visible.extend(cli.jail_rw.iter().map(Visible::rw));
         // Disks named by path come with their backing chains.
-        for p in cli.jail_ro.iter().chain(&cli.jail_rw).filter(|p| p.is_file()) {
+        for p in cli
+            .jail_ro
+            .iter()
+            .chain(&cli.jail_rw)
+            .filter(|p| p.is_file())
+        {
             visible.extend(vmm::jail::backing_chain(p).into_iter().map(Visible::ro));
         }
         if let Some(api) = &cli.api_socket {

@@ -657,7 +657,11 @@ fn uid_range(s: &str) -> Result<(u32, u32), String> {
     let (a, b) = s
         .split_once('-')
         .ok_or_else(|| format!("{s}: expected FIRST-LAST"))?;
-    let parse = |v: &str| v.trim().parse::<u32>().map_err(|_| format!("{v}: not a uid"));
+    let parse = |v: &str| {
+        v.trim()
+            .parse::<u32>()
+            .map_err(|_| format!("{v}: not a uid"))
+    };
     let (a, b) = (parse(a)?, parse(b)?);
     if a == 0 || a > b || b == u32::MAX {
         return Err(format!("{s}: needs 0 < FIRST <= LAST < 4294967295"));

@@ -1,8 +1,8 @@
 //! The agent's loop: registration, the watch on VMs, and the passes that start, stop, watch and
 //! report the VMs placed on this worker.
 
-use std::os::unix::process::ExitStatusExt;
 use std::collections::{BTreeMap, BTreeSet};
+use std::os::unix::process::ExitStatusExt;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 

@@ -124,7 +124,10 @@ pub fn prepare_cgroup(root: &Path, worker: &str, vm: &str, limits: Limits) -> io
         _ => {}
     }
     write_file(&dir.join("memory.max"), &limits.memory_max.to_string())?;
-    write_file(&dir.join("cpu.max"), &format!("{} 100000", limits.cpu_quota))?;
+    write_file(
+        &dir.join("cpu.max"),
+        &format!("{} 100000", limits.cpu_quota),
+    )?;
     write_file(&dir.join("pids.max"), &limits.pids_max.to_string())?;
     // Guest RAM swapped out by the host would make the limit meaningless and the guest slow.
     let swap = dir.join("memory.swap.max");
@@ -228,7 +231,11 @@ mod tests {
         let others = vec![rec("a", Some(1000)), rec("b", Some(1002)), rec("c", None)];
         assert_eq!(pick_uid(&s, &rec("c", None), &others), Some(1001));
         assert_eq!(pick_uid(&s, &rec("b", Some(1002)), &others), Some(1002));
-        let full = vec![rec("a", Some(1000)), rec("b", Some(1001)), rec("d", Some(1002))];
+        let full = vec![
+            rec("a", Some(1000)),
+            rec("b", Some(1001)),
+            rec("d", Some(1002)),
+        ];
         assert_eq!(pick_uid(&s, &rec("c", None), &full), None);
     }
 

@@ -174,7 +174,12 @@ pub(super) async fn launch(ctx: &Ctx, vm: &mut LocalVm, obj: &Vm) -> Result<(), 
         Some(settings) => Some(jail_vmm(ctx, vm, settings, obj, &disk_paths).await?),
         None => None,
     };
-    netdev::create_tap(&vm.rec.tap, &cfg.bridge, vm.rec.jail_uid.filter(|_| jail.is_some())).await?;
+    netdev::create_tap(
+        &vm.rec.tap,
+        &cfg.bridge,
+        vm.rec.jail_uid.filter(|_| jail.is_some()),
+    )
+    .await?;
     if let Some(guard) = &cfg.firewall {
         super::firewall::allow_vm(&guard.bridge, &vm.rec.tap, &vm.rec.mac, vm.rec.ip).await?;
     }
@@ -198,12 +203,11 @@ pub(super) async fn launch(ctx: &Ctx, vm: &mut LocalVm, obj: &Vm) -> Result<(), 
             Vec::new()
         }
     };
-    let mut process = VmmProcess::spawn(&cfg.vmm, &socket, &extra, &log).map_err(|source| {
-        StartError::Spawn {
+    let mut process =
+        VmmProcess::spawn(&cfg.vmm, &socket, &extra, &log).map_err(|source| StartError::Spawn {
             vmm: cfg.vmm.display().to_string(),
             source,
-        }
-    })?;
+        })?;
     vm.rec.pid = Some(process.pid);
     vm.rec.pid_start = Some(process.start);
     ctx.layout.save(&vm.rec).map_err(StartError::Record)?;

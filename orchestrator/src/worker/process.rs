@@ -46,7 +46,12 @@ impl VmmProcess {
                 .open(log)?
         };
         let err = out.try_clone()?;
-        let child = Command::new(vmm)
+        let mut cmd = Command::new(vmm);
+        // Its working directory is its own (a jailed vmm's root then holds nothing else).
+        if let Some(dir) = socket.parent().filter(|d| d.is_dir()) {
+            cmd.current_dir(dir);
+        }
+        let child = cmd
             .arg("--api-socket")
             .arg(socket)
             .args(extra)

@@ -56,6 +56,12 @@ pub const POWEROFF: &[u8] = &[
     0xb9, 0x00, 0x00, 0x04, 0x00, 0xe2, 0xfe, 0x66, 0xba, 0x00, 0x06, 0xb0, 0x34, 0xee, 0xf4,
 ];
 
+/// Writes 1 to the test-only seccomp probe port (0x5eb), which makes a VMM started with
+/// LIGHTBYTE_TEST_SECCOMP_PROBE=1 call a system call no filter allows; then `cli; hlt`.
+pub const SECCOMP_PROBE: &[u8] = &[
+    0x66, 0xba, 0xeb, 0x05, 0xb0, 0x01, 0xee, 0xfa, 0xf4, 0xeb, 0xfd,
+];
+
 /// Puts this thread (and every thread and process it starts from now on) into a new network
 /// namespace with loopback up.
 pub fn enter_own_netns() {
@@ -79,6 +85,7 @@ pub fn enter_own_netns() {
 pub struct Agent {
     child: Option<Child>,
     args: Vec<String>,
+    env: Vec<(String, String)>,
     pub log: PathBuf,
 }
 
@@ -108,6 +115,17 @@ impl Agent {
     }
 
     pub fn start_with(etcd: &str, state: &Path, vmm: &Path, o: &AgentOpts) -> Agent {
+        Agent::start_with_env(etcd, state, vmm, o, &[])
+    }
+
+    /// An agent whose environment (inherited by its vmm processes) also holds `env`.
+    pub fn start_with_env(
+        etcd: &str,
+        state: &Path,
+        vmm: &Path,
+        o: &AgentOpts,
+        env: &[(&str, &str)],
+    ) -> Agent {
         let mut args = [
             "worker",
             "--etcd",
@@ -147,6 +165,10 @@ impl Agent {
         let mut a = Agent {
             child: None,
             args,
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
             log: state.with_extension("log"),
         };
         a.spawn();
@@ -164,6 +186,7 @@ impl Agent {
             .args(&self.args)
             // What a worker presents to the control plane (image pulls) and to other workers.
             .env("LIGHTBYTE_TOKEN", super::NODE_TOKEN)
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log)

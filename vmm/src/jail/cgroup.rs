@@ -12,6 +12,11 @@ pub fn join(dir: &Path) -> io::Result<()> {
     let mut f = std::fs::OpenOptions::new()
         .write(true)
         .open(&procs)
-        .map_err(|e| io::Error::new(e.kind(), format!("{}: {e} (a cgroup v2 directory?)", procs.display())))?;
+        .map_err(|e| {
+            io::Error::new(
+                e.kind(),
+                format!("{}: {e} (a cgroup v2 directory?)", procs.display()),
+            )
+        })?;
     f.write_all(std::process::id().to_string().as_bytes())
 }

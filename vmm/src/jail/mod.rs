@@ -40,7 +40,9 @@ pub fn parse_jail(s: &str) -> Result<JailConfig, String> {
             .ok_or_else(|| format!("`{part}`: expected KEY=VALUE (uid=, gid=, cgroup=)"))?;
         let id = || -> Result<u32, String> {
             match value.parse::<u32>() {
-                Ok(0) => Err(format!("{key}=0: the jail runs the VMM as an unprivileged user")),
+                Ok(0) => Err(format!(
+                    "{key}=0: the jail runs the VMM as an unprivileged user"
+                )),
                 Ok(n) if n == u32::MAX => Err(format!("{key}={value}: not a usable id")),
                 Ok(n) => Ok(n),
                 Err(_) => Err(format!("{key}={value}: not a number")),
@@ -144,7 +146,7 @@ pub enum JailError {
 
 /// The paths a VM configured on the command line needs: kernel and initramfs read-only, each
 /// disk (read-write unless read-only) with its backing chain read-only, and the directories of
-/// the console file and the vsock sockets (files the VMM creates there).
+/// the console file (and the file itself when it exists) and the vsock sockets.
 pub fn paths_for(config: &VmConfig) -> Vec<Visible> {
     let mut out = vec![Visible::ro(&config.kernel)];
     out.extend(config.initramfs.iter().map(Visible::ro));
@@ -158,6 +160,10 @@ pub fn paths_for(config: &VmConfig) -> Vec<Visible> {
     }
     if let SerialConfig::File(p) = &config.serial {
         out.push(Visible::rw(parent_dir(p)));
+        // A console file from an earlier run is appended to.
+        if p.exists() {
+            out.push(Visible::rw(p));
+        }
     }
     if let Some(v) = &config.vsock {
         out.push(Visible::rw(parent_dir(&v.socket)));
@@ -209,6 +215,7 @@ pub fn enter(config: &JailConfig, visible: &[Visible]) -> Result<(), JailError> 
             source,
         })?;
     }
+    hand_over(visible, config.uid, config.gid)?;
     mounts::private_root(visible, config.uid, config.gid)?;
     drop_ids(config.uid, config.gid).map_err(|source| JailError::Ids {
         uid: config.uid,
@@ -222,6 +229,49 @@ pub fn enter(config: &JailConfig, visible: &[Visible]) -> Result<(), JailError> 
         paths = visible.len(),
         "jail closed"
     );
+    Ok(())
+}
+
+/// Gives the read-write paths to the jail's user (as libvirt's dynamic ownership does with a
+/// VM's images; they stay its afterwards), and checks that it can read the read-only ones, so a
+/// file it could not open is reported here by name rather than as EACCES in the middle of a
+/// boot. A read-write directory is handed over itself (the VMM creates its sockets and console
+/// there; a stale socket in it can then be replaced).
+fn hand_over(visible: &[Visible], uid: u32, gid: u32) -> Result<(), JailError> {
+    use std::os::unix::fs::MetadataExt;
+    let missing = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| JailError::Missing { path, source }
+    };
+    for v in visible {
+        let meta = std::fs::metadata(&v.path).map_err(missing(&v.path))?;
+        match v.access {
+            Access::ReadWrite => {
+                std::os::unix::fs::chown(&v.path, Some(uid), Some(gid))
+                    .map_err(missing(&v.path))?;
+            }
+            Access::ReadOnly => {
+                let mode = meta.mode();
+                let readable = (meta.uid() == uid && mode & 0o400 != 0)
+                    || (meta.gid() == gid && mode & 0o040 != 0)
+                    || mode & 0o004 != 0;
+                if !readable {
+                    return Err(JailError::Missing {
+                        path: v.path.clone(),
+                        source: io::Error::new(
+                            io::ErrorKind::PermissionDenied,
+                            format!(
+                                "not readable by uid {uid} gid {gid} (mode {:o}, owner {}:{})",
+                                mode & 0o7777,
+                                meta.uid(),
+                                meta.gid()
+                            ),
+                        ),
+                    });
+                }
+            }
+        }
+    }
     Ok(())
 }
 

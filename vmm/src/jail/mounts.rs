@@ -56,22 +56,18 @@ fn mount(
     flags: libc::c_ulong,
     data: Option<&str>,
 ) -> Result<(), JailError> {
-    let what = format!("mount {} on {}", source.map(|s| s.display().to_string()).unwrap_or_default(), target.display());
+    let what = format!(
+        "mount {} on {}",
+        source.map(|s| s.display().to_string()).unwrap_or_default(),
+        target.display()
+    );
     let src = source.map(cstr).transpose()?;
     let tgt = cstr(target)?;
     let fs = fstype.map(|f| CString::new(f).expect("static name"));
     let data = data.map(|d| CString::new(d).expect("static options"));
     let ptr = |c: &Option<CString>| c.as_ref().map_or(std::ptr::null(), |c| c.as_ptr());
     // SAFETY: every pointer is either null or a NUL-terminated string living across the call.
-    let rc = unsafe {
-        libc::mount(
-            ptr(&src),
-            tgt.as_ptr(),
-            ptr(&fs),
-            flags,
-            ptr(&data).cast(),
-        )
-    };
+    let rc = unsafe { libc::mount(ptr(&src), tgt.as_ptr(), ptr(&fs), flags, ptr(&data).cast()) };
     check(rc).map_err(failed(what))
 }
 

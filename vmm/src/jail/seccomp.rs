@@ -273,7 +273,11 @@ fn build(
 /// Installs the SIGSYS handler and the process list on every thread, and prepares the
 /// per-thread lists. Called once, by [`super::enter`].
 pub fn install_process() -> Result<(), SeccompError> {
-    let process = build("process", &[COMMON, FILE_IO, EVENTS, SPAWN, PROCESS_ONLY], |_| {})?;
+    let process = build(
+        "process",
+        &[COMMON, FILE_IO, EVENTS, SPAWN, PROCESS_ONLY],
+        |_| {},
+    )?;
     let vcpu = build("vcpu", &[COMMON, FILE_IO, SPAWN], |r| {
         r.insert(libc::SYS_ioctl, ioctl_types(VCPU_IOCTL_TYPES));
     })?;
@@ -282,11 +286,7 @@ pub fn install_process() -> Result<(), SeccompError> {
         // Unix sockets only (vsock connects to host listeners).
         r.insert(
             libc::SYS_socket,
-            vec![rule(vec![cond(
-                0,
-                SeccompCmpOp::Eq,
-                libc::AF_UNIX as u64,
-            )])],
+            vec![rule(vec![cond(0, SeccompCmpOp::Eq, libc::AF_UNIX as u64)])],
         );
     })?;
     install_handler().map_err(SeccompError::Handler)?;
@@ -359,7 +359,12 @@ const SI_SYSCALL_OFFSET: usize = 24;
 extern "C" fn on_sigsys(_: libc::c_int, info: *mut libc::siginfo_t, _: *mut libc::c_void) {
     // SAFETY: the kernel passes a valid siginfo for a SA_SIGINFO handler; SIGSYS from seccomp
     // fills si_syscall at this offset.
-    let nr = unsafe { info.cast::<u8>().add(SI_SYSCALL_OFFSET).cast::<i32>().read() };
+    let nr = unsafe {
+        info.cast::<u8>()
+            .add(SI_SYSCALL_OFFSET)
+            .cast::<i32>()
+            .read()
+    };
     let kind = KIND.with(|k| k.get());
     let mut digits = [0u8; 20];
     let parts: [&[u8]; 5] = [
@@ -392,7 +397,12 @@ mod tests {
     #[test]
     fn every_list_compiles() {
         // A filter installed in a test would bind the test runner's thread: only compile them.
-        build("process", &[COMMON, FILE_IO, EVENTS, SPAWN, PROCESS_ONLY], |_| {}).unwrap();
+        build(
+            "process",
+            &[COMMON, FILE_IO, EVENTS, SPAWN, PROCESS_ONLY],
+            |_| {},
+        )
+        .unwrap();
         build("vcpu", &[COMMON, FILE_IO, SPAWN], |r| {
             r.insert(libc::SYS_ioctl, ioctl_types(VCPU_IOCTL_TYPES));
         })
