@@ -207,7 +207,14 @@ up() {
     [ -n "$initramfs" ] && args+=(--initramfs "$initramfs")
     [ -n "$worker_cpus" ] && args+=(--cpus "$worker_cpus")
     [ -n "$worker_memory" ] && args+=(--memory "$worker_memory")
-    daemon "w$k" ip netns exec "$ns" "$bin/lightbyte" worker "${args[@]}"
+    # `ip netns exec` mounts a fresh sysfs, which hides the cgroup2 mount under it: a host
+    # with cgroup v2 gets it back there, so the worker can give its VMs their limits.
+    if [ "$(stat -fc %T /sys/fs/cgroup)" = cgroup2fs ]; then
+      daemon "w$k" ip netns exec "$ns" sh -c \
+        'mount -t cgroup2 cgroup2 /sys/fs/cgroup && exec "$0" "$@"' "$bin/lightbyte" worker "${args[@]}"
+    else
+      daemon "w$k" ip netns exec "$ns" "$bin/lightbyte" worker "${args[@]}"
+    fi
   done
   # VMs of different workers reach each other (a load balancer's proxy VMs and its backends):
   # each namespace routes the other workers' subnets straight to them over lbdev0, which leaves

@@ -132,7 +132,7 @@ fn worker_starts_restarts_readopts_and_cleans_up() {
         for file in ["vms/a/root.qcow2", "vms/a/vm.json", "vms/a/vmm.log"] {
             assert_eq!(mode(&state.join(file)), 0o600, "{file}");
         }
-        let console = state.join("vms/a/console.log");
+        let console = state.join("vms/a/jail/console.log");
         eventually("a's console", LIMIT, || async {
             std::fs::read_to_string(&console)
                 .ok()

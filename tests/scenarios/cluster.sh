@@ -70,18 +70,37 @@ ip=$(field web-1 ip)
 w=$(field web-1 placement)
 boot=$(field web-1 boot_time)
 echo "web-1 on $w at $ip, booted $boot"
-check console-net grep -q "LIGHTBYTE-NET eth0 $ip" "$D/$w/vms/web-1/console.log"
+check console-net grep -q "LIGHTBYTE-NET eth0 $ip" "$D/$w/vms/web-1/jail/console.log"
 check ping-guest ping -c 2 -W 5 "$ip"
 pid=$(vmm_pid "$w" web-1)
 tap=$(tap_of "$w" web-1)
 check vmm-process kill -0 "$pid"
 check tap-present ip -n "lbdev-$w" link show "$tap"
 check root-overlay test -f "$D/$w/vms/web-1/root.qcow2"
+# The jail: every thread of web-1's vmm unprivileged, without capabilities, under seccomp; its
+# root a tmpfs with its own /dev/kvm and no host files; its cgroup's limits from its size
+# (1 vCPU, 128 MiB: +128 MiB overhead, one more CPU for I/O, 96 tasks more).
+jail_threads() {
+  for t in /proc/$pid/task/*; do
+    grep -q '^Seccomp:[[:space:]]*2$' "$t/status" &&
+      grep -q '^CapEff:[[:space:]]*0000000000000000$' "$t/status" &&
+      grep -qE '^Uid:[[:space:]]+[1-9][0-9]{5,}[[:space:]]' "$t/status" || return 1
+  done
+}
+check jail-threads jail_threads
+check jail-root sh -c "test -c /proc/$pid/root/dev/kvm && ! test -e /proc/$pid/root/etc/passwd"
+check jail-files sh -c "test \"\$(stat -c %a '$D/$w/vms/web-1/jail')\" = 700 &&
+  test \"\$(stat -c %u '$D/$w/vms/web-1/root.qcow2')\" = \"\$(awk '/^Uid:/{print \$2}' /proc/$pid/status)\" &&
+  test \"\$(stat -c %a '$D/$w/vms/web-1/jail/console.log')\" = 600"
+cg=/sys/fs/cgroup/lightbyte/$w/web-1
+check jail-cgroup-member grep -qx "$pid" "$cg/cgroup.procs"
+check jail-cgroup-limits sh -c "test \"\$(cat $cg/memory.max)\" = $((256 << 20)) &&
+  test \"\$(cat $cg/cpu.max)\" = '200000 100000' && test \"\$(cat $cg/pids.max)\" = 97"
 # The running vmm holds the image's lock, so the header is read as bytes: it names the base.
 # Its backing file is the pushed image as this worker cached it (read-only, named by digest).
 base_hex=$(lb image get base -o json | sed -n 's/.*"digest": *"sha256:\([0-9a-f]*\)".*/\1/p')
 check overlay-backing sh -c "grep -qaF '../../images/sha256/$base_hex' '$D/$w/vms/web-1/root.qcow2' &&
-  test \"\$(stat -c %a '$D/$w/images/sha256/$base_hex')\" = 400"
+  test \"\$(stat -c %a '$D/$w/images/sha256/$base_hex')\" = 444"
 # The guest agent answered over vsock (the TCP probe is the fallback for images without one;
 # the agent may come up a moment after the address answers).
 agent_reported() { for _ in $(seq 60); do [ -n "$(field web-1 agent)" ] && return 0; sleep 1; done; return 1; }
@@ -100,7 +119,7 @@ sleep 3
 check readopt-running wait_state web-1 Running 60
 check readopt-same-process test "$(vmm_pid "$w" web-1)" = "$pid"
 check readopt-same-boot test "$(field web-1 boot_time)" = "$boot"
-check readopt-no-reboot test "$(grep -c LIGHTBYTE-GUEST-UP "$D/$w/vms/web-1/console.log")" = 1
+check readopt-no-reboot test "$(grep -c LIGHTBYTE-GUEST-UP "$D/$w/vms/web-1/jail/console.log")" = 1
 check readopt-logged grep -q "re-adopted running vmm" "$D/$w.log"
 check ping-after-readopt ping -c 1 -W 5 "$ip"
 
@@ -137,7 +156,7 @@ spoof_sh=${spoof_sh//PEER/$ip}
 lb vm create spoof --image base --memory 96M --cmdline "lbcmd64=$(printf %s "$spoof_sh" | base64 -w0)"
 check spoof-running wait_state spoof Running 240
 sw=$(field spoof placement)
-spoof_log=$D/$sw/vms/spoof/console.log
+spoof_log=$D/$sw/vms/spoof/jail/console.log
 for _ in $(seq 120); do grep -q SPOOF-DONE "$spoof_log" 2>/dev/null && break; sleep 1; done
 grep -a "SPOOF" "$spoof_log" || true
 said() { local v; for v in "$@"; do grep -aqE "SPOOF.* $v([[:space:]]|\$)" "$spoof_log" || return 1; done; }
@@ -181,8 +200,8 @@ deb_digest=$(lb image get debian -o json | sed -n 's/.*"digest": *"\(sha256:[0-9
 echo "recipe image: create to Running in $(( ($(date +%s%N) - t0) / 1000000 )) ms on a worker that had never seen it; its pull: $(grep -ho "image pulled and verified image=$deb_digest.*" "$D"/w*.log | head -1)"
 deb_ping() { for _ in $(seq 60); do lb vm agent deb-1 ping 2>/dev/null | grep -q '"hostname": "deb-1"' && return 0; sleep 1; done; return 1; }
 check recipe-image-agent deb_ping
-check recipe-image-debian sh -c "grep -q 'LIGHTBYTE-DEBIAN 12' '$D/$(field deb-1 placement)/vms/deb-1/console.log' &&
-  grep -q 'built from images/recipes/debian-agent.recipe' '$D/$(field deb-1 placement)/vms/deb-1/console.log'"
+check recipe-image-debian sh -c "grep -q 'LIGHTBYTE-DEBIAN 12' '$D/$(field deb-1 placement)/vms/deb-1/jail/console.log' &&
+  grep -q 'built from images/recipes/debian-agent.recipe' '$D/$(field deb-1 placement)/vms/deb-1/jail/console.log'"
 lb vm delete deb-1
 
 echo "== etcd down: 503 within seconds, nothing lost, recovery"
@@ -229,6 +248,7 @@ removed() { # waits for the VM directories to go: they are removed after the pro
 check delete-volume-gone removed
 taps_gone() { ! ip -n "lbdev-$w" link show "$tap" 2>/dev/null && ! ip -n "lbdev-$w2" link show "$tap2" 2>/dev/null; }
 check delete-tap-gone taps_gone
+check delete-cgroup-gone test ! -e "$cg"
 graceful() { grep -q 'stopped and removed.*web-1' "$D/$w.log" && ! grep -q 'killing' "$D"/w*.log; }
 check graceful-stop graceful
 
@@ -243,7 +263,7 @@ note_sh='mkdir -p /mnt/n && mount -t ext4 /dev/vda /mnt/n && if [ -f /mnt/n/note
 lb vm create note --image notes --memory 128M --cmdline "lbcmd64=$(printf %s "$note_sh" | base64 -w0)"
 check note-running wait_state note Running 300
 src=$(field note placement)
-note_wrote() { grep -ao 'LIGHTBYTE-NOTE-WROTE [a-z0-9-]*' "$D/$src/vms/note/console.log" | awk '{print $2}'; }
+note_wrote() { grep -ao 'LIGHTBYTE-NOTE-WROTE [a-z0-9-]*' "$D/$src/vms/note/jail/console.log" | awk '{print $2}'; }
 for _ in $(seq 60); do [ -n "$(note_wrote)" ] && break; sleep 1; done
 token=$(note_wrote)
 check note-wrote test -n "$token"
@@ -262,7 +282,7 @@ check drain-drained test "$(wstate "$src")" = Drained
 dst=$(field note placement)
 check note-moved test -n "$dst" -a "$dst" != "$src"
 check note-running-after-move wait_state note Running 300
-note_read() { grep -aq "LIGHTBYTE-NOTE-READ $token" "$D/$dst/vms/note/console.log"; }
+note_read() { grep -aq "LIGHTBYTE-NOTE-READ $token" "$D/$dst/vms/note/jail/console.log"; }
 read_back() { for _ in $(seq 60); do note_read && return 0; sleep 1; done; return 1; }
 check note-same-file read_back
 check note-source-gone test ! -e "$D/$src/vms/note"

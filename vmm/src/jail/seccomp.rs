@@ -4,8 +4,10 @@
 //!   other thread exists, so no thread ever runs unfiltered. It is what the VMM needs anywhere:
 //!   the API thread and its blocking pool build VMs (KVM, files, sockets, threads), snapshot
 //!   them and serve HTTP, so the API's list is this one.
-//! - **vCPU** threads add their own at start: KVM and TUN ioctls only, and what activating a
-//!   device from a vCPU exit takes (threads, epoll, eventfds, io_uring set-up).
+//! - **vCPU** threads add their own at start: ioctls of KVM and TUN only, no listening sockets,
+//!   no files made, removed or re-moded; but what activating a device from a vCPU exit takes
+//!   (threads, epoll, eventfds, io_uring set-up) and, since the device threads it starts are
+//!   bound by its filter too, what those need.
 //! - **Device** threads (virtio workers, block I/O threads) add theirs: I/O on the fds they were
 //!   given, epoll, Unix sockets for vsock; no new threads, no ioctl beyond TUN and block ones.
 //!
@@ -143,6 +145,9 @@ const EVENTS: &[i64] = &[
     libc::SYS_getpeername,
 ];
 
+/// Renaming files: the console log rotates on the vCPU thread that writes it.
+const RENAME: &[i64] = &[libc::SYS_rename, libc::SYS_renameat, libc::SYS_renameat2];
+
 /// Starting threads and device machinery (a vCPU activates devices).
 const SPAWN: &[i64] = &[
     libc::SYS_clone,
@@ -202,9 +207,9 @@ const PROCESS_ONLY: &[i64] = &[
     libc::SYS_sched_setaffinity,
 ];
 
-/// ioctl request types (bits 8-15) a vCPU may use: KVM's, and TUN's (a vCPU activating a
-/// virtio-net device sets the TAP's offloads).
-const VCPU_IOCTL_TYPES: &[u64] = &[0xae, b'T' as u64];
+/// ioctl request types (bits 8-15) a vCPU may use: KVM's, TUN's (a vCPU activating a
+/// virtio-net device sets the TAP's offloads) and the device threads' it starts.
+const VCPU_IOCTL_TYPES: &[u64] = &[0xae, b'T' as u64, 0x12];
 /// ioctl request types a device thread may use: TUN's and block devices' (0x12).
 const DEVICE_IOCTL_TYPES: &[u64] = &[b'T' as u64, 0x12];
 
@@ -233,6 +238,20 @@ fn cond(arg: u8, op: SeccompCmpOp, value: u64) -> SeccompCondition {
 fn rule(conds: Vec<SeccompCondition>) -> SeccompRule {
     SeccompRule::new(conds).expect("at least one condition")
 }
+
+/// socket(2) for Unix sockets only (vsock connects to host listeners).
+fn unix_sockets() -> Vec<SeccompRule> {
+    vec![rule(vec![cond(0, SeccompCmpOp::Eq, libc::AF_UNIX as u64)])]
+}
+
+/// A vCPU thread's lists: it starts device threads (activation happens on the vCPU exit that
+/// writes DRIVER_OK), and a thread's filter binds every thread it starts, so it holds what
+/// device threads need too.
+const VCPU: &[&[i64]] = &[COMMON, FILE_IO, EVENTS, SPAWN, RENAME];
+/// A device thread's lists.
+const DEVICE: &[&[i64]] = &[COMMON, FILE_IO, EVENTS];
+/// The process's lists.
+const PROCESS: &[&[i64]] = &[COMMON, FILE_IO, EVENTS, SPAWN, RENAME, PROCESS_ONLY];
 
 fn ioctl_types(types: &[u64]) -> Vec<SeccompRule> {
     types
@@ -273,21 +292,14 @@ fn build(
 /// Installs the SIGSYS handler and the process list on every thread, and prepares the
 /// per-thread lists. Called once, by [`super::enter`].
 pub fn install_process() -> Result<(), SeccompError> {
-    let process = build(
-        "process",
-        &[COMMON, FILE_IO, EVENTS, SPAWN, PROCESS_ONLY],
-        |_| {},
-    )?;
-    let vcpu = build("vcpu", &[COMMON, FILE_IO, SPAWN], |r| {
+    let process = build("process", PROCESS, |_| {})?;
+    let vcpu = build("vcpu", VCPU, |r| {
         r.insert(libc::SYS_ioctl, ioctl_types(VCPU_IOCTL_TYPES));
+        r.insert(libc::SYS_socket, unix_sockets());
     })?;
-    let device = build("device", &[COMMON, FILE_IO, EVENTS], |r| {
+    let device = build("device", DEVICE, |r| {
         r.insert(libc::SYS_ioctl, ioctl_types(DEVICE_IOCTL_TYPES));
-        // Unix sockets only (vsock connects to host listeners).
-        r.insert(
-            libc::SYS_socket,
-            vec![rule(vec![cond(0, SeccompCmpOp::Eq, libc::AF_UNIX as u64)])],
-        );
+        r.insert(libc::SYS_socket, unix_sockets());
     })?;
     install_handler().map_err(SeccompError::Handler)?;
     seccompiler::apply_filter_all_threads(&process).map_err(|source| SeccompError::Install {
@@ -397,24 +409,48 @@ mod tests {
     #[test]
     fn every_list_compiles() {
         // A filter installed in a test would bind the test runner's thread: only compile them.
-        build(
-            "process",
-            &[COMMON, FILE_IO, EVENTS, SPAWN, PROCESS_ONLY],
-            |_| {},
-        )
-        .unwrap();
-        build("vcpu", &[COMMON, FILE_IO, SPAWN], |r| {
+        build("process", PROCESS, |_| {}).unwrap();
+        build("vcpu", VCPU, |r| {
             r.insert(libc::SYS_ioctl, ioctl_types(VCPU_IOCTL_TYPES));
+            r.insert(libc::SYS_socket, unix_sockets());
         })
         .unwrap();
+        build("device", DEVICE, |_| {}).unwrap();
         let mut d = [0u8; 20];
         assert_eq!(decimal(0, &mut d), b"0");
         assert_eq!(decimal(1234, &mut d), b"1234");
     }
 
     #[test]
+    fn thread_lists_nest() {
+        // A vCPU starts device threads: whatever a device thread may call, a vCPU may too.
+        for list in DEVICE {
+            for call in *list {
+                assert!(VCPU.iter().any(|l| l.contains(call)), "{call}");
+            }
+        }
+        for list in VCPU {
+            for call in *list {
+                assert!(PROCESS.iter().any(|l| l.contains(call)), "{call}");
+            }
+        }
+        assert!(DEVICE_IOCTL_TYPES
+            .iter()
+            .all(|t| VCPU_IOCTL_TYPES.contains(t)));
+        // What only the process may do: listening sockets, files made or removed, handlers.
+        for call in [
+            libc::SYS_bind,
+            libc::SYS_unlink,
+            libc::SYS_mkdir,
+            libc::SYS_rt_sigaction,
+        ] {
+            assert!(!VCPU.iter().any(|l| l.contains(&call)), "{call}");
+        }
+    }
+
+    #[test]
     fn the_probe_call_is_in_no_list() {
-        for list in [COMMON, FILE_IO, EVENTS, SPAWN, PROCESS_ONLY] {
+        for list in PROCESS {
             assert!(!list.contains(&libc::SYS_getppid));
             assert!(!list.contains(&libc::SYS_execve));
             assert!(!list.contains(&libc::SYS_ptrace));
