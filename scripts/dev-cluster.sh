@@ -111,6 +111,11 @@ down() {
   stop_pidfile "$dir/etcd.pid"
   for ns in $(ip netns list 2>/dev/null | awk '/^lbdev-w[0-9]+/ {print $1}'); do
     k=${ns#lbdev-w}
+    # The VMs' cgroups (empty once their vmms are gone; a worker removes them only for VMs it
+    # stops itself).
+    for cg in /sys/fs/cgroup/lightbyte/w$k/* /sys/fs/cgroup/lightbyte/w$k; do
+      [ -d "$cg" ] && rmdir "$cg" 2>/dev/null || true
+    done
     ip route del "10.124.$k.0/24" 2>/dev/null || true
     ip link del "lbdev-w$k-h" 2>/dev/null || true
     ip netns del "$ns" 2>/dev/null || true

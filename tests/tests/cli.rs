@@ -241,3 +241,35 @@ fn help_explains_and_exits_0() {
     }
     assert!(help.contains("PVH"), "{help}");
 }
+
+#[test]
+fn bad_jails_exit_2_with_a_clear_message() {
+    let dir = std::env::temp_dir().join(format!("lb-cli-jail-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let secret = dir.join("kernel-0600");
+    std::fs::write(&secret, "not for the jail\n").unwrap();
+    std::fs::set_permissions(&secret, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    let k = secret.to_str().unwrap();
+
+    assert_bad_input(
+        &["--kernel", k, "--jail", "uid=0,gid=5"],
+        "uid=0: the jail runs the VMM as an unprivileged user",
+    );
+    assert_bad_input(&["--kernel", k, "--jail", "uid=5"], "gid= is required");
+    assert_bad_input(
+        &["--kernel", k, "--jail", "uid=5,gid=5,chroot=/"],
+        "unknown jail option `chroot`",
+    );
+    assert_bad_input(&["--kernel", k, "--jail-rw", "/tmp"], "--jail");
+    assert_bad_input(
+        &["--kernel", "/nonexistent/vmlinux", "--jail", "uid=5,gid=5"],
+        "must exist before the jail closes",
+    );
+    // Read-only paths are checked up front (tests run as root; uid 5 cannot read a 0600 file
+    // of root's).
+    assert_bad_input(
+        &["--kernel", k, "--jail", "uid=5,gid=5"],
+        "not readable by uid 5 gid 5 (mode 600, owner 0:0)",
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}

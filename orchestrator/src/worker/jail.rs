@@ -165,10 +165,9 @@ pub fn prepare_dir(layout: &Layout, name: &str, uid: u32) -> io::Result<PathBuf>
     super::record::create_private_dir(&dir)?;
     give(&dir, uid, 0o700)?;
     // A console log from an earlier run (or an unjailed one) must stay writable.
-    for f in [layout.console(name)] {
-        if f.exists() {
-            give(&f, uid, 0o600)?;
-        }
+    let console = layout.console(name);
+    if console.exists() {
+        give(&console, uid, 0o600)?;
     }
     Ok(dir)
 }

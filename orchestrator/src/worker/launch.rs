@@ -73,7 +73,7 @@ pub enum StartError {
     #[error("guest firewall: {0}")]
     Firewall(#[from] super::firewall::FirewallError),
     /// No uid is left for another jailed VM.
-    #[error("no free jail uid in {base}..{} (raise --jail-uids)", base + count)]
+    #[error("no free jail uid in {base}..{} (raise --jail-uids)", base.saturating_add(*count))]
     NoUid { base: u32, count: u32 },
     /// The jail could not be set up.
     #[error("jail: {0}")]

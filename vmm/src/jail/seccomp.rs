@@ -127,8 +127,11 @@ const FILE_IO: &[i64] = &[
     libc::SYS_io_uring_enter,
 ];
 
-/// Event loops and socket traffic (vsock's host side is Unix sockets).
+/// Event loops, timers (vsock's) and socket traffic (vsock's host side is Unix sockets).
 const EVENTS: &[i64] = &[
+    libc::SYS_timerfd_create,
+    libc::SYS_timerfd_settime,
+    libc::SYS_timerfd_gettime,
     libc::SYS_epoll_wait,
     libc::SYS_epoll_pwait,
     libc::SYS_epoll_ctl,
