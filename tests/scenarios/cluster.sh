@@ -249,6 +249,8 @@ check delete-volume-gone removed
 taps_gone() { ! ip -n "lbdev-$w" link show "$tap" 2>/dev/null && ! ip -n "lbdev-$w2" link show "$tap2" 2>/dev/null; }
 check delete-tap-gone taps_gone
 check delete-cgroup-gone test ! -e "$cg"
+[ -e "$cg" ] && { echo "left: $cg: procs [$(cat "$cg/cgroup.procs" | tr '\n' ' ')] $(tr '\n' ' ' < "$cg/cgroup.events")"
+  grep -h 'cgroup' "$D"/w*.log | tail -5; }
 graceful() { grep -q 'stopped and removed.*web-1' "$D/$w.log" && ! grep -q 'killing' "$D"/w*.log; }
 check graceful-stop graceful
 
@@ -411,6 +413,11 @@ check lb-down-members-retire retired
 sleep 2
 stop_client lb-down
 check lb-down-no-failures no_fail lb-down
+# What the VMs' cgroups saw so far (limits hit, throttling), and any vmm that ended.
+for c in /sys/fs/cgroup/lightbyte/w*/*/; do
+  [ -d "$c" ] && echo "cgroup $(basename "$c"): $(tr '\n' ' ' < "$c/memory.events") peak=$(( $(cat "$c/memory.peak" 2>/dev/null || echo 0) >> 20 ))M $(grep -E '^(nr_throttled|throttled_usec)' "$c/cpu.stat" | tr '\n' ' ') pids.$(tr '\n' ' ' < "$c/pids.events")"
+done
+grep -hE 'vmm exited|SIGSYS|restarting|too many restarts' "$D"/w*.log | tail -10
 late() { # requests started after the removal that reached a removed member
   local h
   for h in $gone; do awk -v t="$removed_at" -v h="$h" '$1 > t && $2 == h' "$WORK/lb-down"; done | grep -c .

@@ -137,17 +137,28 @@ pub fn prepare_cgroup(root: &Path, worker: &str, vm: &str, limits: Limits) -> io
     Ok(dir)
 }
 
+/// How long a VM's cgroup may stay busy after its `vmm` was seen exiting: the process's
+/// leader is a zombie before its other threads (and KVM's workers) have all left.
+const CGROUP_BUSY_FOR: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// Removes a VM's cgroup (its `vmm` has exited); nothing to do when it is gone.
-pub fn remove_cgroup(settings: Option<&JailSettings>, worker: &str, vm: &str) {
+pub async fn remove_cgroup(settings: Option<&JailSettings>, worker: &str, vm: &str) {
     let Some(root) = settings.and_then(|s| s.cgroup_root.as_deref()) else {
         return;
     };
     let dir = cgroup_dir(root, worker, vm);
-    match std::fs::remove_dir(&dir) {
-        Err(e) if e.kind() != io::ErrorKind::NotFound => {
-            tracing::warn!(vm, error = %e, "cannot remove cgroup {}", dir.display());
+    let deadline = std::time::Instant::now() + CGROUP_BUSY_FOR;
+    loop {
+        match std::fs::remove_dir(&dir) {
+            Err(e) if e.raw_os_error() == Some(libc::EBUSY) && std::time::Instant::now() < deadline => {
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+            Err(e) if e.kind() != io::ErrorKind::NotFound => {
+                tracing::warn!(vm, error = %e, "cannot remove cgroup {}", dir.display());
+                return;
+            }
+            _ => return,
         }
-        _ => {}
     }
 }
 

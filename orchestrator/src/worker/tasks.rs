@@ -37,7 +37,7 @@ pub(super) async fn start(
                 p.kill();
                 p.wait_exit(Duration::from_secs(5)).await;
             }
-            super::jail::remove_cgroup(ctx.cfg.jail.as_ref(), &ctx.cfg.name, &name);
+            super::jail::remove_cgroup(ctx.cfg.jail.as_ref(), &ctx.cfg.name, &name).await;
             if let Err(e) = super::firewall::release(ctx.cfg.firewall.as_ref(), &vm.rec.tap).await {
                 tracing::warn!(vm = %name, error = %e, "cannot remove TAP");
             }
@@ -108,7 +108,7 @@ async fn power_off(ctx: &Ctx, vm: &mut LocalVm) {
     vm.agent = None;
     vm.rec.pid = None;
     vm.rec.pid_start = None;
-    super::jail::remove_cgroup(ctx.cfg.jail.as_ref(), &ctx.cfg.name, &name);
+    super::jail::remove_cgroup(ctx.cfg.jail.as_ref(), &ctx.cfg.name, &name).await;
 }
 
 /// Powers a VM off and keeps everything, for `vm stop`: it is Stopped here until started again.
