@@ -79,7 +79,8 @@ check tap-present ip -n "lbdev-$w" link show "$tap"
 check root-overlay test -f "$D/$w/vms/web-1/root.qcow2"
 # The jail: every thread of web-1's vmm unprivileged, without capabilities, under seccomp; its
 # root a tmpfs with its own /dev/kvm and no host files; its cgroup's limits from its size
-# (1 vCPU, 128 MiB: +128 MiB overhead, one more CPU for I/O, 96 tasks more).
+# (1 vCPU, 128 MiB: +128 MiB overhead, one more CPU for I/O, 96 tasks more, the CPU weight of
+# two threads).
 jail_threads() {
   for t in /proc/$pid/task/*; do
     grep -q '^Seccomp:[[:space:]]*2$' "$t/status" &&
@@ -95,7 +96,8 @@ check jail-files sh -c "test \"\$(stat -c %a '$D/$w/vms/web-1/jail')\" = 700 &&
 cg=/sys/fs/cgroup/lightbyte/$w/web-1
 check jail-cgroup-member grep -qx "$pid" "$cg/cgroup.procs"
 check jail-cgroup-limits sh -c "test \"\$(cat $cg/memory.max)\" = $((256 << 20)) &&
-  test \"\$(cat $cg/cpu.max)\" = '200000 100000' && test \"\$(cat $cg/pids.max)\" = 97"
+  test \"\$(cat $cg/cpu.max)\" = '200000 100000' && test \"\$(cat $cg/pids.max)\" = 97 &&
+  test \"\$(cat $cg/cpu.weight)\" = 200"
 # The running vmm holds the image's lock, so the header is read as bytes: it names the base.
 # Its backing file is the pushed image as this worker cached it (read-only, named by digest).
 base_hex=$(lb image get base -o json | sed -n 's/.*"digest": *"sha256:\([0-9a-f]*\)".*/\1/p')
@@ -253,6 +255,7 @@ check delete-cgroup-gone test ! -e "$cg"
   grep -h 'cgroup' "$D"/w*.log | tail -5; }
 graceful() { grep -q 'stopped and removed.*web-1' "$D/$w.log" && ! grep -q 'killing' "$D"/w*.log; }
 check graceful-stop graceful
+graceful || grep -h 'killing\|stopped and removed' "$D"/w*.log | tail -6
 
 echo "== drain: a standalone VM moves with its disk, a scale group is replaced surge-first"
 # The guest mounts its root disk (an ext4 image under its overlay): the first boot writes a

@@ -67,7 +67,12 @@ pub struct Limits {
     /// CPU time per 100 ms period, in µs.
     pub cpu_quota: u64,
     pub pids_max: u64,
+    /// Its share of contended CPU (`cpu.weight`; 100 is one ordinary thread's).
+    pub cpu_weight: u64,
 }
+
+/// The most `cpu.weight` takes.
+const MAX_WEIGHT: u64 = 10_000;
 
 /// The limits of a VM of `memory` bytes and `cpus` vCPUs: its RAM plus [`MEMORY_OVERHEAD`], its
 /// vCPUs plus one CPU for device and I/O threads, [`PIDS_BASE`] tasks plus its vCPUs.
@@ -76,6 +81,29 @@ pub fn limits(memory: u64, cpus: u32) -> Limits {
         memory_max: memory.saturating_add(MEMORY_OVERHEAD),
         cpu_quota: (u64::from(cpus) + 1) * 100_000,
         pids_max: PIDS_BASE + u64::from(cpus),
+        cpu_weight: ((u64::from(cpus) + 1) * 100).min(MAX_WEIGHT),
+    }
+}
+
+/// Gives each level above the VMs' cgroups the sum of its children's weights. Without a cgroup
+/// a vmm's threads competed for the CPU one by one with every other process; in one, all VMs
+/// together would weigh as a single thread against the rest of the host (etcd, agents) and
+/// starve under contention. Summing keeps each VM weighing what its threads did.
+fn balance_weights(levels: &[PathBuf]) {
+    for level in levels.iter().rev() {
+        let Ok(entries) = std::fs::read_dir(level) else {
+            continue;
+        };
+        let sum: u64 = entries
+            .flatten()
+            .filter(|e| e.path().is_dir())
+            .filter_map(|e| std::fs::read_to_string(e.path().join("cpu.weight")).ok())
+            .filter_map(|w| w.trim().parse::<u64>().ok())
+            .sum();
+        let _ = write_file(
+            &level.join("cpu.weight"),
+            &sum.clamp(1, MAX_WEIGHT).to_string(),
+        );
     }
 }
 
@@ -129,6 +157,9 @@ pub fn prepare_cgroup(root: &Path, worker: &str, vm: &str, limits: Limits) -> io
         &format!("{} 100000", limits.cpu_quota),
     )?;
     write_file(&dir.join("pids.max"), &limits.pids_max.to_string())?;
+    write_file(&dir.join("cpu.weight"), &limits.cpu_weight.to_string())?;
+    // The levels between the mount and the VM (the mount's own root has no weight).
+    balance_weights(&levels[1..]);
     // Guest RAM swapped out by the host would make the limit meaningless and the guest slow.
     let swap = dir.join("memory.swap.max");
     if swap.exists() {
@@ -150,15 +181,21 @@ pub async fn remove_cgroup(settings: Option<&JailSettings>, worker: &str, vm: &s
     let deadline = std::time::Instant::now() + CGROUP_BUSY_FOR;
     loop {
         match std::fs::remove_dir(&dir) {
-            Err(e) if e.raw_os_error() == Some(libc::EBUSY) && std::time::Instant::now() < deadline => {
+            Err(e)
+                if e.raw_os_error() == Some(libc::EBUSY)
+                    && std::time::Instant::now() < deadline =>
+            {
                 tokio::time::sleep(std::time::Duration::from_millis(50)).await;
             }
             Err(e) if e.kind() != io::ErrorKind::NotFound => {
                 tracing::warn!(vm, error = %e, "cannot remove cgroup {}", dir.display());
                 return;
             }
-            _ => return,
+            _ => break,
         }
+    }
+    if let Some(worker_level) = dir.parent() {
+        balance_weights(&[root.to_path_buf(), worker_level.to_path_buf()]);
     }
 }
 
@@ -255,6 +292,8 @@ mod tests {
         assert_eq!(l.memory_max, (512 << 20) + MEMORY_OVERHEAD);
         assert_eq!(l.cpu_quota, 300_000);
         assert_eq!(l.pids_max, PIDS_BASE + 2);
+        assert_eq!(l.cpu_weight, 300);
+        assert_eq!(limits(1 << 30, 254).cpu_weight, MAX_WEIGHT);
     }
 
     #[test]
