@@ -113,7 +113,7 @@ down() {
     k=${ns#lbdev-w}
     # The VMs' cgroups (empty once their vmms are gone; a worker removes them only for VMs it
     # stops itself).
-    for cg in /sys/fs/cgroup/lightbyte/w$k/* /sys/fs/cgroup/lightbyte/w$k; do
+    for cg in /sys/fs/cgroup/lightbyte-w$k-*; do
       [ -d "$cg" ] && rmdir "$cg" 2>/dev/null || true
     done
     ip route del "10.124.$k.0/24" 2>/dev/null || true

@@ -21,6 +21,7 @@ use orchestrator::worker::record::Layout;
 
 /// A VMM's vsock socket at `path` whose guest agent answers every ping with `hostname`.
 fn fake_vmm(path: std::path::PathBuf, hostname: &'static str) {
+    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
     let listener = UnixListener::bind(path).unwrap();
     std::thread::spawn(move || {
         for stream in listener.incoming() {

@@ -220,7 +220,7 @@ fn jailed_vmms_run_unprivileged_filtered_and_alone() {
                 "{name}: TAP owner: {link}"
             );
             if orchestrator::worker::jail::cgroup2_mounted() {
-                let cg = Path::new("/sys/fs/cgroup/lightbyte/w1").join(name);
+                let cg = Path::new("/sys/fs/cgroup").join(format!("lightbyte-w1-{name}"));
                 let procs = std::fs::read_to_string(cg.join("cgroup.procs")).unwrap();
                 assert!(procs.lines().any(|l| l == pid.to_string()), "{procs}");
             }

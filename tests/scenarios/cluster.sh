@@ -80,7 +80,7 @@ check root-overlay test -f "$D/$w/vms/web-1/root.qcow2"
 # The jail: every thread of web-1's vmm unprivileged, without capabilities, under seccomp; its
 # root a tmpfs with its own /dev/kvm and no host files; its cgroup's limits from its size
 # (1 vCPU, 128 MiB: +128 MiB overhead, one more CPU for I/O, 96 tasks more, the CPU weight of
-# two threads).
+# one thread).
 jail_threads() {
   for t in /proc/$pid/task/*; do
     grep -q '^Seccomp:[[:space:]]*2$' "$t/status" &&
@@ -93,11 +93,11 @@ check jail-root sh -c "test -c /proc/$pid/root/dev/kvm && ! test -e /proc/$pid/r
 check jail-files sh -c "test \"\$(stat -c %a '$D/$w/vms/web-1/jail')\" = 700 &&
   test \"\$(stat -c %u '$D/$w/vms/web-1/root.qcow2')\" = \"\$(awk '/^Uid:/{print \$2}' /proc/$pid/status)\" &&
   test \"\$(stat -c %a '$D/$w/vms/web-1/jail/console.log')\" = 600"
-cg=/sys/fs/cgroup/lightbyte/$w/web-1
+cg=/sys/fs/cgroup/lightbyte-$w-web-1
 check jail-cgroup-member grep -qx "$pid" "$cg/cgroup.procs"
 check jail-cgroup-limits sh -c "test \"\$(cat $cg/memory.max)\" = $((256 << 20)) &&
   test \"\$(cat $cg/cpu.max)\" = '200000 100000' && test \"\$(cat $cg/pids.max)\" = 97 &&
-  test \"\$(cat $cg/cpu.weight)\" = 200"
+  test \"\$(cat $cg/cpu.weight)\" = 100"
 # The running vmm holds the image's lock, so the header is read as bytes: it names the base.
 # Its backing file is the pushed image as this worker cached it (read-only, named by digest).
 base_hex=$(lb image get base -o json | sed -n 's/.*"digest": *"sha256:\([0-9a-f]*\)".*/\1/p')
@@ -417,7 +417,7 @@ sleep 2
 stop_client lb-down
 check lb-down-no-failures no_fail lb-down
 # What the VMs' cgroups saw so far (limits hit, throttling), and any vmm that ended.
-for c in /sys/fs/cgroup/lightbyte/w*/*/; do
+for c in /sys/fs/cgroup/lightbyte-w*/; do
   [ -d "$c" ] && echo "cgroup $(basename "$c"): $(tr '\n' ' ' < "$c/memory.events") peak=$(( $(cat "$c/memory.peak" 2>/dev/null || echo 0) >> 20 ))M $(grep -E '^(nr_throttled|throttled_usec)' "$c/cpu.stat" | tr '\n' ' ') pids.$(tr '\n' ' ' < "$c/pids.events")"
 done
 grep -hE 'vmm exited|SIGSYS|restarting|too many restarts' "$D"/w*.log | tail -10

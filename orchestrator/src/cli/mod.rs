@@ -645,10 +645,11 @@ pub struct AgentArgs {
     /// The uids (and gids) jailed VMs take, one each: FIRST-LAST
     #[arg(long, value_name = "FIRST-LAST", default_value = "400000-465535", value_parser = uid_range)]
     pub jail_uids: (u32, u32),
-    /// Where the VMs' cgroups go (DIR/<worker>/<vm>), under a cgroup v2 mount. Without cgroup v2
-    /// at /sys/fs/cgroup (a v1 or hybrid host), VMs run without these limits and the worker
-    /// says so at start
-    #[arg(long, value_name = "DIR", default_value = "/sys/fs/cgroup/lightbyte")]
+    /// Where the VMs' cgroups go (DIR/lightbyte-<worker>-<vm>, side by side so that each VM
+    /// weighs on the CPU as its vCPUs did), under a cgroup v2 mount; on a systemd host, a
+    /// delegated cgroup. Without cgroup v2 at /sys/fs/cgroup (a v1 or hybrid host), VMs run
+    /// without these limits and the worker says so at start
+    #[arg(long, value_name = "DIR", default_value = "/sys/fs/cgroup")]
     pub cgroup_root: std::path::PathBuf,
 }
 

@@ -28,7 +28,8 @@ pub struct JailSettings {
     pub uid_base: u32,
     /// How many ids from `uid_base` VMs may take.
     pub uid_count: u32,
-    /// Parent of the VMs' cgroups (`<dir>/<worker>/<vm>`); none when cgroup v2 is not mounted.
+    /// Parent of the VMs' cgroups (`<dir>/lightbyte-<worker>-<vm>`); none when cgroup v2 is not
+    /// mounted.
     pub cgroup_root: Option<PathBuf>,
 }
 
@@ -67,7 +68,11 @@ pub struct Limits {
     /// CPU time per 100 ms period, in µs.
     pub cpu_quota: u64,
     pub pids_max: u64,
-    /// Its share of contended CPU (`cpu.weight`; 100 is one ordinary thread's).
+    /// Its share of contended CPU (`cpu.weight`; 100 is one ordinary thread's): one per vCPU,
+    /// as its vCPU threads weighed before they were grouped. VM cgroups sit side by side
+    /// directly under the cgroup root (`lightbyte-WORKER-VM`): nested under a common parent, all
+    /// VMs would weigh as one thread against the host's other processes (and a parent weighing
+    /// the sum of its VMs would let one busy VM starve etcd and the agents).
     pub cpu_weight: u64,
 }
 
@@ -75,35 +80,14 @@ pub struct Limits {
 const MAX_WEIGHT: u64 = 10_000;
 
 /// The limits of a VM of `memory` bytes and `cpus` vCPUs: its RAM plus [`MEMORY_OVERHEAD`], its
-/// vCPUs plus one CPU for device and I/O threads, [`PIDS_BASE`] tasks plus its vCPUs.
+/// vCPUs plus one CPU for device and I/O threads, [`PIDS_BASE`] tasks plus its vCPUs, a CPU
+/// weight of one thread per vCPU.
 pub fn limits(memory: u64, cpus: u32) -> Limits {
     Limits {
         memory_max: memory.saturating_add(MEMORY_OVERHEAD),
         cpu_quota: (u64::from(cpus) + 1) * 100_000,
         pids_max: PIDS_BASE + u64::from(cpus),
-        cpu_weight: ((u64::from(cpus) + 1) * 100).min(MAX_WEIGHT),
-    }
-}
-
-/// Gives each level above the VMs' cgroups the sum of its children's weights. Without a cgroup
-/// a vmm's threads competed for the CPU one by one with every other process; in one, all VMs
-/// together would weigh as a single thread against the rest of the host (etcd, agents) and
-/// starve under contention. Summing keeps each VM weighing what its threads did.
-fn balance_weights(levels: &[PathBuf]) {
-    for level in levels.iter().rev() {
-        let Ok(entries) = std::fs::read_dir(level) else {
-            continue;
-        };
-        let sum: u64 = entries
-            .flatten()
-            .filter(|e| e.path().is_dir())
-            .filter_map(|e| std::fs::read_to_string(e.path().join("cpu.weight")).ok())
-            .filter_map(|w| w.trim().parse::<u64>().ok())
-            .sum();
-        let _ = write_file(
-            &level.join("cpu.weight"),
-            &sum.clamp(1, MAX_WEIGHT).to_string(),
-        );
+        cpu_weight: (u64::from(cpus) * 100).min(MAX_WEIGHT),
     }
 }
 
@@ -115,7 +99,7 @@ fn write_file(path: &Path, value: &str) -> io::Result<()> {
 
 /// The cgroup directory of VM `vm` on worker `worker`.
 pub fn cgroup_dir(root: &Path, worker: &str, vm: &str) -> PathBuf {
-    root.join(worker).join(vm)
+    root.join(format!("lightbyte-{worker}-{vm}"))
 }
 
 /// Makes the VM's cgroup with `limits`, enabling the controllers on every level above it.
@@ -158,8 +142,6 @@ pub fn prepare_cgroup(root: &Path, worker: &str, vm: &str, limits: Limits) -> io
     )?;
     write_file(&dir.join("pids.max"), &limits.pids_max.to_string())?;
     write_file(&dir.join("cpu.weight"), &limits.cpu_weight.to_string())?;
-    // The levels between the mount and the VM (the mount's own root has no weight).
-    balance_weights(&levels[1..]);
     // Guest RAM swapped out by the host would make the limit meaningless and the guest slow.
     let swap = dir.join("memory.swap.max");
     if swap.exists() {
@@ -191,11 +173,8 @@ pub async fn remove_cgroup(settings: Option<&JailSettings>, worker: &str, vm: &s
                 tracing::warn!(vm, error = %e, "cannot remove cgroup {}", dir.display());
                 return;
             }
-            _ => break,
+            _ => return,
         }
-    }
-    if let Some(worker_level) = dir.parent() {
-        balance_weights(&[root.to_path_buf(), worker_level.to_path_buf()]);
     }
 }
 
@@ -292,7 +271,7 @@ mod tests {
         assert_eq!(l.memory_max, (512 << 20) + MEMORY_OVERHEAD);
         assert_eq!(l.cpu_quota, 300_000);
         assert_eq!(l.pids_max, PIDS_BASE + 2);
-        assert_eq!(l.cpu_weight, 300);
+        assert_eq!(l.cpu_weight, 200);
         assert_eq!(limits(1 << 30, 254).cpu_weight, MAX_WEIGHT);
     }
 
@@ -300,7 +279,7 @@ mod tests {
     fn jail_arguments_name_ids_cgroup_and_paths() {
         let args = vmm_args(
             400_001,
-            Some(Path::new("/sys/fs/cgroup/lightbyte/w1/vm")),
+            Some(Path::new("/sys/fs/cgroup/lightbyte-w1-vm")),
             &[PathBuf::from("/s/vms/vm/jail")],
             &[PathBuf::from("/k/vmlinux")],
         );
@@ -312,7 +291,7 @@ mod tests {
             args,
             [
                 "--jail",
-                "uid=400001,gid=400001,cgroup=/sys/fs/cgroup/lightbyte/w1/vm",
+                "uid=400001,gid=400001,cgroup=/sys/fs/cgroup/lightbyte-w1-vm",
                 "--jail-rw",
                 "/s/vms/vm/jail",
                 "--jail-ro",
