@@ -22,24 +22,35 @@ lb() { "$LIGHTBYTE_BIN/lightbyte" "$@"; }
 D=$LIGHTBYTE_DEV_DIR
 trap 'cluster down >/dev/null 2>&1' EXIT
 
+# Section headers carry the time since the scenario began, so a slow run shows where.
+T0=$(date +%s)
+section() { echo "== $* (at $(( $(date +%s) - T0 )) s)"; }
 check() { # name, condition..., prints the result
   local name=$1; shift
   if "$@"; then echo "CHECK $name ok"; else echo "CHECK $name FAILED: $*"; fi
 }
 fail() { echo "CHECK $1 FAILED: $2"; }
-# A field of `lightbyte vm get NAME -o json`'s status.
-field() { lb vm get "$1" -o json 2>/dev/null | sed -n "s/.*\"$2\": *\"\\([^\"]*\\)\".*/\\1/p" | head -1; }
+# `lightbyte vm get NAME -o json`, asked again when the answer is an error: under the test
+# host's load etcd can miss the control plane's 2 s deadline (a 503), and an empty field would
+# send a check after the wrong thing.
+vm_json() {
+  local i out
+  for i in 1 2 3 4 5; do out=$(lb vm get "$1" -o json 2>/dev/null) && { echo "$out"; return 0; }; sleep 1; done
+  return 1
+}
+# A field of that JSON's status.
+field() { vm_json "$1" | sed -n "s/.*\"$2\": *\"\\([^\"]*\\)\".*/\\1/p" | head -1; }
 wait_state() { # vm, Running|Stopped, seconds
   lb vm wait "$1" --for "${2,,}" --timeout "$3s" >/dev/null || { lb vm get "$1"; return 1; }
 }
 vmm_pid() { cat "$D/$1/vms/$2/vm.json" 2>/dev/null | sed -n 's/.*"pid": *\([0-9]*\).*/\1/p'; }
 tap_of() { sed -n 's/.*"tap": *"\([^"]*\)".*/\1/p' "$D/$1/vms/$2/vm.json" 2>/dev/null; }
 
-echo "== cluster up"
+section "cluster up"
 cluster up --workers 2 --kernel "$KERNEL" --initramfs "$INITRAMFS" \
   --worker-cpus 4 --worker-memory 768M --lease-ttl 15s || { fail cluster-up "see above"; exit 1; }
 
-echo "== security: mutual TLS and tokens"
+section "security: mutual TLS and tokens"
 P=$D/pki
 code() { curl -s -o /dev/null -w '%{http_code}' "$@"; }
 check api-no-token test "$(code --cacert "$P/ca.crt" --cert "$P/admin.crt" --key "$P/admin.key" \
@@ -56,7 +67,7 @@ truncate -s 64M "$base"
 lb image push base "$base" --format raw \
   --cmdline "console=ttyS0 reboot=k panic=1 lbacpid=1 lbagent=1"
 
-echo "== lifecycle: create -> Running with the guest's IP"
+section "lifecycle: create -> Running with the guest's IP"
 t0=$(date +%s%N)
 lb vm create web-1 --image base --cpus 1 --memory 128M
 if wait_state web-1 Running 240; then
@@ -112,7 +123,7 @@ check agent-through-worker sh -c \
 
 # The agent comes back within the worker lease TTL (15 s; TCG is slow): longer, and the VM
 # would be marked Lost meanwhile (it stays placed here: this worker may still run it).
-echo "== worker crash: kill -9 the agent of $w, restart it, it re-adopts the VM"
+section "worker crash: kill -9 the agent of $w, restart it, it re-adopts the VM"
 cluster stop "$w"
 sleep 1
 check vmm-survives-agent kill -0 "$pid"
@@ -125,7 +136,7 @@ check readopt-no-reboot test "$(grep -c LIGHTBYTE-GUEST-UP "$D/$w/vms/web-1/jail
 check readopt-logged grep -q "re-adopted running vmm" "$D/$w.log"
 check ping-after-readopt ping -c 1 -W 5 "$ip"
 
-echo "== bad input: rejected with 4xx, nothing written"
+section "bad input: rejected with 4xx, nothing written"
 refused() { # expected text, command...: fails, and says so
   local want=$1 out rc; shift
   out=$("$@" 2>&1); rc=$?
@@ -139,7 +150,7 @@ check bad-name-rejected refused 422 lb vm create Bad_Name --image base
 nothing_written() { local l; l=$(lb vm list -o json) && ! grep -qi 'bad' <<<"$l"; }
 check nothing-written nothing_written
 
-echo "== guest firewall: a guest sends only as itself and reaches no service of the cluster"
+section "guest firewall: a guest sends only as itself and reaches no service of the cluster"
 # The guest tries etcd, the control plane and both workers' APIs (nc -e true: a connection
 # made), pings web-1 and its gateway as itself, then with another IP, then with another MAC.
 # Kept short: a VM's extra command line is at most 1024 bytes.
@@ -172,7 +183,7 @@ check spoofed-ip-dropped said ip=nn
 check spoofed-mac-dropped said mac=nn
 lb vm delete spoof
 
-echo "== spreading: a group's replicas go to different workers"
+section "spreading: a group's replicas go to different workers"
 lb vm create app-1 --image base --memory 96M
 lb vm create app-2 --image base --memory 96M
 check app-1-running wait_state app-1 Running 240
@@ -191,7 +202,7 @@ pulled_once() {
 check image-pulled-once pulled_once
 check image-host-path-refused refused 'host paths are refused' lb image add etc --path /etc/shadow --format raw
 
-echo "== an image built from a recipe (Debian by debootstrap, scripts/build-image.sh)"
+section "an image built from a recipe (Debian by debootstrap, scripts/build-image.sh)"
 lb image push debian "$RECIPE_IMAGE/disk.qcow2" --format qcow2 --kernel "$(cat "$RECIPE_IMAGE/kernel")" \
   --cmdline "$(cat "$RECIPE_IMAGE/cmdline")"
 deb_sh='echo "LIGHTBYTE-DEBIAN $(cat /etc/debian_version)"; cat /etc/motd'
@@ -206,7 +217,7 @@ check recipe-image-debian sh -c "grep -q 'LIGHTBYTE-DEBIAN 12' '$D/$(field deb-1
   grep -q 'built from images/recipes/debian-agent.recipe' '$D/$(field deb-1 placement)/vms/deb-1/jail/console.log'"
 lb vm delete deb-1
 
-echo "== etcd down: 503 within seconds, nothing lost, recovery"
+section "etcd down: 503 within seconds, nothing lost, recovery"
 cluster stop etcd
 s0=$(date +%s)
 check etcd-down-503 refused '503 Service Unavailable: etcd unavailable' lb vm list
@@ -227,7 +238,7 @@ lb vm create web-2 --image base --memory 96M
 check controllers-recover wait_state web-2 Running 240
 check web-1-still-running test "$(field web-1 state)" = Running
 
-echo "== delete: process, TAP and volume gone"
+section "delete: process, TAP and volume gone"
 w2=$(field web-2 placement)
 pid2=$(vmm_pid "$w2" web-2)
 tap2=$(tap_of "$w2" web-2)
@@ -257,7 +268,7 @@ graceful() { grep -q 'stopped and removed.*web-1' "$D/$w.log" && ! grep -q 'kill
 check graceful-stop graceful
 graceful || grep -h 'killing\|stopped and removed' "$D"/w*.log | tail -6
 
-echo "== drain: a standalone VM moves with its disk, a scale group is replaced surge-first"
+section "drain: a standalone VM moves with its disk, a scale group is replaced surge-first"
 # The guest mounts its root disk (an ext4 image under its overlay): the first boot writes a
 # file with a random token, later boots print it.
 notes=$WORK/notes.raw
@@ -308,7 +319,7 @@ no_vmm() { for _ in $(seq 150); do ! pgrep -f -- "--api-socket $D/" >/dev/null &
 check no-vmm-left no_vmm
 
 lbt0=$(date +%s)
-echo "== load balancer: Pingora proxies in VMs of their own in front of a scale group"
+section "load balancer: Pingora proxies in VMs of their own in front of a scale group"
 # Backends answer HTTP on port 80 with their host name (the VM's name); the proxy VMs run
 # lightbyte-proxy, configured by the control plane through their guest agents over vsock.
 # random.trust_cpu=on: the proxy (Pingora) reads the kernel's random pool, which a small guest
@@ -323,7 +334,11 @@ check lb-created lb lb create front --port 8080 --group site --target-port 80 --
   --drain-grace 5s --wait --timeout 10m
 echo "load balancer serving $(( $(date +%s) - t0 )) s after the group was asked for"
 lb lb get front
-lbjson() { lb lb get front -o json 2>/dev/null | tr -d ' \n'; }
+lbjson() {
+  local i out
+  for i in 1 2 3 4 5; do out=$(lb lb get front -o json 2>/dev/null) && { echo "$out" | tr -d ' \n'; return 0; }; sleep 1; done
+  return 1
+}
 lb_addrs() { lbjson | grep -o '"addresses":\[[^]]*\]' | grep -o '[0-9.]*:8080'; }
 lb_backends() { lbjson | grep -o '"vm":"[a-z0-9-]*"' | cut -d'"' -f4; }
 lb_healthy() { lbjson | grep -o '"healthy":true' | wc -l; }
@@ -378,7 +393,7 @@ one=$(lb_backends | head -1)
 bench() { wrk -t1 -c8 -d5s --latency "http://$1/" 2>&1 | awk '/Requests\/sec/ {r=$2} /^ +50%/ {p50=$2} /^ +99%/ {p99=$2} END {print r " req/s, p50 " p50 ", p99 " p99}'; }
 echo "bench direct to $one: $(bench "$(field "$one" ip):80")"
 echo "bench through the load balancer ($a1): $(bench "$a1")"
-echo "== load balancer: scale the group up and down under load (at $(( $(date +%s) - lbt0 )) s)"
+section "load balancer: scale the group up and down under load"
 before=$(lb_backends)
 start_client lb-up
 lb scale-group scale site 4 --wait --timeout 10m
@@ -398,7 +413,8 @@ removed_at=
 # Removed once the status lists two backends and every proxy runs that set (a proxy that
 # missed a push still sends to the old set, which the status says as "current": false).
 lb_current() { lbjson | grep -o '"current":true' | wc -l; }
-for _ in $(seq 600); do
+end=$(( $(date +%s) + 180 ))
+while [ "$(date +%s)" -lt "$end" ]; do
   [ "$(lb_backends | wc -l)" = 2 ] && [ "$(lb_current)" = 2 ] && { removed_at=$(date +%s%N); break; }
   sleep 0.2
 done
@@ -427,7 +443,7 @@ late() { # requests started after the removal that reached a removed member
 }
 check lb-down-none-after-removal test -n "$removed_at" -a "$(late)" = 0
 
-echo "== load balancer: a backend VM killed (at $(( $(date +%s) - lbt0 )) s)"
+section "load balancer: a backend VM killed"
 proxy1=$(lb_proxies | head -1)
 pw=$(field "$proxy1" placement)
 # A backend away from proxy1's worker, which is drained next: its restart does not slow the drain.
@@ -435,15 +451,19 @@ victim=$(for b in $(lb_backends); do [ "$(field "$b" placement)" != "$pw" ] && e
 victim=${victim:-$(lb_backends | head -1)}
 vw=$(field "$victim" placement)
 vip=$(field "$victim" ip)
+vpid=$(vmm_pid "$vw" "$victim")
+echo "victim $victim on $vw at $vip, vmm pid ${vpid:-unknown}; proxy $proxy1 on $pw"
 start_client lb-kill
 sleep 2
-kill -9 "$(vmm_pid "$vw" "$victim")"
+kill -9 "$vpid"
 k0=$(date +%s%N)
-unhealthy() {
-  for _ in $(seq 200); do
+unhealthy() { # bounded by time: each question goes through the proxy VM's agent
+  local end=$(( $(date +%s) + 120 ))
+  while [ "$(date +%s)" -lt "$end" ]; do
     lb vm agent "$proxy1" status proxy 2>/dev/null | tr -d ' \\\n' | grep -q "\"address\":\"$vip:80\",\"healthy\":false" && return 0
     sleep 0.2
   done
+  lb vm agent "$proxy1" status proxy
   return 1
 }
 check lb-kill-marked-unhealthy unhealthy
@@ -452,7 +472,7 @@ sleep 3
 stop_client lb-kill
 check lb-kill-no-failures no_fail lb-kill
 
-echo "== load balancer: bad pushes to a proxy are refused, the last good configuration stays (at $(( $(date +%s) - lbt0 )) s)"
+section "load balancer: bad pushes to a proxy are refused, the last good configuration stays"
 rev_of() { lb vm agent "$1" status proxy | tr -d ' \\\n' | grep -o '"revision":[0-9]*' | head -1 | cut -d: -f2; }
 r1=$(rev_of "$proxy1")
 echo '{"revision": 1, "balancers": []}' > "$WORK/stale.json"
@@ -464,7 +484,7 @@ check lb-bad-push-refused refused 'refused lb.json' lb vm agent "$proxy1" apply 
 check lb-keeps-revision test "$(rev_of "$proxy1")" = "$r1"
 check lb-still-answers sh -c "curl -s --max-time 10 http://$(lb_addrs | head -1)/ | grep -q site-"
 
-echo "== load balancer: drain the worker of a proxy VM under load (at $(( $(date +%s) - lbt0 )) s)"
+section "load balancer: drain the worker of a proxy VM under load"
 start_client lb-drain
 sleep 2
 t0=$(date +%s)
@@ -496,4 +516,4 @@ check lb-delete-proxies-gone proxies_gone
 lb scale-group delete site
 echo "load balancer section took $(( $(date +%s) - lbt0 )) s"
 lb vm list
-echo "== done"
+section "done"

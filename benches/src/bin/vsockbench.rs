@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 use lightbyte_tests::artifacts;
-use lightbyte_tests::guest::{sh_quote, Boot};
+use lightbyte_tests::guest::{sh_quote, Boot, JAIL_ID};
 use lightbyte_tests::paths::binary;
 use lightbyte_tests::testhost;
 
@@ -38,6 +38,10 @@ struct Cli {
     /// Connections per setup-rate figure.
     #[arg(long, default_value_t = 200)]
     connections: u32,
+    /// Also measure the VMM without its jail (seccomp filters, own uid, private root), booted
+    /// after the jailed one in the same test host run: what the jail costs.
+    #[arg(long)]
+    compare_jail: bool,
     #[command(subcommand)]
     inner: Option<Inner>,
 }
@@ -182,45 +186,59 @@ fn outer(cli: &Cli) -> Result<()> {
     let dir = host.work_dir().join("vsockbench");
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir)?;
-    let serial = dir.join("serial.log");
-    let boot = Boot::new(&a.minimal_vmlinux)?
-        .cpus(2)
-        .memory("512M")
-        .param(&format!("ip={GUEST_IP}::10.98.0.1:255.255.255.0::eth0:off"))
-        .arg("--net")
-        .arg("tap=tap0")
-        .arg("--vsock")
-        .arg("cid=3,socket=/tmp/lbvsockbench/v.sock")
-        .arg("--serial")
-        .arg(&format!("file:{}", serial.display()))
-        .run(&format!(
-            "vsockt bench-serve {PORT} {}; sleep 100000",
-            cli.mib << 20
-        ));
-    let args: Vec<String> = boot.args().iter().map(|a| sh_quote(a)).collect();
-    let script = format!(
-        r#"set -u
+    let mut script = String::from("set -u\n");
+    let modes: &[bool] = if cli.compare_jail {
+        &[true, false]
+    } else {
+        &[true]
+    };
+    for &jailed in modes {
+        let label = if jailed { "jailed" } else { "unjailed" };
+        let serial = dir.join(format!("serial-{label}.log"));
+        let mut boot = Boot::new(&a.minimal_vmlinux)?
+            .cpus(2)
+            .memory("512M")
+            .param(&format!("ip={GUEST_IP}::10.98.0.1:255.255.255.0::eth0:off"))
+            .arg("--net")
+            .arg("tap=tap0")
+            .arg("--vsock")
+            .arg("cid=3,socket=/tmp/lbvsockbench/v.sock")
+            .arg("--serial")
+            .arg(&format!("file:{}", serial.display()))
+            .run(&format!(
+                "vsockt bench-serve {PORT} {}; sleep 100000",
+                cli.mib << 20
+            ));
+        if !jailed {
+            boot = boot.unjailed();
+        }
+        let args: Vec<String> = boot.args().iter().map(|a| sh_quote(a)).collect();
+        // The TAP is owned by the jail's uid, so the jailed VMM attaches without privileges.
+        script.push_str(&format!(
+            r#"echo "vmm {label}:"
 NS={NETNS}; T=/tmp/lbvsockbench; rm -rf $T; mkdir -p $T
 ip netns del $NS 2>/dev/null
 ip netns add $NS && ip -n $NS link set lo up && ip -n $NS link add br0 type bridge &&
 ip -n $NS addr add 10.98.0.1/24 dev br0 && ip -n $NS link set br0 up &&
-ip -n $NS tuntap add dev tap0 mode tap && ip -n $NS link set tap0 master br0 &&
+ip -n $NS tuntap add dev tap0 mode tap user {JAIL_ID} group {JAIL_ID} && ip -n $NS link set tap0 master br0 &&
 ip -n $NS link set tap0 up || {{ echo SETUP-FAILED; exit 1; }}
-ip netns exec $NS {vmm} {args} > {dir}/vmm.log 2>&1 & P=$!
+ip netns exec $NS {vmm} {args} > {dir}/vmm-{label}.log 2>&1 & P=$!
 for _ in $(seq 1 1500); do grep -q VSOCKT-BENCH-READY {serial} 2>/dev/null && break; sleep 0.2; done
 ip netns exec $NS {me} --mib {mib} --rounds {rounds} --connections {conns} inner --socket $T/v.sock --mib {mib} --rounds {rounds} --connections {conns}
 rc=$?
 kill $P; wait $P 2>/dev/null; ip netns del $NS; rm -rf $T
-exit $rc"#,
-        vmm = sh_quote(&vmm.display().to_string()),
-        args = args.join(" "),
-        dir = sh_quote(&dir.display().to_string()),
-        serial = sh_quote(&serial.display().to_string()),
-        me = sh_quote(&me.display().to_string()),
-        mib = cli.mib,
-        rounds = cli.rounds,
-        conns = cli.connections,
-    );
+[ $rc = 0 ] || exit $rc
+"#,
+            vmm = sh_quote(&vmm.display().to_string()),
+            args = args.join(" "),
+            dir = sh_quote(&dir.display().to_string()),
+            serial = sh_quote(&serial.display().to_string()),
+            me = sh_quote(&me.display().to_string()),
+            mib = cli.mib,
+            rounds = cli.rounds,
+            conns = cli.connections,
+        ));
+    }
     let out = host.run("vsockbench", &script, Duration::from_secs(3600))?;
     print!("{}", out.output);
     if out.status != 0 {
