@@ -13,6 +13,8 @@ use lightbyte_tests::paths::binary;
 pub struct BootTiming {
     /// Process start to the marker line, in milliseconds.
     pub marker_ms: Option<f64>,
+    /// The guest's own uptime when it printed the marker, in milliseconds.
+    pub uptime_ms: Option<f64>,
     /// Process start to process exit, in milliseconds.
     pub exit_ms: f64,
     /// Exit status.
@@ -34,10 +36,20 @@ pub fn timed_line(
     results: &Path,
     timeout_secs: u32,
 ) -> Result<String> {
+    timer_line(label, cmd, results, &format!("--timeout {timeout_secs}"))
+}
+
+/// A shell line that boots `cmd` under `boot-timer --memory-of MIB` (the guest must stay up
+/// after its marker), appending the VMM's memory outside guest RAM to `results`.
+pub fn memory_line(label: &str, cmd: &[String], results: &Path, ram_mib: u64) -> Result<String> {
+    timer_line(label, cmd, results, &format!("--memory-of {ram_mib}"))
+}
+
+fn timer_line(label: &str, cmd: &[String], results: &Path, options: &str) -> Result<String> {
     let timer = binary("boot-timer")?;
     let quoted: Vec<String> = cmd.iter().map(|a| sh_quote(a)).collect();
     Ok(format!(
-        "{} --label {} --marker {} --timeout {timeout_secs} -- {} >> {}\n",
+        "{} --label {} --marker {} {options} -- {} >> {}\n",
         sh_quote(&timer.display().to_string()),
         sh_quote(label),
         sh_quote(MARKER),
@@ -55,12 +67,15 @@ pub fn parse(results: &str, label: &str) -> Result<Vec<BootTiming>> {
             continue;
         }
         let mut marker_ms = None;
+        let mut uptime_ms = None;
         let mut exit_ms = None;
         let mut status = None;
         for f in fields {
             match f.split_once('=') {
                 Some(("marker_ms", "NA")) => {}
                 Some(("marker_ms", v)) => marker_ms = Some(v.parse().context("marker_ms")?),
+                Some(("uptime_ms", "NA")) => {}
+                Some(("uptime_ms", v)) => uptime_ms = Some(v.parse().context("uptime_ms")?),
                 Some(("exit_ms", v)) => exit_ms = Some(v.parse().context("exit_ms")?),
                 Some(("status", v)) => status = Some(v.parse().context("status")?),
                 _ => bail!("unexpected field {f:?} in {line:?}"),
@@ -68,11 +83,26 @@ pub fn parse(results: &str, label: &str) -> Result<Vec<BootTiming>> {
         }
         out.push(BootTiming {
             marker_ms,
+            uptime_ms,
             exit_ms: exit_ms.context("exit_ms missing")?,
             status: status.context("status missing")?,
         });
     }
     Ok(out)
+}
+
+/// The `LABEL rss_outside_kib=N` values of `label` in a results file's contents (what
+/// `boot-timer --memory-of` prints).
+pub fn parse_memory(results: &str, label: &str) -> Vec<f64> {
+    results
+        .lines()
+        .filter_map(|l| {
+            l.strip_prefix(label)?
+                .trim()
+                .strip_prefix("rss_outside_kib=")
+        })
+        .filter_map(|v| v.parse().ok())
+        .collect()
 }
 
 /// The median of `v` (which must not be empty).
@@ -92,12 +122,14 @@ mod tests {
 
     #[test]
     fn parses_only_its_label() {
-        let text = "vmm marker_ms=812.5 exit_ms=1100.0 status=0\n\
+        let text = "vmm marker_ms=812.5 uptime_ms=640.0 exit_ms=1100.0 status=0\n\
                     qemu marker_ms=NA exit_ms=30000.0 status=124\n\
                     vmm marker_ms=790.0 exit_ms=1000.0 status=0\n";
         let v = parse(text, "vmm").unwrap();
         assert_eq!(v.len(), 2);
         assert_eq!(v[0].marker_ms, Some(812.5));
+        assert_eq!(v[0].uptime_ms, Some(640.0));
+        assert_eq!(v[1].uptime_ms, None);
         assert!(v.iter().all(BootTiming::ok));
         let q = parse(text, "qemu").unwrap();
         assert_eq!(q[0].marker_ms, None);

@@ -3,14 +3,15 @@
 //! test host; absolute times there are TCG times, not hardware times.
 
 use std::fs;
+use std::path::Path;
 use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::{bail, Result};
 use clap::{Parser, Subcommand};
-use lightbyte_benches::timing::{median, parse, timed_line, BootTiming};
+use lightbyte_benches::timing::{median, memory_line, parse, parse_memory, timed_line, BootTiming};
 use lightbyte_tests::artifacts::{self, Artifacts};
-use lightbyte_tests::guest::{Boot, GUEST_CMDLINE};
+use lightbyte_tests::guest::Boot;
 use lightbyte_tests::paths::binary;
 use lightbyte_tests::testhost;
 
@@ -23,12 +24,21 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// Boots the same kernel and initramfs under vmm and under QEMU (-M microvm, KVM), alternating,
-    /// and prints medians and the vmm/QEMU ratio.
+    /// Boots the same kernel and initramfs under vmm, QEMU (-M microvm, KVM) and, when their
+    /// binaries are named by FIRECRACKER= and CLOUD_HYPERVISOR= in the environment, Firecracker
+    /// and Cloud Hypervisor, interleaved; prints medians of start→marker, the guest's own uptime
+    /// at its marker and start→exit, then each VMM's memory outside guest RAM (the guest idle
+    /// after its marker), and ratios to Firecracker (or QEMU without it).
     Compare {
         /// Boots per VMM.
-        #[arg(long, default_value_t = 10)]
+        #[arg(long, default_value_t = 7)]
         runs: u32,
+        /// Guest memory, MiB.
+        #[arg(long, default_value_t = 256)]
+        memory_mib: u64,
+        /// Memory measurements per VMM (medians are reported).
+        #[arg(long, default_value_t = 3)]
+        memory_runs: u32,
     },
     /// Boots vmm repeatedly and fails unless every boot reached the marker and exited 0.
     Loop {
@@ -38,14 +48,39 @@ enum Cmd {
     },
 }
 
-fn vmm_cmd(a: &Artifacts) -> Result<Vec<String>> {
+/// One VMM of the comparison.
+struct Contender {
+    /// Label in the results files.
+    label: &'static str,
+    /// Name in the table.
+    name: &'static str,
+    /// Command booting the guest that powers off after its marker.
+    timed: Vec<String>,
+    /// Command booting the guest that stays up after its marker.
+    idle: Vec<String>,
+}
+
+/// What the guest runs after its marker in memory runs: nothing, for longer than a run lasts.
+const IDLE: &str = "sleep 3600";
+
+fn vmm_cmd(a: &Artifacts, memory_mib: u64, idle: bool) -> Result<Vec<String>> {
+    let mut boot = Boot::new(&a.minimal_vmlinux)?.memory(&format!("{memory_mib}M"));
+    if idle {
+        boot = boot.run(IDLE);
+    }
     let mut cmd = vec![binary("vmm")?.display().to_string()];
-    cmd.extend(Boot::new(&a.minimal_vmlinux)?.args());
+    cmd.extend(boot.args());
     Ok(cmd)
 }
 
-fn qemu_cmd(a: &Artifacts) -> Vec<String> {
-    [
+/// The kernel command line every peer gets: the one vmm gets.
+fn cmdline(a: &Artifacts, idle: bool) -> Result<String> {
+    let boot = Boot::new(&a.minimal_vmlinux)?;
+    Ok(if idle { boot.run(IDLE) } else { boot }.full_cmdline())
+}
+
+fn qemu_cmd(a: &Artifacts, memory_mib: u64, cmdline: String) -> Vec<String> {
+    let mut cmd: Vec<String> = [
         "qemu-system-x86_64",
         "-M",
         "microvm",
@@ -54,8 +89,6 @@ fn qemu_cmd(a: &Artifacts) -> Vec<String> {
         "host",
         "-smp",
         "1",
-        "-m",
-        "512M",
         "-nodefaults",
         "-no-user-config",
         "-no-reboot",
@@ -63,22 +96,127 @@ fn qemu_cmd(a: &Artifacts) -> Vec<String> {
         "none",
         "-serial",
         "stdio",
-        "-kernel",
     ]
     .iter()
     .map(|s| s.to_string())
-    .chain([
+    .collect();
+    cmd.extend([
+        "-m".into(),
+        format!("{memory_mib}M"),
+        "-kernel".into(),
         a.minimal_vmlinux.display().to_string(),
         "-initrd".into(),
         a.initramfs.display().to_string(),
         "-append".into(),
-        GUEST_CMDLINE.into(),
-    ])
-    .collect()
+        cmdline,
+    ]);
+    cmd
 }
 
-/// Runs the given labelled commands `runs` times each, interleaved, and returns the results file.
-fn run_timed(name: &str, cmds: &[(&str, Vec<String>)], runs: u32) -> Result<String> {
+/// Firecracker from its configuration file (written to `dir`), no API socket. It has no ACPI
+/// power-off: the guest ends with a keyboard-controller reset (`reboot=k`, `lbend=reboot`), on
+/// which Firecracker exits.
+fn firecracker_cmd(
+    fc: &str,
+    a: &Artifacts,
+    memory_mib: u64,
+    cmdline: String,
+    config: &Path,
+) -> Result<Vec<String>> {
+    let cfg = serde_json::json!({
+        "boot-source": {
+            "kernel_image_path": a.minimal_vmlinux,
+            "initrd_path": a.initramfs,
+            "boot_args": format!("{cmdline} lbend=reboot"),
+        },
+        "machine-config": { "vcpu_count": 1, "mem_size_mib": memory_mib },
+        "drives": [],
+    });
+    fs::write(config, serde_json::to_vec_pretty(&cfg)?)?;
+    Ok(vec![
+        fc.into(),
+        "--no-api".into(),
+        "--config-file".into(),
+        config.display().to_string(),
+        "--level".into(),
+        "Error".into(),
+    ])
+}
+
+/// Cloud Hypervisor; it exits on the guest's ACPI power-off.
+fn cloud_hypervisor_cmd(ch: &str, a: &Artifacts, memory_mib: u64, cmdline: String) -> Vec<String> {
+    vec![
+        ch.into(),
+        "--kernel".into(),
+        a.minimal_vmlinux.display().to_string(),
+        "--initramfs".into(),
+        a.initramfs.display().to_string(),
+        "--cmdline".into(),
+        cmdline,
+        "--cpus".into(),
+        "boot=1".into(),
+        "--memory".into(),
+        format!("size={memory_mib}M"),
+        "--serial".into(),
+        "tty".into(),
+        "--console".into(),
+        "off".into(),
+    ]
+}
+
+/// The VMMs to compare: vmm and QEMU always, the peers whose binaries the environment names.
+fn contenders(a: &Artifacts, dir: &Path, memory_mib: u64) -> Result<Vec<Contender>> {
+    let (timed, idle) = (cmdline(a, false)?, cmdline(a, true)?);
+    let mut out = vec![
+        Contender {
+            label: "vmm",
+            name: "lightbyte vmm",
+            timed: vmm_cmd(a, memory_mib, false)?,
+            idle: vmm_cmd(a, memory_mib, true)?,
+        },
+        Contender {
+            label: "qemu",
+            name: "QEMU -M microvm (KVM)",
+            timed: qemu_cmd(a, memory_mib, timed.clone()),
+            idle: qemu_cmd(a, memory_mib, idle.clone()),
+        },
+    ];
+    if let Some(fc) = std::env::var("FIRECRACKER").ok().filter(|v| !v.is_empty()) {
+        fs::create_dir_all(dir)?;
+        out.push(Contender {
+            label: "firecracker",
+            name: "Firecracker",
+            timed: firecracker_cmd(
+                &fc,
+                a,
+                memory_mib,
+                timed.clone(),
+                &dir.join("fc-timed.json"),
+            )?,
+            idle: firecracker_cmd(&fc, a, memory_mib, idle.clone(), &dir.join("fc-idle.json"))?,
+        });
+    }
+    if let Some(ch) = std::env::var("CLOUD_HYPERVISOR")
+        .ok()
+        .filter(|v| !v.is_empty())
+    {
+        out.push(Contender {
+            label: "ch",
+            name: "Cloud Hypervisor",
+            timed: cloud_hypervisor_cmd(&ch, a, memory_mib, timed.clone()),
+            idle: cloud_hypervisor_cmd(&ch, a, memory_mib, idle.clone()),
+        });
+    }
+    Ok(out)
+}
+
+/// Runs `lines(round)` for `runs` rounds in the test host and returns the results file.
+fn run_rounds(
+    name: &str,
+    runs: u32,
+    per_round: usize,
+    lines: impl Fn(&Path) -> Result<String>,
+) -> Result<String> {
     let host = testhost::shared()?;
     let dir = host.work_dir().join(name);
     let _ = fs::remove_dir_all(&dir);
@@ -86,12 +224,10 @@ fn run_timed(name: &str, cmds: &[(&str, Vec<String>)], runs: u32) -> Result<Stri
     let results = dir.join("results.txt");
     let mut script = String::new();
     for i in 0..runs {
-        script.push_str(&format!("echo 'round {}/{runs}' >&2\n", i + 1));
-        for (label, cmd) in cmds {
-            script.push_str(&timed_line(label, cmd, &results, 120)?);
-        }
+        script.push_str(&format!("echo '{name}: round {}/{runs}' >&2\n", i + 1));
+        script.push_str(&lines(&results)?);
     }
-    let timeout = Duration::from_secs(60 + 150 * u64::from(runs) * cmds.len() as u64);
+    let timeout = Duration::from_secs(60 + 150 * u64::from(runs) * per_round as u64);
     let out = host.run(name, &script, timeout)?;
     if out.status != 0 {
         bail!("{name} scenario failed:\n{}", out.output);
@@ -99,66 +235,99 @@ fn run_timed(name: &str, cmds: &[(&str, Vec<String>)], runs: u32) -> Result<Stri
     Ok(fs::read_to_string(&results)?)
 }
 
+/// Runs the given labelled commands `runs` times each, interleaved, and returns the results file.
+fn run_timed(name: &str, cmds: &[(&str, Vec<String>)], runs: u32) -> Result<String> {
+    run_rounds(name, runs, cmds.len(), |results| {
+        cmds.iter()
+            .map(|(label, cmd)| timed_line(label, cmd, results, 120))
+            .collect()
+    })
+}
+
 struct Summary {
     ok: usize,
     total: usize,
     marker_ms: f64,
+    uptime_ms: f64,
     exit_ms: f64,
+    memory_mib: f64,
 }
 
-fn summarize(v: &[BootTiming]) -> Summary {
+fn median_or_nan(mut v: Vec<f64>) -> f64 {
+    if v.is_empty() {
+        f64::NAN
+    } else {
+        median(&mut v)
+    }
+}
+
+fn summarize(v: &[BootTiming], memory_kib: Vec<f64>) -> Summary {
     let good: Vec<&BootTiming> = v.iter().filter(|t| t.ok()).collect();
-    let mut marker: Vec<f64> = good.iter().filter_map(|t| t.marker_ms).collect();
-    let mut exit: Vec<f64> = good.iter().map(|t| t.exit_ms).collect();
     Summary {
         ok: good.len(),
         total: v.len(),
-        marker_ms: if marker.is_empty() {
-            f64::NAN
-        } else {
-            median(&mut marker)
-        },
-        exit_ms: if exit.is_empty() {
-            f64::NAN
-        } else {
-            median(&mut exit)
-        },
+        marker_ms: median_or_nan(good.iter().filter_map(|t| t.marker_ms).collect()),
+        uptime_ms: median_or_nan(good.iter().filter_map(|t| t.uptime_ms).collect()),
+        exit_ms: median_or_nan(good.iter().map(|t| t.exit_ms).collect()),
+        memory_mib: median_or_nan(memory_kib) / 1024.0,
     }
 }
 
-fn compare(runs: u32) -> Result<bool> {
+fn compare(runs: u32, memory_mib: u64, memory_runs: u32) -> Result<bool> {
     let a = artifacts::get()?;
-    let text = run_timed(
-        "bootbench-compare",
-        &[("vmm", vmm_cmd(a)?), ("qemu", qemu_cmd(a))],
-        runs,
-    )?;
-    let vmm = summarize(&parse(&text, "vmm")?);
-    let qemu = summarize(&parse(&text, "qemu")?);
-    println!("Boot time, minimal 6.1 kernel (PVH) + test initramfs, 1 vCPU, 512 MiB, {runs} boots each, alternating, one test host");
-    println!(
-        "| VMM | boots OK | median start→marker (ms) | median start→exit after poweroff (ms) |"
-    );
-    println!("|---|---|---|---|");
-    for (name, s) in [("lightbyte vmm", &vmm), ("QEMU -M microvm (KVM)", &qemu)] {
-        println!(
-            "| {name} | {}/{} | {:.0} | {:.0} |",
-            s.ok, s.total, s.marker_ms, s.exit_ms
-        );
+    let dir = testhost::shared()?.work_dir().join("bootbench-configs");
+    let all = contenders(a, &dir, memory_mib)?;
+    let timed: Vec<(&str, Vec<String>)> = all.iter().map(|c| (c.label, c.timed.clone())).collect();
+    let text = run_timed("bootbench-compare", &timed, runs)?;
+    let memory = run_rounds("bootbench-memory", memory_runs, all.len(), |results| {
+        all.iter()
+            .map(|c| memory_line(c.label, &c.idle, results, memory_mib))
+            .collect()
+    })?;
+    let mut rows = Vec::new();
+    for c in &all {
+        rows.push((
+            c,
+            summarize(&parse(&text, c.label)?, parse_memory(&memory, c.label)),
+        ));
     }
     println!(
-        "| **ratio vmm/QEMU** | | **{:.2}** | **{:.2}** |",
-        vmm.marker_ms / qemu.marker_ms,
-        vmm.exit_ms / qemu.exit_ms
+        "Boot, minimal 6.1 kernel (PVH) + test initramfs, 1 vCPU, {memory_mib} MiB, `quiet`, \
+         {runs} boots each, interleaved, one test host run"
+    );
+    println!(
+        "| VMM | boots OK | start → marker (median ms) | guest uptime at marker (ms) | \
+         start → exit after power-off (ms) | memory outside guest RAM (MiB, guest idle) |"
+    );
+    println!("|---|---|---|---|---|---|");
+    for (c, s) in &rows {
+        println!(
+            "| {} | {}/{} | {:.0} | {:.0} | {:.0} | {:.1} |",
+            c.name, s.ok, s.total, s.marker_ms, s.uptime_ms, s.exit_ms, s.memory_mib
+        );
+    }
+    let base = rows
+        .iter()
+        .find(|(c, _)| c.label == "firecracker")
+        .or_else(|| rows.iter().find(|(c, _)| c.label == "qemu"))
+        .expect("QEMU is always compared");
+    let vmm = &rows[0].1;
+    println!(
+        "| **vmm / {}** | | **{:.2}** | **{:.2}** | **{:.2}** | **{:.2}** |",
+        base.0.name,
+        vmm.marker_ms / base.1.marker_ms,
+        vmm.uptime_ms / base.1.uptime_ms,
+        vmm.exit_ms / base.1.exit_ms,
+        vmm.memory_mib / base.1.memory_mib
     );
     Ok(vmm.ok == vmm.total)
 }
 
 fn boot_loop(runs: u32) -> Result<bool> {
     let a = artifacts::get()?;
-    let text = run_timed("bootbench-loop", &[("vmm", vmm_cmd(a)?)], runs)?;
+    let text = run_timed("bootbench-loop", &[("vmm", vmm_cmd(a, 512, false)?)], runs)?;
     let timings = parse(&text, "vmm")?;
-    let s = summarize(&timings);
+    let s = summarize(&timings, Vec::new());
     println!(
         "{}/{} boots reached the marker and exited 0 (median start→marker {:.0} ms, start→exit {:.0} ms)",
         s.ok, runs, s.marker_ms, s.exit_ms
@@ -172,7 +341,11 @@ fn boot_loop(runs: u32) -> Result<bool> {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
-        Cmd::Compare { runs } => compare(runs),
+        Cmd::Compare {
+            runs,
+            memory_mib,
+            memory_runs,
+        } => compare(runs, memory_mib, memory_runs),
         Cmd::Loop { runs } => boot_loop(runs),
     };
     match result {
