@@ -4,7 +4,7 @@
 # second run is instant), and prints the FIRECRACKER= and CLOUD_HYPERVISOR= lines that
 # benches/boot-compare.sh and the other compare scripts take.
 #
-# Usage: benches/build-peers.sh [FIRECRACKER_SRC CLOUD_HYPERVISOR_SRC]
+# Usage: [JOBS=N] benches/build-peers.sh [FIRECRACKER_SRC CLOUD_HYPERVISOR_SRC]
 #   Without sources it clones github.com/firecracker-microvm/firecracker and
 #   github.com/cloud-hypervisor/cloud-hypervisor. Given checkouts are built at whatever commit
 #   they hold (the printed paths name it).
@@ -73,7 +73,7 @@ build() {
   if [ ! -x "$out" ]; then
     echo "build-peers: building $name at $rev (minutes; cached afterwards)" >&2
     rm -f "$src/rust-toolchain.toml"
-    (cd "$src" && CARGO_TARGET_DIR=$cache/target-$name cargo build --release -j"$(nproc)" "$@" >&2)
+    (cd "$src" && CARGO_TARGET_DIR=$cache/target-$name cargo build --release -j"${JOBS:-$(nproc)}" "$@" >&2)
     cp "$cache/target-$name/$built" "$out.tmp"
     mv "$out.tmp" "$out"
   fi

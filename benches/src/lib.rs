@@ -2,4 +2,5 @@
 
 pub mod fio;
 pub mod guestfio;
+pub mod peers;
 pub mod timing;
