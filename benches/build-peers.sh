@@ -16,6 +16,8 @@
 # the stable toolchain builds both unchanged. Firecracker is built for the gnu target, which has
 # no default seccomp policy (it says so and runs without one).
 set -euo pipefail
+# A failed clone inside $(source_of ...) must stop the script, not build from nothing.
+shopt -s inherit_errexit
 FC_REV=81b38b9dad6056d7a48073e95ac5a9aed51cb2ab
 CH_REV=ae44c2971c83dd2b1bd704fa81102ec0dec4e7d4
 cache=${XDG_CACHE_HOME:-$HOME/.cache}/lightbyte/peers
@@ -55,7 +57,13 @@ source_of() {
   local dir=$cache/src/$name
   if [ ! -d "$dir/.git" ]; then
     mkdir -p "$cache/src"
-    git clone -q --no-checkout "$url" "$dir" >&2
+    local from=$url
+    # A mirror is cloned by path (hard links, no pack transfer): a partial mirror lacking a
+    # blob the build never reads cannot be cloned over file://, whose transfer checks every object.
+    if [ -n "${LIGHTBYTE_GIT_MIRROR:-}" ]; then
+      from=$LIGHTBYTE_GIT_MIRROR/$(echo "${url#https://github.com/}" | tr / +)/repo
+    fi
+    git clone -q --no-checkout "$from" "$dir" >&2
   fi
   # A blob of Firecracker's test resources can be missing from partial mirrors; the build does
   # not need it.

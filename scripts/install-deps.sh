@@ -31,15 +31,28 @@ packages=(
   # nix-instantiate --parse (no Nix store or binary cache here to build them).
   debootstrap nix-bin
 )
-missing=()
-for p in "${packages[@]}"; do
-  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p")
-done
-if [ ${#missing[@]} -gt 0 ]; then
-  echo "install-deps: installing ${missing[*]}" >&2
-  SUDO=; [ "$(id -u)" = 0 ] || SUDO=sudo
-  $SUDO apt-get update -q
+missing_packages() {
+  missing=()
+  for p in "${packages[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p")
+  done
+}
+# Two passes: installing one package can remove another that conflicts with it (a machine with a
+# backported qemu-utils loses it to Debian 12's qemu-system-x86), and the second pass puts back
+# the version that fits.
+SUDO=; [ "$(id -u)" = 0 ] || SUDO=sudo
+updated=
+for pass in 1 2; do
+  missing_packages
+  [ ${#missing[@]} -gt 0 ] || break
+  echo "install-deps: installing ${missing[*]} (pass $pass)" >&2
+  [ -n "$updated" ] || { $SUDO apt-get update -q; updated=1; }
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q --no-install-recommends "${missing[@]}"
+done
+missing_packages
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "install-deps: still missing after installing: ${missing[*]}" >&2
+  exit 1
 fi
 if ! command -v cargo >/dev/null; then
   echo "install-deps: cargo not found. lightbyte needs Rust 1.85 or newer (rustup.rs); Debian 12's" \
