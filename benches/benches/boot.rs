@@ -59,7 +59,7 @@ fn boot_time(c: &mut Criterion) {
         .expect("test host")
         .work_dir()
         .join("criterion-boot-configs");
-    for vmm in contenders(a, &dir, 256).expect("VMM commands") {
+    for vmm in contenders(a, &dir, 256, "").expect("VMM commands") {
         let mut g = c.benchmark_group(format!("boot_minimal_pvh/{}", vmm.label));
         g.sample_size(10)
             .sampling_mode(SamplingMode::Flat)

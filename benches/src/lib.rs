@@ -1,5 +1,6 @@
 //! Shared pieces of the benchmarks: timing a guest boot from process start, fio jobs and reports.
 
+pub mod boottrace;
 pub mod fio;
 pub mod guestfio;
 pub mod peers;

@@ -26,10 +26,28 @@ pub struct Contender {
 /// What the guest runs after its marker in memory runs: nothing, for longer than a run lasts.
 const IDLE: &str = "sleep 3600";
 
-pub fn vmm_cmd(a: &Artifacts, memory_mib: u64, idle: bool) -> Result<Vec<String>> {
-    let mut boot = Boot::new(&a.minimal_vmlinux)?.memory(&format!("{memory_mib}M"));
-    if idle {
-        boot = boot.run(IDLE);
+/// The guest's boot description: the test command line plus `extra` parameters (appended, so
+/// they win over earlier ones such as `quiet`), staying up after its marker when `idle`.
+fn boot(a: &Artifacts, idle: bool, extra: &str) -> Result<Boot> {
+    let mut boot = Boot::new(&a.minimal_vmlinux)?;
+    if !extra.is_empty() {
+        boot = boot.param(extra);
+    }
+    Ok(if idle { boot.run(IDLE) } else { boot })
+}
+
+/// `vmm` booting the guest; `jailed` adds its jail (the worker's default), which the peers,
+/// run without Firecracker's jailer, do not have.
+pub fn vmm_cmd(
+    a: &Artifacts,
+    memory_mib: u64,
+    idle: bool,
+    jailed: bool,
+    extra: &str,
+) -> Result<Vec<String>> {
+    let mut boot = boot(a, idle, extra)?.memory(&format!("{memory_mib}M"));
+    if !jailed {
+        boot = boot.unjailed();
     }
     let mut cmd = vec![binary("vmm")?.display().to_string()];
     cmd.extend(boot.args());
@@ -37,9 +55,8 @@ pub fn vmm_cmd(a: &Artifacts, memory_mib: u64, idle: bool) -> Result<Vec<String>
 }
 
 /// The kernel command line every peer gets: the one vmm gets.
-fn cmdline(a: &Artifacts, idle: bool) -> Result<String> {
-    let boot = Boot::new(&a.minimal_vmlinux)?;
-    Ok(if idle { boot.run(IDLE) } else { boot }.full_cmdline())
+fn cmdline(a: &Artifacts, idle: bool, extra: &str) -> Result<String> {
+    Ok(boot(a, idle, extra)?.full_cmdline())
 }
 
 fn qemu_cmd(a: &Artifacts, memory_mib: u64, cmdline: String) -> Vec<String> {
@@ -127,15 +144,27 @@ fn cloud_hypervisor_cmd(ch: &str, a: &Artifacts, memory_mib: u64, cmdline: Strin
     ]
 }
 
-/// The VMMs to compare: vmm and QEMU always, the peers whose binaries the environment names.
-pub fn contenders(a: &Artifacts, dir: &Path, memory_mib: u64) -> Result<Vec<Contender>> {
-    let (timed, idle) = (cmdline(a, false)?, cmdline(a, true)?);
+/// The VMMs to compare: vmm (first, without and then with its jail) and QEMU always, the peers
+/// whose binaries the environment names; `extra` kernel parameters are appended for all.
+pub fn contenders(
+    a: &Artifacts,
+    dir: &Path,
+    memory_mib: u64,
+    extra: &str,
+) -> Result<Vec<Contender>> {
+    let (timed, idle) = (cmdline(a, false, extra)?, cmdline(a, true, extra)?);
     let mut out = vec![
         Contender {
             label: "vmm",
             name: "lightbyte vmm",
-            timed: vmm_cmd(a, memory_mib, false)?,
-            idle: vmm_cmd(a, memory_mib, true)?,
+            timed: vmm_cmd(a, memory_mib, false, false, extra)?,
+            idle: vmm_cmd(a, memory_mib, true, false, extra)?,
+        },
+        Contender {
+            label: "vmm-jailed",
+            name: "lightbyte vmm --jail",
+            timed: vmm_cmd(a, memory_mib, false, true, extra)?,
+            idle: vmm_cmd(a, memory_mib, true, true, extra)?,
         },
         Contender {
             label: "qemu",

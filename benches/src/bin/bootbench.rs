@@ -23,11 +23,11 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// Boots the same kernel and initramfs under vmm, QEMU (-M microvm, KVM) and, when their
-    /// binaries are named by FIRECRACKER= and CLOUD_HYPERVISOR= in the environment, Firecracker
-    /// and Cloud Hypervisor, interleaved; prints medians of start→marker, the guest's own uptime
-    /// at its marker and start→exit, then each VMM's memory outside guest RAM (the guest idle
-    /// after its marker), and ratios to Firecracker (or QEMU without it).
+    /// Boots the same kernel and initramfs under vmm (without and with --jail), QEMU (-M microvm,
+    /// KVM) and, when FIRECRACKER= and CLOUD_HYPERVISOR= in the environment name their binaries,
+    /// Firecracker and Cloud Hypervisor, interleaved; prints medians of start→marker, the guest's
+    /// own uptime at its marker and start→exit, then each VMM's memory outside guest RAM (the
+    /// guest idle after its marker), and ratios to Firecracker (or QEMU without it).
     Compare {
         /// Boots per VMM.
         #[arg(long, default_value_t = 7)]
@@ -38,6 +38,17 @@ enum Cmd {
         /// Memory measurements per VMM (medians are reported).
         #[arg(long, default_value_t = 3)]
         memory_runs: u32,
+    },
+    /// One verbose boot per VMM of the comparison (kernel messages with timestamps) with the
+    /// host's KVM exits counted around it: prints when each boot step happened, exits by
+    /// reason, the busiest I/O ports and MMIO pages, and each guest's longest silences.
+    Trace {
+        /// Guest memory, MiB.
+        #[arg(long, default_value_t = 256)]
+        memory_mib: u64,
+        /// Further kernel parameters for every VMM (after the verbose ones).
+        #[arg(long, default_value = "")]
+        cmdline: String,
     },
     /// Boots vmm repeatedly and fails unless every boot reached the marker and exited 0.
     Loop {
@@ -113,7 +124,7 @@ fn summarize(v: &[BootTiming], memory_kib: Vec<f64>) -> Summary {
 fn compare(runs: u32, memory_mib: u64, memory_runs: u32) -> Result<bool> {
     let a = artifacts::get()?;
     let dir = testhost::shared()?.work_dir().join("bootbench-configs");
-    let all = contenders(a, &dir, memory_mib)?;
+    let all = contenders(a, &dir, memory_mib, "")?;
     let timed: Vec<(&str, Vec<String>)> = all.iter().map(|c| (c.label, c.timed.clone())).collect();
     let text = run_timed("bootbench-compare", &timed, runs)?;
     let memory = run_rounds("bootbench-memory", memory_runs, all.len(), |results| {
@@ -148,21 +159,31 @@ fn compare(runs: u32, memory_mib: u64, memory_runs: u32) -> Result<bool> {
         .find(|(c, _)| c.label == "firecracker")
         .or_else(|| rows.iter().find(|(c, _)| c.label == "qemu"))
         .expect("QEMU is always compared");
-    let vmm = &rows[0].1;
-    println!(
-        "| **vmm / {}** | | **{:.2}** | **{:.2}** | **{:.2}** | **{:.2}** |",
-        base.0.name,
-        vmm.marker_ms / base.1.marker_ms,
-        vmm.uptime_ms / base.1.uptime_ms,
-        vmm.exit_ms / base.1.exit_ms,
-        vmm.memory_mib / base.1.memory_mib
-    );
-    Ok(vmm.ok == vmm.total)
+    let ours: Vec<_> = rows
+        .iter()
+        .filter(|(c, _)| c.label.starts_with("vmm"))
+        .collect();
+    for (c, s) in &ours {
+        println!(
+            "| **{} / {}** | | **{:.2}** | **{:.2}** | **{:.2}** | **{:.2}** |",
+            c.name,
+            base.0.name,
+            s.marker_ms / base.1.marker_ms,
+            s.uptime_ms / base.1.uptime_ms,
+            s.exit_ms / base.1.exit_ms,
+            s.memory_mib / base.1.memory_mib
+        );
+    }
+    Ok(ours.iter().all(|(_, s)| s.ok == s.total))
 }
 
 fn boot_loop(runs: u32) -> Result<bool> {
     let a = artifacts::get()?;
-    let text = run_timed("bootbench-loop", &[("vmm", vmm_cmd(a, 512, false)?)], runs)?;
+    let text = run_timed(
+        "bootbench-loop",
+        &[("vmm", vmm_cmd(a, 512, false, true, "")?)],
+        runs,
+    )?;
     let timings = parse(&text, "vmm")?;
     let s = summarize(&timings, Vec::new());
     println!(
@@ -183,6 +204,10 @@ fn main() -> ExitCode {
             memory_mib,
             memory_runs,
         } => compare(runs, memory_mib, memory_runs),
+        Cmd::Trace {
+            memory_mib,
+            cmdline,
+        } => lightbyte_benches::boottrace::report::run(memory_mib, &cmdline),
         Cmd::Loop { runs } => boot_loop(runs),
     };
     match result {
