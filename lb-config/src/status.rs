@@ -29,4 +29,8 @@ pub struct BalancerStatus {
 pub struct BackendHealth {
     pub address: SocketAddr,
     pub healthy: bool,
+    /// Times the health checks marked it unhealthy since its balancer started: a backend that
+    /// failed and came back between two reads of `healthy` shows here.
+    #[serde(default)]
+    pub marked_down: u64,
 }

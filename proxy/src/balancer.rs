@@ -6,7 +6,7 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
-use lb_config::BalancerConfig;
+use lb_config::{BackendHealth, BalancerConfig};
 use pingora::server::configuration::ServerConf;
 use pingora::services::Service as _;
 use tokio::sync::watch;
@@ -15,6 +15,7 @@ use tokio::task::JoinHandle;
 use crate::app::{App, Routing, Stats};
 use crate::discovery::Pushed;
 use crate::gate::Gate;
+use crate::health_log::HealthLog;
 use crate::listeners::Listeners;
 use crate::selector::Selector;
 
@@ -25,6 +26,7 @@ const ACCEPT_SETTLE: Duration = Duration::from_millis(500);
 pub struct Balancer {
     pub config: BalancerConfig,
     discovery: Pushed,
+    health_log: HealthLog,
     routing: Arc<RwLock<Arc<Routing>>>,
     pub stats: Arc<Stats>,
     stop: watch::Sender<bool>,
@@ -39,7 +41,8 @@ impl Balancer {
         let table = listeners.table_for(config.listen)?;
         let discovery = Pushed::default();
         discovery.set(&config.backends);
-        let routing = routing_for(&config, &discovery).await;
+        let health_log = HealthLog::default();
+        let routing = routing_for(&config, &discovery, &health_log).await;
         let health = spawn_health(&routing.selector, &config);
         let routing = Arc::new(RwLock::new(routing));
         let stats = Arc::new(Stats::default());
@@ -60,6 +63,7 @@ impl Balancer {
         Ok(Balancer {
             config,
             discovery,
+            health_log,
             routing,
             stats,
             stop,
@@ -80,7 +84,7 @@ impl Balancer {
         if same == *config {
             self.selector().update().await;
         } else {
-            let routing = routing_for(config, &self.discovery).await;
+            let routing = routing_for(config, &self.discovery, &self.health_log).await;
             self.health.abort();
             self.health = spawn_health(&routing.selector, config);
             *self.routing.write().unwrap_or_else(|e| e.into_inner()) = routing;
@@ -102,8 +106,17 @@ impl Balancer {
         self.config.listen == other.listen
     }
 
-    pub fn health(&self) -> Vec<(std::net::SocketAddr, bool)> {
-        self.selector().health()
+    /// Each backend's health now, and how often it was marked unhealthy.
+    pub fn health(&self) -> Vec<BackendHealth> {
+        self.selector()
+            .health()
+            .into_iter()
+            .map(|(address, healthy)| BackendHealth {
+                address,
+                healthy,
+                marked_down: self.health_log.marked_down(&address),
+            })
+            .collect()
     }
 
     /// Stops accepting at once; `closed` runs once this balancer's listener copy is gone (the
@@ -136,11 +149,12 @@ impl Balancer {
 }
 
 /// The selection `config` asks for over `discovery`'s backends, filled in.
-async fn routing_for(config: &BalancerConfig, discovery: &Pushed) -> Arc<Routing> {
+async fn routing_for(config: &BalancerConfig, discovery: &Pushed, log: &HealthLog) -> Arc<Routing> {
     let selector = Arc::new(Selector::new(
         config.selection,
         discovery.clone(),
         &config.health,
+        log,
     ));
     selector.update().await;
     Arc::new(Routing {

@@ -15,6 +15,7 @@ pub mod control;
 pub mod discovery;
 pub mod gate;
 pub mod handover;
+pub mod health_log;
 pub mod listeners;
 pub mod proxy;
 pub mod selector;

@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use lb_config::{BackendHealth, BalancerStatus, ConfigError, ProxyConfig, ProxyStatus};
+use lb_config::{BalancerStatus, ConfigError, ProxyConfig, ProxyStatus};
 use thiserror::Error;
 use tokio::sync::Mutex;
 use tokio::task::JoinSet;
@@ -138,11 +138,7 @@ impl Proxy {
                 .map(|b| BalancerStatus {
                     name: b.config.name.clone(),
                     listen: b.config.listen,
-                    backends: b
-                        .health()
-                        .into_iter()
-                        .map(|(address, healthy)| BackendHealth { address, healthy })
-                        .collect(),
+                    backends: b.health(),
                     requests: b.stats.requests.load(Ordering::Relaxed),
                     in_flight: b.stats.in_flight.load(Ordering::Relaxed),
                 })

@@ -10,6 +10,7 @@ use pingora::lb::selection::{Consistent, RoundRobin};
 use pingora::lb::{Backend, Backends, LoadBalancer};
 
 use crate::discovery::Pushed;
+use crate::health_log::HealthLog;
 
 pub enum Selector {
     RoundRobin(LoadBalancer<RoundRobin>),
@@ -20,9 +21,14 @@ pub enum Selector {
 const MAX_ITERATIONS: usize = 256;
 
 impl Selector {
-    pub fn new(selection: Selection, discovery: Pushed, health: &HealthCheck) -> Selector {
+    pub fn new(
+        selection: Selection,
+        discovery: Pushed,
+        health: &HealthCheck,
+        log: &HealthLog,
+    ) -> Selector {
         let mut backends = Backends::new(Box::new(discovery));
-        backends.set_health_check(health_check(health));
+        backends.set_health_check(health_check(health, log));
         match selection {
             Selection::RoundRobin => Selector::RoundRobin(LoadBalancer::from_backends(backends)),
             Selection::Consistent => Selector::Consistent(LoadBalancer::from_backends(backends)),
@@ -65,12 +71,16 @@ impl Selector {
     }
 }
 
-fn health_check(h: &HealthCheck) -> Box<dyn pingora::lb::health_check::HealthCheck + Send + Sync> {
+fn health_check(
+    h: &HealthCheck,
+    log: &HealthLog,
+) -> Box<dyn pingora::lb::health_check::HealthCheck + Send + Sync> {
     let timeout = Some(Duration::from_millis(h.timeout_ms));
     match h.kind {
         HealthKind::Tcp => {
             let mut hc = TcpHealthCheck::new();
             hc.peer_template.options.connection_timeout = timeout;
+            hc.health_changed_callback = Some(Box::new(log.clone()));
             hc
         }
         HealthKind::Http => {
@@ -82,6 +92,7 @@ fn health_check(h: &HealthCheck) -> Box<dyn pingora::lb::health_check::HealthChe
             );
             hc.peer_template.options.connection_timeout = timeout;
             hc.peer_template.options.read_timeout = timeout;
+            hc.health_changed_callback = Some(Box::new(log.clone()));
             Box::new(hc)
         }
     }

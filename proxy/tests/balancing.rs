@@ -187,6 +187,11 @@ async fn a_dead_backend_is_taken_out_within_two_intervals() {
     let stop = Arc::new(AtomicBool::new(false));
     let client = load(listen, stop.clone());
     tokio::time::sleep(Duration::from_millis(300)).await;
+    let before = proxy.status().await.balancers[0].backends.clone();
+    assert!(
+        before.iter().all(|x| x.healthy && x.marked_down == 0),
+        "{before:?}"
+    );
     b1.kill();
     let killed = Instant::now();
     let unhealthy = loop {
@@ -213,7 +218,16 @@ async fn a_dead_backend_is_taken_out_within_two_intervals() {
         "{:?}",
         tally(&outcomes)
     );
-    // Back: healthy again at the next check.
+    // The fall is counted (a backend that came back before a status read leaves the count).
+    let after = proxy.status().await.balancers[0].backends.clone();
+    let downs = |addr| {
+        after
+            .iter()
+            .find(|x| x.address == addr)
+            .unwrap()
+            .marked_down
+    };
+    assert_eq!((downs(b1.addr), downs(b2.addr)), (1, 0), "{after:?}");
     proxy.shutdown().await;
 }
 
