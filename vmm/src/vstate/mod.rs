@@ -3,5 +3,6 @@
 pub mod control;
 pub mod irq_routing;
 pub mod kvm_state;
+pub mod ram;
 pub mod vcpu;
 pub mod vm;

@@ -2,7 +2,9 @@
 
 use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_PIT_SPEAKER_DUMMY};
 use kvm_ioctls::{Kvm, VmFd};
-use vm_memory::{Address, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use vm_memory::{
+    Address, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion, GuestRegionMmap,
+};
 
 use std::sync::Arc;
 
@@ -11,6 +13,7 @@ use crate::arch::memory::ram_ranges;
 use crate::persist::Persist;
 use crate::vstate::irq_routing::IrqRouter;
 use crate::vstate::kvm_state::{StateError, VmState};
+use crate::vstate::ram;
 
 /// Error creating or configuring the VM.
 #[derive(Debug, thiserror::Error)]
@@ -29,7 +32,7 @@ pub enum Error {
         /// Requested size.
         size: u64,
         /// Why it failed.
-        source: vm_memory::mmap::FromRangesError,
+        source: std::io::Error,
     },
 }
 
@@ -38,15 +41,25 @@ fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> Error {
 }
 
 /// Allocates guest RAM for `mem_size` bytes following the layout in [`crate::arch::memory`].
+/// Each range is a mapping of its own at a huge-page-aligned host address ([`ram`]).
 pub fn create_guest_memory(mem_size: u64) -> Result<GuestMemoryMmap, Error> {
-    let ranges: Vec<_> = ram_ranges(mem_size)
-        .into_iter()
-        .map(|(start, len)| (vm_memory::GuestAddress(start), len as usize))
-        .collect();
-    GuestMemoryMmap::from_ranges(&ranges).map_err(|source| Error::Memory {
+    let fail = |source| Error::Memory {
         size: mem_size,
         source,
-    })
+    };
+    let mut regions = Vec::new();
+    for (start, len) in ram_ranges(mem_size) {
+        let len = usize::try_from(len)
+            .map_err(|_| fail(std::io::Error::from_raw_os_error(libc::ENOMEM)))?;
+        let mapping = ram::aligned_anonymous(len).map_err(fail)?;
+        let region = GuestRegionMmap::new(mapping, GuestAddress(start)).ok_or_else(|| {
+            fail(std::io::Error::other(format!(
+                "guest range {start:#x}+{len:#x} wraps the address space"
+            )))
+        })?;
+        regions.push(region);
+    }
+    GuestMemoryMmap::from_regions(regions).map_err(|e| fail(std::io::Error::other(e.to_string())))
 }
 
 /// A KVM VM with its memory registered.
