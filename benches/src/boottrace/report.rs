@@ -20,6 +20,8 @@ struct Traced {
     /// Milliseconds from the VMM's exec to the guest's first instruction, and the program.
     exec_to_entry: Option<(f64, String)>,
     lines: Vec<(f64, String)>,
+    /// When each of [`MILESTONES`] was printed.
+    steps: Vec<Option<f64>>,
     uptime_ms: Option<f64>,
     exits: Vec<(String, u64)>,
     ports: Vec<(String, u64)>,
@@ -74,11 +76,13 @@ pub fn run(memory_mib: u64, extra: &str) -> Result<bool> {
                     fields.insert("page".into(), format!("{:#x}", gpa & !0xfff));
                 }
             }
+            let lines = kernel_lines(&console);
             Traced {
                 name: c.name,
                 exec_to_entry: exec_to_first_entry(&read(c.label, "ftrace")),
                 uptime_ms: uptime_ms(&console),
-                lines: kernel_lines(&console),
+                steps: milestones(&lines),
+                lines,
                 exits,
                 ports,
                 mmio_pages: counts_by(&pages, "page"),
@@ -124,7 +128,7 @@ fn print_tables(traced: &[Traced], memory_mib: u64, params: &str) {
         cells.join(" | ")
     );
     for (i, (name, needle)) in MILESTONES.iter().enumerate() {
-        let cells: Vec<String> = traced.iter().map(|t| ms(milestones(&t.lines)[i])).collect();
+        let cells: Vec<String> = traced.iter().map(|t| ms(t.steps[i])).collect();
         let label = if needle.is_empty() {
             name.to_string()
         } else {
