@@ -18,7 +18,7 @@ if [ ! -f "$out/lightbyte-firmware" ]; then
   # script give a non-PIE ELF at the address the script names.
   # (build.rs adds the linker script when LIGHTBYTE_FIRMWARE_LINK is set.)
   LIGHTBYTE_FIRMWARE_LINK=1 RUSTFLAGS="-C relocation-model=static" \
-    cargo build --release --locked --manifest-path "$here/Cargo.toml" \
+    cargo build --release --locked --features image --manifest-path "$here/Cargo.toml" \
       --target x86_64-unknown-linux-gnu --target-dir "$target_dir" >&2
   mkdir -p "$out.tmp"
   cp "$target_dir/x86_64-unknown-linux-gnu/release/lightbyte-firmware" "$out.tmp/"

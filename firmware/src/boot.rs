@@ -21,7 +21,6 @@ static DISKS: Racy<Vec<&'static VirtioBlk>> = Racy::new(Vec::new());
 
 /// A FAT volume found on a partition.
 struct Esp {
-    handle: Handle,
     path: Path,
     volume: &'static fs::Volume,
     label: String,
@@ -92,7 +91,7 @@ fn discover() -> (Vec<Esp>, Vec<String>) {
                     install(h, simple_file_system::PROTOCOL_GUID, fs::build(volume));
                     if is_esp {
                         found_esp = true;
-                        esps.push(Esp { handle: h, path, volume, label });
+                        esps.push(Esp { path, volume, label });
                     }
                 }
                 Err(e) if is_esp => problems.push(format!("{name}: EFI system partition {}: {e}", p.number)),

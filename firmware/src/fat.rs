@@ -32,7 +32,7 @@ const NT_LOWER_EXT: u8 = 0x10;
 
 // FAT windows are large because a kernel's chain covers tens of KiB of FAT and each device
 // read is a VM exit; directories are smaller and touched less.
-const FAT_WINDOW: u64 = 8192;
+const FAT_WINDOW: u64 = 16384;
 const FAT_SLOTS: usize = 4;
 const DIR_WINDOW: u64 = 4096;
 const DIR_SLOTS: usize = 4;
@@ -133,6 +133,7 @@ struct Entry {
     short: String,
 }
 
+/// A mounted volume. Not `Sync`: caches live in `Cell`s so lookups can take `&self`.
 pub struct Fat<D: BlockDevice> {
     dev: D,
     fat_type: FatType,
@@ -245,9 +246,7 @@ impl<D: BlockDevice> Fat<D> {
             return Err(FatError::NotFat("FAT too small for the cluster count"));
         }
         let volume_bytes = total_sectors * bytes_per_sector;
-        let device_bytes = dev
-            .num_blocks()
-            .saturating_mul(u64::from(dev.block_size()));
+        let device_bytes = dev.num_blocks().saturating_mul(u64::from(dev.block_size()));
         if volume_bytes > device_bytes {
             return Err(FatError::NotFat("volume larger than the device"));
         }
@@ -452,7 +451,9 @@ impl<D: BlockDevice> Fat<D> {
     /// without a cluster) is an error, but `pos` has moved past it so listing can continue.
     pub fn next_entry(&self, dir: &Node, pos: &mut u64) -> Result<Option<Node>, FatError> {
         match self.scan(dir, pos)? {
-            Some(e) if is_broken_dir(&e.node) => Err(FatError::Corrupt("directory without a cluster")),
+            Some(e) if is_broken_dir(&e.node) => {
+                Err(FatError::Corrupt("directory without a cluster"))
+            }
             other => Ok(other.map(|e| e.node)),
         }
     }
@@ -576,7 +577,9 @@ impl<D: BlockDevice> Fat<D> {
                 continue;
             }
             let long = lfn.finish(&e);
-            if attr & ATTR_VOLUME_ID != 0 || &e[..11] == b".          " || &e[..11] == b"..         "
+            if attr & ATTR_VOLUME_ID != 0
+                || &e[..11] == b".          "
+                || &e[..11] == b"..         "
             {
                 continue;
             }
@@ -887,7 +890,8 @@ fn lfn_checksum(short: &[u8]) -> u8 {
 
 const LFN_PARTS: usize = 20;
 const LFN_UNITS_PER_ENTRY: usize = 13;
-const LFN_UNIT_OFFSETS: [usize; LFN_UNITS_PER_ENTRY] = [1, 3, 5, 7, 9, 14, 16, 18, 20, 22, 24, 28, 30];
+const LFN_UNIT_OFFSETS: [usize; LFN_UNITS_PER_ENTRY] =
+    [1, 3, 5, 7, 9, 14, 16, 18, 20, 22, 24, 28, 30];
 
 /// Long-name entries precede their 8.3 entry in descending order (the first one flagged
 /// 0x40); any gap, reordering or checksum mismatch means the LFN belongs to a deleted or
@@ -937,8 +941,7 @@ impl Lfn {
     }
 
     fn finish(&mut self, short: &[u8; 32]) -> Option<String> {
-        let complete =
-            self.active && self.next == 0 && self.checksum == lfn_checksum(&short[..11]);
+        let complete = self.active && self.next == 0 && self.checksum == lfn_checksum(&short[..11]);
         self.active = false;
         if !complete {
             return None;

@@ -162,7 +162,9 @@ fn read_at(dev: &dyn BlockDevice, lba: u64) -> Result<Gpt, GptError> {
 
     // A header copied to the wrong place (e.g. a cloned smaller disk) describes another layout.
     if le64(&hdr, 24) != lba {
-        return Err(GptError::Invalid("header MyLBA does not match its location"));
+        return Err(GptError::Invalid(
+            "header MyLBA does not match its location",
+        ));
     }
     let first_usable = le64(&hdr, 40);
     let last_usable = le64(&hdr, 48);
@@ -184,7 +186,9 @@ fn read_at(dev: &dyn BlockDevice, lba: u64) -> Result<Gpt, GptError> {
     }
     let array_blocks = array_bytes.div_ceil(u64::from(bs));
     if entries_lba < 2 || entries_lba == lba {
-        return Err(GptError::Invalid("partition entry array overlaps the header"));
+        return Err(GptError::Invalid(
+            "partition entry array overlaps the header",
+        ));
     }
     match entries_lba.checked_add(array_blocks) {
         Some(end) if end <= num_blocks => {}

@@ -16,20 +16,6 @@ pub fn outb(port: u16, v: u8) {
     unsafe { asm!("out dx, al", in("al") v, in("dx") port, options(nomem, nostack, preserves_flags)) };
 }
 
-/// Reads a 16-bit word from an I/O port.
-pub fn inw(port: u16) -> u16 {
-    let v: u16;
-    // SAFETY: as for `inb`.
-    unsafe { asm!("in ax, dx", out("ax") v, in("dx") port, options(nomem, nostack, preserves_flags)) };
-    v
-}
-
-/// Writes a 16-bit word to an I/O port.
-pub fn outw(port: u16, v: u16) {
-    // SAFETY: as for `outb`.
-    unsafe { asm!("out dx, ax", in("ax") v, in("dx") port, options(nomem, nostack, preserves_flags)) };
-}
-
 /// Reads a 32-bit word from an I/O port.
 pub fn inl(port: u16) -> u32 {
     let v: u32;

@@ -13,21 +13,16 @@ extern crate alloc;
 #[cfg(not(test))]
 mod arch_entry;
 mod acpi;
-mod block;
+use lightbyte_firmware::{block, crc32, fat, gpt, memmap, pe};
 mod boot;
-mod crc32;
 mod efi;
-mod fat;
-mod gpt;
 mod heap;
 #[cfg(not(test))]
 mod idt;
 mod io;
 #[cfg(not(test))]
 mod mem_ops;
-mod memmap;
 mod pci;
-mod pe;
 mod platform;
 mod pvh;
 mod racy;

@@ -95,6 +95,7 @@ impl Drop for Served {
 fn config(kernel: &Path) -> VmConfig {
     VmConfig {
         kernel: kernel.to_path_buf(),
+        firmware: None,
         initramfs: None,
         cmdline: DEFAULT_CMDLINE.into(),
         cpus: 2,

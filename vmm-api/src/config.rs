@@ -24,8 +24,14 @@ pub const DEFAULT_MEMORY: u64 = 512 << 20;
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct VmConfig {
-    /// Kernel image: ELF vmlinux (PVH or 64-bit entry) or bzImage.
+    /// Kernel image: ELF vmlinux (PVH or 64-bit entry) or bzImage. Empty when `firmware` boots
+    /// the VM instead.
     pub kernel: PathBuf,
+    /// UEFI firmware (an ELF with a PVH entry, such as lightbyte's own `lightbyte-firmware`)
+    /// started instead of a kernel: it boots whatever loader the first disk's EFI system
+    /// partition holds, and hands `cmdline` to it as load options.
+    #[serde(default)]
+    pub firmware: Option<PathBuf>,
     /// Optional initramfs.
     pub initramfs: Option<PathBuf>,
     /// Kernel command line.
@@ -218,6 +224,9 @@ pub enum ConfigError {
         /// Maximum on this host.
         max: u32,
     },
+    /// Boot options that exclude each other.
+    #[error("cannot boot {0}")]
+    BootConflict(&'static str),
     /// A file that must exist does not.
     #[error("{what} {path}: no such file")]
     MissingFile {
@@ -263,6 +272,7 @@ impl VmConfig {
     pub fn with_kernel(kernel: impl Into<PathBuf>) -> VmConfig {
         VmConfig {
             kernel: kernel.into(),
+            firmware: None,
             initramfs: None,
             cmdline: DEFAULT_CMDLINE.to_string(),
             cpus: DEFAULT_CPUS,
@@ -280,10 +290,43 @@ impl VmConfig {
         check_cpu_count(u32::from(self.cpus), max_cpus)
     }
 
+    /// A configuration with the command line's defaults that boots through UEFI `firmware`.
+    pub fn with_firmware(firmware: impl Into<PathBuf>) -> VmConfig {
+        VmConfig {
+            firmware: Some(firmware.into()),
+            ..VmConfig::with_kernel(PathBuf::new())
+        }
+    }
+
+    /// The image the VMM loads: the firmware if there is one, else the kernel.
+    pub fn boot_image(&self) -> (&'static str, &std::path::Path) {
+        match &self.firmware {
+            Some(f) => ("firmware", f),
+            None => ("kernel", &self.kernel),
+        }
+    }
+
+    /// Checks that the boot options go together: a firmware excludes a kernel and an initramfs.
+    pub fn check_boot(&self) -> Result<(), ConfigError> {
+        if self.firmware.is_some() {
+            if !self.kernel.as_os_str().is_empty() {
+                return Err(ConfigError::BootConflict("a kernel and a firmware"));
+            }
+            if self.initramfs.is_some() {
+                return Err(ConfigError::BootConflict(
+                    "an initramfs with a firmware (the boot loader on the disk loads it)",
+                ));
+            }
+        }
+        Ok(())
+    }
+
     /// Checks what needs no host: vCPU count (against `max_cpus` and [`MAX_CPUS`]), memory
-    /// size and alignment, one device per TAP. Files and interfaces are the VMM's to check.
+    /// size and alignment, one device per TAP, boot options. Files and interfaces are the
+    /// VMM's to check.
     pub fn check_limits(&self, max_cpus: u32) -> Result<(), ConfigError> {
         self.check_cpus(max_cpus)?;
+        self.check_boot()?;
         if self.memory < MIN_MEMORY {
             return Err(ConfigError::MemoryTooSmall {
                 got: self.memory,

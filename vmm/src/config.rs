@@ -12,7 +12,9 @@ pub use vmm_api::limits::{MAX_CPUS, MIN_MEMORY};
 /// files exist and that its TAP interfaces are there.
 pub fn validate(cfg: &VmConfig, max_cpus: u32) -> Result<(), ConfigError> {
     cfg.check_limits(max_cpus)?;
-    let files = std::iter::once(("kernel", &cfg.kernel))
+    let (image_kind, image) = cfg.boot_image();
+    let image = image.to_path_buf();
+    let files = std::iter::once((image_kind, &image))
         .chain(cfg.initramfs.iter().map(|p| ("initramfs", p)))
         .chain(cfg.disks.iter().map(|d| ("disk", &d.path)));
     for (what, path) in files {

@@ -47,7 +47,8 @@ const EXIT_GUEST_PANIC: u8 = 5;
 #[command(
     version,
     args_conflicts_with_subcommands = true,
-    subcommand_negates_reqs = true
+    subcommand_negates_reqs = true,
+    group(clap::ArgGroup::new("boot").args(["kernel", "firmware"]))
 )]
 struct Cli {
     #[command(subcommand)]
@@ -56,20 +57,32 @@ struct Cli {
     /// or a bzImage. Required unless --api-socket is given.
     // An Option so that `vmm img ...` and `vmm --api-socket PATH` parse; clap requires it
     // otherwise.
-    #[arg(long, value_name = "PATH", required_unless_present = "api_socket")]
+    #[arg(
+        long,
+        value_name = "PATH",
+        required_unless_present_any = ["api_socket", "firmware"],
+        conflicts_with = "firmware"
+    )]
     kernel: Option<PathBuf>,
+    /// UEFI firmware to start instead of a kernel (lightbyte's own: target/release/
+    /// lightbyte-firmware). It boots the first boot loader it finds on the disks' EFI system
+    /// partitions (\EFI\BOOT\BOOTX64.EFI, or a Boot Loader Specification entry) and passes
+    /// --cmdline to it as its load options when one is given.
+    #[arg(long, value_name = "PATH")]
+    firmware: Option<PathBuf>,
     /// Serve the HTTP API on this Unix socket (refused when another process serves there; a
     /// stale socket file is replaced; removed on exit).
     #[arg(long, value_name = "PATH")]
     api_socket: Option<PathBuf>,
     /// Initial ramdisk (cpio archive, optionally compressed) loaded with the kernel.
-    #[arg(long, value_name = "PATH", requires = "kernel")]
+    #[arg(long, value_name = "PATH", requires = "kernel", conflicts_with = "firmware")]
     initramfs: Option<PathBuf>,
-    /// Kernel command line.
-    #[arg(long, value_name = "STR", default_value = DEFAULT_CMDLINE, requires = "kernel")]
-    cmdline: String,
+    /// Kernel command line (default: "console=ttyS0 reboot=k panic=1 ..."); with --firmware,
+    /// the boot loader's load options (default: none).
+    #[arg(long, value_name = "STR", requires = "boot")]
+    cmdline: Option<String>,
     /// Number of vCPUs the guest sees.
-    #[arg(long, value_name = "N", default_value_t = 1, requires = "kernel")]
+    #[arg(long, value_name = "N", default_value_t = 1, requires = "boot")]
     cpus: u8,
     /// Guest RAM: bytes, or a number with K/M/G suffix.
     #[arg(
@@ -77,7 +90,7 @@ struct Cli {
         value_name = "SIZE",
         default_value = "512M",
         value_parser = parse_size,
-        requires = "kernel"
+        requires = "boot"
     )]
     memory: u64,
     /// Serial console destination: stdout (interactive when stdin is a terminal; Ctrl-A x
@@ -87,7 +100,7 @@ struct Cli {
         value_name = "DEST",
         default_value = "stdout",
         value_parser = parse_serial,
-        requires = "kernel"
+        requires = "boot"
     )]
     serial: SerialConfig,
     /// A virtio-blk disk backed by a raw or qcow2 image; repeat for more (the first is
@@ -99,7 +112,7 @@ struct Cli {
         long,
         value_name = "path=FILE[,format=raw|qcow2][,readonly=on][,serial=ID][,direct=on]",
         value_parser = parse_disk,
-        requires = "kernel"
+        requires = "boot"
     )]
     disk: Vec<DiskConfig>,
     /// A virtio-net device on an existing host TAP interface; repeat for more (the first is
@@ -110,7 +123,7 @@ struct Cli {
         long,
         value_name = "tap=NAME[,mac=MAC]",
         value_parser = parse_net,
-        requires = "kernel"
+        requires = "boot"
     )]
     net: Vec<NetConfig>,
     /// A virtio-vsock device (guest context ID N, 3 or more) whose host side is Unix sockets:
@@ -121,7 +134,7 @@ struct Cli {
         long,
         value_name = "cid=N,socket=PATH",
         value_parser = parse_vsock,
-        requires = "kernel"
+        requires = "boot"
     )]
     vsock: Option<VsockConfig>,
     /// Run jailed: join the cgroup v2 directory DIR (whose limits the caller set), enter a
@@ -193,10 +206,19 @@ fn main() -> ExitCode {
         Some(Command::Agent { command }) => return agent_cli::run(command),
         None => {}
     }
-    let config = cli.kernel.map(|kernel| VmConfig {
+    let boot = match (cli.kernel, cli.firmware) {
+        (Some(kernel), _) => Some((kernel, None)),
+        (None, Some(firmware)) => Some((PathBuf::new(), Some(firmware))),
+        (None, None) => None,
+    };
+    let config = boot.map(|(kernel, firmware)| VmConfig {
+        cmdline: cli.cmdline.unwrap_or_else(|| match firmware {
+            Some(_) => String::new(),
+            None => DEFAULT_CMDLINE.to_string(),
+        }),
         kernel,
+        firmware,
         initramfs: cli.initramfs,
-        cmdline: cli.cmdline,
         cpus: cli.cpus,
         memory: cli.memory,
         serial: cli.serial,

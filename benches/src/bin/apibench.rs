@@ -132,6 +132,7 @@ fn inner(
     let serial = dir.join("serial.log");
     let config = VmConfig {
         kernel: kernel.into(),
+        firmware: None,
         initramfs: Some(initramfs.into()),
         cmdline: cmdline.into(),
         cpus: 1,

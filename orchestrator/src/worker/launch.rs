@@ -225,6 +225,7 @@ pub(super) async fn launch(ctx: &Ctx, vm: &mut LocalVm, obj: &Vm) -> Result<(), 
     })?;
     let config = VmConfig {
         kernel,
+        firmware: None,
         initramfs,
         cmdline,
         cpus,

@@ -37,14 +37,6 @@ pub enum BodyError {
     /// A body on an endpoint that needs one is missing.
     #[error("this endpoint needs a JSON request body")]
     Missing,
-    /// A documented field whose feature this build does not have.
-    #[error("{field}: {feature} is not available in this build")]
-    Unavailable {
-        /// The field used.
-        field: &'static str,
-        /// What it would need.
-        feature: &'static str,
-    },
     /// A value the configuration rules refuse.
     #[error(transparent)]
     Config(#[from] ConfigError),
@@ -85,13 +77,12 @@ impl<'de, T: Deserialize<'de>> Deserialize<'de> for Object<T> {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CreateBody {
-    /// `--kernel`. Optional in the schema only because `firmware` would replace it.
+    /// `--kernel`; exactly one of `kernel` and `firmware`.
     kernel: Option<PathBuf>,
     /// `--initramfs`.
     initramfs: Option<PathBuf>,
-    /// `--cmdline`.
-    #[serde(default = "default_cmdline")]
-    cmdline: String,
+    /// `--cmdline` (default: the kernel's default, or none for a firmware).
+    cmdline: Option<String>,
     /// `--cpus`. Wider than the configuration's u8 so that 300 gets the range message rather
     /// than a type error.
     #[serde(default = "default_cpus")]
@@ -105,7 +96,7 @@ pub struct CreateBody {
     /// `--disk`, in order.
     #[serde(default)]
     disks: Vec<ApiDisk>,
-    /// UEFI firmware: documented, not built yet.
+    /// `--firmware`: UEFI firmware booting the first disk's boot loader.
     firmware: Option<PathBuf>,
     /// `--net`, in order; `null` is taken as none.
     nets: Option<Vec<ApiNet>>,
@@ -173,10 +164,6 @@ impl<'de> Deserialize<'de> for ApiVsock {
     }
 }
 
-fn default_cmdline() -> String {
-    DEFAULT_CMDLINE.to_string()
-}
-
 fn default_cpus() -> u64 {
     u64::from(DEFAULT_CPUS)
 }
@@ -213,22 +200,31 @@ fn memory_size<'de, D: Deserializer<'de>>(deserializer: D) -> Result<u64, D::Err
 impl CreateBody {
     /// The configuration the body asks for.
     fn into_config(self) -> Result<VmConfig, BodyError> {
-        // Refused before anything else: a body that relies on them must not half-work.
-        if self.firmware.is_some() {
-            return Err(BodyError::Unavailable {
-                field: "firmware",
-                feature: "UEFI firmware boot",
-            });
-        }
-        let kernel = self
-            .kernel
-            .ok_or_else(|| BodyError::Shape("missing field `kernel`".into()))?;
+        let kernel = match (self.kernel, &self.firmware) {
+            (Some(k), None) => k,
+            (None, Some(_)) => PathBuf::new(),
+            (Some(_), Some(_)) => {
+                return Err(BodyError::Shape(
+                    "give `kernel` or `firmware`, not both".into(),
+                ))
+            }
+            (None, None) => {
+                return Err(BodyError::Shape(
+                    "missing field `kernel` (or `firmware`)".into(),
+                ))
+            }
+        };
         let wide = u32::try_from(self.cpus).unwrap_or(u32::MAX);
         check_cpu_count(wide, u32::from(MAX_CPUS))?;
-        Ok(VmConfig {
+        let cmdline = self.cmdline.unwrap_or_else(|| match &self.firmware {
+            Some(_) => String::new(),
+            None => DEFAULT_CMDLINE.to_string(),
+        });
+        let config = VmConfig {
             kernel,
+            firmware: self.firmware,
             initramfs: self.initramfs,
-            cmdline: self.cmdline,
+            cmdline,
             // In range: checked just above.
             cpus: u8::try_from(self.cpus).unwrap_or(MAX_CPUS),
             memory: self.memory,
@@ -241,7 +237,9 @@ impl CreateBody {
                 .map(|n| n.0)
                 .collect(),
             vsock: self.vsock.map(|v| v.0),
-        })
+        };
+        config.check_boot()?;
+        Ok(config)
     }
 }
 
@@ -571,12 +569,13 @@ mod tests {
             (r#"{"kernel":"k","disks":{}}"#, "disks: invalid type: map"),
             (
                 r#"{"kernel":"k","firmware":"/fw"}"#,
-                "firmware: UEFI firmware boot is not available in this build",
+                "give `kernel` or `firmware`, not both",
             ),
             (
-                r#"{"firmware":"/fw"}"#,
-                "firmware: UEFI firmware boot is not available",
+                r#"{"firmware":"/fw","initramfs":"/i"}"#,
+                "cannot boot an initramfs with a firmware",
             ),
+            (r#"{"cmdline":"x"}"#, "missing field `kernel` (or `firmware`)"),
             (
                 r#"{"kernel":"k","nets":[{"mac":"52:54:00:12:34:56"}]}"#,
                 "nets[0]: missing field `tap`",

@@ -67,6 +67,7 @@ mod tests {
     fn zero_page_has_cmdline_initrd_e820_and_rsdp() {
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 64 << 20)]).unwrap();
         let payload = BootPayload {
+            firmware: false,
             kernel: Path::new("k"),
             initramfs: None,
             cmdline: "console=ttyS0",

@@ -84,6 +84,9 @@ pub enum Error {
         /// What linux-loader's configurator said.
         source: linux_loader::configurator::Error,
     },
+    /// A firmware without the PVH entry note we start firmware through.
+    #[error("firmware {0}: not a PVH ELF (an ELF executable with a XEN_ELFNOTE_PHYS32_ENTRY note, such as lightbyte-firmware)")]
+    NotFirmware(PathBuf),
     /// The PVH memory map does not fit its area.
     #[error("PVH memory map has {0} entries, more than fit")]
     TooManyMemmapEntries(usize),
@@ -96,8 +99,10 @@ fn boot_info_err(what: &'static str) -> impl FnOnce(linux_loader::configurator::
 /// What to boot.
 #[derive(Clone, Debug)]
 pub struct BootPayload<'a> {
-    /// Kernel image.
+    /// Kernel image, or the firmware when `firmware` is set.
     pub kernel: &'a Path,
+    /// `kernel` is a UEFI firmware: a PVH ELF started with the command line as its only input.
+    pub firmware: bool,
     /// Optional initramfs.
     pub initramfs: Option<&'a Path>,
     /// Kernel command line.
@@ -167,6 +172,9 @@ pub fn load(mem: &GuestMemoryMmap, payload: &BootPayload) -> Result<BootMode, Er
         path: kernel.to_path_buf(),
         source,
     };
+    if payload.firmware && !matches!(format, Format::Elf) {
+        return Err(Error::NotFirmware(kernel.to_path_buf()));
+    }
     let start = Some(GuestAddress(HIGH_RAM_START));
     let result: KernelLoaderResult = match format {
         Format::Elf => Elf::load(mem, None, &mut file, start).map_err(load_err)?,
@@ -186,6 +194,11 @@ pub fn load(mem: &GuestMemoryMmap, payload: &BootPayload) -> Result<BootMode, Er
     };
 
     match (format, result.pvh_boot_cap) {
+        (Format::Elf, PvhBootCapability::PvhEntryPresent(entry)) if payload.firmware => {
+            pvh::write_start_info(mem, payload, None)?;
+            Ok(BootMode::Pvh { entry: entry.0 })
+        }
+        _ if payload.firmware => Err(Error::NotFirmware(kernel.to_path_buf())),
         (Format::Elf, PvhBootCapability::PvhEntryPresent(entry)) => {
             pvh::write_start_info(mem, payload, initramfs)?;
             Ok(BootMode::Pvh { entry: entry.0 })
@@ -298,6 +311,7 @@ mod tests {
             cmdline,
             mem_size: 64 << 20,
             rsdp: GuestAddress(0xe0000),
+            firmware: false,
         }
     }
 

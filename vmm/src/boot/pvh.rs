@@ -78,6 +78,7 @@ mod tests {
             cmdline: "",
             mem_size: 64 << 20,
             rsdp: GuestAddress(0xe0000),
+            firmware: false,
         };
         let initrd = Initramfs {
             addr: 0x300_0000,

@@ -124,6 +124,7 @@ impl Error {
                 | Error::Boot(boot::Error::CmdlineTooLong { .. })
                 | Error::Boot(boot::Error::CmdlineNul)
                 | Error::Boot(boot::Error::InitramfsTooLarge { .. })
+                | Error::Boot(boot::Error::NotFirmware(_))
         )
     }
 }
@@ -132,7 +133,7 @@ impl Error {
 pub fn build_for_boot(cfg: &VmConfig) -> Result<RunningVm, Error> {
     // Everything the user can get wrong is checked before KVM is touched.
     config::validate(cfg, u32::from(MAX_CPUS))?;
-    boot::check_kernel(&cfg.kernel)?;
+    boot::check_kernel(cfg.boot_image().1)?;
     let host = HostResources::open(cfg)?;
     let memory = vm::create_guest_memory(cfg.memory)?;
     let vm = create_vm(&host.kvm, memory)?;
@@ -145,7 +146,8 @@ pub fn build_for_boot(cfg: &VmConfig) -> Result<RunningVm, Error> {
     let mode = boot::load(
         vm.memory(),
         &BootPayload {
-            kernel: &cfg.kernel,
+            kernel: cfg.boot_image().1,
+            firmware: cfg.firmware.is_some(),
             initramfs: cfg.initramfs.as_deref(),
             cmdline: &cfg.cmdline,
             mem_size: cfg.memory,

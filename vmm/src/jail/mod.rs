@@ -148,7 +148,7 @@ pub enum JailError {
 /// disk (read-write unless read-only) with its backing chain read-only, and the directories of
 /// the console file (and the file itself when it exists) and the vsock sockets.
 pub fn paths_for(config: &VmConfig) -> Vec<Visible> {
-    let mut out = vec![Visible::ro(&config.kernel)];
+    let mut out = vec![Visible::ro(config.boot_image().1)];
     out.extend(config.initramfs.iter().map(Visible::ro));
     for disk in &config.disks {
         out.push(if disk.read_only {
@@ -355,6 +355,7 @@ mod tests {
         .unwrap();
         let config = VmConfig {
             kernel: "/k/vmlinux".into(),
+            firmware: None,
             initramfs: Some("/k/initrd".into()),
             cmdline: String::new(),
             cpus: 1,
