@@ -4,6 +4,9 @@
 use crate::racy::Racy;
 
 static RSDP: Racy<u64> = Racy::new(0);
+/// The power-off port and value, read from the FADT at start: after ExitBootServices the OS
+/// maps only runtime memory for our code, not the ACPI tables.
+static SLEEP_CONTROL: Racy<Option<(u16, u8)>> = Racy::new(None);
 
 /// S5 sleep type of lightbyte's DSDT (`_S5_`); shared with the VMM's ACPI code by value.
 const S5_SLEEP_TYPE: u8 = 5;
@@ -13,6 +16,7 @@ const FADT_HW_REDUCED: u32 = 1 << 20;
 /// Remembers the RSDP the VMM gave.
 pub fn init(rsdp: u64) {
     RSDP.set(rsdp);
+    SLEEP_CONTROL.set(find_sleep_control());
 }
 
 /// The RSDP's address, if any.
@@ -55,8 +59,12 @@ fn find_table(sig: &[u8; 4]) -> Option<u64> {
 }
 
 /// The I/O port and value that power the machine off (hardware-reduced ACPI's sleep control
-/// register).
+/// register), as found at start.
 pub fn sleep_control() -> Option<(u16, u8)> {
+    SLEEP_CONTROL.get()
+}
+
+fn find_sleep_control() -> Option<(u16, u8)> {
     let fadt = find_table(b"FACP")?;
     let len = read::<u32>(fadt + 4);
     if len < 256 || read::<u32>(fadt + 112) & FADT_HW_REDUCED == 0 {

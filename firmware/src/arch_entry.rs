@@ -47,6 +47,8 @@ global_asm!(
     "cli",
     "cld",
     "mov ebp, ebx",
+    // PVH gives no stack: take ours before the far return below pushes to it.
+    "mov esp, offset boot_stack_top",
     // Zero .bss and the boot area (the VMM may reuse memory on reset).
     "mov edi, offset __bss_start",
     "mov ecx, offset __image_end",
@@ -110,7 +112,7 @@ global_asm!(
     "xor eax, eax",
     "mov fs, ax",
     "mov gs, ax",
-    "lea rsp, [rip + boot_stack_top]",
+    "mov esp, offset boot_stack_top",
     "fninit",
     "mov edi, ebp",
     "call {main}",

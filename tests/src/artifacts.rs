@@ -24,6 +24,11 @@ pub struct Artifacts {
     pub testhost_kernel: PathBuf,
     /// Test host initramfs.
     pub testhost_initramfs: PathBuf,
+    /// lightbyte's UEFI firmware (firmware/build.sh).
+    pub firmware: PathBuf,
+    /// GPT disks with EFI boot loaders (tests/guest/build-efi-disks.sh): sdboot.img,
+    /// sdboot-debian.img, stub.img, grub.img, noesp.img, corrupt.img, blank.img.
+    pub efi_disks: PathBuf,
 }
 
 /// Runs one of the repository's build scripts and returns the lines it printed.
@@ -71,10 +76,26 @@ fn build() -> Result<Artifacts> {
     let [kernel, initrd] = host.as_slice() else {
         bail!("tests/testhost/build.sh printed {host:?}, expected two paths");
     };
+    let firmware = one_path(&run_script("firmware/build.sh", &[])?, "firmware")?;
+    let bzimage = kernel_dir.join("bzImage");
+    let debian_bzimage = debian.join("vmlinuz");
+    let efi_disks = one_path(
+        &run_script(
+            "tests/guest/build-efi-disks.sh",
+            &[
+                &bzimage.display().to_string(),
+                &initramfs.display().to_string(),
+                &debian_bzimage.display().to_string(),
+            ],
+        )?,
+        "EFI disks",
+    )?;
     Ok(Artifacts {
+        firmware,
+        efi_disks,
         minimal_vmlinux: kernel_dir.join("vmlinux"),
-        minimal_bzimage: kernel_dir.join("bzImage"),
-        debian_bzimage: debian.join("vmlinuz"),
+        minimal_bzimage: bzimage,
+        debian_bzimage,
         initramfs,
         testhost_kernel: PathBuf::from(kernel),
         testhost_initramfs: PathBuf::from(initrd),

@@ -161,6 +161,17 @@ impl Vcpu {
         })
     }
 
+    /// Registers that say where and in which mode a vCPU crashed.
+    fn crash_state(&self) -> String {
+        match (self.fd.get_regs(), self.fd.get_sregs()) {
+            (Ok(r), Ok(s)) => format!(
+                "rip {:#x} rsp {:#x} cs {:#x} cr0 {:#x} cr2 {:#x} cr3 {:#x} cr4 {:#x} efer {:#x} idt {:#x}+{:#x}",
+                r.rip, r.rsp, s.cs.selector, s.cr0, s.cr2, s.cr3, s.cr4, s.efer, s.idt.base, s.idt.limit
+            ),
+            _ => "unknown".into(),
+        }
+    }
+
     fn rip(&self) -> String {
         match self.fd.get_regs() {
             Ok(r) => format!("{:#x}", r.rip),
@@ -215,7 +226,11 @@ impl Vcpu {
                 None
             }
             Ok(VcpuExit::Hlt) | Ok(VcpuExit::Intr) | Ok(VcpuExit::IrqWindowOpen) => None,
-            Ok(VcpuExit::Shutdown) => Some(VmEvent::Reset(TRIPLE_FAULT)),
+            Ok(VcpuExit::Shutdown) => {
+                // What the guest's state was is the only clue to a crash it could not report.
+                tracing::error!(vcpu = index, state = %self.crash_state(), "triple fault");
+                Some(VmEvent::Reset(TRIPLE_FAULT))
+            }
             Ok(VcpuExit::SystemEvent(kind, _)) => Some(match kind {
                 KVM_SYSTEM_EVENT_SHUTDOWN => VmEvent::PowerOff,
                 KVM_SYSTEM_EVENT_RESET => VmEvent::Reset("KVM system reset"),
