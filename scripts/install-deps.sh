@@ -30,6 +30,10 @@ packages=(
   # Image recipes: Debian roots with debootstrap; the nix/ files are checked with
   # nix-instantiate --parse (no Nix store or binary cache here to build them).
   debootstrap nix-bin
+  # UEFI: the firmware's tests build GPT disks with FAT and ext4 file systems without root
+  # (sgdisk, mkfs.vfat, mtools) holding real boot loaders (systemd-boot, GRUB); the boot
+  # benchmark compares with QEMU booting the same disks through Debian's OVMF.
+  gdisk dosfstools mtools systemd-boot-efi grub-efi-amd64-bin ovmf
 )
 missing_packages() {
   missing=()

@@ -8,6 +8,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install-deps.sh
 cargo build --release --bins
+bash firmware/build.sh >/dev/null
 kernel=$(bash tests/guest/build-kernel.sh)/vmlinux
 initramfs=$(bash tests/guest/build-initramfs.sh)
 exec target/release/testhost run --timeout 1200 -- \

@@ -9,6 +9,9 @@ bash scripts/install-deps.sh
 bash tests/guest/build-kernel.sh >/dev/null
 bash tests/guest/build-initramfs.sh >/dev/null
 bash tests/testhost/build.sh >/dev/null
+bash tests/guest/fetch-debian-kernel.sh cloud-amd64 >/dev/null
+# The UEFI firmware is its own Cargo workspace (freestanding flags); cached like the kernel.
+bash firmware/build.sh >/dev/null
 cargo build --workspace --bins --all-targets
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
@@ -20,6 +23,8 @@ status=0
 exec 3> >(tee "$log")
 tee_pid=$!
 cargo test --workspace --no-fail-fast >&3 2>&1 || status=$?
+# The firmware's disk formats, PE loader and memory map, tested on the host.
+cargo test --release --manifest-path firmware/Cargo.toml --no-fail-fast >&3 2>&1 || status=$?
 exec 3>&-
 if pkill -f "$PWD/target/" 2>/dev/null; then
   echo "test.sh: ended processes that tests left running"

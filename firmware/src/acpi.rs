@@ -73,5 +73,6 @@ fn find_sleep_control() -> Option<(u16, u8)> {
     // X_SLEEP_CONTROL_REG, a generic address structure: space id 1 is I/O.
     let space: u8 = read(fadt + 244);
     let addr: u64 = read(fadt + 248);
-    (space == 1 && addr != 0 && addr <= 0xffff).then_some((addr as u16, (S5_SLEEP_TYPE << 2) | SLP_EN))
+    (space == 1 && addr != 0 && addr <= 0xffff)
+        .then_some((addr as u16, (S5_SLEEP_TYPE << 2) | SLP_EN))
 }

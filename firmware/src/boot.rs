@@ -46,7 +46,8 @@ fn discover() -> (Vec<Esp>, Vec<String>) {
     let mut window = BarWindow::new();
     let mut esps = Vec::new();
     let mut problems = Vec::new();
-    let functions: Vec<pci::Function> = pci::functions().filter(virtio_blk::is_virtio_blk).collect();
+    let functions: Vec<pci::Function> =
+        pci::functions().filter(virtio_blk::is_virtio_blk).collect();
     if functions.is_empty() {
         problems.push(String::from("no virtio-blk disk"));
     }
@@ -64,7 +65,11 @@ fn discover() -> (Vec<Esp>, Vec<String>) {
         let media_id = n as u32;
         let disk_path = Path::pci(f.device, f.function);
         let (bio, dio) = efi::disk::build(disk, media_id, 0, disk.num_blocks(), false);
-        let h = install(core::ptr::null_mut(), device_path::PROTOCOL_GUID, disk_path.clone().finish() as *mut c_void);
+        let h = install(
+            core::ptr::null_mut(),
+            device_path::PROTOCOL_GUID,
+            disk_path.clone().finish() as *mut c_void,
+        );
         install(h, block_io::PROTOCOL_GUID, bio);
         install(h, disk_io::PROTOCOL_GUID, dio);
         let table = match gpt::read(disk) {
@@ -77,28 +82,50 @@ fn discover() -> (Vec<Esp>, Vec<String>) {
         let mut found_esp = false;
         for p in &table.partitions {
             let count = p.last_lba - p.first_lba + 1;
-            let path = disk_path.clone().hard_drive(p.number, p.first_lba, count, &p.unique_guid);
+            let path = disk_path
+                .clone()
+                .hard_drive(p.number, p.first_lba, count, &p.unique_guid);
             let (bio, dio) = efi::disk::build(disk, media_id, p.first_lba, count, true);
-            let h = install(core::ptr::null_mut(), device_path::PROTOCOL_GUID, path.clone().finish() as *mut c_void);
+            let h = install(
+                core::ptr::null_mut(),
+                device_path::PROTOCOL_GUID,
+                path.clone().finish() as *mut c_void,
+            );
             install(h, block_io::PROTOCOL_GUID, bio);
             install(h, disk_io::PROTOCOL_GUID, dio);
             let is_esp = p.type_guid == gpt::ESP_TYPE;
-            let slice = Slice { dev: disk, first: p.first_lba, count };
+            let slice = Slice {
+                dev: disk,
+                first: p.first_lba,
+                count,
+            };
             match Fat::new(slice) {
                 Ok(fat) => {
                     let label = fat.volume_label();
-                    let volume: &'static fs::Volume = alloc::boxed::Box::leak(alloc::boxed::Box::new(fs::Volume { fat }));
+                    let volume: &'static fs::Volume =
+                        alloc::boxed::Box::leak(alloc::boxed::Box::new(fs::Volume { fat }));
                     install(h, simple_file_system::PROTOCOL_GUID, fs::build(volume));
                     if is_esp {
                         found_esp = true;
-                        esps.push(Esp { path, volume, label });
+                        esps.push(Esp {
+                            path,
+                            volume,
+                            label,
+                        });
                     }
                 }
-                Err(e) if is_esp => problems.push(format!("{name}: EFI system partition {}: {e}", p.number)),
+                Err(e) if is_esp => {
+                    problems.push(format!("{name}: EFI system partition {}: {e}", p.number))
+                }
                 Err(_) => {}
             }
         }
-        if !found_esp && !table.partitions.iter().any(|p| p.type_guid == gpt::ESP_TYPE) {
+        if !found_esp
+            && !table
+                .partitions
+                .iter()
+                .any(|p| p.type_guid == gpt::ESP_TYPE)
+        {
             problems.push(format!("{name}: no EFI system partition in its GPT"));
         }
     }
@@ -117,7 +144,10 @@ struct Entry {
 }
 
 fn parse_entry(name: &str, text: &str) -> Entry {
-    let mut e = Entry { name: String::from(name), ..Default::default() };
+    let mut e = Entry {
+        name: String::from(name),
+        ..Default::default()
+    };
     for line in text.lines() {
         let line = line.trim();
         if line.starts_with('#') {
@@ -159,7 +189,10 @@ fn read_text(volume: &fs::Volume, path: &str) -> Option<String> {
 
 /// The entry to boot: loader.conf's `default` if it names one, else the highest-sorting name.
 fn pick_entry(volume: &fs::Volume) -> Option<Entry> {
-    let dir = volume.fat.lookup(&volume.fat.root(), "\\loader\\entries").ok()?;
+    let dir = volume
+        .fat
+        .lookup(&volume.fat.root(), "\\loader\\entries")
+        .ok()?;
     let mut names = Vec::new();
     let mut cursor = 0;
     while let Ok(Some(n)) = volume.fat.next_entry(&dir, &mut cursor) {
@@ -178,7 +211,12 @@ fn pick_entry(volume: &fs::Volume) -> Option<Entry> {
             .next_back()
     });
     let chosen = default
-        .and_then(|d| names.iter().find(|n| **n == d || n.strip_suffix(".conf") == Some(d.as_str())).cloned())
+        .and_then(|d| {
+            names
+                .iter()
+                .find(|n| **n == d || n.strip_suffix(".conf") == Some(d.as_str()))
+                .cloned()
+        })
         .or_else(|| names.last().cloned())?;
     let text = read_text(volume, &format!("\\loader\\entries\\{chosen}"))?;
     Some(parse_entry(&chosen, &text))
@@ -203,7 +241,8 @@ fn set_load_options(h: Handle, options: &str) {
 fn start(esp: &Esp, file: &str, options: &str, what: &str) -> Result<(), String> {
     let path = esp.path.clone().file(file).finish();
     let parent = crate::firmware_handle();
-    let h = image::load_from_path(path, parent).map_err(|s| format!("loading {file}: status {:#x}", s.as_usize()))?;
+    let h = image::load_from_path(path, parent)
+        .map_err(|s| format!("loading {file}: status {:#x}", s.as_usize()))?;
     set_load_options(h, options);
     crate::log!("starting {what} ({file} on \"{}\")", esp.label);
     let s = image::start(h);
@@ -215,7 +254,12 @@ pub fn boot(cmdline: &str) -> Vec<String> {
     let (esps, mut problems) = discover();
     for esp in &esps {
         if fs::find_file(esp.volume, "\\EFI\\BOOT\\BOOTX64.EFI").is_ok() {
-            if let Err(e) = start(esp, "\\EFI\\BOOT\\BOOTX64.EFI", cmdline, "the default boot loader") {
+            if let Err(e) = start(
+                esp,
+                "\\EFI\\BOOT\\BOOTX64.EFI",
+                cmdline,
+                "the default boot loader",
+            ) {
                 problems.push(e);
             }
             continue;

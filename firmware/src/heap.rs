@@ -7,7 +7,6 @@ use linked_list_allocator::LockedHeap;
 /// not here, so this holds only bookkeeping and caches.
 pub const HEAP_SIZE: u64 = 16 << 20;
 
-#[cfg(not(test))]
 #[global_allocator]
 static ALLOCATOR: LockedHeap = LockedHeap::empty();
 
@@ -15,7 +14,6 @@ static ALLOCATOR: LockedHeap = LockedHeap::empty();
 ///
 /// # Safety
 /// The range is RAM nobody else uses, for the firmware's whole life.
-#[cfg(not(test))]
 pub unsafe fn init(start: u64) {
     // SAFETY: per the caller, the range is ours.
     unsafe { ALLOCATOR.lock().init(start as *mut u8, HEAP_SIZE as usize) };

@@ -44,9 +44,27 @@ extern "C" {
 
 #[repr(C)]
 struct Frame {
-    r15: u64, r14: u64, r13: u64, r12: u64, r11: u64, r10: u64, r9: u64, r8: u64,
-    rbp: u64, rdi: u64, rsi: u64, rdx: u64, rcx: u64, rbx: u64, rax: u64,
-    vector: u64, error: u64, rip: u64, cs: u64, rflags: u64, rsp: u64,
+    r15: u64,
+    r14: u64,
+    r13: u64,
+    r12: u64,
+    r11: u64,
+    r10: u64,
+    r9: u64,
+    r8: u64,
+    rbp: u64,
+    rdi: u64,
+    rsi: u64,
+    rdx: u64,
+    rcx: u64,
+    rbx: u64,
+    rax: u64,
+    vector: u64,
+    error: u64,
+    rip: u64,
+    cs: u64,
+    rflags: u64,
+    rsp: u64,
 }
 
 #[repr(C, align(16))]
@@ -60,11 +78,21 @@ extern "C" fn exception(frame: &Frame) -> ! {
     unsafe { asm!("mov {}, cr2", out(reg) cr2, options(nomem, nostack)) };
     crate::log!(
         "CPU exception {} (error {:#x}) at rip {:#x}, rsp {:#x}, cr2 {:#x}",
-        frame.vector, frame.error, frame.rip, frame.rsp, cr2
+        frame.vector,
+        frame.error,
+        frame.rip,
+        frame.rsp,
+        cr2
     );
     crate::log!(
         "rax {:#x} rbx {:#x} rcx {:#x} rdx {:#x} rsi {:#x} rdi {:#x} rbp {:#x}",
-        frame.rax, frame.rbx, frame.rcx, frame.rdx, frame.rsi, frame.rdi, frame.rbp
+        frame.rax,
+        frame.rbx,
+        frame.rcx,
+        frame.rdx,
+        frame.rsi,
+        frame.rdi,
+        frame.rbp
     );
     crate::log!(
         "r8 {:#x} r9 {:#x} r10 {:#x} r11 {:#x} r12 {:#x} r13 {:#x} r14 {:#x} r15 {:#x} cs {:#x} rflags {:#x}",

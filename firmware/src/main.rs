@@ -5,22 +5,19 @@
 //! finds there (`\EFI\BOOT\BOOTX64.EFI`, or a Boot Loader Specification entry) with the Boot
 //! and Runtime Services real loaders need. See `firmware/README.md`.
 
-#![cfg_attr(not(test), no_std)]
-#![cfg_attr(not(test), no_main)]
+#![no_std]
+#![no_main]
 
 extern crate alloc;
 
-#[cfg(not(test))]
-mod arch_entry;
 mod acpi;
+mod arch_entry;
 use lightbyte_firmware::{block, crc32, fat, gpt, memmap, pe};
 mod boot;
 mod efi;
 mod heap;
-#[cfg(not(test))]
 mod idt;
 mod io;
-#[cfg(not(test))]
 mod mem_ops;
 mod pci;
 mod platform;
@@ -44,7 +41,6 @@ pub fn firmware_handle() -> r_efi::efi::Handle {
     FIRMWARE_HANDLE.get() as r_efi::efi::Handle
 }
 
-#[cfg(not(test))]
 extern "C" {
     static __image_start: u8;
     static __runtime_end: u8;
@@ -52,7 +48,6 @@ extern "C" {
 }
 
 /// Called by the entry stub in long mode with the PVH start info's address.
-#[cfg(not(test))]
 pub extern "C" fn rust_main(start_info: u64) -> ! {
     serial::init();
     idt::init();
@@ -73,7 +68,9 @@ pub extern "C" fn rust_main(start_info: u64) -> ! {
         platform::fail("not started through PVH (no hvm_start_info)")
     };
     let ram_below_heap_end = info.memmap.iter().any(|r| {
-        r.kind == pvh::E820_RAM && r.start <= heap_start && r.start + r.size >= heap_start + heap::HEAP_SIZE
+        r.kind == pvh::E820_RAM
+            && r.start <= heap_start
+            && r.start + r.size >= heap_start + heap::HEAP_SIZE
     });
     if !ram_below_heap_end {
         platform::fail("guest RAM is too small for the firmware (give the VM at least 64 MiB)");
@@ -82,7 +79,11 @@ pub extern "C" fn rust_main(start_info: u64) -> ! {
         // SAFETY: first borrow, at start, before any foreign code runs.
         let map = unsafe { MEMORY.borrow() };
         for r in &info.memmap {
-            let k = if r.kind == pvh::E820_RAM { kind::CONVENTIONAL } else { kind::RESERVED };
+            let k = if r.kind == pvh::E820_RAM {
+                kind::CONVENTIONAL
+            } else {
+                kind::RESERVED
+            };
             map.set(r.start, r.size, k);
         }
         map.set(0, memmap::PAGE, kind::BOOT_DATA);
@@ -94,11 +95,22 @@ pub extern "C" fn rust_main(start_info: u64) -> ! {
         acpi::init(rsdp);
     }
     timer::calibrate();
-    log!("started: {} MiB of RAM, TSC {} MHz, command line \"{}\"",
-        info.memmap.iter().filter(|r| r.kind == pvh::E820_RAM).map(|r| r.size).sum::<u64>() >> 20,
-        timer::tsc_per_us(), info.cmdline);
+    log!(
+        "started: {} MiB of RAM, TSC {} MHz, command line \"{}\"",
+        info.memmap
+            .iter()
+            .filter(|r| r.kind == pvh::E820_RAM)
+            .map(|r| r.size)
+            .sum::<u64>()
+            >> 20,
+        timer::tsc_per_us(),
+        info.cmdline
+    );
     if let Err(s) = efi::init(info.rsdp) {
-        log!("setting up the system table failed: status {:#x}", s.as_usize());
+        log!(
+            "setting up the system table failed: status {:#x}",
+            s.as_usize()
+        );
         platform::fail("no memory for the system table");
     }
     let loaded = efi::util::leak(r_efi::protocols::loaded_image::Protocol {
@@ -116,7 +128,11 @@ pub extern "C" fn rust_main(start_info: u64) -> ! {
         image_data_type: kind::RUNTIME_DATA,
         unload: None,
     });
-    match efi::handles::install(core::ptr::null_mut(), r_efi::protocols::loaded_image::PROTOCOL_GUID, loaded as *mut core::ffi::c_void) {
+    match efi::handles::install(
+        core::ptr::null_mut(),
+        r_efi::protocols::loaded_image::PROTOCOL_GUID,
+        loaded as *mut core::ffi::c_void,
+    ) {
         Ok(h) => FIRMWARE_HANDLE.set(h as usize),
         Err(_) => platform::fail("installing the firmware's image handle failed"),
     }
@@ -127,7 +143,6 @@ pub extern "C" fn rust_main(start_info: u64) -> ! {
     platform::fail("nothing to boot")
 }
 
-#[cfg(not(test))]
 #[panic_handler]
 fn panic(info: &core::panic::PanicInfo) -> ! {
     log!("panic: {info}");

@@ -116,13 +116,25 @@ impl MemoryMap {
                 continue;
             }
             if r.start < first {
-                out.push(Region { start: r.start, pages: (first - r.start) / PAGE, kind: r.kind });
+                out.push(Region {
+                    start: r.start,
+                    pages: (first - r.start) / PAGE,
+                    kind: r.kind,
+                });
             }
             if r.end() > end {
-                out.push(Region { start: end, pages: (r.end() - end) / PAGE, kind: r.kind });
+                out.push(Region {
+                    start: end,
+                    pages: (r.end() - end) / PAGE,
+                    kind: r.kind,
+                });
             }
         }
-        out.push(Region { start: first, pages: (end - first) / PAGE, kind });
+        out.push(Region {
+            start: first,
+            pages: (end - first) / PAGE,
+            kind,
+        });
         out.sort_by_key(|r| r.start);
         // Merge neighbours of one type so the map stays short.
         let mut merged: Vec<Region> = Vec::with_capacity(out.len());
@@ -155,8 +167,13 @@ impl MemoryMap {
     }
 
     /// Allocates `pages` pages of `kind`.
-    pub fn allocate(&mut self, placement: Placement, kind: u32, pages: u64) -> Result<u64, MapError> {
-        if pages == 0 || kind == kind::CONVENTIONAL || (kind >= kind::MAX && kind < 0x7000_0000) {
+    pub fn allocate(
+        &mut self,
+        placement: Placement,
+        kind: u32,
+        pages: u64,
+    ) -> Result<u64, MapError> {
+        if pages == 0 || kind == kind::CONVENTIONAL || (kind::MAX..0x7000_0000).contains(&kind) {
             return Err(MapError::InvalidParameter);
         }
         let size = pages.checked_mul(PAGE).ok_or(MapError::OutOfResources)?;
@@ -212,10 +229,14 @@ impl MemoryMap {
     /// Whether `[addr, addr+size)` lies in RAM the firmware handed out or owns (for checks on
     /// pointers from loaders).
     pub fn is_ram(&self, addr: u64, size: u64) -> bool {
-        let Some(end) = addr.checked_add(size) else { return false };
-        self.regions
-            .iter()
-            .any(|r| r.start <= addr && r.end() >= end && !matches!(r.kind, kind::RESERVED | kind::MMIO | kind::MMIO_PORT))
+        let Some(end) = addr.checked_add(size) else {
+            return false;
+        };
+        self.regions.iter().any(|r| {
+            r.start <= addr
+                && r.end() >= end
+                && !matches!(r.kind, kind::RESERVED | kind::MMIO | kind::MMIO_PORT)
+        })
     }
 }
 
@@ -240,7 +261,13 @@ mod tests {
         let b = m.allocate(Placement::Any, kind::LOADER_DATA, 1).unwrap();
         assert_eq!(b, a - PAGE);
         // Two adjacent allocations of one type are one region.
-        assert_eq!(m.regions().iter().filter(|r| r.kind == kind::LOADER_DATA).count(), 1);
+        assert_eq!(
+            m.regions()
+                .iter()
+                .filter(|r| r.kind == kind::LOADER_DATA)
+                .count(),
+            1
+        );
         m.free(a, 4).unwrap();
         m.free(b, 1).unwrap();
         assert_eq!(m.regions(), &before[..]);
@@ -249,14 +276,31 @@ mod tests {
     #[test]
     fn below_and_at_placements() {
         let mut m = map();
-        let a = m.allocate(Placement::Below(0x1ff_ffff), kind::BOOT_DATA, 2).unwrap();
+        let a = m
+            .allocate(Placement::Below(0x1ff_ffff), kind::BOOT_DATA, 2)
+            .unwrap();
         assert_eq!(a + 2 * PAGE, 0x200_0000);
-        assert_eq!(m.allocate(Placement::At(0x300_0000), kind::BOOT_DATA, 1), Ok(0x300_0000));
-        assert_eq!(m.allocate(Placement::At(0x300_0000), kind::BOOT_DATA, 1), Err(MapError::NotFound));
-        assert_eq!(m.allocate(Placement::At(0xe0000), kind::BOOT_DATA, 1), Err(MapError::NotFound));
-        assert_eq!(m.allocate(Placement::Any, kind::BOOT_DATA, 1 << 20), Err(MapError::OutOfResources));
-        assert_eq!(m.allocate(Placement::Any, kind::CONVENTIONAL, 1), Err(MapError::InvalidParameter));
-        assert_eq!(m.allocate(Placement::Any, 0x8000_0001, 1).is_ok(), true);
+        assert_eq!(
+            m.allocate(Placement::At(0x300_0000), kind::BOOT_DATA, 1),
+            Ok(0x300_0000)
+        );
+        assert_eq!(
+            m.allocate(Placement::At(0x300_0000), kind::BOOT_DATA, 1),
+            Err(MapError::NotFound)
+        );
+        assert_eq!(
+            m.allocate(Placement::At(0xe0000), kind::BOOT_DATA, 1),
+            Err(MapError::NotFound)
+        );
+        assert_eq!(
+            m.allocate(Placement::Any, kind::BOOT_DATA, 1 << 20),
+            Err(MapError::OutOfResources)
+        );
+        assert_eq!(
+            m.allocate(Placement::Any, kind::CONVENTIONAL, 1),
+            Err(MapError::InvalidParameter)
+        );
+        assert!(m.allocate(Placement::Any, 0x8000_0001, 1).is_ok());
     }
 
     #[test]
@@ -264,7 +308,10 @@ mod tests {
         let mut m = MemoryMap::new();
         m.set(0, 2 * PAGE, kind::CONVENTIONAL);
         assert_eq!(m.allocate(Placement::Any, kind::BOOT_DATA, 1), Ok(PAGE));
-        assert_eq!(m.allocate(Placement::Any, kind::BOOT_DATA, 1), Err(MapError::OutOfResources));
+        assert_eq!(
+            m.allocate(Placement::Any, kind::BOOT_DATA, 1),
+            Err(MapError::OutOfResources)
+        );
         assert_eq!(m.free(0, 1), Err(MapError::NotFound));
         assert_eq!(m.free(PAGE + 1, 1), Err(MapError::NotFound));
     }
@@ -275,7 +322,11 @@ mod tests {
         let k = m.key();
         m.set(0x200_0000, PAGE, kind::RUNTIME_CODE);
         assert_ne!(m.key(), k);
-        let rt = m.regions().iter().find(|r| r.kind == kind::RUNTIME_CODE).unwrap();
+        let rt = m
+            .regions()
+            .iter()
+            .find(|r| r.kind == kind::RUNTIME_CODE)
+            .unwrap();
         assert_eq!((rt.start, rt.pages), (0x200_0000, 1));
         assert_ne!(rt.attributes() & ATTR_RUNTIME, 0);
         assert!(m.is_ram(0x200_0000, 10));

@@ -18,7 +18,10 @@ pub struct Function {
 
 impl Function {
     fn address(&self, offset: u8) -> u32 {
-        0x8000_0000 | (u32::from(self.device) << 11) | (u32::from(self.function) << 8) | u32::from(offset & 0xfc)
+        0x8000_0000
+            | (u32::from(self.device) << 11)
+            | (u32::from(self.function) << 8)
+            | u32::from(offset & 0xfc)
     }
 
     /// Reads a 32-bit register.
@@ -119,7 +122,10 @@ impl BarWindow {
     /// lightbyte's 32-bit PCI window (0xc000_0000..0xe000_0000); on QEMU's q35 it lies above
     /// guest RAM too, as long as the VM has less than 3 GiB.
     pub const fn new() -> Self {
-        Self { next: 0xd000_0000, end: 0xe000_0000 }
+        Self {
+            next: 0xd000_0000,
+            end: 0xe000_0000,
+        }
     }
 
     fn take(&mut self, size: u64) -> Option<u64> {
@@ -135,10 +141,17 @@ impl BarWindow {
 
 /// Every present function on bus 0.
 pub fn functions() -> impl Iterator<Item = Function> {
-    (0..32u8).flat_map(|device| {
-        let multi = Function { device, function: 0 }.read8(0x0e) & 0x80 != 0;
-        let count = if multi { 8 } else { 1 };
-        (0..count).map(move |function| Function { device, function })
-    })
-    .filter(|f| f.ids().0 != 0xffff)
+    (0..32u8)
+        .flat_map(|device| {
+            let multi = Function {
+                device,
+                function: 0,
+            }
+            .read8(0x0e)
+                & 0x80
+                != 0;
+            let count = if multi { 8 } else { 1 };
+            (0..count).map(move |function| Function { device, function })
+        })
+        .filter(|f| f.ids().0 != 0xffff)
 }

@@ -130,7 +130,9 @@ impl VirtioBlk {
             if bar > 5 {
                 continue;
             }
-            let Some(base) = pci.memory_bar(bar, window) else { continue };
+            let Some(base) = pci.memory_bar(bar, window) else {
+                continue;
+            };
             match cfg_type {
                 CFG_COMMON if common.is_none() => common = Some(base + offset),
                 CFG_NOTIFY if notify.is_none() => {
@@ -158,7 +160,10 @@ impl VirtioBlk {
         w32(common + 0x0c, wanted);
         w32(common + 0x08, 1);
         w32(common + 0x0c, F_VERSION_1_HIGH);
-        w8(common + 0x14, STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK);
+        w8(
+            common + 0x14,
+            STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK,
+        );
         if r8(common + 0x14) & STATUS_FEATURES_OK == 0 {
             w8(common + 0x14, STATUS_FAILED);
             return Err(SetupError::FeaturesRejected);
@@ -167,7 +172,11 @@ impl VirtioBlk {
         // Queue 0 in one page: descriptors, then the available ring, then the used ring.
         w16(common + 0x16, 0);
         let max = r16(common + 0x18);
-        let size = if max == 0 { QUEUE_SIZE } else { max.min(QUEUE_SIZE) };
+        let size = if max == 0 {
+            QUEUE_SIZE
+        } else {
+            max.min(QUEUE_SIZE)
+        };
         // SAFETY: boot-time only, no other borrow of the memory map is alive here.
         let ring = unsafe { crate::MEMORY.borrow() }
             .allocate(Placement::Any, kind::BOOT_DATA, 2)
@@ -180,7 +189,10 @@ impl VirtioBlk {
         w64(common + 0x30, ring + 2048);
         let notify_off = u64::from(r16(common + 0x1e));
         w16(common + 0x1c, 1);
-        w8(common + 0x14, STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK | STATUS_DRIVER_OK);
+        w8(
+            common + 0x14,
+            STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK | STATUS_DRIVER_OK,
+        );
 
         let max_request = if wanted & F_SIZE_MAX != 0 {
             // size_max bounds one segment; our data is one segment.
@@ -214,7 +226,14 @@ impl VirtioBlk {
         w8(self.common + 0x14, 0);
     }
 
-    fn request(&self, kind: u32, sector: u64, data: u64, len: u32, device_writes: bool) -> Result<(), IoError> {
+    fn request(
+        &self,
+        kind: u32,
+        sector: u64,
+        data: u64,
+        len: u32,
+        device_writes: bool,
+    ) -> Result<(), IoError> {
         let header = self.scratch;
         let status = self.scratch + 16;
         w32(header, kind);
@@ -230,7 +249,13 @@ impl VirtioBlk {
         };
         desc(0, header, 16, DESC_NEXT, 1);
         if len > 0 {
-            desc(1, data, len, DESC_NEXT | if device_writes { DESC_WRITE } else { 0 }, 2);
+            desc(
+                1,
+                data,
+                len,
+                DESC_NEXT | if device_writes { DESC_WRITE } else { 0 },
+                2,
+            );
             desc(2, status, 1, DESC_WRITE, 0);
         } else {
             desc(0, header, 16, DESC_NEXT, 2);
@@ -254,7 +279,11 @@ impl VirtioBlk {
                 break;
             }
             if timer::now_us() > deadline {
-                crate::log!("virtio-blk {:02x}.{}: request timed out", self.pci.device, self.pci.function);
+                crate::log!(
+                    "virtio-blk {:02x}.{}: request timed out",
+                    self.pci.device,
+                    self.pci.function
+                );
                 return Err(IoError);
             }
             crate::io::pause();
@@ -278,7 +307,13 @@ impl VirtioBlk {
         let mut done = 0u64;
         while done < buf.len() as u64 {
             let n = (buf.len() as u64 - done).min(self.max_request);
-            self.request(REQ_OUT, lba + done / SECTOR, buf.as_ptr() as u64 + done, n as u32, false)?;
+            self.request(
+                REQ_OUT,
+                lba + done / SECTOR,
+                buf.as_ptr() as u64 + done,
+                n as u32,
+                false,
+            )?;
             done += n;
         }
         Ok(())
@@ -305,13 +340,23 @@ impl BlockDevice for VirtioBlk {
 
     fn read_blocks(&self, lba: u64, buf: &mut [u8]) -> Result<(), IoError> {
         let len = buf.len() as u64;
-        if len % SECTOR != 0 || lba.checked_add(len / SECTOR).is_none_or(|end| end > self.sectors) {
+        if len % SECTOR != 0
+            || lba
+                .checked_add(len / SECTOR)
+                .is_none_or(|end| end > self.sectors)
+        {
             return Err(IoError);
         }
         let mut done = 0u64;
         while done < len {
             let n = (len - done).min(self.max_request);
-            self.request(REQ_IN, lba + done / SECTOR, buf.as_mut_ptr() as u64 + done, n as u32, true)?;
+            self.request(
+                REQ_IN,
+                lba + done / SECTOR,
+                buf.as_mut_ptr() as u64 + done,
+                n as u32,
+                true,
+            )?;
             done += n;
         }
         Ok(())

@@ -426,7 +426,10 @@ fn check_listings(t: FatType) {
     );
     assert_ne!(conf.created, DateTime::default());
     assert_eq!(conf.attributes & lightbyte_firmware::fat::ATTR_DIRECTORY, 0);
-    assert_ne!(entries.attributes & lightbyte_firmware::fat::ATTR_DIRECTORY, 0);
+    assert_ne!(
+        entries.attributes & lightbyte_firmware::fat::ATTR_DIRECTORY,
+        0
+    );
 }
 
 macro_rules! per_type {

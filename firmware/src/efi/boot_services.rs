@@ -38,7 +38,12 @@ extern "efiapi" fn restore_tpl(old: Tpl) {
     TPL.set(old);
 }
 
-extern "efiapi" fn allocate_pages(ty: efi::AllocateType, mem: efi::MemoryType, pages: usize, addr: *mut efi::PhysicalAddress) -> Status {
+extern "efiapi" fn allocate_pages(
+    ty: efi::AllocateType,
+    mem: efi::MemoryType,
+    pages: usize,
+    addr: *mut efi::PhysicalAddress,
+) -> Status {
     if addr.is_null() {
         return Status::INVALID_PARAMETER;
     }
@@ -68,7 +73,13 @@ extern "efiapi" fn free_pages(addr: efi::PhysicalAddress, pages: usize) -> Statu
 }
 
 /// Writes the memory map into a loader's buffer (UEFI's GetMemoryMap contract).
-extern "efiapi" fn get_memory_map(size: *mut usize, map: *mut efi::MemoryDescriptor, key: *mut usize, desc_size: *mut usize, version: *mut u32) -> Status {
+extern "efiapi" fn get_memory_map(
+    size: *mut usize,
+    map: *mut efi::MemoryDescriptor,
+    key: *mut usize,
+    desc_size: *mut usize,
+    version: *mut u32,
+) -> Status {
     if size.is_null() {
         return Status::INVALID_PARAMETER;
     }
@@ -99,18 +110,29 @@ extern "efiapi" fn get_memory_map(size: *mut usize, map: *mut efi::MemoryDescrip
             attribute: r.attributes(),
         };
         // SAFETY: the buffer holds `room` >= needed bytes.
-        unsafe { (map as *mut u8).add(i * d).cast::<efi::MemoryDescriptor>().write_unaligned(desc) };
+        unsafe {
+            (map as *mut u8)
+                .add(i * d)
+                .cast::<efi::MemoryDescriptor>()
+                .write_unaligned(desc)
+        };
     }
     // SAFETY: loader's out-pointer.
     unsafe { put(key, m.key()) };
     Status::SUCCESS
 }
 
-extern "efiapi" fn allocate_pool(mem: efi::MemoryType, size: usize, out: *mut *mut c_void) -> Status {
+extern "efiapi" fn allocate_pool(
+    mem: efi::MemoryType,
+    size: usize,
+    out: *mut *mut c_void,
+) -> Status {
     if out.is_null() {
         return Status::INVALID_PARAMETER;
     }
-    let Some(total) = size.checked_add(POOL_HEADER) else { return Status::OUT_OF_RESOURCES };
+    let Some(total) = size.checked_add(POOL_HEADER) else {
+        return Status::OUT_OF_RESOURCES;
+    };
     let pages = (total as u64).div_ceil(PAGE);
     match memory().allocate(Placement::Any, mem, pages) {
         Ok(a) => {
@@ -135,7 +157,12 @@ extern "efiapi" fn free_pool(p: *mut c_void) -> Status {
         return Status::INVALID_PARAMETER;
     }
     // SAFETY: a pool block's header (checked to lie in RAM and be page-aligned).
-    let (magic, pages) = unsafe { ((base as *const u64).read(), (base as *const u64).add(1).read()) };
+    let (magic, pages) = unsafe {
+        (
+            (base as *const u64).read(),
+            (base as *const u64).add(1).read(),
+        )
+    };
     if magic != POOL_MAGIC {
         return Status::INVALID_PARAMETER;
     }
@@ -147,11 +174,24 @@ extern "efiapi" fn free_pool(p: *mut c_void) -> Status {
     }
 }
 
-extern "efiapi" fn create_event(ty: u32, _tpl: Tpl, notify: Option<EventNotify>, ctx: *mut c_void, out: *mut Event) -> Status {
+extern "efiapi" fn create_event(
+    ty: u32,
+    _tpl: Tpl,
+    notify: Option<EventNotify>,
+    ctx: *mut c_void,
+    out: *mut Event,
+) -> Status {
     create_event_ex(ty, _tpl, notify, ctx, core::ptr::null(), out)
 }
 
-extern "efiapi" fn create_event_ex(ty: u32, _tpl: Tpl, notify: Option<EventNotify>, ctx: *const c_void, group: *const Guid, out: *mut Event) -> Status {
+extern "efiapi" fn create_event_ex(
+    ty: u32,
+    _tpl: Tpl,
+    notify: Option<EventNotify>,
+    ctx: *const c_void,
+    group: *const Guid,
+    out: *mut Event,
+) -> Status {
     if out.is_null() {
         return Status::INVALID_PARAMETER;
     }
@@ -168,7 +208,7 @@ extern "efiapi" fn create_event_ex(ty: u32, _tpl: Tpl, notify: Option<EventNotif
 }
 
 extern "efiapi" fn set_timer(e: Event, ty: efi::TimerDelay, time: u64) -> Status {
-    events::set_timer(e, ty as u32, time)
+    events::set_timer(e, ty, time)
 }
 
 extern "efiapi" fn wait_for_event(n: usize, list: *mut Event, index: *mut usize) -> Status {
@@ -199,12 +239,19 @@ extern "efiapi" fn check_event(e: Event) -> Status {
     events::check(e)
 }
 
-extern "efiapi" fn install_protocol_interface(h: *mut Handle, g: *mut Guid, ty: efi::InterfaceType, iface: *mut c_void) -> Status {
+extern "efiapi" fn install_protocol_interface(
+    h: *mut Handle,
+    g: *mut Guid,
+    ty: efi::InterfaceType,
+    iface: *mut c_void,
+) -> Status {
     if h.is_null() || ty != efi::NATIVE_INTERFACE {
         return Status::INVALID_PARAMETER;
     }
     // SAFETY: the loader's GUID.
-    let Some(g) = (unsafe { guid(g) }) else { return Status::INVALID_PARAMETER };
+    let Some(g) = (unsafe { guid(g) }) else {
+        return Status::INVALID_PARAMETER;
+    };
     // SAFETY: checked non-null.
     match handles::install(unsafe { h.read_unaligned() }, g, iface) {
         // SAFETY: checked non-null.
@@ -216,18 +263,31 @@ extern "efiapi" fn install_protocol_interface(h: *mut Handle, g: *mut Guid, ty: 
     }
 }
 
-extern "efiapi" fn reinstall_protocol_interface(h: Handle, g: *mut Guid, old: *mut c_void, new: *mut c_void) -> Status {
+extern "efiapi" fn reinstall_protocol_interface(
+    h: Handle,
+    g: *mut Guid,
+    old: *mut c_void,
+    new: *mut c_void,
+) -> Status {
     // SAFETY: the loader's GUID.
-    let Some(g) = (unsafe { guid(g) }) else { return Status::INVALID_PARAMETER };
+    let Some(g) = (unsafe { guid(g) }) else {
+        return Status::INVALID_PARAMETER;
+    };
     match handles::reinstall(h, g, old, new) {
         Ok(()) => Status::SUCCESS,
         Err(s) => s,
     }
 }
 
-extern "efiapi" fn uninstall_protocol_interface(h: Handle, g: *mut Guid, iface: *mut c_void) -> Status {
+extern "efiapi" fn uninstall_protocol_interface(
+    h: Handle,
+    g: *mut Guid,
+    iface: *mut c_void,
+) -> Status {
     // SAFETY: the loader's GUID.
-    let Some(g) = (unsafe { guid(g) }) else { return Status::INVALID_PARAMETER };
+    let Some(g) = (unsafe { guid(g) }) else {
+        return Status::INVALID_PARAMETER;
+    };
     match handles::uninstall(h, g, iface) {
         Ok(()) => Status::SUCCESS,
         Err(s) => s,
@@ -235,14 +295,25 @@ extern "efiapi" fn uninstall_protocol_interface(h: Handle, g: *mut Guid, iface: 
 }
 
 extern "efiapi" fn handle_protocol(h: Handle, g: *mut Guid, out: *mut *mut c_void) -> Status {
-    open_protocol(h, g, out, core::ptr::null_mut(), core::ptr::null_mut(), efi::OPEN_PROTOCOL_BY_HANDLE_PROTOCOL)
+    open_protocol(
+        h,
+        g,
+        out,
+        core::ptr::null_mut(),
+        core::ptr::null_mut(),
+        efi::OPEN_PROTOCOL_BY_HANDLE_PROTOCOL,
+    )
 }
 
-extern "efiapi" fn register_protocol_notify(_g: *mut Guid, _e: Event, reg: *mut *mut c_void) -> Status {
+extern "efiapi" fn register_protocol_notify(
+    _g: *mut Guid,
+    _e: Event,
+    reg: *mut *mut c_void,
+) -> Status {
     // Drivers are not loaded after boot starts, so no protocol appears that would fire it; the
     // registration still has to be a valid key.
     // SAFETY: loader's out-pointer.
-    if unsafe { put(reg, 1usize as *mut c_void) } {
+    if unsafe { put(reg, core::ptr::dangling_mut::<c_void>()) } {
         Status::SUCCESS
     } else {
         Status::INVALID_PARAMETER
@@ -268,7 +339,13 @@ fn search(ty: efi::LocateSearchType, g: *mut Guid) -> Result<Vec<Handle>, Status
     }
 }
 
-extern "efiapi" fn locate_handle(ty: efi::LocateSearchType, g: *mut Guid, _key: *mut c_void, size: *mut usize, buf: *mut Handle) -> Status {
+extern "efiapi" fn locate_handle(
+    ty: efi::LocateSearchType,
+    g: *mut Guid,
+    _key: *mut c_void,
+    size: *mut usize,
+    buf: *mut Handle,
+) -> Status {
     if size.is_null() {
         return Status::INVALID_PARAMETER;
     }
@@ -306,16 +383,24 @@ pub fn locate_device_path_bytes(g: &Guid, path: &[u8]) -> Option<(Handle, usize)
         .max_by_key(|&(_, n)| n)
 }
 
-extern "efiapi" fn locate_device_path(g: *mut Guid, path: *mut *mut device_path::Protocol, out: *mut Handle) -> Status {
+extern "efiapi" fn locate_device_path(
+    g: *mut Guid,
+    path: *mut *mut device_path::Protocol,
+    out: *mut Handle,
+) -> Status {
     if path.is_null() || out.is_null() {
         return Status::INVALID_PARAMETER;
     }
     // SAFETY: the loader's GUID.
-    let Some(g) = (unsafe { guid(g) }) else { return Status::INVALID_PARAMETER };
+    let Some(g) = (unsafe { guid(g) }) else {
+        return Status::INVALID_PARAMETER;
+    };
     // SAFETY: checked non-null; points at the loader's device path pointer.
     let p = unsafe { path.read_unaligned() };
     // SAFETY: the loader's device path.
-    let Some(bytes) = (unsafe { dp::nodes(p) }) else { return Status::INVALID_PARAMETER };
+    let Some(bytes) = (unsafe { dp::nodes(p) }) else {
+        return Status::INVALID_PARAMETER;
+    };
     match locate_device_path_bytes(&g, bytes) {
         Some((h, n)) => {
             // SAFETY: checked non-null; the remaining path starts `n` bytes in.
@@ -331,11 +416,20 @@ extern "efiapi" fn locate_device_path(g: *mut Guid, path: *mut *mut device_path:
 
 extern "efiapi" fn install_configuration_table(g: *mut Guid, table: *mut c_void) -> Status {
     // SAFETY: the loader's GUID.
-    let Some(g) = (unsafe { guid(g) }) else { return Status::INVALID_PARAMETER };
+    let Some(g) = (unsafe { guid(g) }) else {
+        return Status::INVALID_PARAMETER;
+    };
     super::set_config_table(g, table)
 }
 
-extern "efiapi" fn load_image(_policy: efi::Boolean, parent: Handle, path: *mut device_path::Protocol, src: *mut c_void, size: usize, out: *mut Handle) -> Status {
+extern "efiapi" fn load_image(
+    _policy: efi::Boolean,
+    parent: Handle,
+    path: *mut device_path::Protocol,
+    src: *mut c_void,
+    size: usize,
+    out: *mut Handle,
+) -> Status {
     if out.is_null() || !handles::is_handle(parent) {
         return Status::INVALID_PARAMETER;
     }
@@ -345,13 +439,27 @@ extern "efiapi" fn load_image(_policy: efi::Boolean, parent: Handle, path: *mut 
         // The device is whatever part of the path a file system claims, if any.
         // SAFETY: the loader's device path or null.
         let (device, file_path) = match unsafe { dp::nodes(path) } {
-            Some(bytes) => match locate_device_path_bytes(&r_efi::protocols::simple_file_system::PROTOCOL_GUID, bytes) {
+            Some(bytes) => match locate_device_path_bytes(
+                &r_efi::protocols::simple_file_system::PROTOCOL_GUID,
+                bytes,
+            ) {
                 Some((h, n)) => (h, dp::Path::default().append(&bytes[n..]).finish()),
-                None => (core::ptr::null_mut(), dp::Path::default().append(bytes).finish()),
+                None => (
+                    core::ptr::null_mut(),
+                    dp::Path::default().append(bytes).finish(),
+                ),
             },
             None => (core::ptr::null_mut(), core::ptr::null_mut()),
         };
-        image::load(file, parent, image::Origin { device, file_path, full_path: path })
+        image::load(
+            file,
+            parent,
+            image::Origin {
+                device,
+                file_path,
+                full_path: path,
+            },
+        )
     } else if !path.is_null() {
         image::load_from_path(path, parent)
     } else {
@@ -367,7 +475,11 @@ extern "efiapi" fn load_image(_policy: efi::Boolean, parent: Handle, path: *mut 
     }
 }
 
-extern "efiapi" fn start_image(h: Handle, exit_size: *mut usize, exit_data: *mut *mut efi::Char16) -> Status {
+extern "efiapi" fn start_image(
+    h: Handle,
+    exit_size: *mut usize,
+    exit_data: *mut *mut efi::Char16,
+) -> Status {
     // SAFETY: loader's optional out-pointers.
     unsafe {
         put(exit_size, 0);
@@ -376,7 +488,12 @@ extern "efiapi" fn start_image(h: Handle, exit_size: *mut usize, exit_data: *mut
     image::start(h)
 }
 
-extern "efiapi" fn exit(h: Handle, status: Status, _size: usize, _data: *mut efi::Char16) -> Status {
+extern "efiapi" fn exit(
+    h: Handle,
+    status: Status,
+    _size: usize,
+    _data: *mut efi::Char16,
+) -> Status {
     image::exit(h, status)
 }
 
@@ -409,12 +526,22 @@ extern "efiapi" fn stall(us: usize) -> Status {
     Status::SUCCESS
 }
 
-extern "efiapi" fn set_watchdog_timer(_t: usize, _code: u64, _size: usize, _data: *mut efi::Char16) -> Status {
+extern "efiapi" fn set_watchdog_timer(
+    _t: usize,
+    _code: u64,
+    _size: usize,
+    _data: *mut efi::Char16,
+) -> Status {
     // There is no watchdog to arm: a hung loader is caught by the VMM's caller's timeout.
     Status::SUCCESS
 }
 
-extern "efiapi" fn connect_controller(_h: Handle, _drv: *mut Handle, _path: *mut device_path::Protocol, _rec: efi::Boolean) -> Status {
+extern "efiapi" fn connect_controller(
+    _h: Handle,
+    _drv: *mut Handle,
+    _path: *mut device_path::Protocol,
+    _rec: efi::Boolean,
+) -> Status {
     // Every driver is built in and connected at start.
     Status::SUCCESS
 }
@@ -423,9 +550,18 @@ extern "efiapi" fn disconnect_controller(_h: Handle, _drv: Handle, _child: Handl
     Status::SUCCESS
 }
 
-extern "efiapi" fn open_protocol(h: Handle, g: *mut Guid, out: *mut *mut c_void, _agent: Handle, _ctl: Handle, attrs: u32) -> Status {
+extern "efiapi" fn open_protocol(
+    h: Handle,
+    g: *mut Guid,
+    out: *mut *mut c_void,
+    _agent: Handle,
+    _ctl: Handle,
+    attrs: u32,
+) -> Status {
     // SAFETY: the loader's GUID.
-    let Some(g) = (unsafe { guid(g) }) else { return Status::INVALID_PARAMETER };
+    let Some(g) = (unsafe { guid(g) }) else {
+        return Status::INVALID_PARAMETER;
+    };
     if !handles::is_handle(h) {
         return Status::INVALID_PARAMETER;
     }
@@ -449,7 +585,9 @@ extern "efiapi" fn open_protocol(h: Handle, g: *mut Guid, out: *mut *mut c_void,
 
 extern "efiapi" fn close_protocol(h: Handle, g: *mut Guid, _agent: Handle, _ctl: Handle) -> Status {
     // SAFETY: the loader's GUID.
-    let Some(g) = (unsafe { guid(g) }) else { return Status::INVALID_PARAMETER };
+    let Some(g) = (unsafe { guid(g) }) else {
+        return Status::INVALID_PARAMETER;
+    };
     if handles::get(h, &g).is_some() {
         Status::SUCCESS
     } else {
@@ -457,9 +595,16 @@ extern "efiapi" fn close_protocol(h: Handle, g: *mut Guid, _agent: Handle, _ctl:
     }
 }
 
-extern "efiapi" fn open_protocol_information(h: Handle, g: *mut Guid, buf: *mut *mut efi::OpenProtocolInformationEntry, count: *mut usize) -> Status {
+extern "efiapi" fn open_protocol_information(
+    h: Handle,
+    g: *mut Guid,
+    buf: *mut *mut efi::OpenProtocolInformationEntry,
+    count: *mut usize,
+) -> Status {
     // SAFETY: the loader's GUID.
-    let Some(g) = (unsafe { guid(g) }) else { return Status::INVALID_PARAMETER };
+    let Some(g) = (unsafe { guid(g) }) else {
+        return Status::INVALID_PARAMETER;
+    };
     if handles::get(h, &g).is_none() {
         return Status::NOT_FOUND;
     }
@@ -479,7 +624,11 @@ extern "efiapi" fn open_protocol_information(h: Handle, g: *mut Guid, buf: *mut 
 
 fn pool_copy<T: Copy>(items: &[T]) -> Result<*mut T, Status> {
     let mut p: *mut c_void = core::ptr::null_mut();
-    let s = allocate_pool(kind::BOOT_DATA, core::mem::size_of_val(items).max(1), &mut p);
+    let s = allocate_pool(
+        kind::BOOT_DATA,
+        core::mem::size_of_val(items).max(1),
+        &mut p,
+    );
     if s != Status::SUCCESS {
         return Err(s);
     }
@@ -488,9 +637,18 @@ fn pool_copy<T: Copy>(items: &[T]) -> Result<*mut T, Status> {
     Ok(p as *mut T)
 }
 
-extern "efiapi" fn protocols_per_handle(h: Handle, out: *mut *mut *mut Guid, count: *mut usize) -> Status {
-    let Some(list) = handles::protocols(h) else { return Status::INVALID_PARAMETER };
-    let ptrs: Vec<*mut Guid> = list.iter().map(|(g, _)| g as *const Guid as *mut Guid).collect();
+extern "efiapi" fn protocols_per_handle(
+    h: Handle,
+    out: *mut *mut *mut Guid,
+    count: *mut usize,
+) -> Status {
+    let Some(list) = handles::protocols(h) else {
+        return Status::INVALID_PARAMETER;
+    };
+    let ptrs: Vec<*mut Guid> = list
+        .iter()
+        .map(|(g, _)| g as *const Guid as *mut Guid)
+        .collect();
     match pool_copy(&ptrs) {
         Ok(p) => {
             // SAFETY: loader's out-pointers.
@@ -504,7 +662,13 @@ extern "efiapi" fn protocols_per_handle(h: Handle, out: *mut *mut *mut Guid, cou
     }
 }
 
-extern "efiapi" fn locate_handle_buffer(ty: efi::LocateSearchType, g: *mut Guid, _key: *mut c_void, count: *mut usize, buf: *mut *mut Handle) -> Status {
+extern "efiapi" fn locate_handle_buffer(
+    ty: efi::LocateSearchType,
+    g: *mut Guid,
+    _key: *mut c_void,
+    count: *mut usize,
+    buf: *mut *mut Handle,
+) -> Status {
     if count.is_null() || buf.is_null() {
         return Status::INVALID_PARAMETER;
     }
@@ -523,10 +687,18 @@ extern "efiapi" fn locate_handle_buffer(ty: efi::LocateSearchType, g: *mut Guid,
     }
 }
 
-extern "efiapi" fn locate_protocol(g: *mut Guid, _reg: *mut c_void, out: *mut *mut c_void) -> Status {
+extern "efiapi" fn locate_protocol(
+    g: *mut Guid,
+    _reg: *mut c_void,
+    out: *mut *mut c_void,
+) -> Status {
     // SAFETY: the loader's GUID.
-    let Some(g) = (unsafe { guid(g) }) else { return Status::INVALID_PARAMETER };
-    let found = handles::with_protocol(Some(&g)).first().and_then(|&h| handles::get(h, &g));
+    let Some(g) = (unsafe { guid(g) }) else {
+        return Status::INVALID_PARAMETER;
+    };
+    let found = handles::with_protocol(Some(&g))
+        .first()
+        .and_then(|&h| handles::get(h, &g));
     match found {
         Some(iface) => {
             // SAFETY: loader's out-pointer.
@@ -549,9 +721,42 @@ extern "efiapi" fn locate_protocol(g: *mut Guid, _reg: *mut c_void, out: *mut *m
 const MAX_PAIRS: usize = 8;
 
 #[allow(clippy::too_many_arguments)]
-extern "efiapi" fn install_multiple(h: *mut Handle, g1: *mut Guid, i1: *mut c_void, g2: *mut Guid, i2: *mut c_void, g3: *mut Guid, i3: *mut c_void, g4: *mut Guid, i4: *mut c_void, g5: *mut Guid, i5: *mut c_void, g6: *mut Guid, i6: *mut c_void, g7: *mut Guid, i7: *mut c_void, g8: *mut Guid, i8: *mut c_void, _end: *mut Guid) -> Status {
-    let all = [(g1, i1), (g2, i2), (g3, i3), (g4, i4), (g5, i5), (g6, i6), (g7, i7), (g8, i8)];
-    let pairs: Vec<(*mut Guid, *mut c_void)> = all.iter().copied().take_while(|(g, _)| !g.is_null()).take(MAX_PAIRS).collect();
+extern "efiapi" fn install_multiple(
+    h: *mut Handle,
+    g1: *mut Guid,
+    i1: *mut c_void,
+    g2: *mut Guid,
+    i2: *mut c_void,
+    g3: *mut Guid,
+    i3: *mut c_void,
+    g4: *mut Guid,
+    i4: *mut c_void,
+    g5: *mut Guid,
+    i5: *mut c_void,
+    g6: *mut Guid,
+    i6: *mut c_void,
+    g7: *mut Guid,
+    i7: *mut c_void,
+    g8: *mut Guid,
+    i8: *mut c_void,
+    _end: *mut Guid,
+) -> Status {
+    let all = [
+        (g1, i1),
+        (g2, i2),
+        (g3, i3),
+        (g4, i4),
+        (g5, i5),
+        (g6, i6),
+        (g7, i7),
+        (g8, i8),
+    ];
+    let pairs: Vec<(*mut Guid, *mut c_void)> = all
+        .iter()
+        .copied()
+        .take_while(|(g, _)| !g.is_null())
+        .take(MAX_PAIRS)
+        .collect();
     if h.is_null() {
         return Status::INVALID_PARAMETER;
     }
@@ -594,8 +799,36 @@ extern "efiapi" fn install_multiple(h: *mut Handle, g1: *mut Guid, i1: *mut c_vo
 }
 
 #[allow(clippy::too_many_arguments)]
-extern "efiapi" fn uninstall_multiple(h: Handle, g1: *mut Guid, i1: *mut c_void, g2: *mut Guid, i2: *mut c_void, g3: *mut Guid, i3: *mut c_void, g4: *mut Guid, i4: *mut c_void, g5: *mut Guid, i5: *mut c_void, g6: *mut Guid, i6: *mut c_void, g7: *mut Guid, i7: *mut c_void, g8: *mut Guid, i8: *mut c_void, _end: *mut Guid) -> Status {
-    let all = [(g1, i1), (g2, i2), (g3, i3), (g4, i4), (g5, i5), (g6, i6), (g7, i7), (g8, i8)];
+extern "efiapi" fn uninstall_multiple(
+    h: Handle,
+    g1: *mut Guid,
+    i1: *mut c_void,
+    g2: *mut Guid,
+    i2: *mut c_void,
+    g3: *mut Guid,
+    i3: *mut c_void,
+    g4: *mut Guid,
+    i4: *mut c_void,
+    g5: *mut Guid,
+    i5: *mut c_void,
+    g6: *mut Guid,
+    i6: *mut c_void,
+    g7: *mut Guid,
+    i7: *mut c_void,
+    g8: *mut Guid,
+    i8: *mut c_void,
+    _end: *mut Guid,
+) -> Status {
+    let all = [
+        (g1, i1),
+        (g2, i2),
+        (g3, i3),
+        (g4, i4),
+        (g5, i5),
+        (g6, i6),
+        (g7, i7),
+        (g8, i8),
+    ];
     for &(g, iface) in all.iter().take_while(|(g, _)| !g.is_null()) {
         // SAFETY: the loader's GUID.
         let Some(g) = (unsafe { guid(g) }) else { break };
@@ -630,7 +863,10 @@ extern "efiapi" fn set_mem(dst: *mut c_void, n: usize, v: u8) {
 /// The Boot Services table.
 pub fn table() -> efi::BootServices {
     efi::BootServices {
-        hdr: super::header(efi::BOOT_SERVICES_SIGNATURE, core::mem::size_of::<efi::BootServices>()),
+        hdr: super::header(
+            efi::BOOT_SERVICES_SIGNATURE,
+            core::mem::size_of::<efi::BootServices>(),
+        ),
         raise_tpl,
         restore_tpl,
         allocate_pages,
@@ -671,9 +907,17 @@ pub fn table() -> efi::BootServices {
         locate_protocol,
         // SAFETY: same calling convention; the callee reads more argument slots than the
         // variadic caller passes, which is harmless (see MAX_PAIRS).
-        install_multiple_protocol_interfaces: unsafe { core::mem::transmute::<*const (), efi::BootInstallMultipleProtocolInterfaces>(install_multiple as *const ()) },
+        install_multiple_protocol_interfaces: unsafe {
+            core::mem::transmute::<*const (), efi::BootInstallMultipleProtocolInterfaces>(
+                install_multiple as *const (),
+            )
+        },
         // SAFETY: as above.
-        uninstall_multiple_protocol_interfaces: unsafe { core::mem::transmute::<*const (), efi::BootUninstallMultipleProtocolInterfaces>(uninstall_multiple as *const ()) },
+        uninstall_multiple_protocol_interfaces: unsafe {
+            core::mem::transmute::<*const (), efi::BootUninstallMultipleProtocolInterfaces>(
+                uninstall_multiple as *const (),
+            )
+        },
         calculate_crc32,
         copy_mem,
         set_mem,

@@ -80,7 +80,12 @@ extern "efiapi" fn test_string(_this: *mut sto::Protocol, _s: *mut Char16) -> St
     Status::SUCCESS
 }
 
-extern "efiapi" fn query_mode(_this: *mut sto::Protocol, mode: usize, cols: *mut usize, rows: *mut usize) -> Status {
+extern "efiapi" fn query_mode(
+    _this: *mut sto::Protocol,
+    mode: usize,
+    cols: *mut usize,
+    rows: *mut usize,
+) -> Status {
     if mode != 0 {
         return Status::UNSUPPORTED;
     }
@@ -149,7 +154,9 @@ const SCAN_END: u16 = 0x06;
 const SCAN_ESC: u16 = 0x17;
 
 extern "efiapi" fn read_key_stroke(_this: *mut sti::Protocol, key: *mut sti::InputKey) -> Status {
-    let Some(b) = next_byte() else { return Status::NOT_READY };
+    let Some(b) = next_byte() else {
+        return Status::NOT_READY;
+    };
     let (scan, ch) = match b {
         0x1b => match next_byte_soon() {
             Some(b'[') => match next_byte_soon() {
@@ -172,7 +179,15 @@ extern "efiapi" fn read_key_stroke(_this: *mut sti::Protocol, key: *mut sti::Inp
         b => (0, u16::from(b)),
     };
     // SAFETY: loader's out-pointer.
-    if !unsafe { super::util::put(key, sti::InputKey { scan_code: scan, unicode_char: ch }) } {
+    if !unsafe {
+        super::util::put(
+            key,
+            sti::InputKey {
+                scan_code: scan,
+                unicode_char: ch,
+            },
+        )
+    } {
         return Status::INVALID_PARAMETER;
     }
     Status::SUCCESS

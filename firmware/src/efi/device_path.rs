@@ -35,9 +35,11 @@ impl Path {
         let mut acpi = Vec::new();
         acpi.extend_from_slice(&0x0a03_41d0u32.to_le_bytes()); // EISA PNP0A03
         acpi.extend_from_slice(&0u32.to_le_bytes());
-        Path::default()
-            .node(TYPE_ACPI, SUB_ACPI, &acpi)
-            .node(TYPE_HARDWARE, SUB_PCI, &[function, device])
+        Path::default().node(TYPE_ACPI, SUB_ACPI, &acpi).node(
+            TYPE_HARDWARE,
+            SUB_PCI,
+            &[function, device],
+        )
     }
 
     /// Appends a GPT partition node.

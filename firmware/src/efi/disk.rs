@@ -37,7 +37,13 @@ extern "efiapi" fn reset(_this: *mut block_io::Protocol, _ext: Boolean) -> Statu
     Status::SUCCESS
 }
 
-extern "efiapi" fn read_blocks(this: *mut block_io::Protocol, media_id: u32, lba: u64, size: usize, buf: *mut c_void) -> Status {
+extern "efiapi" fn read_blocks(
+    this: *mut block_io::Protocol,
+    media_id: u32,
+    lba: u64,
+    size: usize,
+    buf: *mut c_void,
+) -> Status {
     // SAFETY: `this` is the first field of one of our BlockIo structures.
     let b = unsafe { &*(this as *const BlockIo) };
     if media_id != b.media.media_id {
@@ -47,7 +53,11 @@ extern "efiapi" fn read_blocks(this: *mut block_io::Protocol, media_id: u32, lba
         return Status::SUCCESS;
     }
     if buf.is_null() || !range_ok(lba, size as u64, b.count) {
-        return if size as u64 % BLOCK != 0 { Status::BAD_BUFFER_SIZE } else { Status::INVALID_PARAMETER };
+        return if size as u64 % BLOCK != 0 {
+            Status::BAD_BUFFER_SIZE
+        } else {
+            Status::INVALID_PARAMETER
+        };
     }
     // SAFETY: the loader gives a buffer of `size` bytes.
     let out = unsafe { core::slice::from_raw_parts_mut(buf as *mut u8, size) };
@@ -57,7 +67,13 @@ extern "efiapi" fn read_blocks(this: *mut block_io::Protocol, media_id: u32, lba
     }
 }
 
-extern "efiapi" fn write_blocks(this: *mut block_io::Protocol, media_id: u32, lba: u64, size: usize, buf: *mut c_void) -> Status {
+extern "efiapi" fn write_blocks(
+    this: *mut block_io::Protocol,
+    media_id: u32,
+    lba: u64,
+    size: usize,
+    buf: *mut c_void,
+) -> Status {
     // SAFETY: as in `read_blocks`.
     let b = unsafe { &*(this as *const BlockIo) };
     if media_id != b.media.media_id {
@@ -70,7 +86,11 @@ extern "efiapi" fn write_blocks(this: *mut block_io::Protocol, media_id: u32, lb
         return Status::SUCCESS;
     }
     if buf.is_null() || !range_ok(lba, size as u64, b.count) {
-        return if size as u64 % BLOCK != 0 { Status::BAD_BUFFER_SIZE } else { Status::INVALID_PARAMETER };
+        return if size as u64 % BLOCK != 0 {
+            Status::BAD_BUFFER_SIZE
+        } else {
+            Status::INVALID_PARAMETER
+        };
     }
     // SAFETY: the loader gives a buffer of `size` bytes.
     let data = unsafe { core::slice::from_raw_parts(buf as *const u8, size) };
@@ -89,7 +109,13 @@ extern "efiapi" fn flush_blocks(this: *mut block_io::Protocol) -> Status {
     }
 }
 
-extern "efiapi" fn read_disk(this: *mut disk_io::Protocol, media_id: u32, offset: u64, size: usize, buf: *mut c_void) -> Status {
+extern "efiapi" fn read_disk(
+    this: *mut disk_io::Protocol,
+    media_id: u32,
+    offset: u64,
+    size: usize,
+    buf: *mut c_void,
+) -> Status {
     // SAFETY: `this` is the first field of one of our DiskIo structures.
     let d = unsafe { &*(this as *const DiskIo) };
     if media_id != d.media_id {
@@ -98,19 +124,33 @@ extern "efiapi" fn read_disk(this: *mut disk_io::Protocol, media_id: u32, offset
     if size == 0 {
         return Status::SUCCESS;
     }
-    if buf.is_null() || offset.checked_add(size as u64).is_none_or(|end| end > d.count * BLOCK) {
+    if buf.is_null()
+        || offset
+            .checked_add(size as u64)
+            .is_none_or(|end| end > d.count * BLOCK)
+    {
         return Status::INVALID_PARAMETER;
     }
     // SAFETY: the loader gives a buffer of `size` bytes.
     let out = unsafe { core::slice::from_raw_parts_mut(buf as *mut u8, size) };
-    let part = Slice { dev: d.disk, first: d.first, count: d.count };
+    let part = Slice {
+        dev: d.disk,
+        first: d.first,
+        count: d.count,
+    };
     match read_bytes(&part, offset, out) {
         Ok(()) => Status::SUCCESS,
         Err(_) => Status::DEVICE_ERROR,
     }
 }
 
-extern "efiapi" fn write_disk(this: *mut disk_io::Protocol, media_id: u32, offset: u64, size: usize, buf: *mut c_void) -> Status {
+extern "efiapi" fn write_disk(
+    this: *mut disk_io::Protocol,
+    media_id: u32,
+    offset: u64,
+    size: usize,
+    buf: *mut c_void,
+) -> Status {
     // SAFETY: as in `read_disk`.
     let d = unsafe { &*(this as *const DiskIo) };
     if media_id != d.media_id {
@@ -122,7 +162,11 @@ extern "efiapi" fn write_disk(this: *mut disk_io::Protocol, media_id: u32, offse
     if size == 0 {
         return Status::SUCCESS;
     }
-    if buf.is_null() || offset.checked_add(size as u64).is_none_or(|end| end > d.count * BLOCK) {
+    if buf.is_null()
+        || offset
+            .checked_add(size as u64)
+            .is_none_or(|end| end > d.count * BLOCK)
+    {
         return Status::INVALID_PARAMETER;
     }
     // SAFETY: the loader gives a buffer of `size` bytes.
@@ -143,7 +187,13 @@ extern "efiapi" fn write_disk(this: *mut disk_io::Protocol, media_id: u32, offse
 }
 
 /// Builds Block I/O and Disk I/O for blocks `[first, first + count)` of `disk`.
-pub fn build(disk: &'static VirtioBlk, media_id: u32, first: u64, count: u64, partition: bool) -> (*mut c_void, *mut c_void) {
+pub fn build(
+    disk: &'static VirtioBlk,
+    media_id: u32,
+    first: u64,
+    count: u64,
+    partition: bool,
+) -> (*mut c_void, *mut c_void) {
     let bio = super::util::leak(BlockIo {
         proto: block_io::Protocol {
             revision: 0x0002_0001,
@@ -174,7 +224,11 @@ pub fn build(disk: &'static VirtioBlk, media_id: u32, first: u64, count: u64, pa
     // SAFETY: just leaked; the media lives inside the same allocation.
     unsafe { (*bio).proto.media = core::ptr::addr_of!((*bio).media) };
     let dio = super::util::leak(DiskIo {
-        proto: disk_io::Protocol { revision: 0x0001_0000, read_disk, write_disk },
+        proto: disk_io::Protocol {
+            revision: 0x0001_0000,
+            read_disk,
+            write_disk,
+        },
         media_id,
         disk,
         first,

@@ -16,7 +16,12 @@ pub const EVT_SIGNAL_EXIT_BOOT_SERVICES: u32 = 0x0000_0201;
 
 /// The event group signalled at ExitBootServices (EFI_EVENT_GROUP_EXIT_BOOT_SERVICES).
 pub const GROUP_EXIT_BOOT_SERVICES: Guid = Guid::from_fields(
-    0x27abf055, 0xb1b8, 0x4c26, 0x80, 0x48, &[0x74, 0x8f, 0x37, 0xba, 0xa2, 0xdf],
+    0x27abf055,
+    0xb1b8,
+    0x4c26,
+    0x80,
+    0x48,
+    &[0x74, 0x8f, 0x37, 0xba, 0xa2, 0xdf],
 );
 
 /// What makes an event signalled besides SignalEvent and its timer.
@@ -100,7 +105,9 @@ pub fn close(e: Event) -> Status {
 
 /// SetTimer: 0 cancel, 1 periodic, 2 relative; `time` in 100 ns units.
 pub fn set_timer(e: Event, kind: u32, time: u64) -> Status {
-    let Some(d) = data(e) else { return Status::INVALID_PARAMETER };
+    let Some(d) = data(e) else {
+        return Status::INVALID_PARAMETER;
+    };
     if d.kind & EVT_TIMER == 0 {
         return Status::INVALID_PARAMETER;
     }
@@ -124,7 +131,9 @@ fn call_notify(e: Event) {
 
 /// Signals `e` (and for a grouped event, every event of its group).
 pub fn signal(e: Event) -> Status {
-    let Some(d) = data(e) else { return Status::INVALID_PARAMETER };
+    let Some(d) = data(e) else {
+        return Status::INVALID_PARAMETER;
+    };
     match d.group {
         Some(g) => signal_group(&g),
         None => signal_one(e),
@@ -185,7 +194,9 @@ pub fn poll_timers() {
 /// CheckEvent: NOT_READY until signalled; reading a signal clears it.
 pub fn check(e: Event) -> Status {
     poll_timers();
-    let Some(d) = data(e) else { return Status::INVALID_PARAMETER };
+    let Some(d) = data(e) else {
+        return Status::INVALID_PARAMETER;
+    };
     if d.kind & EVT_NOTIFY_SIGNAL != 0 {
         return Status::INVALID_PARAMETER;
     }
@@ -195,7 +206,9 @@ pub fn check(e: Event) -> Status {
     if !d.signaled && d.kind & EVT_NOTIFY_WAIT != 0 {
         call_notify(e);
     }
-    let Some(d) = data(e) else { return Status::INVALID_PARAMETER };
+    let Some(d) = data(e) else {
+        return Status::INVALID_PARAMETER;
+    };
     if d.signaled {
         d.signaled = false;
         Status::SUCCESS

@@ -91,7 +91,13 @@ extern "efiapi" fn open_volume(this: *mut sfs::Protocol, root: *mut *mut file::P
     }
 }
 
-extern "efiapi" fn open(p: *mut file::Protocol, new: *mut *mut file::Protocol, name: *mut Char16, mode: u64, _attrs: u64) -> Status {
+extern "efiapi" fn open(
+    p: *mut file::Protocol,
+    new: *mut *mut file::Protocol,
+    name: *mut Char16,
+    mode: u64,
+    _attrs: u64,
+) -> Status {
     let f = this(p);
     // SAFETY: a NUL-terminated name from the loader.
     let Some(name) = (unsafe { super::util::read_ucs2(name) }) else {
@@ -201,7 +207,11 @@ extern "efiapi" fn read(p: *mut file::Protocol, size: *mut usize, buf: *mut c_vo
                 Status::SUCCESS
             }
             Ok(Some(entry)) => {
-                let s = give(&file_info(&entry, u64::from(f.volume.fat.cluster_size())), size, buf);
+                let s = give(
+                    &file_info(&entry, u64::from(f.volume.fat.cluster_size())),
+                    size,
+                    buf,
+                );
                 if s == Status::SUCCESS {
                     f.dir_cursor = cursor;
                 }
@@ -261,7 +271,12 @@ extern "efiapi" fn set_position(p: *mut file::Protocol, pos: u64) -> Status {
     Status::SUCCESS
 }
 
-extern "efiapi" fn get_info(p: *mut file::Protocol, ty: *mut Guid, size: *mut usize, buf: *mut c_void) -> Status {
+extern "efiapi" fn get_info(
+    p: *mut file::Protocol,
+    ty: *mut Guid,
+    size: *mut usize,
+    buf: *mut c_void,
+) -> Status {
     let f = this(p);
     // SAFETY: the loader's GUID.
     let Some(ty) = (unsafe { super::util::guid(ty) }) else {
@@ -269,7 +284,11 @@ extern "efiapi" fn get_info(p: *mut file::Protocol, ty: *mut Guid, size: *mut us
     };
     let fat = &f.volume.fat;
     if ty == file::INFO_ID {
-        give(&file_info(&f.node, u64::from(fat.cluster_size())), size, buf)
+        give(
+            &file_info(&f.node, u64::from(fat.cluster_size())),
+            size,
+            buf,
+        )
     } else if ty == file::SYSTEM_INFO_ID {
         let label = super::util::to_ucs2(&fat.volume_label());
         let total = 36 + 2 * label.len();
@@ -284,14 +303,22 @@ extern "efiapi" fn get_info(p: *mut file::Protocol, ty: *mut Guid, size: *mut us
         }
         give(&b, size, buf)
     } else if ty == file::SYSTEM_VOLUME_LABEL_ID {
-        let b: Vec<u8> = super::util::to_ucs2(&fat.volume_label()).iter().flat_map(|u| u.to_le_bytes()).collect();
+        let b: Vec<u8> = super::util::to_ucs2(&fat.volume_label())
+            .iter()
+            .flat_map(|u| u.to_le_bytes())
+            .collect();
         give(&b, size, buf)
     } else {
         Status::UNSUPPORTED
     }
 }
 
-extern "efiapi" fn set_info(_p: *mut file::Protocol, _ty: *mut Guid, _size: usize, _buf: *mut c_void) -> Status {
+extern "efiapi" fn set_info(
+    _p: *mut file::Protocol,
+    _ty: *mut Guid,
+    _size: usize,
+    _buf: *mut c_void,
+) -> Status {
     Status::WRITE_PROTECTED
 }
 
@@ -299,7 +326,14 @@ extern "efiapi" fn flush(_p: *mut file::Protocol) -> Status {
     Status::SUCCESS
 }
 
-extern "efiapi" fn open_ex(_p: *mut file::Protocol, _new: *mut *mut file::Protocol, _name: *mut Char16, _mode: u64, _attrs: u64, _token: *mut file::IoToken) -> Status {
+extern "efiapi" fn open_ex(
+    _p: *mut file::Protocol,
+    _new: *mut *mut file::Protocol,
+    _name: *mut Char16,
+    _mode: u64,
+    _attrs: u64,
+    _token: *mut file::IoToken,
+) -> Status {
     Status::UNSUPPORTED
 }
 
@@ -318,7 +352,10 @@ extern "efiapi" fn flush_ex(_p: *mut file::Protocol, _token: *mut file::IoToken)
 /// The Simple File System protocol of `volume`.
 pub fn build(volume: &'static Volume) -> *mut c_void {
     super::util::leak(SimpleFs {
-        proto: sfs::Protocol { revision: 0x0001_0000, open_volume },
+        proto: sfs::Protocol {
+            revision: 0x0001_0000,
+            open_volume,
+        },
         volume,
     }) as *mut c_void
 }
@@ -338,7 +375,9 @@ pub fn read_all(volume: &Volume, node: &Node, out: &mut [u8]) -> Result<(), FatE
     while done < out.len() {
         let n = volume.fat.read(node, done as u64, &mut out[done..])?;
         if n == 0 {
-            return Err(FatError::Corrupt("file shorter than its directory entry says"));
+            return Err(FatError::Corrupt(
+                "file shorter than its directory entry says",
+            ));
         }
         done += n;
     }

@@ -37,7 +37,9 @@ pub fn is_handle(h: Handle) -> bool {
 /// Installs `iface` for `guid` on `h` (a new handle when `h` is null); returns the handle.
 pub fn install(h: Handle, guid: Guid, iface: *mut c_void) -> Result<Handle, Status> {
     let h = if h.is_null() {
-        let p = crate::efi::util::leak(HandleEntry { protocols: Vec::new() });
+        let p = crate::efi::util::leak(HandleEntry {
+            protocols: Vec::new(),
+        });
         handles().push(p);
         p as Handle
     } else {
@@ -83,7 +85,11 @@ pub fn reinstall(h: Handle, guid: Guid, old: *mut c_void, new: *mut c_void) -> R
 
 /// The interface of `guid` on `h`.
 pub fn get(h: Handle, guid: &Guid) -> Option<*mut c_void> {
-    entry(h)?.protocols.iter().find(|(g, _)| g == guid).map(|(_, p)| *p)
+    entry(h)?
+        .protocols
+        .iter()
+        .find(|(g, _)| g == guid)
+        .map(|(_, p)| *p)
 }
 
 /// Every handle with `guid` installed (every handle for `None`), oldest first.

@@ -53,7 +53,12 @@ global_asm!(
 );
 
 extern "sysv64" {
-    fn lb_enter_image(entry: u64, handle: Handle, systab: *mut c_void, saved_rsp: *mut u64) -> usize;
+    fn lb_enter_image(
+        entry: u64,
+        handle: Handle,
+        systab: *mut c_void,
+        saved_rsp: *mut u64,
+    ) -> usize;
     fn lb_exit_image(saved_rsp: u64, status: usize) -> !;
 }
 
@@ -92,7 +97,10 @@ pub fn load(file: &[u8], parent: Handle, origin: Origin) -> Result<Handle, Statu
         Status::LOAD_ERROR
     })?;
     if info.subsystem != 10 && info.subsystem != 11 && info.subsystem != 12 {
-        crate::log!("LoadImage: PE subsystem {} is not an EFI image", info.subsystem);
+        crate::log!(
+            "LoadImage: PE subsystem {} is not an EFI image",
+            info.subsystem
+        );
         return Err(Status::UNSUPPORTED);
     }
     let pages = info.size_of_image.div_ceil(PAGE);
@@ -118,7 +126,10 @@ pub fn load(file: &[u8], parent: Handle, origin: Origin) -> Result<Handle, Statu
             // SAFETY: no other borrow of the memory map is alive.
             let _ = unsafe { crate::MEMORY.borrow() }.free(base, pages);
             let at = alloc(Placement::At(info.image_base)).map_err(|_| {
-                crate::log!("LoadImage: image cannot move and its base {:#x} is not free", info.image_base);
+                crate::log!(
+                    "LoadImage: image cannot move and its base {:#x} is not free",
+                    info.image_base
+                );
                 Status::LOAD_ERROR
             })?;
             pe::load(file, &info, dest(at), at).map_err(|e| {
@@ -149,9 +160,17 @@ pub fn load(file: &[u8], parent: Handle, origin: Origin) -> Result<Handle, Statu
         image_data_type: data,
         unload: None,
     });
-    let handle = handles::install(core::ptr::null_mut(), loaded_image::PROTOCOL_GUID, loaded as *mut c_void)?;
+    let handle = handles::install(
+        core::ptr::null_mut(),
+        loaded_image::PROTOCOL_GUID,
+        loaded as *mut c_void,
+    )?;
     if !origin.full_path.is_null() {
-        handles::install(handle, loaded_image_device_path::PROTOCOL_GUID, origin.full_path as *mut c_void)?;
+        handles::install(
+            handle,
+            loaded_image_device_path::PROTOCOL_GUID,
+            origin.full_path as *mut c_void,
+        )?;
     }
     images().push(Image {
         handle,
@@ -170,18 +189,21 @@ pub fn load(file: &[u8], parent: Handle, origin: Origin) -> Result<Handle, Statu
 pub fn load_from_path(path: *mut device_path::Protocol, parent: Handle) -> Result<Handle, Status> {
     // SAFETY: a device path from the loader.
     let bytes = unsafe { dp::nodes(path) }.ok_or(Status::INVALID_PARAMETER)?;
-    let (device, used) = super::boot_services::locate_device_path_bytes(&simple_file_system::PROTOCOL_GUID, bytes)
-        .ok_or(Status::NOT_FOUND)?;
+    let (device, used) =
+        super::boot_services::locate_device_path_bytes(&simple_file_system::PROTOCOL_GUID, bytes)
+            .ok_or(Status::NOT_FOUND)?;
     let rest = &bytes[used..];
     let file = dp::file_path(rest).ok_or(Status::NOT_FOUND)?;
-    let iface = handles::get(device, &simple_file_system::PROTOCOL_GUID).ok_or(Status::NOT_FOUND)?;
+    let iface =
+        handles::get(device, &simple_file_system::PROTOCOL_GUID).ok_or(Status::NOT_FOUND)?;
     // SAFETY: a Simple File System interface we installed.
     let volume = unsafe { fs::volume_of(iface) };
     let node = fs::find_file(volume, &file).map_err(|e| {
         crate::log!("LoadImage: {file}: {e}");
         Status::NOT_FOUND
     })?;
-    let mut buf = crate::efi::pages::PageBuf::new(node.size as usize).ok_or(Status::OUT_OF_RESOURCES)?;
+    let mut buf =
+        crate::efi::pages::PageBuf::new(node.size as usize).ok_or(Status::OUT_OF_RESOURCES)?;
     fs::read_all(volume, &node, buf.as_mut_slice()).map_err(|e| {
         crate::log!("LoadImage: reading {file}: {e}");
         Status::DEVICE_ERROR
@@ -207,7 +229,8 @@ pub fn start(handle: Handle) -> Status {
     let saved: *mut u64 = &mut images()[i].saved_rsp;
     // SAFETY: the entry point of a PE image we loaded and relocated; it follows the UEFI calling
     // convention. `saved` stays valid: image records are only removed after they stop running.
-    let status = unsafe { lb_enter_image(entry, handle, super::system_table() as *mut c_void, saved) };
+    let status =
+        unsafe { lb_enter_image(entry, handle, super::system_table() as *mut c_void, saved) };
     if let Some(i) = images().iter().position(|im| im.handle == handle) {
         images()[i].saved_rsp = 0;
     }
@@ -240,7 +263,11 @@ pub fn unload(handle: Handle) -> Status {
         return Status::ACCESS_DENIED;
     }
     let im = images().remove(i);
-    let _ = handles::uninstall(im.handle, loaded_image::PROTOCOL_GUID, im.loaded as *mut c_void);
+    let _ = handles::uninstall(
+        im.handle,
+        loaded_image::PROTOCOL_GUID,
+        im.loaded as *mut c_void,
+    );
     if let Some(p) = handles::get(im.handle, &loaded_image_device_path::PROTOCOL_GUID) {
         let _ = handles::uninstall(im.handle, loaded_image_device_path::PROTOCOL_GUID, p);
     }
@@ -251,5 +278,8 @@ pub fn unload(handle: Handle) -> Status {
 
 /// The Loaded Image protocol of `handle`, to set load options.
 pub fn loaded_image(handle: Handle) -> Option<*mut loaded_image::Protocol> {
-    images().iter().find(|im| im.handle == handle).map(|im| im.loaded)
+    images()
+        .iter()
+        .find(|im| im.handle == handle)
+        .map(|im| im.loaded)
 }

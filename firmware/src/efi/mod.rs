@@ -32,7 +32,12 @@ const RT_PROPERTIES_OFFSET: u64 = 2176;
 
 /// EFI_RT_PROPERTIES_TABLE_GUID.
 const RT_PROPERTIES_GUID: Guid = Guid::from_fields(
-    0xeb66918a, 0x7eef, 0x402a, 0x84, 0x2e, &[0x93, 0x1d, 0x21, 0xc3, 0x8a, 0xe9],
+    0xeb66918a,
+    0x7eef,
+    0x402a,
+    0x84,
+    0x2e,
+    &[0x93, 0x1d, 0x21, 0xc3, 0x8a, 0xe9],
 );
 
 /// A table header with its CRC filled in later by [`seal`].
@@ -83,7 +88,13 @@ pub fn init(rsdp: Option<u64>) -> Result<(), Status> {
 
     let vendor = util::to_ucs2("lightbyte");
     // SAFETY: inside our page (the name is far shorter than the 128 bytes reserved).
-    unsafe { core::ptr::copy_nonoverlapping(vendor.as_ptr(), (page + VENDOR_OFFSET) as *mut u16, vendor.len()) };
+    unsafe {
+        core::ptr::copy_nonoverlapping(
+            vendor.as_ptr(),
+            (page + VENDOR_OFFSET) as *mut u16,
+            vendor.len(),
+        )
+    };
 
     let rt = (page + RUNTIME_OFFSET) as *mut efi::RuntimeServices;
     // SAFETY: inside our page, room for the table.
@@ -95,16 +106,33 @@ pub fn init(rsdp: Option<u64>) -> Result<(), Status> {
     // SAFETY: just leaked.
     unsafe { seal(bs as *mut efi::TableHeader) };
 
-    let key_event = events::create(events::EVT_NOTIFY_WAIT, Some(noop_notify), core::ptr::null_mut(), None, events::Source::Key)?;
+    let key_event = events::create(
+        events::EVT_NOTIFY_WAIT,
+        Some(noop_notify),
+        core::ptr::null_mut(),
+        None,
+        events::Source::Key,
+    )?;
     let con = console::build(key_event);
-    let con_handle = handles::install(core::ptr::null_mut(), r_efi::protocols::simple_text_output::PROTOCOL_GUID, con.out as *mut c_void)?;
-    handles::install(con_handle, r_efi::protocols::simple_text_input::PROTOCOL_GUID, con.input as *mut c_void)?;
+    let con_handle = handles::install(
+        core::ptr::null_mut(),
+        r_efi::protocols::simple_text_output::PROTOCOL_GUID,
+        con.out as *mut c_void,
+    )?;
+    handles::install(
+        con_handle,
+        r_efi::protocols::simple_text_input::PROTOCOL_GUID,
+        con.input as *mut c_void,
+    )?;
 
     let st = page as *mut efi::SystemTable;
     // SAFETY: our page; the table is its first bytes.
     unsafe {
         st.write(efi::SystemTable {
-            hdr: header(efi::SYSTEM_TABLE_SIGNATURE, core::mem::size_of::<efi::SystemTable>()),
+            hdr: header(
+                efi::SYSTEM_TABLE_SIGNATURE,
+                core::mem::size_of::<efi::SystemTable>(),
+            ),
             firmware_vendor: (page + VENDOR_OFFSET) as *mut u16,
             firmware_revision: 0x0001_0000,
             console_in_handle: con_handle,
@@ -119,8 +147,8 @@ pub fn init(rsdp: Option<u64>) -> Result<(), Status> {
             configuration_table: (page + CONFIG_OFFSET) as *mut efi::ConfigurationTable,
         });
     }
-    // SAFETY: inside our page.
     let props = (page + RT_PROPERTIES_OFFSET) as *mut u8;
+    // SAFETY: inside our page, 8 bytes at an 8-aligned offset.
     unsafe {
         (props as *mut u16).write(1); // version
         (props as *mut u16).add(1).write(8); // length
@@ -155,7 +183,10 @@ pub fn set_config_table(g: Guid, table: *mut c_void) -> Status {
                 if n == CONFIG_MAX {
                     return Status::OUT_OF_RESOURCES;
                 }
-                arr[n] = efi::ConfigurationTable { vendor_guid: g, vendor_table: table };
+                arr[n] = efi::ConfigurationTable {
+                    vendor_guid: g,
+                    vendor_table: table,
+                };
                 (*st).number_of_table_entries = n + 1;
             }
         }

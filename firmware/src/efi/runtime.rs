@@ -94,7 +94,14 @@ extern "efiapi" fn get_time(t: *mut efi::Time, caps: *mut efi::TimeCapabilities)
     // SAFETY: checked non-null; the caller's buffers.
     unsafe {
         t.write_unaligned(time);
-        put(caps, efi::TimeCapabilities { resolution: 1, accuracy: 50_000_000, sets_to_zero: efi::Boolean::FALSE });
+        put(
+            caps,
+            efi::TimeCapabilities {
+                resolution: 1,
+                accuracy: 50_000_000,
+                sets_to_zero: efi::Boolean::FALSE,
+            },
+        );
     }
     Status::SUCCESS
 }
@@ -103,7 +110,11 @@ extern "efiapi" fn set_time(_t: *mut efi::Time) -> Status {
     Status::UNSUPPORTED
 }
 
-extern "efiapi" fn get_wakeup_time(_e: *mut efi::Boolean, _p: *mut efi::Boolean, _t: *mut efi::Time) -> Status {
+extern "efiapi" fn get_wakeup_time(
+    _e: *mut efi::Boolean,
+    _p: *mut efi::Boolean,
+    _t: *mut efi::Time,
+) -> Status {
     Status::UNSUPPORTED
 }
 
@@ -111,7 +122,12 @@ extern "efiapi" fn set_wakeup_time(_e: efi::Boolean, _t: *mut efi::Time) -> Stat
     Status::UNSUPPORTED
 }
 
-extern "efiapi" fn set_virtual_address_map(_size: usize, _dsize: usize, _ver: u32, _map: *mut efi::MemoryDescriptor) -> Status {
+extern "efiapi" fn set_virtual_address_map(
+    _size: usize,
+    _dsize: usize,
+    _ver: u32,
+    _map: *mut efi::MemoryDescriptor,
+) -> Status {
     // Our runtime code keeps no pointers that need converting: the OS keeps the identity
     // mapping of runtime regions alongside the new one.
     Status::SUCCESS
@@ -121,10 +137,19 @@ extern "efiapi" fn convert_pointer(_pos: usize, _p: *mut *mut c_void) -> Status 
     Status::SUCCESS
 }
 
-extern "efiapi" fn get_variable(name: *mut Char16, g: *mut Guid, attrs: *mut u32, size: *mut usize, data: *mut c_void) -> Status {
-    let Some(vars) = variables() else { return Status::UNSUPPORTED };
+extern "efiapi" fn get_variable(
+    name: *mut Char16,
+    g: *mut Guid,
+    attrs: *mut u32,
+    size: *mut usize,
+    data: *mut c_void,
+) -> Status {
+    let Some(vars) = variables() else {
+        return Status::UNSUPPORTED;
+    };
     // SAFETY: the caller's name and GUID.
-    let (Some(name), Some(g)) = (unsafe { read_ucs2(name) }, unsafe { super::util::guid(g) }) else {
+    let (Some(name), Some(g)) = (unsafe { read_ucs2(name) }, unsafe { super::util::guid(g) })
+    else {
         return Status::INVALID_PARAMETER;
     };
     if size.is_null() {
@@ -151,24 +176,36 @@ extern "efiapi" fn get_variable(name: *mut Char16, g: *mut Guid, attrs: *mut u32
     Status::SUCCESS
 }
 
-extern "efiapi" fn get_next_variable_name(size: *mut usize, name: *mut Char16, g: *mut Guid) -> Status {
-    let Some(vars) = variables() else { return Status::UNSUPPORTED };
+extern "efiapi" fn get_next_variable_name(
+    size: *mut usize,
+    name: *mut Char16,
+    g: *mut Guid,
+) -> Status {
+    let Some(vars) = variables() else {
+        return Status::UNSUPPORTED;
+    };
     if size.is_null() || name.is_null() || g.is_null() {
         return Status::INVALID_PARAMETER;
     }
     // SAFETY: the caller's in/out name and GUID.
-    let (Some(cur), Some(cur_guid)) = (unsafe { read_ucs2(name) }, unsafe { super::util::guid(g) }) else {
+    let (Some(cur), Some(cur_guid)) = (unsafe { read_ucs2(name) }, unsafe { super::util::guid(g) })
+    else {
         return Status::INVALID_PARAMETER;
     };
     let next = if cur.is_empty() {
         vars.first()
     } else {
-        match vars.iter().position(|v| v.name == cur && v.guid == cur_guid) {
+        match vars
+            .iter()
+            .position(|v| v.name == cur && v.guid == cur_guid)
+        {
             Some(i) => vars.get(i + 1),
             None => return Status::INVALID_PARAMETER,
         }
     };
-    let Some(v) = next else { return Status::NOT_FOUND };
+    let Some(v) = next else {
+        return Status::NOT_FOUND;
+    };
     let needed = 2 * (v.name.len() + 1);
     // SAFETY: checked non-null.
     let room = unsafe { size.read_unaligned() };
@@ -186,16 +223,27 @@ extern "efiapi" fn get_next_variable_name(size: *mut usize, name: *mut Char16, g
     Status::SUCCESS
 }
 
-extern "efiapi" fn set_variable(name: *mut Char16, g: *mut Guid, attrs: u32, size: usize, data: *mut c_void) -> Status {
-    let Some(vars) = variables() else { return Status::UNSUPPORTED };
+extern "efiapi" fn set_variable(
+    name: *mut Char16,
+    g: *mut Guid,
+    attrs: u32,
+    size: usize,
+    data: *mut c_void,
+) -> Status {
+    let Some(vars) = variables() else {
+        return Status::UNSUPPORTED;
+    };
     // SAFETY: the caller's name and GUID.
-    let (Some(name), Some(g)) = (unsafe { read_ucs2(name) }, unsafe { super::util::guid(g) }) else {
+    let (Some(name), Some(g)) = (unsafe { read_ucs2(name) }, unsafe { super::util::guid(g) })
+    else {
         return Status::INVALID_PARAMETER;
     };
     if name.is_empty() || (size != 0 && data.is_null()) {
         return Status::INVALID_PARAMETER;
     }
-    if attrs & !(VAR_NON_VOLATILE | VAR_BOOTSERVICE_ACCESS | VAR_RUNTIME_ACCESS | VAR_APPEND_WRITE) != 0 {
+    if attrs & !(VAR_NON_VOLATILE | VAR_BOOTSERVICE_ACCESS | VAR_RUNTIME_ACCESS | VAR_APPEND_WRITE)
+        != 0
+    {
         // Authenticated and hardware-error variables are not kept here.
         return Status::UNSUPPORTED;
     }
@@ -206,7 +254,10 @@ extern "efiapi" fn set_variable(name: *mut Char16, g: *mut Guid, attrs: u32, siz
         unsafe { core::slice::from_raw_parts(data as *const u8, size) }
     };
     let existing = vars.iter().position(|v| v.name == name && v.guid == g);
-    let used: u64 = vars.iter().map(|v| (v.data.len() + 2 * v.name.len()) as u64).sum();
+    let used: u64 = vars
+        .iter()
+        .map(|v| (v.data.len() + 2 * v.name.len()) as u64)
+        .sum();
     if used + size as u64 > VARIABLE_SPACE {
         return Status::OUT_OF_RESOURCES;
     }
@@ -222,7 +273,12 @@ extern "efiapi" fn set_variable(name: *mut Char16, g: *mut Guid, attrs: u32, siz
         None if size == 0 || attrs & (VAR_BOOTSERVICE_ACCESS | VAR_RUNTIME_ACCESS) == 0 => {
             return Status::NOT_FOUND;
         }
-        None => vars.push(Variable { name, guid: g, attributes: attrs & !VAR_APPEND_WRITE, data: bytes.to_vec() }),
+        None => vars.push(Variable {
+            name,
+            guid: g,
+            attributes: attrs & !VAR_APPEND_WRITE,
+            data: bytes.to_vec(),
+        }),
     }
     Status::SUCCESS
 }
@@ -231,7 +287,12 @@ extern "efiapi" fn get_next_high_mono_count(_c: *mut u32) -> Status {
     Status::UNSUPPORTED
 }
 
-extern "efiapi" fn reset_system(ty: efi::ResetType, status: Status, _size: usize, _data: *mut c_void) {
+extern "efiapi" fn reset_system(
+    ty: efi::ResetType,
+    status: Status,
+    _size: usize,
+    _data: *mut c_void,
+) {
     match ty {
         efi::RESET_SHUTDOWN => {
             crate::log!("ResetSystem: power-off (status {:#x})", status.as_usize());
@@ -241,17 +302,36 @@ extern "efiapi" fn reset_system(ty: efi::ResetType, status: Status, _size: usize
     }
 }
 
-extern "efiapi" fn update_capsule(_c: *mut *mut efi::CapsuleHeader, _n: usize, _sg: efi::PhysicalAddress) -> Status {
+extern "efiapi" fn update_capsule(
+    _c: *mut *mut efi::CapsuleHeader,
+    _n: usize,
+    _sg: efi::PhysicalAddress,
+) -> Status {
     Status::UNSUPPORTED
 }
 
-extern "efiapi" fn query_capsule_capabilities(_c: *mut *mut efi::CapsuleHeader, _n: usize, _max: *mut u64, _ty: *mut efi::ResetType) -> Status {
+extern "efiapi" fn query_capsule_capabilities(
+    _c: *mut *mut efi::CapsuleHeader,
+    _n: usize,
+    _max: *mut u64,
+    _ty: *mut efi::ResetType,
+) -> Status {
     Status::UNSUPPORTED
 }
 
-extern "efiapi" fn query_variable_info(_attrs: u32, max: *mut u64, remaining: *mut u64, max_var: *mut u64) -> Status {
-    let Some(vars) = variables() else { return Status::UNSUPPORTED };
-    let used: u64 = vars.iter().map(|v| (v.data.len() + 2 * v.name.len()) as u64).sum();
+extern "efiapi" fn query_variable_info(
+    _attrs: u32,
+    max: *mut u64,
+    remaining: *mut u64,
+    max_var: *mut u64,
+) -> Status {
+    let Some(vars) = variables() else {
+        return Status::UNSUPPORTED;
+    };
+    let used: u64 = vars
+        .iter()
+        .map(|v| (v.data.len() + 2 * v.name.len()) as u64)
+        .sum();
     // SAFETY: the caller's out-pointers.
     unsafe {
         put(max, VARIABLE_SPACE);
@@ -264,7 +344,10 @@ extern "efiapi" fn query_variable_info(_attrs: u32, max: *mut u64, remaining: *m
 /// The Runtime Services table.
 pub fn table() -> efi::RuntimeServices {
     efi::RuntimeServices {
-        hdr: super::header(efi::RUNTIME_SERVICES_SIGNATURE, core::mem::size_of::<efi::RuntimeServices>()),
+        hdr: super::header(
+            efi::RUNTIME_SERVICES_SIGNATURE,
+            core::mem::size_of::<efi::RuntimeServices>(),
+        ),
         get_time,
         set_time,
         get_wakeup_time,
