@@ -3,7 +3,7 @@
 # each worker in its own network namespace with its own bridge and VM subnet, so they behave like
 # separate hosts. Needs root (namespaces, bridges, TAP devices).
 #
-#   dev-cluster.sh up [--workers N] [--dir DIR] [--kernel PATH --initramfs PATH]
+#   dev-cluster.sh up [--workers N] [--dir DIR] [--kernel PATH --initramfs PATH] [--firmware PATH]
 #                     [--worker-cpus N] [--worker-memory SIZE] [--lease-ttl DURATION]
 #   dev-cluster.sh down [--dir DIR]
 #   dev-cluster.sh status [--dir DIR]
@@ -31,6 +31,8 @@ workers=2
 dir=${LIGHTBYTE_DEV_DIR:-/tmp/lightbyte-dev}
 kernel=""
 initramfs=""
+# UEFI images boot through this firmware (firmware/build.sh leaves it here).
+firmware=$here/target/release/lightbyte-firmware
 worker_cpus=""
 worker_memory=""
 lease_ttl=10s
@@ -48,6 +50,7 @@ while [ $# -gt 0 ]; do
     --dir) dir=$2; shift 2 ;;
     --kernel) kernel=$2; shift 2 ;;
     --initramfs) initramfs=$2; shift 2 ;;
+    --firmware) firmware=$2; shift 2 ;;
     --worker-cpus) worker_cpus=$2; shift 2 ;;
     --worker-memory) worker_memory=$2; shift 2 ;;
     --lease-ttl) lease_ttl=$2; shift 2 ;;
@@ -210,6 +213,7 @@ up() {
     for j in $(seq "$workers"); do args+=(--guest-deny "10.123.0.$((10 + j)):7071"); done
     [ -n "$kernel" ] && args+=(--kernel "$kernel")
     [ -n "$initramfs" ] && args+=(--initramfs "$initramfs")
+    [ -f "$firmware" ] && args+=(--firmware "$firmware")
     [ -n "$worker_cpus" ] && args+=(--cpus "$worker_cpus")
     [ -n "$worker_memory" ] && args+=(--memory "$worker_memory")
     # `ip netns exec` mounts a fresh sysfs, which hides the cgroup2 mount under it: a host

@@ -37,6 +37,7 @@ async fn api(addr: std::net::SocketAddr) -> ApiClient {
         kernel: None,
         initramfs: None,
         cmdline: None,
+        boot: Default::default(),
     };
     api.create("base", &image).await.unwrap();
     api

@@ -144,6 +144,7 @@ fn two_real_workers_scale_move_lose_and_forget() {
                 kernel: Some(kernel.display().to_string()),
                 initramfs: None,
                 cmdline: None,
+                boot: Default::default(),
             },
         )
         .await

@@ -25,6 +25,7 @@ fn image(name: &str, path: &str) -> Object<ImageSpec> {
             kernel: None,
             initramfs: None,
             cmdline: None,
+            boot: Default::default(),
         },
         status: Default::default(),
     }

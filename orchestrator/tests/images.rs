@@ -46,6 +46,7 @@ fn spec(digest: &Digest, format: DiskFormat) -> ImageSpec {
         kernel: None,
         initramfs: None,
         cmdline: None,
+        boot: Default::default(),
     }
 }
 

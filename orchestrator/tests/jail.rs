@@ -84,6 +84,7 @@ fn jailed_vmms_run_unprivileged_filtered_and_alone() {
                 kernel: Some(kernel.display().to_string()),
                 initramfs: None,
                 cmdline: None,
+                boot: Default::default(),
             };
             api.create(name, &image).await.unwrap();
         }

@@ -257,6 +257,7 @@ async fn host_load_balancer_follows_its_group() {
         kernel: None,
         initramfs: None,
         cmdline: None,
+        boot: Default::default(),
     };
     api.create("base", &image).await.unwrap();
     let group = ScaleGroupSpec {

@@ -79,6 +79,7 @@ fn worker_starts_restarts_readopts_and_cleans_up() {
                 kernel: Some(kernel.display().to_string()),
                 initramfs: None,
                 cmdline: None,
+                boot: Default::default(),
             };
             api.create(name, &image).await.unwrap();
         }

@@ -4,10 +4,12 @@
 # (scripts/dev-cluster.sh), driven through the `lightbyte` CLI. Prints "CHECK <name> ok" or
 # "CHECK <name> FAILED: <why>" per check; tests/tests/cluster.rs asserts on those lines.
 #
-# Environment: LIGHTBYTE_BIN (lightbyte and vmm), KERNEL, INITRAMFS, WORK (a writable directory).
+# Environment: LIGHTBYTE_BIN (lightbyte and vmm), KERNEL, INITRAMFS, WORK (a writable directory),
+# RECIPE_IMAGE (a Debian image directory), EFI_DISK (tests/guest/build-efi-disks.sh's
+# upgrade.img), FIRMWARE (lightbyte-firmware).
 set -uo pipefail
 here=$(cd "$(dirname "$0")/../.." && pwd)
-: "${LIGHTBYTE_BIN:?}" "${KERNEL:?}" "${INITRAMFS:?}" "${WORK:?}"
+: "${LIGHTBYTE_BIN:?}" "${KERNEL:?}" "${INITRAMFS:?}" "${WORK:?}" "${EFI_DISK:?}" "${FIRMWARE:?}"
 export LIGHTBYTE_BIN
 # Sockets cannot live on the test host's 9p work directory: the cluster lives in /tmp.
 export LIGHTBYTE_DEV_DIR
@@ -47,7 +49,7 @@ vmm_pid() { cat "$D/$1/vms/$2/vm.json" 2>/dev/null | sed -n 's/.*"pid": *\([0-9]
 tap_of() { sed -n 's/.*"tap": *"\([^"]*\)".*/\1/p' "$D/$1/vms/$2/vm.json" 2>/dev/null; }
 
 section "cluster up"
-cluster up --workers 2 --kernel "$KERNEL" --initramfs "$INITRAMFS" \
+cluster up --workers 2 --kernel "$KERNEL" --initramfs "$INITRAMFS" --firmware "$FIRMWARE" \
   --worker-cpus 4 --worker-memory 768M --lease-ttl 15s || { fail cluster-up "see above"; exit 1; }
 
 section "security: mutual TLS and tokens"
@@ -216,6 +218,31 @@ check recipe-image-agent deb_ping
 check recipe-image-debian sh -c "grep -q 'LIGHTBYTE-DEBIAN 12' '$D/$(field deb-1 placement)/vms/deb-1/jail/console.log' &&
   grep -q 'built from images/recipes/debian-agent.recipe' '$D/$(field deb-1 placement)/vms/deb-1/jail/console.log'"
 lb vm delete deb-1
+
+section "UEFI: an image whose own loader boots it; the guest installs a new kernel and reboots into it"
+# upgrade.img: systemd-boot on the ESP; its default entry boots our kernel, whose guest command
+# installs Debian's kernel on the ESP as the new default and reboots. The worker starts the VM
+# with its firmware; on the guest's reboot it starts it again, from the same disk.
+"$LIGHTBYTE_BIN/vmm" img convert --output-format qcow2 "$EFI_DISK" "$WORK/uefi.qcow2" >/dev/null
+lb image push uefi "$WORK/uefi.qcow2" --format qcow2 --uefi
+check uefi-image-spec sh -c "'$LIGHTBYTE_BIN/lightbyte' image get uefi -o json | grep -q '\"boot\": \"uefi\"'"
+lb vm create efi-1 --image uefi --memory 256M
+console_has() { # vm, text, seconds
+  local w i
+  for i in $(seq "$3"); do
+    w=$(field "$1" placement)
+    [ -n "$w" ] && grep -q "$2" "$D/$w/vms/$1/jail/console.log" 2>/dev/null && return 0
+    sleep 1
+  done
+  return 1
+}
+check uefi-firmware-booted-loader console_has efi-1 "lightbyte-firmware: starting the default boot loader" 240
+check uefi-kernel-installed console_has efi-1 LIGHTBYTE-KERNEL-INSTALLED 240
+check uefi-new-kernel-after-reboot console_has efi-1 "LIGHTBYTE-GUEST-UP kernel=6.1.0-.*-cloud-amd64" 240
+ew=$(field efi-1 placement)
+# Both starts went through the firmware (the worker started the rebooted guest again).
+check uefi-started-twice test "$(grep -c 'lightbyte-firmware: started' "$D/$ew/vms/efi-1/jail/console.log")" -ge 2
+lb vm delete efi-1
 
 section "etcd down: 503 within seconds, nothing lost, recovery"
 cluster stop etcd

@@ -133,12 +133,14 @@ fn cluster_runs_vms_end_to_end() {
     std::fs::create_dir_all(&work).unwrap();
     let q = |p: &std::path::Path| sh_quote(&p.display().to_string());
     let script = format!(
-        "LIGHTBYTE_BIN={} KERNEL={} INITRAMFS={} WORK={} RECIPE_IMAGE={} bash {}\n",
+        "LIGHTBYTE_BIN={} KERNEL={} INITRAMFS={} WORK={} RECIPE_IMAGE={} EFI_DISK={} FIRMWARE={} bash {}\n",
         q(bin.parent().unwrap()),
         q(&a.minimal_vmlinux),
         q(&a.initramfs),
         q(&work),
         q(std::path::Path::new(&recipe)),
+        q(&a.efi_disks.join("upgrade.img")),
+        q(&a.firmware),
         q(&paths::repo_root().join("tests/scenarios/cluster.sh")),
     );
     let out = host

@@ -69,14 +69,19 @@ fn firmware_boots_systemd_boot_grub_and_the_efi_stub() {
     let fw = a.firmware.display().to_string();
     let disk = |name: &str| format!("path={}/{name}.img,readonly=on", a.efi_disks.display());
     let mut s = Scenario::new(host, "uefi").unwrap();
-    let overlay = s.dir().join("sdboot-overlay.qcow2");
     let vmm = lightbyte_tests::paths::binary("vmm").unwrap();
-    s.shell(&format!(
-        "{} img overlay {}/sdboot.img {} >/dev/null",
-        vmm.display(),
-        a.efi_disks.display(),
-        overlay.display()
-    ));
+    let overlay_of = |s: &mut Scenario, base: &str| {
+        let overlay = s.dir().join(format!("{base}-overlay.qcow2"));
+        s.shell(&format!(
+            "{} img overlay {}/{base}.img {} >/dev/null",
+            vmm.display(),
+            a.efi_disks.display(),
+            overlay.display()
+        ));
+        format!("path={}", overlay.display())
+    };
+    let overlay = overlay_of(&mut s, "sdboot");
+    let upgrade = overlay_of(&mut s, "upgrade");
     let t = 240;
     s.vmm("sdboot", &args(&fw, &disk("sdboot"), &[]), t)
         .unwrap()
@@ -94,11 +99,13 @@ fn firmware_boots_systemd_boot_grub_and_the_efi_stub() {
         .unwrap()
         .vmm("grub", &args(&fw, &disk("grub"), &[]), t)
         .unwrap()
-        .vmm(
-            "qcow2-overlay",
-            &args(&fw, &format!("path={}", overlay.display()), &[]),
-            t,
-        )
+        .vmm("qcow2-overlay", &args(&fw, &overlay, &[]), t)
+        .unwrap()
+        // The guest installs a new kernel on its own disk and reboots; the next start of the
+        // same disk boots the new kernel.
+        .vmm("upgrade-before", &args(&fw, &upgrade, &[]), t)
+        .unwrap()
+        .vmm("upgrade-after", &args(&fw, &upgrade, &[]), t)
         .unwrap()
         .vmm("no-esp", &args(&fw, &disk("noesp"), &[]), 60)
         .unwrap()
@@ -125,6 +132,17 @@ fn firmware_boots_systemd_boot_grub_and_the_efi_stub() {
     assert_booted(&r["grub"], "grub", MINIMAL, "lightbyte: grub loading kernel");
     assert!(r["grub"].output.contains("Welcome to GRUB!"));
     assert_booted(&r["qcow2-overlay"], "qcow2-overlay", MINIMAL, sd_initrd);
+
+    let before = &r["upgrade-before"];
+    assert!(
+        before.output.contains("LIGHTBYTE-KERNEL-INSTALLED") && before.cmd_exit() == Some(0),
+        "upgrade-before: the guest did not install its kernel:\n{}",
+        before.output
+    );
+    assert!(before.output.contains(MINIMAL), "{}", before.output);
+    // vmm's exit status for a guest reboot.
+    assert_eq!(before.status, 3, "upgrade-before:\n{}", before.output);
+    assert_booted(&r["upgrade-after"], "upgrade-after", DEBIAN, sd_initrd);
 
     assert_refused(
         &r["no-esp"],

@@ -221,6 +221,7 @@ async fn main() -> Result<()> {
             kernel: None,
             initramfs: None,
             cmdline: None,
+            boot: Default::default(),
         },
     )
     .await?;

@@ -72,7 +72,18 @@ fn config(args: AgentArgs, tls: Option<TlsFiles>) -> Result<WorkerConfig> {
             .filter(|p| p.exists())
             .unwrap_or_else(|| PathBuf::from("lightbyte-proxy")),
     };
-    for (what, path) in [("--kernel", &args.kernel), ("--initramfs", &args.initramfs)] {
+    let firmware = match args.firmware {
+        Some(p) => Some(p),
+        None => vmm
+            .parent()
+            .map(|d| d.join("lightbyte-firmware"))
+            .filter(|p| p.is_file()),
+    };
+    for (what, path) in [
+        ("--kernel", &args.kernel),
+        ("--initramfs", &args.initramfs),
+        ("--firmware", &firmware),
+    ] {
         if let Some(p) = path {
             if !p.is_file() {
                 bail!("{what} {}: no such file", p.display());
@@ -135,6 +146,7 @@ fn config(args: AgentArgs, tls: Option<TlsFiles>) -> Result<WorkerConfig> {
         server: args.server,
         image_gc_grace: args.image_gc_grace,
         kernel: args.kernel,
+        firmware,
         initramfs: args.initramfs,
         cmdline: args.cmdline,
         network: args.network,

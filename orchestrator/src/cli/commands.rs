@@ -371,6 +371,7 @@ async fn image(client: &ApiClient, cmd: ImageCommand, output: Output) -> Result<
             kernel,
             initramfs,
             cmdline,
+            uefi,
         } => {
             let spec = ImageSpec {
                 digest: None,
@@ -380,6 +381,7 @@ async fn image(client: &ApiClient, cmd: ImageCommand, output: Output) -> Result<
                 kernel,
                 initramfs,
                 cmdline,
+                boot: boot_of(uefi),
             };
             done(output, &client.create(&name, &spec).await?, "added")
         }
@@ -390,6 +392,7 @@ async fn image(client: &ApiClient, cmd: ImageCommand, output: Output) -> Result<
             kernel,
             initramfs,
             cmdline,
+            uefi,
         } => {
             let spec = super::push::push(
                 client.base(),
@@ -399,6 +402,7 @@ async fn image(client: &ApiClient, cmd: ImageCommand, output: Output) -> Result<
                     kernel,
                     initramfs,
                     cmdline,
+                    boot: boot_of(uefi),
                 },
             )
             .await?;
@@ -411,6 +415,14 @@ async fn image(client: &ApiClient, cmd: ImageCommand, output: Output) -> Result<
         ImageCommand::Delete { name } => {
             done(output, &client.delete::<ImageSpec>(&name).await?, "deleted")
         }
+    }
+}
+
+fn boot_of(uefi: bool) -> orchestrator::model::ImageBoot {
+    if uefi {
+        orchestrator::model::ImageBoot::Uefi
+    } else {
+        orchestrator::model::ImageBoot::Direct
     }
 }
 

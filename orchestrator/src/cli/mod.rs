@@ -358,6 +358,11 @@ pub enum ImageCommand {
         /// Kernel command line; workers append the VM's network configuration (ip=...)
         #[arg(long, value_name = "STR")]
         cmdline: Option<String>,
+        /// The disk boots itself through UEFI (an EFI system partition with a boot loader):
+        /// workers start its VMs with their firmware, and --cmdline becomes the loader's
+        /// load options
+        #[arg(long, conflicts_with_all = ["kernel", "initramfs"])]
+        uefi: bool,
     },
     /// Register a base image that every worker has at PATH (refused unless the server runs
     /// with --allow-host-path)
@@ -379,6 +384,9 @@ pub enum ImageCommand {
         /// Kernel command line; workers append the VM's network configuration (ip=...)
         #[arg(long, value_name = "STR")]
         cmdline: Option<String>,
+        /// The disk boots itself through UEFI (see `image push --uefi`)
+        #[arg(long, conflicts_with_all = ["kernel", "initramfs"])]
+        uefi: bool,
     },
     List,
     Get {
@@ -582,6 +590,10 @@ pub struct AgentArgs {
     /// Kernel for images that name none
     #[arg(long, value_name = "PATH")]
     pub kernel: Option<std::path::PathBuf>,
+    /// UEFI firmware for images that boot through UEFI [default: lightbyte-firmware next to
+    /// the vmm binary, when there is one]
+    #[arg(long, value_name = "PATH")]
+    pub firmware: Option<std::path::PathBuf>,
     /// Initramfs loaded with --kernel
     #[arg(long, value_name = "PATH", requires = "kernel")]
     pub initramfs: Option<std::path::PathBuf>,

@@ -16,6 +16,7 @@ pub struct Files {
     pub kernel: Option<PathBuf>,
     pub initramfs: Option<PathBuf>,
     pub cmdline: Option<String>,
+    pub boot: orchestrator::model::ImageBoot,
 }
 
 /// Uploads the files to the server at `base`; the spec naming them.
@@ -38,6 +39,7 @@ pub async fn push(base: &str, files: &Files) -> Result<ImageSpec> {
         kernel,
         initramfs,
         cmdline: files.cmdline.clone(),
+        boot: files.boot,
     })
 }
 

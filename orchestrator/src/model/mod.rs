@@ -17,7 +17,7 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
 pub use duration::Seconds;
-pub use image::{DiskFormat, ImageSpec, ImageStatus};
+pub use image::{DiskFormat, ImageBoot, ImageSpec, ImageStatus};
 pub use load_balancer::{
     BackendStatus, HealthCheck, HealthKind, Listener, LoadBalancerSpec, LoadBalancerStatus,
     Placement, PlacementKind, ProxyState, Selection, Target, MAX_LISTENERS, MAX_PROXIES,

@@ -19,7 +19,7 @@ use super::local::{write_status, Ctx, LocalVm};
 use super::netdev::{self, NetError};
 use super::process::{log_tail, ApiWaitError, VmmProcess};
 use crate::images::Digest;
-use crate::model::{ImageSpec, Vm, VmState, VolumeSpec};
+use crate::model::{ImageBoot, ImageSpec, Vm, VmState, VolumeSpec};
 use crate::store::StoreError;
 
 /// How long a new `vmm` has to answer on its API socket.
@@ -54,6 +54,9 @@ pub enum StartError {
     /// An image names a digest that is not one.
     #[error("image {image}: {why}")]
     BadImage { image: String, why: String },
+    /// A UEFI image on a worker without firmware.
+    #[error("image {image} boots through UEFI and worker {worker} has no --firmware")]
+    NoFirmware { image: String, worker: String },
     /// Neither the image nor the worker says which kernel to boot.
     #[error("image {image} names no kernel and worker {worker} has no --kernel")]
     NoKernel { image: String, worker: String },
@@ -126,7 +129,15 @@ pub(super) async fn launch(ctx: &Ctx, vm: &mut LocalVm, obj: &Vm) -> Result<(), 
     .await;
     let image = get::<ImageSpec>(ctx, &obj.spec.image).await?;
     let base = resolve_base(ctx, &obj.spec.image, &image).await?;
+    let firmware = match image.boot {
+        ImageBoot::Uefi => Some(cfg.firmware.clone().ok_or_else(|| StartError::NoFirmware {
+            image: obj.spec.image.clone(),
+            worker: cfg.name.clone(),
+        })?),
+        ImageBoot::Direct => None,
+    };
     let (kernel, initramfs) = match &image.kernel {
+        _ if firmware.is_some() => (PathBuf::new(), None),
         Some(k) => (
             resolve_file(ctx, &obj.spec.image, k).await?,
             match &image.initramfs {
@@ -144,11 +155,21 @@ pub(super) async fn launch(ctx: &Ctx, vm: &mut LocalVm, obj: &Vm) -> Result<(), 
             }
         },
     };
-    let mut cmdline = image.cmdline.clone().unwrap_or_else(|| cfg.cmdline.clone());
+    // A UEFI guest's loader has its own command line; ours are only its load options.
+    let default_cmdline = match firmware {
+        Some(_) => String::new(),
+        None => cfg.cmdline.clone(),
+    };
+    let mut cmdline = image.cmdline.clone().unwrap_or(default_cmdline);
     if let Some(extra) = &obj.spec.cmdline {
         cmdline = format!("{cmdline} {extra}");
     }
-    let cmdline = format!("{cmdline} {}", ip_param(vm.rec.ip, &cfg.subnet, &name));
+    // The network configuration goes on a kernel command line; a UEFI guest's boot loader owns
+    // its kernel's, so it configures its network itself (its address is in the VM's status).
+    let cmdline = match firmware {
+        Some(_) => cmdline.trim().to_string(),
+        None => format!("{cmdline} {}", ip_param(vm.rec.ip, &cfg.subnet, &name)),
+    };
     let cpus = u8::try_from(obj.spec.cpus).map_err(|_| StartError::TooManyCpus(obj.spec.cpus))?;
 
     // Disks: the root overlay, then the named volumes in order.
@@ -190,7 +211,7 @@ pub(super) async fn launch(ctx: &Ctx, vm: &mut LocalVm, obj: &Vm) -> Result<(), 
     let log = ctx.layout.vmm_log(&name);
     let extra = match jail {
         Some((uid, cgroup)) => {
-            let mut ro = vec![kernel.clone()];
+            let mut ro = vec![firmware.clone().unwrap_or_else(|| kernel.clone())];
             ro.extend(initramfs.iter().cloned());
             ro.extend(base_paths);
             let mut rw = vec![ctx.layout.jail_dir(&name)];
@@ -225,7 +246,7 @@ pub(super) async fn launch(ctx: &Ctx, vm: &mut LocalVm, obj: &Vm) -> Result<(), 
     })?;
     let config = VmConfig {
         kernel,
-        firmware: None,
+        firmware,
         initramfs,
         cmdline,
         cpus,

@@ -57,6 +57,8 @@ pub struct WorkerConfig {
     pub image_gc_grace: Duration,
     /// Kernel, initramfs and command line for images that name none.
     pub kernel: Option<PathBuf>,
+    /// UEFI firmware for images that boot through UEFI.
+    pub firmware: Option<PathBuf>,
     pub initramfs: Option<PathBuf>,
     pub cmdline: String,
     /// The network this worker serves (VMs name it in `spec.network`), its bridge and subnet.
