@@ -5,3 +5,4 @@ pub mod fio;
 pub mod guestfio;
 pub mod peers;
 pub mod timing;
+pub mod uefi;

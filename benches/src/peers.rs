@@ -24,7 +24,7 @@ pub struct Contender {
 }
 
 /// What the guest runs after its marker in memory runs: nothing, for longer than a run lasts.
-const IDLE: &str = "sleep 3600";
+pub const IDLE: &str = "sleep 3600";
 
 /// The guest's boot description: the test command line plus `extra` parameters (appended, so
 /// they win over earlier ones such as `quiet`), staying up after its marker when `idle`.

@@ -39,7 +39,10 @@ fn assert_booted(r: &BootResult, label: &str, kernel: &str, loader_says: &str) {
         out.contains("lightbyte-firmware: starting the default boot loader"),
         "{label}: the firmware did not start the loader:\n{out}"
     );
-    assert!(out.contains(loader_says), "{label}: no {loader_says:?}:\n{out}");
+    assert!(
+        out.contains(loader_says),
+        "{label}: no {loader_says:?}:\n{out}"
+    );
     let up = out
         .lines()
         .find(|l| l.contains("LIGHTBYTE-GUEST-UP"))
@@ -129,7 +132,12 @@ fn firmware_boots_systemd_boot_grub_and_the_efi_stub() {
         "EFI stub: Loaded initrd from command line option",
     );
     // GRUB reads the GPT itself through Block I/O and loads the kernel from ext4.
-    assert_booted(&r["grub"], "grub", MINIMAL, "lightbyte: grub loading kernel");
+    assert_booted(
+        &r["grub"],
+        "grub",
+        MINIMAL,
+        "lightbyte: grub loading kernel",
+    );
     assert!(r["grub"].output.contains("Welcome to GRUB!"));
     assert_booted(&r["qcow2-overlay"], "qcow2-overlay", MINIMAL, sd_initrd);
 

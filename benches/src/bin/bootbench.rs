@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Result};
 use clap::{Parser, Subcommand};
-use lightbyte_benches::peers::{contenders, vmm_cmd};
+use lightbyte_benches::peers::{contenders, vmm_cmd, Contender};
 use lightbyte_benches::timing::{median, memory_line, parse, parse_memory, timed_line, BootTiming};
 use lightbyte_tests::artifacts;
 use lightbyte_tests::testhost;
@@ -49,6 +49,21 @@ enum Cmd {
         /// Further kernel parameters for every VMM (after the verbose ones).
         #[arg(long, default_value = "")]
         cmdline: String,
+    },
+    /// UEFI boot: the same kernel (bzImage) and initramfs booted directly by vmm, by vmm
+    /// --firmware through systemd-boot on a GPT disk, and by QEMU (q35, KVM) through Debian's
+    /// OVMF from the same disk, interleaved; the same columns as `compare`, ratios of the UEFI
+    /// boot to the direct one and to OVMF, and the firmware sizes.
+    Uefi {
+        /// Boots per row.
+        #[arg(long, default_value_t = 7)]
+        runs: u32,
+        /// Guest memory, MiB.
+        #[arg(long, default_value_t = 256)]
+        memory_mib: u64,
+        /// Memory measurements per row (medians are reported).
+        #[arg(long, default_value_t = 3)]
+        memory_runs: u32,
     },
     /// Boots vmm repeatedly and fails unless every boot reached the marker and exited 0.
     Loop {
@@ -121,60 +136,118 @@ fn summarize(v: &[BootTiming], memory_kib: Vec<f64>) -> Summary {
     }
 }
 
-fn compare(runs: u32, memory_mib: u64, memory_runs: u32) -> Result<bool> {
-    let a = artifacts::get()?;
-    let dir = testhost::shared()?.work_dir().join("bootbench-configs");
-    let all = contenders(a, &dir, memory_mib, "")?;
+/// Boots every contender `runs` times (interleaved) and measures its memory with the guest
+/// idle; one summary per contender, in order.
+fn measure<'a>(
+    name: &str,
+    all: &'a [Contender],
+    runs: u32,
+    memory_mib: u64,
+    memory_runs: u32,
+) -> Result<Vec<(&'a Contender, Summary)>> {
     let timed: Vec<(&str, Vec<String>)> = all.iter().map(|c| (c.label, c.timed.clone())).collect();
-    let text = run_timed("bootbench-compare", &timed, runs)?;
-    let memory = run_rounds("bootbench-memory", memory_runs, all.len(), |results| {
-        all.iter()
-            .map(|c| memory_line(c.label, &c.idle, results, memory_mib))
-            .collect()
-    })?;
-    let mut rows = Vec::new();
-    for c in &all {
-        rows.push((
-            c,
-            summarize(&parse(&text, c.label)?, parse_memory(&memory, c.label)),
-        ));
-    }
-    println!(
-        "Boot, minimal 6.1 kernel (PVH) + test initramfs, 1 vCPU, {memory_mib} MiB, `quiet`, \
-         {runs} boots each, interleaved, one test host run"
-    );
+    let text = run_timed(name, &timed, runs)?;
+    let memory = run_rounds(
+        &format!("{name}-memory"),
+        memory_runs,
+        all.len(),
+        |results| {
+            all.iter()
+                .map(|c| memory_line(c.label, &c.idle, results, memory_mib))
+                .collect()
+        },
+    )?;
+    all.iter()
+        .map(|c| {
+            Ok((
+                c,
+                summarize(&parse(&text, c.label)?, parse_memory(&memory, c.label)),
+            ))
+        })
+        .collect()
+}
+
+fn print_table(rows: &[(&Contender, Summary)]) {
     println!(
         "| VMM | boots OK | start → marker (median ms) | guest uptime at marker (ms) | \
          start → exit after power-off (ms) | memory outside guest RAM (MiB, guest idle) |"
     );
     println!("|---|---|---|---|---|---|");
-    for (c, s) in &rows {
+    for (c, s) in rows {
         println!(
             "| {} | {}/{} | {:.0} | {:.0} | {:.0} | {:.1} |",
             c.name, s.ok, s.total, s.marker_ms, s.uptime_ms, s.exit_ms, s.memory_mib
         );
     }
+}
+
+fn print_ratio(ours: &(&Contender, Summary), base: &(&Contender, Summary)) {
+    let (c, s) = ours;
+    println!(
+        "| **{} / {}** | | **{:.2}** | **{:.2}** | **{:.2}** | **{:.2}** |",
+        c.name,
+        base.0.name,
+        s.marker_ms / base.1.marker_ms,
+        s.uptime_ms / base.1.uptime_ms,
+        s.exit_ms / base.1.exit_ms,
+        s.memory_mib / base.1.memory_mib
+    );
+}
+
+fn row<'a, 'b>(rows: &'b [(&'a Contender, Summary)], label: &str) -> &'b (&'a Contender, Summary) {
+    rows.iter()
+        .find(|(c, _)| c.label == label)
+        .expect("every row is measured")
+}
+
+fn compare(runs: u32, memory_mib: u64, memory_runs: u32) -> Result<bool> {
+    let a = artifacts::get()?;
+    let dir = testhost::shared()?.work_dir().join("bootbench-configs");
+    let all = contenders(a, &dir, memory_mib, "")?;
+    let rows = measure("bootbench-compare", &all, runs, memory_mib, memory_runs)?;
+    println!(
+        "Boot, minimal 6.1 kernel (PVH) + test initramfs, 1 vCPU, {memory_mib} MiB, `quiet`, \
+         {runs} boots each, interleaved, one test host run"
+    );
+    print_table(&rows);
     let base = rows
         .iter()
         .find(|(c, _)| c.label == "firecracker")
-        .or_else(|| rows.iter().find(|(c, _)| c.label == "qemu"))
-        .expect("QEMU is always compared");
+        .unwrap_or_else(|| row(&rows, "qemu"));
     let ours: Vec<_> = rows
         .iter()
         .filter(|(c, _)| c.label.starts_with("vmm"))
         .collect();
-    for (c, s) in &ours {
-        println!(
-            "| **{} / {}** | | **{:.2}** | **{:.2}** | **{:.2}** | **{:.2}** |",
-            c.name,
-            base.0.name,
-            s.marker_ms / base.1.marker_ms,
-            s.uptime_ms / base.1.uptime_ms,
-            s.exit_ms / base.1.exit_ms,
-            s.memory_mib / base.1.memory_mib
-        );
+    for r in &ours {
+        print_ratio(r, base);
     }
     Ok(ours.iter().all(|(_, s)| s.ok == s.total))
+}
+
+fn uefi(runs: u32, memory_mib: u64, memory_runs: u32) -> Result<bool> {
+    let a = artifacts::get()?;
+    let dir = testhost::shared()?.work_dir().join("bootbench-uefi-disks");
+    let all = lightbyte_benches::uefi::contenders(a, &dir, memory_mib)?;
+    let rows = measure("bootbench-uefi", &all, runs, memory_mib, memory_runs)?;
+    println!(
+        "UEFI boot, minimal 6.1 kernel (bzImage, EFI stub) + test initramfs, 1 vCPU, \
+         {memory_mib} MiB, `quiet`, {runs} boots each, interleaved, one test host run"
+    );
+    print_table(&rows);
+    let (direct, uefi, ovmf) = (
+        row(&rows, "vmm-direct"),
+        row(&rows, "vmm-uefi"),
+        row(&rows, "qemu-ovmf"),
+    );
+    print_ratio(uefi, direct);
+    print_ratio(uefi, ovmf);
+    let size = |p: &Path| fs::metadata(p).map(|m| m.len() / 1024).unwrap_or(0);
+    println!(
+        "firmware size: lightbyte-firmware {} KiB (ELF), OVMF {} KiB (OVMF_CODE.fd)",
+        size(&a.firmware),
+        size(Path::new(lightbyte_benches::uefi::OVMF_CODE))
+    );
+    Ok(rows.iter().all(|(_, s)| s.ok == s.total))
 }
 
 fn boot_loop(runs: u32) -> Result<bool> {
@@ -208,6 +281,11 @@ fn main() -> ExitCode {
             memory_mib,
             cmdline,
         } => lightbyte_benches::boottrace::report::run(memory_mib, &cmdline),
+        Cmd::Uefi {
+            runs,
+            memory_mib,
+            memory_runs,
+        } => uefi(runs, memory_mib, memory_runs),
         Cmd::Loop { runs } => boot_loop(runs),
     };
     match result {

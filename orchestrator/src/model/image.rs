@@ -209,12 +209,17 @@ mod tests {
         ));
         assert_eq!(uefi.boot, ImageBoot::Uefi);
         uefi.validate().unwrap();
-        assert!(serde_json::to_string(&uefi).unwrap().contains(r#""boot":"uefi""#));
+        assert!(serde_json::to_string(&uefi)
+            .unwrap()
+            .contains(r#""boot":"uefi""#));
         let both = parse(&format!(
             r#"{{"digest":"{digest}","boot":"uefi","kernel":"/k"}}"#
         ));
         let e = both.validate().unwrap_err().to_string();
-        assert!(e.contains("spec.boot") && e.contains("no spec.kernel"), "{e}");
+        assert!(
+            e.contains("spec.boot") && e.contains("no spec.kernel"),
+            "{e}"
+        );
         assert!(serde_json::from_str::<ImageSpec>(&format!(
             r#"{{"digest":"{digest}","boot":"bios"}}"#
         ))
