@@ -38,6 +38,15 @@ fn bad_inputs_exit_2_with_a_clear_message() {
         &["--kernel", "/nonexistent/vmlinux"],
         "/nonexistent/vmlinux: no such file",
     );
+    // UEFI firmware: it must exist, be a PVH ELF, and come without a kernel or initramfs.
+    assert_bad_input(
+        &["--firmware", "/nonexistent/fw"],
+        "firmware /nonexistent/fw: no such file",
+    );
+    assert_bad_input(&["--firmware", t], "not a PVH ELF");
+    assert_bad_input(&["--firmware", elf_stub.to_str().unwrap()], "truncated-elf");
+    assert_bad_input(&["--firmware", t, "--kernel", t], "cannot be used with");
+    assert_bad_input(&["--firmware", t, "--initramfs", t], "cannot be used with");
     assert_bad_input(&["--kernel", t], "not a Linux kernel");
     assert_bad_input(&["--kernel", "/"], "kernel /: no such file");
     assert_bad_input(&["--kernel", t, "--memory", "1M"], "too small");

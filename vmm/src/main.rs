@@ -75,7 +75,12 @@ struct Cli {
     #[arg(long, value_name = "PATH")]
     api_socket: Option<PathBuf>,
     /// Initial ramdisk (cpio archive, optionally compressed) loaded with the kernel.
-    #[arg(long, value_name = "PATH", requires = "kernel", conflicts_with = "firmware")]
+    #[arg(
+        long,
+        value_name = "PATH",
+        requires = "kernel",
+        conflicts_with = "firmware"
+    )]
     initramfs: Option<PathBuf>,
     /// Kernel command line (default: "console=ttyS0 reboot=k panic=1 ..."); with --firmware,
     /// the boot loader's load options (default: none).

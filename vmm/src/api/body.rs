@@ -448,6 +448,17 @@ mod tests {
     }
 
     #[test]
+    fn firmware_replaces_the_kernel_and_has_no_default_options() {
+        let c = create(r#"{"firmware": "/fw", "disks": [{"path": "/d"}]}"#).unwrap();
+        assert_eq!(c.firmware, Some(PathBuf::from("/fw")));
+        assert_eq!(c.boot_image(), ("firmware", std::path::Path::new("/fw")));
+        assert!(c.kernel.as_os_str().is_empty());
+        assert_eq!(c.cmdline, "");
+        let c = create(r#"{"firmware": "/fw", "cmdline": "initrd=\\initrd"}"#).unwrap();
+        assert_eq!(c.cmdline, "initrd=\\initrd");
+    }
+
+    #[test]
     fn create_full_body() {
         let c = create(
             r#"{"kernel":"/img/vmlinux","initramfs":"/img/initrd.cpio","cmdline":"console=ttyS0",
@@ -575,7 +586,10 @@ mod tests {
                 r#"{"firmware":"/fw","initramfs":"/i"}"#,
                 "cannot boot an initramfs with a firmware",
             ),
-            (r#"{"cmdline":"x"}"#, "missing field `kernel` (or `firmware`)"),
+            (
+                r#"{"cmdline":"x"}"#,
+                "missing field `kernel` (or `firmware`)",
+            ),
             (
                 r#"{"kernel":"k","nets":[{"mac":"52:54:00:12:34:56"}]}"#,
                 "nets[0]: missing field `tap`",

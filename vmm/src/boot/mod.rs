@@ -162,6 +162,15 @@ pub fn check_kernel(kernel: &Path) -> Result<(), Error> {
     detect_format(&mut file, kernel).map(|_| ())
 }
 
+/// Checks that `firmware` is an ELF (its PVH note is checked when it is loaded).
+pub fn check_firmware(firmware: &Path) -> Result<(), Error> {
+    let mut file = File::open(firmware).map_err(io_err("firmware", firmware))?;
+    match detect_format(&mut file, firmware) {
+        Ok(Format::Elf) => Ok(()),
+        _ => Err(Error::NotFirmware(firmware.to_path_buf())),
+    }
+}
+
 /// Loads kernel, initramfs and command line into `mem`, writes the boot information for the
 /// protocol the kernel supports, and returns how the boot CPU must enter it.
 pub fn load(mem: &GuestMemoryMmap, payload: &BootPayload) -> Result<BootMode, Error> {

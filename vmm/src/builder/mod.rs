@@ -133,7 +133,10 @@ impl Error {
 pub fn build_for_boot(cfg: &VmConfig) -> Result<RunningVm, Error> {
     // Everything the user can get wrong is checked before KVM is touched.
     config::validate(cfg, u32::from(MAX_CPUS))?;
-    boot::check_kernel(cfg.boot_image().1)?;
+    match &cfg.firmware {
+        Some(firmware) => boot::check_firmware(firmware)?,
+        None => boot::check_kernel(&cfg.kernel)?,
+    }
     let host = HostResources::open(cfg)?;
     let memory = vm::create_guest_memory(cfg.memory)?;
     let vm = create_vm(&host.kvm, memory)?;
