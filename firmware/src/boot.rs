@@ -244,7 +244,11 @@ fn start(esp: &Esp, file: &str, options: &str, what: &str) -> Result<(), String>
     let h = image::load_from_path(path, parent)
         .map_err(|s| format!("loading {file}: status {:#x}", s.as_usize()))?;
     set_load_options(h, options);
-    crate::log!("starting {what} ({file} on \"{}\")", esp.label);
+    crate::log!(
+        "starting {what} ({file} on \"{}\") at {} ms",
+        esp.label,
+        crate::timer::since_start_ms()
+    );
     let s = image::start(h);
     Err(format!("{file} returned status {:#x}", s.as_usize()))
 }

@@ -96,7 +96,8 @@ pub extern "C" fn rust_main(start_info: u64) -> ! {
     }
     timer::calibrate();
     log!(
-        "started: {} MiB of RAM, TSC {} MHz, command line \"{}\"",
+        "started at {} ms: {} MiB of RAM, TSC {} MHz, command line \"{}\"",
+        timer::since_start_ms(),
         info.memmap
             .iter()
             .filter(|r| r.kind == pvh::E820_RAM)

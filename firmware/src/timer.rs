@@ -45,6 +45,12 @@ pub fn now_us() -> u64 {
     rdtsc() / tsc_per_us()
 }
 
+/// Milliseconds since the vCPU started (KVM starts the guest's TSC at zero), for log lines
+/// that show where boot time goes.
+pub fn since_start_ms() -> u64 {
+    now_us() / 1000
+}
+
 /// Busy-waits `us` microseconds.
 pub fn stall(us: u64) {
     let end = rdtsc().saturating_add(us.saturating_mul(tsc_per_us()));

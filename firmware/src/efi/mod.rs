@@ -198,6 +198,7 @@ pub fn set_config_table(g: Guid, table: *mut c_void) -> Status {
 /// ExitBootServices: tell the loaders' event listeners, quiesce devices, and stop serving what
 /// lives in boot services memory.
 pub fn exit_boot_services() {
+    crate::log!("ExitBootServices at {} ms", crate::timer::since_start_ms());
     events::signal_group(&events::GROUP_EXIT_BOOT_SERVICES);
     // SAFETY: no other borrow alive; hooks are our own functions.
     let hooks: alloc::vec::Vec<fn()> = unsafe { EXIT_HOOKS.borrow() }.clone();
