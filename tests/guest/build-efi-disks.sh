@@ -15,6 +15,8 @@
 #                      (/minimal/vmlinuz) and debian.conf (/debian/vmlinuz), both with the initrd
 #                      /minimal/initrd
 #   sdboot-debian.img  the same, with "default debian.conf"
+#   menu.img           the same, with "timeout 2": systemd-boot shows its menu and counts down
+#                      (its timer and key events) before booting minimal.conf
 #   upgrade.img        the same, with "default upgrade.conf": an entry booting the minimal kernel
 #                      whose guest command (lbcmd64) upgrades its own kernel the way a distribution
 #                      does: it mounts its ESP (vfat), installs a new kernel file
@@ -49,7 +51,7 @@ grub_dir=/usr/lib/grub/x86_64-efi
 key=$( (cat "$here/build-efi-disks.sh"; sha256sum < "$kernel"; sha256sum < "$initrd"; sha256sum < "$debian"
         dpkg-query -W -f='${Version}\n' systemd-boot-efi grub-efi-amd64-bin) | sha256sum | cut -c1-16)
 out="$cache/efi-disks-$key"
-images=(sdboot.img sdboot-debian.img upgrade.img stub.img grub.img noesp.img corrupt.img blank.img)
+images=(sdboot.img sdboot-debian.img menu.img upgrade.img stub.img grub.img noesp.img corrupt.img blank.img)
 done_=1
 for i in "${images[@]}"; do [ -f "$out/$i" ] || done_=0; done
 if [ "$done_" = 1 ]; then echo "$out"; exit 0; fi
@@ -217,6 +219,10 @@ cp --sparse=always "$dst/sdboot.img" "$dst/sdboot-debian.img"
 printf 'timeout 0\ndefault debian.conf\n' > "$work/loader.conf"
 mcopy -o -i "$dst/sdboot-debian.img@@1M" "$work/loader.conf" ::/loader/loader.conf
 
+cp --sparse=always "$dst/sdboot.img" "$dst/menu.img"
+printf 'timeout 2\ndefault minimal.conf\n' > "$work/loader.conf"
+mcopy -o -i "$dst/menu.img@@1M" "$work/loader.conf" ::/loader/loader.conf
+
 cp --sparse=always "$dst/sdboot.img" "$dst/upgrade.img"
 upgrade_cmd='mkdir -p /efi && mount -t vfat /dev/vda1 /efi && mkdir -p /efi/new && cp /efi/debian/vmlinuz /efi/new/vmlinuz-upgraded && printf "title upgraded\nlinux /new/vmlinuz-upgraded\ninitrd /minimal/initrd\noptions console=ttyS0 panic=-1\n" > /efi/loader/entries/upgraded.conf && printf "timeout 0\ndefault upgraded.conf\n" > /efi/loader/loader.conf && umount /efi && echo LIGHTBYTE-KERNEL-INSTALLED'
 printf 'title upgrade\nlinux /minimal/vmlinuz\ninitrd /minimal/initrd\noptions %s reboot=k lbend=reboot lbcmd64=%s\n' \
@@ -240,7 +246,7 @@ truncate -s 8M "$dst/blank.img"
 
 # --- validation -------------------------------------------------------------------------------
 log "validating"
-for i in sdboot.img sdboot-debian.img upgrade.img stub.img grub.img noesp.img; do check_gpt "$dst/$i"; done
+for i in sdboot.img sdboot-debian.img menu.img upgrade.img stub.img grub.img noesp.img; do check_gpt "$dst/$i"; done
 check_esp "$dst/sdboot.img" /EFI/BOOT/BOOTX64.EFI /loader/loader.conf /loader/entries/minimal.conf \
   /loader/entries/debian.conf /minimal/vmlinuz /minimal/initrd /debian/vmlinuz
 check_esp "$dst/sdboot-debian.img" /EFI/BOOT/BOOTX64.EFI /loader/entries/debian.conf /debian/vmlinuz
@@ -250,11 +256,13 @@ grep -qx 'default minimal.conf' <(mtype -i "$dst/sdboot.img@@1M" ::/loader/loade
   die "sdboot.img: wrong loader.conf"
 grep -qx 'default debian.conf' <(mtype -i "$dst/sdboot-debian.img@@1M" ::/loader/loader.conf | tr -d '\r') ||
   die "sdboot-debian.img: wrong loader.conf"
+grep -qx 'timeout 2' <(mtype -i "$dst/menu.img@@1M" ::/loader/loader.conf | tr -d '\r') ||
+  die "menu.img: wrong loader.conf"
 grep -qx 'default upgrade.conf' <(mtype -i "$dst/upgrade.img@@1M" ::/loader/loader.conf | tr -d '\r') ||
   die "upgrade.img: wrong loader.conf"
 check_esp "$dst/upgrade.img" /loader/entries/upgrade.conf
 cmp -s "$kernel" <(mtype -i "$dst/stub.img@@1M" ::/EFI/BOOT/BOOTX64.EFI) || die "stub.img: BOOTX64.EFI differs"
-for i in sdboot.img sdboot-debian.img upgrade.img; do
+for i in sdboot.img sdboot-debian.img menu.img upgrade.img; do
   check_parts "$dst/$i" "2048:$((sdboot_esp_mib * 2048 + 2047)):EF00"
 done
 check_parts "$dst/stub.img" "2048:$((stub_esp_mib * 2048 + 2047)):EF00"

@@ -102,6 +102,8 @@ fn firmware_boots_systemd_boot_grub_and_the_efi_stub() {
         .unwrap()
         .vmm("grub", &args(&fw, &disk("grub"), &[]), t)
         .unwrap()
+        .vmm("menu-timeout", &args(&fw, &disk("menu"), &[]), t)
+        .unwrap()
         .vmm("qcow2-overlay", &args(&fw, &overlay, &[]), t)
         .unwrap()
         // The guest installs a new kernel on its own disk and reboots; the next start of the
@@ -140,6 +142,33 @@ fn firmware_boots_systemd_boot_grub_and_the_efi_stub() {
     );
     assert!(r["grub"].output.contains("Welcome to GRUB!"));
     assert_booted(&r["qcow2-overlay"], "qcow2-overlay", MINIMAL, sd_initrd);
+    // A menu with a timeout: systemd-boot counts down on our timer events (WaitForEvent on a
+    // timer and the console's key event) and boots the default entry when it runs out.
+    let menu = &r["menu-timeout"];
+    assert_booted(menu, "menu-timeout", MINIMAL, sd_initrd);
+    assert!(
+        menu.output.contains("Boot in 2 s"),
+        "no countdown:\n{}",
+        menu.output
+    );
+    let at = |what: &str| -> u64 {
+        menu.output
+            .lines()
+            .find_map(|l| {
+                l.split(what)
+                    .nth(1)?
+                    .split_whitespace()
+                    .next()?
+                    .parse()
+                    .ok()
+            })
+            .unwrap_or_else(|| panic!("no {what:?} line:\n{}", menu.output))
+    };
+    let waited = at("ExitBootServices at ") - at(") at ");
+    assert!(
+        waited >= 2000,
+        "booted after {waited} ms, before its 2 s timeout"
+    );
 
     let before = &r["upgrade-before"];
     assert!(
