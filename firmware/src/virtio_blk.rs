@@ -301,18 +301,31 @@ impl VirtioBlk {
 
     /// Writes whole sectors from `buf` at `lba`.
     pub fn write_blocks(&self, lba: u64, buf: &[u8]) -> Result<(), IoError> {
-        if self.read_only || buf.len() as u64 % SECTOR != 0 {
+        if self.read_only {
+            return Err(IoError);
+        }
+        self.transfer(REQ_OUT, lba, buf.as_ptr() as u64, buf.len() as u64)
+    }
+
+    /// Moves `len` bytes (whole sectors inside the disk) between `addr` and the disk at `lba`,
+    /// in requests of at most `max_request` bytes.
+    fn transfer(&self, kind: u32, lba: u64, addr: u64, len: u64) -> Result<(), IoError> {
+        if len % SECTOR != 0
+            || lba
+                .checked_add(len / SECTOR)
+                .is_none_or(|end| end > self.sectors)
+        {
             return Err(IoError);
         }
         let mut done = 0u64;
-        while done < buf.len() as u64 {
-            let n = (buf.len() as u64 - done).min(self.max_request);
+        while done < len {
+            let n = (len - done).min(self.max_request);
             self.request(
-                REQ_OUT,
+                kind,
                 lba + done / SECTOR,
-                buf.as_ptr() as u64 + done,
+                addr + done,
                 n as u32,
-                false,
+                kind == REQ_IN,
             )?;
             done += n;
         }
@@ -339,26 +352,6 @@ impl BlockDevice for VirtioBlk {
     }
 
     fn read_blocks(&self, lba: u64, buf: &mut [u8]) -> Result<(), IoError> {
-        let len = buf.len() as u64;
-        if len % SECTOR != 0
-            || lba
-                .checked_add(len / SECTOR)
-                .is_none_or(|end| end > self.sectors)
-        {
-            return Err(IoError);
-        }
-        let mut done = 0u64;
-        while done < len {
-            let n = (len - done).min(self.max_request);
-            self.request(
-                REQ_IN,
-                lba + done / SECTOR,
-                buf.as_mut_ptr() as u64 + done,
-                n as u32,
-                true,
-            )?;
-            done += n;
-        }
-        Ok(())
+        self.transfer(REQ_IN, lba, buf.as_mut_ptr() as u64, buf.len() as u64)
     }
 }

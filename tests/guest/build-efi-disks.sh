@@ -29,7 +29,8 @@
 #   grub.img           partition 1 ESP (FAT16): a standalone GRUB as \EFI\BOOT\BOOTX64.EFI with an
 #                      embedded grub.cfg; partition 2 ext4 (type 8300): /boot/vmlinuz (minimal
 #                      kernel), /boot/initrd, /boot/lightbyte-grub-root (found by GRUB's search).
-#                      GRUB prints "lightbyte: grub loading kernel" before loading it, or
+#                      /boot/grub/grubenv (GRUB's save_env writes lightbyte_saved into it, on a
+#                      writable disk); GRUB prints "lightbyte: grub loading kernel" before loading it, or
 #                      "LIGHTBYTE-GRUB-ERROR ..." and halts if something fails
 #   noesp.img          a valid GPT with only an ext4 Linux partition (no ESP)
 #   corrupt.img        sdboot.img with the primary (LBA 1) and backup (last LBA) GPT headers
@@ -146,11 +147,14 @@ mcopy -i "$esp" "$initrd" ::/initrd
 
 # --- GRUB on the ESP, kernel on ext4 ----------------------------------------------------------
 log "grub ESP (standalone GRUB, FAT16) and ext4 /boot"
-grub_modules="part_gpt ext2 linux normal search search_fs_file echo halt"
+grub_modules="part_gpt ext2 linux normal search search_fs_file echo halt loadenv"
 for m in $grub_modules; do [ -f "$grub_dir/$m.mod" ] || die "GRUB module $m missing in $grub_dir"; done
 cat > "$work/grub.cfg" <<EOF
 set timeout=0
 if search --no-floppy --set=root --file /boot/lightbyte-grub-root; then
+  # GRUB writes its environment block in place through the firmware's Block I/O.
+  set lightbyte_saved=grub-wrote-this
+  save_env --file (\$root)/boot/grub/grubenv lightbyte_saved
   echo "lightbyte: grub loading kernel"
   if linux /boot/vmlinuz $cmdline; then
     if initrd /boot/initrd; then
@@ -178,6 +182,8 @@ mkdir -p "$work/ext/boot"
 cp "$kernel" "$work/ext/boot/vmlinuz"
 cp "$initrd" "$work/ext/boot/initrd"
 echo "lightbyte grub test root" > "$work/ext/boot/lightbyte-grub-root"
+mkdir -p "$work/ext/boot/grub"
+grub-editenv "$work/ext/boot/grub/grubenv" create
 ext_mib=$(( $(mib_of "$kernel" "$initrd") + 8 ))
 ext="$work/root.ext4"
 mkfs.ext4 -q -F -L lbgrubroot -U 1ab17b7e-0000-4000-8000-00000000e404 \

@@ -84,6 +84,13 @@ fn firmware_boots_systemd_boot_grub_and_the_efi_stub() {
         format!("path={}", overlay.display())
     };
     let overlay = overlay_of(&mut s, "sdboot");
+    // GRUB gets a writable raw copy: it saves its environment block through our Block I/O.
+    let grub_rw = s.dir().join("grub-rw.img");
+    s.shell(&format!(
+        "cp --sparse=always {}/grub.img {}",
+        a.efi_disks.display(),
+        grub_rw.display()
+    ));
     let upgrade = overlay_of(&mut s, "upgrade");
     let t = 240;
     s.vmm("sdboot", &args(&fw, &disk("sdboot"), &[]), t)
@@ -100,7 +107,11 @@ fn firmware_boots_systemd_boot_grub_and_the_efi_stub() {
             t,
         )
         .unwrap()
-        .vmm("grub", &args(&fw, &disk("grub"), &[]), t)
+        .vmm(
+            "grub",
+            &args(&fw, &format!("path={}", grub_rw.display()), &[]),
+            t,
+        )
         .unwrap()
         .vmm("menu-timeout", &args(&fw, &disk("menu"), &[]), t)
         .unwrap()
@@ -118,6 +129,15 @@ fn firmware_boots_systemd_boot_grub_and_the_efi_stub() {
         .unwrap()
         .vmm("blank", &args(&fw, &disk("blank"), &[]), 60)
         .unwrap();
+    // What GRUB wrote: the environment file on the ext4 partition (partition 2) of its disk.
+    let grubenv = s.dir().join("grubenv.txt");
+    s.shell(&format!(
+        "img={img}; first=$(sgdisk -i 2 $img | awk '/First sector/ {{print $3}}'); \
+         dd if=$img of=$img.p2 bs=512 skip=$first status=none; \
+         debugfs -R 'cat /boot/grub/grubenv' $img.p2 > {out} 2>/dev/null; rm -f $img.p2",
+        img = grub_rw.display(),
+        out = grubenv.display()
+    ));
     let r = s.run(host, Duration::from_secs(1800)).unwrap();
 
     // systemd-boot picks loader.conf's default entry and hands the kernel its initrd through
@@ -141,6 +161,11 @@ fn firmware_boots_systemd_boot_grub_and_the_efi_stub() {
         "lightbyte: grub loading kernel",
     );
     assert!(r["grub"].output.contains("Welcome to GRUB!"));
+    let env = std::fs::read_to_string(&grubenv).unwrap();
+    assert!(
+        env.contains("lightbyte_saved=grub-wrote-this"),
+        "GRUB's save_env did not reach the disk: {env:?}"
+    );
     assert_booted(&r["qcow2-overlay"], "qcow2-overlay", MINIMAL, sd_initrd);
     // A menu with a timeout: systemd-boot counts down on our timer events (WaitForEvent on a
     // timer and the console's key event) and boots the default entry when it runs out.

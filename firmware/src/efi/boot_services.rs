@@ -720,6 +720,13 @@ extern "efiapi" fn locate_protocol(
 /// terminator.
 const MAX_PAIRS: usize = 8;
 
+type Pair = (*mut Guid, *mut c_void);
+
+/// The (GUID, interface) pairs a variadic call passed: those before the NULL GUID.
+fn pairs(all: [Pair; MAX_PAIRS]) -> Vec<Pair> {
+    all.into_iter().take_while(|(g, _)| !g.is_null()).collect()
+}
+
 #[allow(clippy::too_many_arguments)]
 extern "efiapi" fn install_multiple(
     h: *mut Handle,
@@ -741,7 +748,7 @@ extern "efiapi" fn install_multiple(
     i8: *mut c_void,
     _end: *mut Guid,
 ) -> Status {
-    let all = [
+    let pairs = pairs([
         (g1, i1),
         (g2, i2),
         (g3, i3),
@@ -750,13 +757,7 @@ extern "efiapi" fn install_multiple(
         (g6, i6),
         (g7, i7),
         (g8, i8),
-    ];
-    let pairs: Vec<(*mut Guid, *mut c_void)> = all
-        .iter()
-        .copied()
-        .take_while(|(g, _)| !g.is_null())
-        .take(MAX_PAIRS)
-        .collect();
+    ]);
     if h.is_null() {
         return Status::INVALID_PARAMETER;
     }
@@ -819,7 +820,7 @@ extern "efiapi" fn uninstall_multiple(
     i8: *mut c_void,
     _end: *mut Guid,
 ) -> Status {
-    let all = [
+    for (g, iface) in pairs([
         (g1, i1),
         (g2, i2),
         (g3, i3),
@@ -828,8 +829,7 @@ extern "efiapi" fn uninstall_multiple(
         (g6, i6),
         (g7, i7),
         (g8, i8),
-    ];
-    for &(g, iface) in all.iter().take_while(|(g, _)| !g.is_null()) {
+    ]) {
         // SAFETY: the loader's GUID.
         let Some(g) = (unsafe { guid(g) }) else { break };
         if let Err(s) = handles::uninstall(h, g, iface) {

@@ -37,6 +37,42 @@ extern "efiapi" fn reset(_this: *mut block_io::Protocol, _ext: Boolean) -> Statu
     Status::SUCCESS
 }
 
+/// The checks Read/WriteBlocks share; `Ok(None)` for an empty transfer.
+fn check_blocks(
+    this: *mut block_io::Protocol,
+    media_id: u32,
+    lba: u64,
+    size: usize,
+    buf: *mut c_void,
+    write: bool,
+) -> Result<Option<&'static BlockIo>, Status> {
+    // SAFETY: `this` is the first field of one of our BlockIo structures, which live for ever.
+    let b = unsafe { &*(this as *const BlockIo) };
+    if media_id != b.media.media_id {
+        return Err(Status::MEDIA_CHANGED);
+    }
+    if write && b.disk.read_only() {
+        return Err(Status::WRITE_PROTECTED);
+    }
+    if size == 0 {
+        return Ok(None);
+    }
+    if size as u64 % BLOCK != 0 {
+        return Err(Status::BAD_BUFFER_SIZE);
+    }
+    if buf.is_null() || !range_ok(lba, size as u64, b.count) {
+        return Err(Status::INVALID_PARAMETER);
+    }
+    Ok(Some(b))
+}
+
+fn done(r: Result<(), crate::block::IoError>) -> Status {
+    match r {
+        Ok(()) => Status::SUCCESS,
+        Err(_) => Status::DEVICE_ERROR,
+    }
+}
+
 extern "efiapi" fn read_blocks(
     this: *mut block_io::Protocol,
     media_id: u32,
@@ -44,26 +80,14 @@ extern "efiapi" fn read_blocks(
     size: usize,
     buf: *mut c_void,
 ) -> Status {
-    // SAFETY: `this` is the first field of one of our BlockIo structures.
-    let b = unsafe { &*(this as *const BlockIo) };
-    if media_id != b.media.media_id {
-        return Status::MEDIA_CHANGED;
-    }
-    if size == 0 {
-        return Status::SUCCESS;
-    }
-    if buf.is_null() || !range_ok(lba, size as u64, b.count) {
-        return if size as u64 % BLOCK != 0 {
-            Status::BAD_BUFFER_SIZE
-        } else {
-            Status::INVALID_PARAMETER
-        };
-    }
-    // SAFETY: the loader gives a buffer of `size` bytes.
-    let out = unsafe { core::slice::from_raw_parts_mut(buf as *mut u8, size) };
-    match b.disk.read_blocks(b.first + lba, out) {
-        Ok(()) => Status::SUCCESS,
-        Err(_) => Status::DEVICE_ERROR,
+    match check_blocks(this, media_id, lba, size, buf, false) {
+        Ok(Some(b)) => {
+            // SAFETY: the loader gives a buffer of `size` bytes (checked non-null).
+            let out = unsafe { core::slice::from_raw_parts_mut(buf as *mut u8, size) };
+            done(b.disk.read_blocks(b.first + lba, out))
+        }
+        Ok(None) => Status::SUCCESS,
+        Err(s) => s,
     }
 }
 
@@ -74,39 +98,51 @@ extern "efiapi" fn write_blocks(
     size: usize,
     buf: *mut c_void,
 ) -> Status {
-    // SAFETY: as in `read_blocks`.
-    let b = unsafe { &*(this as *const BlockIo) };
-    if media_id != b.media.media_id {
-        return Status::MEDIA_CHANGED;
-    }
-    if b.disk.read_only() {
-        return Status::WRITE_PROTECTED;
-    }
-    if size == 0 {
-        return Status::SUCCESS;
-    }
-    if buf.is_null() || !range_ok(lba, size as u64, b.count) {
-        return if size as u64 % BLOCK != 0 {
-            Status::BAD_BUFFER_SIZE
-        } else {
-            Status::INVALID_PARAMETER
-        };
-    }
-    // SAFETY: the loader gives a buffer of `size` bytes.
-    let data = unsafe { core::slice::from_raw_parts(buf as *const u8, size) };
-    match b.disk.write_blocks(b.first + lba, data) {
-        Ok(()) => Status::SUCCESS,
-        Err(_) => Status::DEVICE_ERROR,
+    match check_blocks(this, media_id, lba, size, buf, true) {
+        Ok(Some(b)) => {
+            // SAFETY: the loader gives a buffer of `size` bytes (checked non-null).
+            let data = unsafe { core::slice::from_raw_parts(buf as *const u8, size) };
+            done(b.disk.write_blocks(b.first + lba, data))
+        }
+        Ok(None) => Status::SUCCESS,
+        Err(s) => s,
     }
 }
 
 extern "efiapi" fn flush_blocks(this: *mut block_io::Protocol) -> Status {
-    // SAFETY: as in `read_blocks`.
+    // SAFETY: as in `check_blocks`.
     let b = unsafe { &*(this as *const BlockIo) };
-    match b.disk.flush() {
-        Ok(()) => Status::SUCCESS,
-        Err(_) => Status::DEVICE_ERROR,
+    done(b.disk.flush())
+}
+
+/// The checks Read/WriteDisk share; `Ok(None)` for an empty transfer.
+fn check_disk(
+    this: *mut disk_io::Protocol,
+    media_id: u32,
+    offset: u64,
+    size: usize,
+    buf: *mut c_void,
+    write: bool,
+) -> Result<Option<&'static DiskIo>, Status> {
+    // SAFETY: `this` is the first field of one of our DiskIo structures, which live for ever.
+    let d = unsafe { &*(this as *const DiskIo) };
+    if media_id != d.media_id {
+        return Err(Status::MEDIA_CHANGED);
     }
+    if write && d.disk.read_only() {
+        return Err(Status::WRITE_PROTECTED);
+    }
+    if size == 0 {
+        return Ok(None);
+    }
+    if buf.is_null()
+        || offset
+            .checked_add(size as u64)
+            .is_none_or(|end| end > d.count * BLOCK)
+    {
+        return Err(Status::INVALID_PARAMETER);
+    }
+    Ok(Some(d))
 }
 
 extern "efiapi" fn read_disk(
@@ -116,32 +152,19 @@ extern "efiapi" fn read_disk(
     size: usize,
     buf: *mut c_void,
 ) -> Status {
-    // SAFETY: `this` is the first field of one of our DiskIo structures.
-    let d = unsafe { &*(this as *const DiskIo) };
-    if media_id != d.media_id {
-        return Status::MEDIA_CHANGED;
-    }
-    if size == 0 {
-        return Status::SUCCESS;
-    }
-    if buf.is_null()
-        || offset
-            .checked_add(size as u64)
-            .is_none_or(|end| end > d.count * BLOCK)
-    {
-        return Status::INVALID_PARAMETER;
-    }
-    // SAFETY: the loader gives a buffer of `size` bytes.
+    let d = match check_disk(this, media_id, offset, size, buf, false) {
+        Ok(Some(d)) => d,
+        Ok(None) => return Status::SUCCESS,
+        Err(s) => return s,
+    };
+    // SAFETY: the loader gives a buffer of `size` bytes (checked non-null).
     let out = unsafe { core::slice::from_raw_parts_mut(buf as *mut u8, size) };
     let part = Slice {
         dev: d.disk,
         first: d.first,
         count: d.count,
     };
-    match read_bytes(&part, offset, out) {
-        Ok(()) => Status::SUCCESS,
-        Err(_) => Status::DEVICE_ERROR,
-    }
+    done(read_bytes(&part, offset, out))
 }
 
 extern "efiapi" fn write_disk(
@@ -151,25 +174,12 @@ extern "efiapi" fn write_disk(
     size: usize,
     buf: *mut c_void,
 ) -> Status {
-    // SAFETY: as in `read_disk`.
-    let d = unsafe { &*(this as *const DiskIo) };
-    if media_id != d.media_id {
-        return Status::MEDIA_CHANGED;
-    }
-    if d.disk.read_only() {
-        return Status::WRITE_PROTECTED;
-    }
-    if size == 0 {
-        return Status::SUCCESS;
-    }
-    if buf.is_null()
-        || offset
-            .checked_add(size as u64)
-            .is_none_or(|end| end > d.count * BLOCK)
-    {
-        return Status::INVALID_PARAMETER;
-    }
-    // SAFETY: the loader gives a buffer of `size` bytes.
+    let d = match check_disk(this, media_id, offset, size, buf, true) {
+        Ok(Some(d)) => d,
+        Ok(None) => return Status::SUCCESS,
+        Err(s) => return s,
+    };
+    // SAFETY: the loader gives a buffer of `size` bytes (checked non-null).
     let data = unsafe { core::slice::from_raw_parts(buf as *const u8, size) };
     // Read-modify-write of the sectors the range touches.
     let first = offset / BLOCK;
@@ -180,10 +190,7 @@ extern "efiapi" fn write_disk(
     }
     let at = (offset - first * BLOCK) as usize;
     sectors[at..at + size].copy_from_slice(data);
-    match d.disk.write_blocks(d.first + first, &sectors) {
-        Ok(()) => Status::SUCCESS,
-        Err(_) => Status::DEVICE_ERROR,
-    }
+    done(d.disk.write_blocks(d.first + first, &sectors))
 }
 
 /// Builds Block I/O and Disk I/O for blocks `[first, first + count)` of `disk`.
