@@ -60,8 +60,9 @@ pub extern "C" fn rust_main(start_info: u64) -> ! {
     // The heap must exist before the start info is copied out; take it from RAM right above
     // the image: the VMM puts nothing there.
     let heap_start = (image_end + 0x1f_ffff) & !0x1f_ffff;
-    // SAFETY: the VMM gives at least 64 MiB of RAM to a firmware boot; [heap_start, +16 MiB)
-    // above our image is unused RAM (checked against the memory map just below).
+    // SAFETY: [heap_start, +16 MiB) above our image is unused RAM: lightbyte's VMM gives every
+    // VM at least 32 MiB and puts nothing there. The memory map check below catches a smaller
+    // VM of another VMM (a fault before it is reported by our exception handler).
     unsafe { heap::init(heap_start) };
     // SAFETY: EBX as the VMM left it.
     let Some(info) = (unsafe { pvh::read(start_info) }) else {
@@ -73,7 +74,7 @@ pub extern "C" fn rust_main(start_info: u64) -> ! {
             && r.start + r.size >= heap_start + heap::HEAP_SIZE
     });
     if !ram_below_heap_end {
-        platform::fail("guest RAM is too small for the firmware (give the VM at least 64 MiB)");
+        platform::fail("guest RAM is too small for the firmware (it needs 20 MiB for itself; loaders and kernels need more)");
     }
     {
         // SAFETY: first borrow, at start, before any foreign code runs.
