@@ -605,7 +605,6 @@ pub fn load(file: &[u8], info: &PeInfo, dest: &mut [u8], load_addr: u64) -> Resu
         });
     }
 
-    dest.fill(0);
     let file_len = len64(file);
     if info.size_of_headers > size_of_image {
         return Err(PeError::HeadersLargerThanImage {
@@ -619,8 +618,13 @@ pub fn load(file: &[u8], info: &PeInfo, dest: &mut [u8], load_addr: u64) -> Resu
         end: info.size_of_headers,
         file_len,
     })?;
+    // Bytes not copied from the file are zeroed afterwards, gap by gap: a kernel's image is tens
+    // of MiB, most of it copied, and zeroing all of it first doubled the writes.
+    let mut copied: Vec<(usize, usize)> = alloc::vec![(0, info.size_of_headers as usize)];
     for section in &info.sections {
         let copy_len = section_copy_len(section, size_of_image, file_len)?;
+        let start = section.virtual_address as usize;
+        copied.push((start, start + copy_len as usize));
         // section_copy_len has bounded both ranges; this is only reachable if it is wrong.
         copy(
             dest,
@@ -635,6 +639,18 @@ pub fn load(file: &[u8], info: &PeInfo, dest: &mut [u8], load_addr: u64) -> Resu
             size: section.raw_size,
             file_len,
         })?;
+    }
+
+    copied.sort_unstable();
+    let mut zeroed_to = 0;
+    for (start, end) in copied {
+        if start > zeroed_to {
+            dest[zeroed_to..start].fill(0);
+        }
+        zeroed_to = zeroed_to.max(end);
+    }
+    if zeroed_to < dest.len() {
+        dest[zeroed_to..].fill(0);
     }
 
     if delta != 0 {

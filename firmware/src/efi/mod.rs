@@ -198,7 +198,13 @@ pub fn set_config_table(g: Guid, table: *mut c_void) -> Status {
 /// ExitBootServices: tell the loaders' event listeners, quiesce devices, and stop serving what
 /// lives in boot services memory.
 pub fn exit_boot_services() {
-    crate::log!("ExitBootServices at {} ms", crate::timer::since_start_ms());
+    let (requests, bytes, us) = crate::virtio_blk::stats();
+    crate::log!(
+        "ExitBootServices at {} ms ({requests} disk requests, {} KiB, {} ms waiting for them)",
+        crate::timer::since_start_ms(),
+        bytes >> 10,
+        us / 1000
+    );
     events::signal_group(&events::GROUP_EXIT_BOOT_SERVICES);
     // SAFETY: no other borrow alive; hooks are our own functions.
     let hooks: alloc::vec::Vec<fn()> = unsafe { EXIT_HOOKS.borrow() }.clone();

@@ -11,15 +11,15 @@ pub struct PageBuf {
 }
 
 impl PageBuf {
-    /// `len` zeroed bytes, or `None` if memory is short.
+    /// `len` bytes for the caller to fill (not zeroed: files are read straight into them, and a
+    /// kernel's worth of memset is a noticeable part of a boot in a nested guest), or `None` if
+    /// memory is short.
     pub fn new(len: usize) -> Option<Self> {
         let pages = (len as u64).div_ceil(PAGE).max(1);
         // SAFETY: no other borrow of the memory map is alive.
         let addr = unsafe { crate::MEMORY.borrow() }
             .allocate(Placement::Any, kind::BOOT_DATA, pages)
             .ok()?;
-        // SAFETY: freshly allocated pages, ours.
-        unsafe { core::ptr::write_bytes(addr as *mut u8, 0, len) };
         Some(Self { addr, pages, len })
     }
 
