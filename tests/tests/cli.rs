@@ -235,6 +235,7 @@ fn help_explains_and_exits_0() {
     let help = String::from_utf8_lossy(&out.stdout);
     for flag in [
         "--kernel",
+        "--firmware",
         "--initramfs",
         "--cmdline",
         "--cpus",

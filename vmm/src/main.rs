@@ -32,8 +32,8 @@ const EXIT_TRIPLE_FAULT: u8 = 4;
 /// Exit status when the guest kernel panicked (reported through pvpanic).
 const EXIT_GUEST_PANIC: u8 = 5;
 
-/// lightbyte VMM: boots a Linux kernel (ELF vmlinux through PVH, or bzImage) in a KVM virtual
-/// machine with a serial console. The process exits 0 when the guest powers off, 1 when the
+/// lightbyte VMM: boots a Linux kernel (ELF vmlinux through PVH, or bzImage), or a disk's own
+/// boot loader through UEFI firmware, in a KVM virtual machine with a serial console. The process exits 0 when the guest powers off, 1 when the
 /// VM fails, 2 on invalid input, 3 when the guest asks for a reboot, 4 on a triple fault and 5
 /// when the guest kernel panics.
 ///
@@ -54,7 +54,7 @@ struct Cli {
     #[command(subcommand)]
     command: Option<Command>,
     /// Kernel image: an uncompressed ELF vmlinux (booted through its PVH entry when it has one)
-    /// or a bzImage. Required unless --api-socket is given.
+    /// or a bzImage. Required unless --firmware or --api-socket is given.
     // An Option so that `vmm img ...` and `vmm --api-socket PATH` parse; clap requires it
     // otherwise.
     #[arg(
