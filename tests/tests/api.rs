@@ -21,7 +21,7 @@ use vmm_api::client::blocking::Client;
 use vmm_api::client::ClientError;
 use vmm_api::config::{SerialConfig, VmConfig, DEFAULT_CMDLINE};
 use vmm_api::routes::ROUTES;
-use vmm_api::types::{DiskCounters, VmInfo, VmState};
+use vmm_api::types::{DiskCounters, SnapshotType, VmInfo, VmState};
 
 // ---------------------------------------------------------------------------------------------
 // Fixtures
@@ -120,7 +120,7 @@ struct MockState {
     state: VmState,
     config: Option<VmConfig>,
     shutdown_timeouts: Vec<u64>,
-    snapshots: Vec<PathBuf>,
+    snapshots: Vec<(PathBuf, SnapshotType)>,
     restores: Vec<(PathBuf, bool)>,
 }
 
@@ -215,9 +215,9 @@ impl VmControl for Mock {
             pause_reason: None,
         }
     }
-    fn snapshot(&self, dir: PathBuf) -> Result<(), ControlError> {
+    fn snapshot(&self, dir: PathBuf, kind: SnapshotType) -> Result<(), ControlError> {
         let mut g = self.transition("snapshot", &[VmState::Paused], VmState::Paused)?;
-        g.snapshots.push(dir);
+        g.snapshots.push((dir, kind));
         Ok(())
     }
     fn restore(&self, dir: PathBuf, resume: bool) -> Result<(), ControlError> {
@@ -264,7 +264,7 @@ impl VmControl for AlwaysOk {
             pause_reason: None,
         }
     }
-    fn snapshot(&self, _: PathBuf) -> Result<(), ControlError> {
+    fn snapshot(&self, _: PathBuf, _: SnapshotType) -> Result<(), ControlError> {
         Ok(())
     }
     fn restore(&self, _: PathBuf, _: bool) -> Result<(), ControlError> {
@@ -299,7 +299,7 @@ impl VmControl for Broken {
     fn info(&self) -> VmInfo {
         AlwaysOk.info()
     }
-    fn snapshot(&self, _: PathBuf) -> Result<(), ControlError> {
+    fn snapshot(&self, _: PathBuf, _: SnapshotType) -> Result<(), ControlError> {
         Ok(())
     }
     fn restore(&self, _: PathBuf, _: bool) -> Result<(), ControlError> {
@@ -448,6 +448,8 @@ fn every_route_through_the_typed_client() {
     c.pause().unwrap();
     assert_eq!(api_status(c.pause().unwrap_err()), 409);
     c.snapshot(srv.scratch.path("snap")).unwrap();
+    c.snapshot_of(srv.scratch.path("diff"), SnapshotType::Diff)
+        .unwrap();
     c.resume().unwrap();
     c.reboot().unwrap();
     assert_eq!(api_status(c.create(&cfg).unwrap_err()), 409);
@@ -461,7 +463,13 @@ fn every_route_through_the_typed_client() {
     {
         let g = mock.inner.lock().unwrap();
         assert_eq!(g.shutdown_timeouts, vec![1234]);
-        assert_eq!(g.snapshots, vec![srv.scratch.path("snap")]);
+        assert_eq!(
+            g.snapshots,
+            vec![
+                (srv.scratch.path("snap"), SnapshotType::Full),
+                (srv.scratch.path("diff"), SnapshotType::Diff)
+            ]
+        );
     }
 
     // Restore needs a process without a VM; the default shutdown timeout reaches the VMM.
@@ -686,6 +694,15 @@ fn raw_requests_get_the_documented_answers() {
         &put_json(s, "/api/v1/vm/snapshot", r#"{"destination_dir":""}"#),
         400,
         "destination_dir: empty path",
+    );
+    assert_error(
+        &put_json(
+            s,
+            "/api/v1/vm/snapshot",
+            r#"{"destination_dir":"/s","snapshot_type":"partial"}"#,
+        ),
+        400,
+        "unknown variant `partial`",
     );
     assert_error(
         &put_json(

@@ -3,6 +3,9 @@
 //! info with disk counters, reboot, snapshot of a paused VM, graceful shutdown through the ACPI
 //! power button, and restore in a new process: the guest continues its tick count with the
 //! random token it drew before the snapshot, its uptime continues, and its disk still works.
+//! Diff snapshots in the same run: refused without a base, a diff on the full snapshot (much
+//! smaller) restored in a second process, a diff of that restored VM restored in a third (a
+//! chain of three), each continuing the count where it was taken.
 
 use std::fs;
 use std::time::Duration;
@@ -68,7 +71,7 @@ fn api_lifecycle_snapshot_and_restore() {
         "disks": [{"path": disk, "format": "raw"}],
     });
     s.shell(&format!(
-        r#"{{ cd {dir}; SOCKS=$(mktemp -d); VMM="{vmm} {jail}"; SER={ser}; SNAP={snap}; API=$SOCKS/api-1.sock; API2=$SOCKS/api-2.sock
+        r#"{{ cd {dir}; SOCKS=$(mktemp -d); VMM="{vmm} {jail}"; SER={ser}; SNAP={snap}; API=$SOCKS/api-1.sock; API2=$SOCKS/api-2.sock; API3=$SOCKS/api-3.sock
 c() {{ sock=$1; shift; m=$1; p=$2; shift 2
       curl -s -S --max-time 60 --unix-socket "$sock" -X "$m" -H 'Content-Type: application/json' "$@" \
         -w ' HTTP%{{http_code}}\n' "http://localhost/api/v1/$p"; }}
@@ -93,9 +96,15 @@ echo "== reboot"; c "$API" PUT vm/reboot
 for _ in $(seq 1 600); do [ "$(grep -c '^TICK 1 ' "$SER")" -ge 2 ] && break; sleep 0.2; done
 echo "== pause-for-snapshot"; c "$API" PUT vm/pause
 echo "== snapshot-running"; c "$API" PUT vm/resume; c "$API" PUT vm/snapshot -d "{{\"destination_dir\":\"$SNAP-x\"}}"; c "$API" PUT vm/pause
+echo "== diff-without-base"; c "$API" PUT vm/snapshot -d "{{\"destination_dir\":\"$SNAP-x\",\"snapshot_type\":\"diff\"}}"
 echo "== snapshot"; c "$API" PUT vm/snapshot -d "{{\"destination_dir\":\"$SNAP\"}}"
-grep '^TICK' "$SER" | tail -1 | sed 's/^/LAST-BEFORE-SNAPSHOT /'
 echo "SNAPSHOT-SIZE $(du -k --apparent-size "$SNAP/memory" | cut -f1) $(du -k "$SNAP/memory" | cut -f1)"
+echo "== resume-after-snapshot"; c "$API" PUT vm/resume
+n=$(ticks); wait_ticks $((n + 2))
+echo "== pause-for-diff"; c "$API" PUT vm/pause
+echo "== diff"; c "$API" PUT vm/snapshot -d "{{\"destination_dir\":\"$SNAP-d\",\"snapshot_type\":\"diff\"}}"
+grep '^TICK' "$SER" | tail -1 | sed 's/^/LAST-BEFORE-SNAPSHOT /'
+echo "DIFF-SIZE $(du -k --apparent-size "$SNAP-d/memory" | cut -f1) $(du -k "$SNAP-d/memory" | cut -f1)"
 echo "== resume-after-snapshot"; c "$API" PUT vm/resume
 echo "== shutdown"; c "$API" PUT vm/shutdown -d '{{"timeout_ms": 30000}}'
 wait $pid; echo "VMM-1-EXIT $?"
@@ -103,13 +112,24 @@ mv "$SER" "$SER.first"
 $VMM --api-socket "$API2" > vmm-2.log 2>&1 & pid2=$!
 wait_sock "$API2"
 t0=$(date +%s%N)
-echo "== restore"; c "$API2" PUT vm/restore -d "{{\"source_dir\":\"$SNAP\",\"resume\":true}}"
+echo "== restore"; c "$API2" PUT vm/restore -d "{{\"source_dir\":\"$SNAP-d\",\"resume\":true}}"
 t1=$(date +%s%N); echo "RESTORE-MS $(( (t1 - t0) / 1000000 ))"
+wait_ticks 1; t2=$(date +%s%N); echo "RESTORE-FIRST-TICK-MS $(( (t2 - t0) / 1000000 ))"
 echo "== restore-again"; c "$API2" PUT vm/restore -d "{{\"source_dir\":\"$SNAP\"}}"
 wait_ticks 4
 echo "== info-2"; c "$API2" GET vm/info
+echo "== pause-2"; c "$API2" PUT vm/pause
+echo "== diff-after-restore"; c "$API2" PUT vm/snapshot -d "{{\"destination_dir\":\"$SNAP-d2\",\"snapshot_type\":\"diff\"}}"
+grep '^TICK' "$SER" | tail -1 | sed 's/^/LAST-BEFORE-SECOND-DIFF /'
 echo "== shutdown-2"; c "$API2" PUT vm/shutdown -d '{{"timeout_ms": 30000}}'
 wait $pid2; echo "VMM-2-EXIT $?"
+mv "$SER" "$SER.second"
+$VMM --api-socket "$API3" > vmm-3.log 2>&1 & pid3=$!
+wait_sock "$API3"
+echo "== restore-chain"; c "$API3" PUT vm/restore -d "{{\"source_dir\":\"$SNAP-d2\",\"resume\":true}}"
+wait_ticks 2
+echo "== shutdown-3"; c "$API3" PUT vm/shutdown -d '{{"timeout_ms": 30000}}'
+wait $pid3; echo "VMM-3-EXIT $?"
 }} > {dir}/script.log 2>&1
 "#,
         dir = q(&dir),
@@ -183,7 +203,23 @@ wait $pid2; echo "VMM-2-EXIT $?"
         "{}",
         section("snapshot-running")
     );
+    // A diff needs a base: this boot was never snapshotted.
+    assert_eq!(status("diff-without-base"), 409, "{all}");
+    assert!(section("diff-without-base").contains("no base"), "{all}");
     assert_eq!(status("snapshot"), 204, "{}", section("snapshot"));
+    assert_eq!(status("diff"), 204, "{}", section("diff"));
+    // The diff holds a few seconds' writes of an idle guest, far less than the full snapshot.
+    let sizes = |key: &str| -> u64 {
+        all.lines()
+            .find_map(|l| l.strip_prefix(key))
+            .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+            .unwrap_or_else(|| panic!("no {key}:\n{all}"))
+    };
+    let (full_kib, diff_kib) = (sizes("SNAPSHOT-SIZE "), sizes("DIFF-SIZE "));
+    assert!(
+        diff_kib * 2 < full_kib,
+        "diff {diff_kib} KiB, full {full_kib} KiB"
+    );
     assert_eq!(status("shutdown"), 204, "{}", section("shutdown"));
     assert!(
         all.contains("VMM-1-EXIT 0"),
@@ -205,7 +241,7 @@ wait $pid2; echo "VMM-2-EXIT $?"
         .collect();
     let (last_n, last_tok, last_up): (u64, &str, f64) =
         (last[0].parse().unwrap(), last[1], last[2].parse().unwrap());
-    let second = fs::read_to_string(&serial).unwrap();
+    let second = fs::read_to_string(dir.join("vm.serial.second")).unwrap();
     let after = ticks(&second);
     assert!(after.len() >= 3, "restored guest ticks:\n{second}");
     assert_eq!(after[0].0, last_n + 1, "the count continues:\n{second}");
@@ -227,12 +263,33 @@ wait $pid2; echo "VMM-2-EXIT $?"
         "{}",
         section("info-2")
     );
+    assert_eq!(status("diff-after-restore"), 204, "{all}");
     assert_eq!(status("shutdown-2"), 204, "{}", section("shutdown-2"));
     assert!(all.contains("VMM-2-EXIT 0"), "{all}");
-    for l in all
+    // The second diff (on the first, on the full snapshot) restores where it was taken.
+    let last2: u64 = all
         .lines()
-        .filter(|l| l.starts_with("RESTORE-MS") || l.starts_with("SNAPSHOT-SIZE"))
-    {
+        .find_map(|l| l.strip_prefix("LAST-BEFORE-SECOND-DIFF TICK "))
+        .and_then(|l| l.split_whitespace().next()?.parse().ok())
+        .unwrap_or_else(|| panic!("{all}"));
+    assert_eq!(status("restore-chain"), 204, "{all}");
+    let third = fs::read_to_string(&serial).unwrap();
+    let chain = ticks(&third);
+    assert!(!chain.is_empty(), "{third}");
+    assert_eq!(chain[0].0, last2 + 1, "the count continues:\n{third}");
+    assert!(chain.iter().all(|t| t.1 == last_tok), "{third}");
+    assert!(!before_poweroff(&third).contains("DISK-ERROR"), "{third}");
+    assert!(all.contains("VMM-3-EXIT 0"), "{all}");
+    for l in all.lines().filter(|l| {
+        [
+            "RESTORE-MS",
+            "RESTORE-FIRST-TICK-MS",
+            "SNAPSHOT-SIZE",
+            "DIFF-SIZE",
+        ]
+        .iter()
+        .any(|k| l.starts_with(k))
+    }) {
         println!("{l}");
     }
 }

@@ -127,6 +127,22 @@ fn default_shutdown_timeout() -> u64 {
 pub struct SnapshotBody {
     /// Directory the snapshot is written to (created if missing, must be empty).
     pub destination_dir: PathBuf,
+    /// Every page of guest memory, or only the pages written since the VM's last snapshot or
+    /// restore.
+    #[serde(default)]
+    pub snapshot_type: SnapshotType,
+}
+
+/// What a snapshot holds of guest memory.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SnapshotType {
+    /// All of guest memory: restores on its own.
+    #[default]
+    Full,
+    /// The pages written since the VM's last snapshot or restore (its base, which the diff
+    /// names and which must stay where it is): restores on top of its base.
+    Diff,
 }
 
 /// `PUT /api/v1/vm/restore`.

@@ -3,7 +3,7 @@
 
 use std::path::PathBuf;
 
-pub use vmm_api::types::{DiskCounters, NetCounters, VmInfo, VmState};
+pub use vmm_api::types::{DiskCounters, NetCounters, SnapshotType, VmInfo, VmState};
 
 use crate::config::VmConfig;
 
@@ -38,8 +38,9 @@ pub trait VmControl: Send + Sync {
     fn resume(&self) -> Result<(), ControlError>;
     /// State, configuration and counters.
     fn info(&self) -> VmInfo;
-    /// Writes a snapshot of the paused VM into `dir` (created if missing, must be empty).
-    fn snapshot(&self, dir: PathBuf) -> Result<(), ControlError>;
+    /// Writes a snapshot of the paused VM into `dir` (created if missing, must be empty): all of
+    /// guest memory, or for a diff only what was written since the last snapshot or restore.
+    fn snapshot(&self, dir: PathBuf, kind: SnapshotType) -> Result<(), ControlError>;
     /// Restores the snapshot in `dir` into this process, which must not have a VM yet; the VM is
     /// left Paused, or Running when `resume`.
     fn restore(&self, dir: PathBuf, resume: bool) -> Result<(), ControlError>;

@@ -9,7 +9,9 @@ use std::time::{Duration, Instant};
 
 use crate::builder;
 use crate::config::{self, VmConfig, MAX_CPUS};
-use crate::control::{ControlError, DiskCounters, NetCounters, VmControl, VmInfo, VmState};
+use crate::control::{
+    ControlError, DiskCounters, NetCounters, SnapshotType, VmControl, VmInfo, VmState,
+};
 use crate::devices::VmEvent;
 use crate::running::{RunningVm, VmExit};
 
@@ -22,6 +24,8 @@ struct Inner {
     pause_reason: Option<String>,
     /// Incremented per boot, so a watcher of an earlier boot (before a reboot) is ignored.
     generation: u64,
+    /// The snapshot a diff snapshot of this VM goes on top of: its last snapshot or restore.
+    snapshot_base: Option<PathBuf>,
 }
 
 /// The VMM of one process.
@@ -55,6 +59,7 @@ impl Vmm {
                 exit: None,
                 pause_reason: None,
                 generation: 0,
+                snapshot_base: None,
             }),
             changed: Condvar::new(),
             this: this.clone(),
@@ -102,6 +107,8 @@ impl Vmm {
         g.vm = Some(vm);
         g.state = VmState::Running;
         g.pause_reason = None;
+        // A new boot's memory has nothing to do with a snapshot taken before.
+        g.snapshot_base = None;
         self.changed.notify_all();
         Ok(())
     }
@@ -313,8 +320,8 @@ impl VmControl for Vmm {
         }
     }
 
-    fn snapshot(&self, dir: PathBuf) -> Result<(), ControlError> {
-        let g = self.lock();
+    fn snapshot(&self, dir: PathBuf, kind: SnapshotType) -> Result<(), ControlError> {
+        let mut g = self.lock();
         match (g.state, g.vm.as_ref(), g.config.as_ref()) {
             // Requests waiting for the host would be lost: the snapshot has no place for them.
             (VmState::Paused, Some(_), Some(_)) if g.pause_reason.is_some() => {
@@ -323,7 +330,23 @@ impl VmControl for Vmm {
                     g.pause_reason.as_deref().unwrap_or("a device")
                 )))
             }
-            (VmState::Paused, Some(vm), Some(cfg)) => Ok(crate::snapshot::save(vm, cfg, &dir)?),
+            (VmState::Paused, Some(vm), Some(cfg)) => {
+                let base = match (kind, &g.snapshot_base) {
+                    (SnapshotType::Full, _) => None,
+                    (SnapshotType::Diff, Some(base)) => Some(base.as_path()),
+                    (SnapshotType::Diff, None) => {
+                        return Err(ControlError::Conflict(
+                            "cannot take a diff snapshot: this VM has no base (it was not \
+                             snapshotted or restored since it booted, or this host cannot track \
+                             written pages): take a full snapshot first"
+                                .into(),
+                        ))
+                    }
+                };
+                let next = crate::snapshot::save(vm, cfg, &dir, base)?;
+                g.snapshot_base = next;
+                Ok(())
+            }
             (s, _, _) => Err(conflict(s, "snapshot (pause the VM first)")),
         }
     }
@@ -334,7 +357,8 @@ impl VmControl for Vmm {
             VmState::NotCreated => {}
             s => return Err(conflict(s, "restore into this process")),
         }
-        let (config, mut vm) = crate::snapshot::restore(&dir)?;
+        let (config, mut vm, base) = crate::snapshot::restore(&dir)?;
+        g.snapshot_base = base;
         g.generation += 1;
         if let Some(rx) = vm.take_events() {
             self.watch(rx, g.generation);

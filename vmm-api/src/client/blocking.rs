@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use super::ClientError;
 use crate::config::VmConfig;
-use crate::types::{Ping, VmInfo};
+use crate::types::{Ping, SnapshotType, VmInfo};
 
 /// A blocking client of one `vmm`'s API socket.
 #[derive(Clone, Debug)]
@@ -78,6 +78,15 @@ impl Client {
     /// `PUT /api/v1/vm/snapshot`.
     pub fn snapshot(&self, destination_dir: impl Into<PathBuf>) -> Result<(), ClientError> {
         run(self.inner.snapshot(destination_dir))
+    }
+
+    /// `PUT /api/v1/vm/snapshot` of a given type.
+    pub fn snapshot_of(
+        &self,
+        destination_dir: impl Into<PathBuf>,
+        snapshot_type: SnapshotType,
+    ) -> Result<(), ClientError> {
+        run(self.inner.snapshot_of(destination_dir, snapshot_type))
     }
 
     /// `PUT /api/v1/vm/restore`.

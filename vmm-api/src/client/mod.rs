@@ -19,7 +19,9 @@ use tokio::net::UnixStream;
 
 use crate::config::VmConfig;
 use crate::routes::Action;
-use crate::types::{ErrorBody, Ping, RestoreBody, ShutdownBody, SnapshotBody, VmInfo};
+use crate::types::{
+    ErrorBody, Ping, RestoreBody, ShutdownBody, SnapshotBody, SnapshotType, VmInfo,
+};
 
 /// Why a client call failed.
 #[derive(Debug, thiserror::Error)]
@@ -141,8 +143,19 @@ impl Client {
 
     /// `PUT /api/v1/vm/snapshot`.
     pub async fn snapshot(&self, destination_dir: impl Into<PathBuf>) -> Result<(), ClientError> {
+        self.snapshot_of(destination_dir, SnapshotType::Full).await
+    }
+
+    /// `PUT /api/v1/vm/snapshot` of a given type (a diff holds only what changed since the VM's
+    /// last snapshot or restore).
+    pub async fn snapshot_of(
+        &self,
+        destination_dir: impl Into<PathBuf>,
+        snapshot_type: SnapshotType,
+    ) -> Result<(), ClientError> {
         let body = SnapshotBody {
             destination_dir: destination_dir.into(),
+            snapshot_type,
         };
         self.call_empty(Action::Snapshot, Some(to_json(&body)?))
             .await

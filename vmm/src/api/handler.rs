@@ -99,7 +99,10 @@ async fn serve(req: Request<Incoming>, shared: &Shared) -> Result<Reply, ApiErro
         }
         Action::Snapshot => {
             let b = body::parse_snapshot(&bytes)?;
-            call(shared, move |vmm| vmm.snapshot(b.destination_dir)).await?;
+            call(shared, move |vmm| {
+                vmm.snapshot(b.destination_dir, b.snapshot_type)
+            })
+            .await?;
             Ok(no_content())
         }
         Action::Restore => {

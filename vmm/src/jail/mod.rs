@@ -216,6 +216,10 @@ pub fn enter(config: &JailConfig, visible: &[Visible]) -> Result<(), JailError> 
         })?;
     }
     hand_over(visible, config.uid, config.gid)?;
+    // Snapshots read the page map later; the private root has no /proc.
+    if let Err(e) = crate::vstate::pagemap::get() {
+        tracing::warn!(error = e, "snapshots will scan all of guest memory");
+    }
     mounts::private_root(visible, config.uid, config.gid)?;
     drop_ids(config.uid, config.gid).map_err(|source| JailError::Ids {
         uid: config.uid,

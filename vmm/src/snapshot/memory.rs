@@ -1,33 +1,44 @@
-//! Guest memory in a snapshot: one file holding every RAM region back to back, written sparse
-//! (all-zero pages are holes), and mapped copy-on-write on restore instead of read: restore
-//! time does not grow with memory size, and pages the restored guest never touches are never
-//! read.
+//! Guest memory in a snapshot: one file holding every RAM region back to back.
+//!
+//! A full snapshot writes the pages the host holds for the guest (the page map says which: a
+//! page never touched is not read at all) that are not all zero; the rest are holes. A diff
+//! snapshot writes every page written since the VM's last snapshot or restore, zero or not,
+//! and lists them; it restores on top of its base.
+//!
+//! Restore reads the file into fresh guest RAM (huge-page aligned and advised, as at boot)
+//! rather than mapping it: only the data the file holds is read (holes are skipped), and the
+//! restored guest runs on huge pages. A copy-on-write mapping of the file restored in no time
+//! but left the guest to fault every 4 KiB page in on its own through KVM, which cost the
+//! first seconds after a restore in the test host.
 
 use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
-use vm_memory::mmap::MmapRegion;
 use vm_memory::{
-    Address, Bytes, FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap,
-    GuestMemoryRegion, GuestRegionMmap,
+    Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
+    GuestRegionMmap,
 };
 
-/// Chunk size for copying and zero detection.
+use crate::vstate::pagemap::{self, PAGE};
+use crate::vstate::ram;
+
+/// Bytes copied per step when saving.
 const CHUNK: usize = 1 << 20;
-const PAGE: usize = 4096;
 
 /// Why guest memory could not be saved or mapped.
 #[derive(Debug, thiserror::Error)]
 pub enum MemoryError {
-    /// The memory file could not be created, written, read or mapped.
+    /// The memory file could not be created, written or read.
     #[error("{}: {source}", path.display())]
     File {
         /// The memory file.
-        path: std::path::PathBuf,
+        path: PathBuf,
         /// What failed.
-        source: std::io::Error,
+        source: io::Error,
     },
     /// Guest memory could not be read.
     #[error("reading guest memory at {addr:#x}: {source}")]
@@ -41,18 +52,33 @@ pub enum MemoryError {
     #[error("{}: region at {addr:#x}: {reason}", path.display())]
     Layout {
         /// The memory file.
-        path: std::path::PathBuf,
+        path: PathBuf,
         /// The region's guest address.
         addr: u64,
         /// What is wrong.
         reason: &'static str,
     },
-    /// The mapped regions do not make a guest memory.
-    #[error("guest memory layout: {0}")]
+    /// Guest RAM could not be allocated, or the regions do not make a guest memory.
+    #[error("guest memory: {0}")]
     Regions(String),
+    /// This host cannot tell which pages were written (diff snapshots need it).
+    #[error(
+        "diff snapshots need the kernel's soft-dirty page tracking, which this host lacks ({0})"
+    )]
+    NoTracking(String),
 }
 
-fn file_err(path: &Path) -> impl FnOnce(std::io::Error) -> MemoryError + '_ {
+impl MemoryError {
+    /// True when the snapshot given is at fault.
+    pub fn is_bad_input(&self) -> bool {
+        matches!(
+            self,
+            MemoryError::Layout { .. } | MemoryError::NoTracking(_)
+        )
+    }
+}
+
+fn file_err(path: &Path) -> impl FnOnce(io::Error) -> MemoryError + '_ {
     move |source| MemoryError::File {
         path: path.to_path_buf(),
         source,
@@ -60,7 +86,7 @@ fn file_err(path: &Path) -> impl FnOnce(std::io::Error) -> MemoryError + '_ {
 }
 
 /// Where one RAM region lives in the memory file.
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Region {
     /// Guest physical address.
     pub guest_addr: u64,
@@ -68,10 +94,32 @@ pub struct Region {
     pub size: u64,
     /// Offset in the memory file.
     pub file_offset: u64,
+    /// A diff's pages: runs `[first page, pages]` of the region, each stored at its own
+    /// place in the file (`file_offset + first page * 4096`). Absent in a full snapshot,
+    /// whose holes are zeroes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pages: Option<Vec<[u64; 2]>>,
 }
 
-/// Writes every region of `mem` to `path`; returns the layout.
-pub fn save(mem: &GuestMemoryMmap, path: &Path) -> Result<Vec<Region>, MemoryError> {
+/// What a snapshot writes of guest memory.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    /// Every non-zero page.
+    Full,
+    /// Every page written since the last [`pagemap::PageMap::clear_soft_dirty`].
+    Diff,
+}
+
+/// Writes the guest memory of `mem` to `path`; returns the layout.
+pub fn save(mem: &GuestMemoryMmap, path: &Path, kind: Kind) -> Result<Vec<Region>, MemoryError> {
+    let map = pagemap::get();
+    if kind == Kind::Diff {
+        match map {
+            Ok(m) if m.tracks_writes() => {}
+            Ok(_) => return Err(MemoryError::NoTracking("no soft-dirty bits".into())),
+            Err(e) => return Err(MemoryError::NoTracking(e.into())),
+        }
+    }
     // Guest memory holds the guest's secrets: readable by the owner only.
     let file = OpenOptions::new()
         .write(true)
@@ -85,26 +133,40 @@ pub fn save(mem: &GuestMemoryMmap, path: &Path) -> Result<Vec<Region>, MemoryErr
     for r in mem.iter() {
         let start = r.start_addr().raw_value();
         let size = r.len();
-        let mut done = 0u64;
-        while done < size {
-            let n = (size - done).min(CHUNK as u64) as usize;
-            mem.read_slice(&mut buf[..n], GuestAddress(start + done))
-                .map_err(|source| MemoryError::Guest {
-                    addr: start + done,
-                    source,
-                })?;
-            for (i, page) in buf[..n].chunks(PAGE).enumerate() {
-                if page.iter().any(|b| *b != 0) {
-                    file.write_all_at(page, offset + done + (i * PAGE) as u64)
-                        .map_err(file_err(path))?;
+        let len =
+            usize::try_from(size).map_err(|_| MemoryError::Regions("region too large".into()))?;
+        // Without a page map (no /proc), every page is looked at.
+        let runs = match map {
+            Ok(m) => m
+                .pages(r.as_ptr() as usize, len, kind == Kind::Diff)
+                .map_err(file_err(Path::new("/proc/self/pagemap")))?,
+            Err(_) => vec![(0, len.div_ceil(PAGE))],
+        };
+        for &(first, count) in &runs {
+            let mut done = 0usize;
+            let bytes = (count * PAGE).min(len - first * PAGE);
+            while done < bytes {
+                let n = (bytes - done).min(CHUNK);
+                let at = (first * PAGE + done) as u64;
+                mem.read_slice(&mut buf[..n], GuestAddress(start + at))
+                    .map_err(|source| MemoryError::Guest {
+                        addr: start + at,
+                        source,
+                    })?;
+                match kind {
+                    Kind::Diff => file.write_all_at(&buf[..n], offset + at),
+                    Kind::Full => write_nonzero(&file, &buf[..n], offset + at),
                 }
+                .map_err(file_err(path))?;
+                done += n;
             }
-            done += n as u64;
         }
         regions.push(Region {
             guest_addr: start,
             size,
             file_offset: offset,
+            pages: (kind == Kind::Diff)
+                .then(|| runs.iter().map(|&(f, c)| [f as u64, c as u64]).collect()),
         });
         offset += size;
     }
@@ -114,59 +176,351 @@ pub fn save(mem: &GuestMemoryMmap, path: &Path) -> Result<Vec<Region>, MemoryErr
     Ok(regions)
 }
 
-/// Maps the memory file privately (copy-on-write) at the saved guest addresses.
-pub fn restore(path: &Path, regions: &[Region]) -> Result<GuestMemoryMmap, MemoryError> {
-    let file = File::open(path).map_err(file_err(path))?;
-    let len = file.metadata().map_err(file_err(path))?.len();
-    let layout = |addr, reason| MemoryError::Layout {
-        path: path.to_path_buf(),
-        addr,
-        reason,
-    };
-    let mut mapped = Vec::with_capacity(regions.len());
-    for r in regions {
-        if r.file_offset
-            .checked_add(r.size)
-            .is_none_or(|end| end > len)
-        {
-            return Err(layout(r.guest_addr, "lies past the end of the memory file"));
+/// Writes the pages of `buf` that are not all zero, consecutive ones in one write.
+fn write_nonzero(file: &File, buf: &[u8], at: u64) -> io::Result<()> {
+    let mut run: Option<usize> = None;
+    let pages = buf.len().div_ceil(PAGE);
+    for i in 0..=pages {
+        let nonzero = i < pages
+            && buf[i * PAGE..((i + 1) * PAGE).min(buf.len())]
+                .iter()
+                .any(|b| *b != 0);
+        match (nonzero, run) {
+            (true, None) => run = Some(i),
+            (false, Some(s)) => {
+                let end = (i * PAGE).min(buf.len());
+                file.write_all_at(&buf[s * PAGE..end], at + (s * PAGE) as u64)?;
+                run = None;
+            }
+            _ => {}
         }
-        let fo = FileOffset::new(file.try_clone().map_err(file_err(path))?, r.file_offset);
-        let region = MmapRegion::build(
-            Some(fo),
-            r.size as usize,
-            libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_PRIVATE | libc::MAP_NORESERVE,
-        )
-        .map_err(|e| file_err(path)(std::io::Error::other(format!("mapping: {e}"))))?;
+    }
+    Ok(())
+}
+
+/// One snapshot's memory: its file and layout.
+pub struct Layer<'a> {
+    /// The memory file.
+    pub path: PathBuf,
+    /// Its regions.
+    pub regions: &'a [Region],
+}
+
+/// Reads guest memory back from `layers`, a full snapshot first and the diffs taken after it
+/// in order, into fresh guest RAM.
+pub fn restore(layers: &[Layer<'_>]) -> Result<GuestMemoryMmap, MemoryError> {
+    let top = layers
+        .last()
+        .ok_or_else(|| MemoryError::Regions("no snapshot".into()))?;
+    let mut mapped = Vec::with_capacity(top.regions.len());
+    for r in top.regions {
+        let len =
+            usize::try_from(r.size).map_err(|_| MemoryError::Regions("region too large".into()))?;
+        let region = ram::aligned_anonymous(len)
+            .map_err(|e| MemoryError::Regions(format!("allocating {len} bytes: {e}")))?;
         mapped.push(
-            GuestRegionMmap::new(region, GuestAddress(r.guest_addr))
-                .ok_or_else(|| layout(r.guest_addr, "overflows the address space"))?,
+            GuestRegionMmap::new(region, GuestAddress(r.guest_addr)).ok_or_else(|| {
+                MemoryError::Layout {
+                    path: top.path.clone(),
+                    addr: r.guest_addr,
+                    reason: "overflows the address space",
+                }
+            })?,
         );
     }
+    for layer in layers {
+        let file = File::open(&layer.path).map_err(file_err(&layer.path))?;
+        let file_len = file.metadata().map_err(file_err(&layer.path))?.len();
+        let layout = |addr, reason| MemoryError::Layout {
+            path: layer.path.clone(),
+            addr,
+            reason,
+        };
+        if layer.regions.len() != top.regions.len() {
+            return Err(layout(
+                0,
+                "has another memory layout than the snapshots after it",
+            ));
+        }
+        for (r, dest) in layer.regions.iter().zip(&mapped) {
+            if r.guest_addr != dest.start_addr().raw_value() || r.size != dest.len() {
+                return Err(layout(
+                    r.guest_addr,
+                    "has another memory layout than the snapshots after it",
+                ));
+            }
+            if r.file_offset
+                .checked_add(r.size)
+                .is_none_or(|end| end > file_len)
+            {
+                return Err(layout(r.guest_addr, "lies past the end of the memory file"));
+            }
+            // SAFETY: the region was mapped read-write for `r.size` bytes just above and
+            // nothing else (no vCPU, no device) uses it yet.
+            let ram = unsafe { std::slice::from_raw_parts_mut(dest.as_ptr(), dest.len() as usize) };
+            let mut read = |from: u64, to: u64| -> Result<(), MemoryError> {
+                let dst = &mut ram[(from - r.file_offset) as usize..(to - r.file_offset) as usize];
+                file.read_exact_at(dst, from).map_err(file_err(&layer.path))
+            };
+            match &r.pages {
+                None => {
+                    for (from, to) in data_extents(&file, r.file_offset, r.file_offset + r.size)
+                        .map_err(file_err(&layer.path))?
+                    {
+                        read(from, to)?;
+                    }
+                }
+                Some(runs) => {
+                    for &[first, count] in runs {
+                        let range = first
+                            .checked_add(count)
+                            .and_then(|end| end.checked_mul(PAGE as u64))
+                            .filter(|end| *end <= r.size.next_multiple_of(PAGE as u64))
+                            .ok_or_else(|| {
+                                layout(r.guest_addr, "lists pages outside the region")
+                            })?;
+                        let from = r.file_offset + first * PAGE as u64;
+                        read(from, r.file_offset + range.min(r.size))?;
+                    }
+                }
+            }
+        }
+    }
     GuestMemoryMmap::from_regions(mapped).map_err(|e| MemoryError::Regions(e.to_string()))
+}
+
+/// The data ranges of `file` between `from` and `to` (holes left out). A file system that
+/// cannot tell reports everything as data, which reads holes as the zeroes they are.
+fn data_extents(file: &File, from: u64, to: u64) -> io::Result<Vec<(u64, u64)>> {
+    let fd = file.as_raw_fd();
+    let seek = |pos: u64, whence| -> io::Result<Option<u64>> {
+        // SAFETY: lseek on a descriptor we own moves only its offset, which nothing else uses
+        // (reads go through pread).
+        let r = unsafe { libc::lseek(fd, pos as libc::off_t, whence) };
+        if r >= 0 {
+            return Ok(Some(r as u64));
+        }
+        let e = io::Error::last_os_error();
+        if e.raw_os_error() == Some(libc::ENXIO) {
+            Ok(None)
+        } else {
+            Err(e)
+        }
+    };
+    let mut out = Vec::new();
+    let mut pos = from;
+    while pos < to {
+        let Some(data) = seek(pos, libc::SEEK_DATA)?.filter(|d| *d < to) else {
+            break;
+        };
+        let hole = seek(data, libc::SEEK_HOLE)?.unwrap_or(to).min(to);
+        out.push((data, hole));
+        pos = hole;
+    }
+    Ok(out)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::os::unix::fs::PermissionsExt;
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+
+    /// Two regions with a gap, as guest RAM is laid out below and above the PCI hole.
+    fn memory() -> GuestMemoryMmap {
+        let regions = [(0u64, 64 * PAGE), (1 << 30, 32 * PAGE)]
+            .into_iter()
+            .map(|(at, len)| {
+                GuestRegionMmap::new(ram::aligned_anonymous(len).unwrap(), GuestAddress(at))
+                    .unwrap()
+            })
+            .collect();
+        GuestMemoryMmap::from_regions(regions).unwrap()
+    }
+
+    fn contents(mem: &GuestMemoryMmap) -> Vec<u8> {
+        let mut out = Vec::new();
+        for r in mem.iter() {
+            let mut b = vec![0u8; r.len() as usize];
+            mem.read_slice(&mut b, r.start_addr()).unwrap();
+            out.extend(b);
+        }
+        out
+    }
+
+    fn layer<'a>(dir: &Path, name: &str, regions: &'a [Region]) -> Layer<'a> {
+        Layer {
+            path: dir.join(name),
+            regions,
+        }
+    }
 
     #[test]
     fn the_memory_file_is_the_owners_alone_and_holds_the_guests_bytes() {
-        let mem: GuestMemoryMmap =
-            GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 2 * PAGE)]).unwrap();
+        let mem = memory();
         mem.write_slice(b"secret", GuestAddress(PAGE as u64 + 10))
             .unwrap();
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("memory");
-        let regions = save(&mem, &path).unwrap();
-        assert_eq!(regions.len(), 1);
+        let regions = save(&mem, &path, Kind::Full).unwrap();
+        assert_eq!(regions.len(), 2);
         let meta = std::fs::metadata(&path).unwrap();
         assert_eq!(meta.permissions().mode() & 0o777, 0o600);
         let bytes = std::fs::read(&path).unwrap();
         assert_eq!(&bytes[PAGE + 10..PAGE + 16], b"secret");
         // An existing file is never overwritten.
-        assert!(save(&mem, &path).is_err());
+        assert!(save(&mem, &path, Kind::Full).is_err());
+    }
+
+    #[test]
+    fn a_full_snapshot_stores_only_nonzero_pages_and_reads_back_whole() {
+        let mem = memory();
+        mem.write_slice(&[7u8; 3 * PAGE], GuestAddress(5 * PAGE as u64 + 1))
+            .unwrap();
+        mem.write_slice(b"top", GuestAddress((1 << 30) + 32 * PAGE as u64 - 3))
+            .unwrap();
+        // A page the guest touched but left zero is not stored.
+        mem.write_slice(&[0u8; 8], GuestAddress(40 * PAGE as u64))
+            .unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let regions = save(&mem, &dir.path().join("memory"), Kind::Full).unwrap();
+        assert!(regions.iter().all(|r| r.pages.is_none()));
+        let meta = std::fs::metadata(dir.path().join("memory")).unwrap();
+        assert_eq!(meta.len(), 96 * PAGE as u64);
+        // 4 pages of sevens and one with "top" (file systems may allocate a little more).
+        assert!(
+            meta.blocks() * 512 <= 16 * PAGE as u64,
+            "{} blocks",
+            meta.blocks()
+        );
+        let back = restore(&[layer(dir.path(), "memory", &regions)]).unwrap();
+        assert_eq!(contents(&back), contents(&mem));
+        for r in back.iter() {
+            assert_eq!(r.as_ptr() as usize % ram::HUGE_PAGE, 0);
+        }
+    }
+
+    #[test]
+    fn a_diff_is_read_on_top_of_its_base_zeroes_included() {
+        let mem = memory();
+        mem.write_slice(&[1u8; 10 * PAGE], GuestAddress(0)).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let base = save(&mem, &dir.path().join("base"), Kind::Full).unwrap();
+        // A diff as a diff snapshot lays it out: pages 2-3 (page 3 now zero) of the first
+        // region and page 5 of the second, each at its own place in a sparse file.
+        let file = File::create(dir.path().join("diff")).unwrap();
+        file.set_len(96 * PAGE as u64).unwrap();
+        let mut two = vec![9u8; PAGE];
+        two.extend([0u8; PAGE]);
+        file.write_all_at(&two, 2 * PAGE as u64).unwrap();
+        file.write_all_at(&[8u8; PAGE], (64 + 5) * PAGE as u64)
+            .unwrap();
+        let mut diff = base.clone();
+        diff[0].pages = Some(vec![[2, 2]]);
+        diff[1].pages = Some(vec![[5, 1]]);
+        let back = restore(&[
+            layer(dir.path(), "base", &base),
+            layer(dir.path(), "diff", &diff),
+        ])
+        .unwrap();
+        let mut want = contents(&mem);
+        want[2 * PAGE..3 * PAGE].fill(9);
+        want[3 * PAGE..4 * PAGE].fill(0);
+        want[(64 + 5) * PAGE..(64 + 6) * PAGE].fill(8);
+        assert_eq!(contents(&back), want);
+    }
+
+    #[test]
+    fn a_diff_holds_the_pages_written_since_the_mark_and_restores_on_its_base() {
+        let _serial = pagemap::TEST_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+        let map = pagemap::get().unwrap();
+        let mem = memory();
+        if !map.tracks_writes() {
+            // Without soft-dirty bits (this build machine's kernel) a diff is refused, never
+            // written as if nothing had changed.
+            let dir = tempfile::tempdir().unwrap();
+            let e = save(&mem, &dir.path().join("diff"), Kind::Diff).unwrap_err();
+            assert!(matches!(e, MemoryError::NoTracking(_)), "{e}");
+            assert!(!dir.path().join("diff").exists());
+            return;
+        }
+        mem.write_slice(&[1u8; 10 * PAGE], GuestAddress(0)).unwrap();
+        mem.write_slice(&[2u8; PAGE], GuestAddress(1 << 30))
+            .unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let base = save(&mem, &dir.path().join("base"), Kind::Full).unwrap();
+        map.clear_soft_dirty().unwrap();
+        // A page changed, a page zeroed (a diff must carry zeroes too), a new page.
+        mem.write_slice(b"changed", GuestAddress(3 * PAGE as u64))
+            .unwrap();
+        mem.write_slice(&[0u8; PAGE], GuestAddress(7 * PAGE as u64))
+            .unwrap();
+        mem.write_slice(b"new", GuestAddress((1 << 30) + 20 * PAGE as u64))
+            .unwrap();
+        let diff = save(&mem, &dir.path().join("diff"), Kind::Diff).unwrap();
+        // Huge pages make runs coarser, never finer: the written pages are among them.
+        let listed: Vec<Vec<[u64; 2]>> = diff.iter().map(|r| r.pages.clone().unwrap()).collect();
+        let has = |region: usize, page: u64| {
+            listed[region]
+                .iter()
+                .any(|[f, c]| *f <= page && page < f + c)
+        };
+        assert!(has(0, 3) && has(0, 7) && has(1, 20), "{listed:?}");
+        let back = restore(&[
+            layer(dir.path(), "base", &base),
+            layer(dir.path(), "diff", &diff),
+        ])
+        .unwrap();
+        assert_eq!(contents(&back), contents(&mem));
+        // The base alone is the memory as it was.
+        let old = restore(&[layer(dir.path(), "base", &base)]).unwrap();
+        let mut b = [0u8; 7];
+        old.read_slice(&mut b, GuestAddress(3 * PAGE as u64))
+            .unwrap();
+        assert_eq!(b, [1u8; 7]);
+    }
+
+    #[test]
+    fn layouts_that_do_not_fit_are_refused() {
+        let mem = memory();
+        let dir = tempfile::tempdir().unwrap();
+        let regions = save(&mem, &dir.path().join("memory"), Kind::Full).unwrap();
+        let refused = |regions: &[Region], layers: usize| {
+            let base = layer(dir.path(), "memory", regions);
+            let top = layer(dir.path(), "memory", regions);
+            let list = if layers == 1 {
+                vec![top]
+            } else {
+                vec![base, top]
+            };
+            match restore(&list) {
+                Err(e @ MemoryError::Layout { .. }) => e.to_string(),
+                Err(e) => panic!("unexpected error {e}"),
+                Ok(_) => panic!("accepted"),
+            }
+        };
+        let mut past_end = regions.clone();
+        past_end[1].size += PAGE as u64;
+        assert!(refused(&past_end, 1).contains("past the end"));
+        let mut outside = regions.clone();
+        outside[0].pages = Some(vec![[60, 5]]);
+        assert!(refused(&outside, 1).contains("outside the region"));
+        let mut overflow = regions.clone();
+        overflow[0].pages = Some(vec![[u64::MAX, 2]]);
+        assert!(refused(&overflow, 1).contains("outside the region"));
+        // A base whose layout differs from its diff's.
+        let moved = vec![
+            Region {
+                guest_addr: 4096,
+                ..regions[0].clone()
+            },
+            regions[1].clone(),
+        ];
+        let list = [
+            layer(dir.path(), "memory", &moved),
+            layer(dir.path(), "memory", &regions),
+        ];
+        assert!(matches!(restore(&list), Err(MemoryError::Layout { .. })));
+        let missing = [layer(dir.path(), "nothing", &regions)];
+        assert!(matches!(restore(&missing), Err(MemoryError::File { .. })));
     }
 }

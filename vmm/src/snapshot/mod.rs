@@ -2,6 +2,10 @@
 //! `state.json` (format version, the VM's configuration, KVM VM and vCPU state, each device's
 //! state) — and rebuilt from it in another process ([`restore`]).
 //!
+//! A diff snapshot's `memory` holds only the pages written since the VM's last snapshot or
+//! restore, its base, which `state.json` names (`base`); restore reads the full snapshot at the
+//! bottom of the chain and each diff on top of it in order.
+//!
 //! Every piece saves and restores its own state ([`crate::persist::Persist`]); this module only
 //! gathers the pieces and stores them. Devices are restored by replaying the register writes
 //! that programmed them through the code paths a driver uses (see
@@ -27,9 +31,14 @@ use crate::devices::serial::UartState;
 use crate::running::{CaptureError, RunningVm};
 use crate::vstate::kvm_state::{VcpuState, VmState};
 
-/// Version of the snapshot format; restore refuses others. Version 2 stores the VM's
-/// configuration as `vmm_api`'s plain `VmConfig` and each device's own state.
-pub const FORMAT_VERSION: u32 = 2;
+/// Version of the snapshot format written. Version 2 stores the VM's configuration as
+/// `vmm_api`'s plain `VmConfig` and each device's own state; version 3 adds diff snapshots
+/// (`base`, and the pages of each memory region). Restore reads both.
+pub const FORMAT_VERSION: u32 = 3;
+/// The oldest format restore reads.
+const OLDEST_FORMAT: u32 = 2;
+/// How many diffs may sit on a full snapshot (a longer chain is more likely a loop).
+const MAX_CHAIN: usize = 64;
 const STATE_FILE: &str = "state.json";
 const MEMORY_FILE: &str = "memory";
 
@@ -58,7 +67,7 @@ pub enum Error {
     /// A snapshot of another format version.
     #[error(
         "unsupported snapshot version: format {found} (vmm {vmm_version}) is not supported: \
-         this vmm reads format {FORMAT_VERSION}"
+         this vmm reads formats {OLDEST_FORMAT} to {FORMAT_VERSION}"
     )]
     UnsupportedVersion {
         /// The version found.
@@ -69,6 +78,14 @@ pub enum Error {
     /// The saved state does not fit its own configuration.
     #[error("snapshot is inconsistent: {0}")]
     Inconsistent(&'static str),
+    /// A diff snapshot's chain of bases is broken.
+    #[error("{}: {reason}", path.display())]
+    Chain {
+        /// The snapshot whose base is missing or wrong.
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
     /// The paused VM's state could not be read.
     #[error(transparent)]
     Capture(#[from] CaptureError),
@@ -95,8 +112,10 @@ impl Error {
             Error::Exists(_)
             | Error::NotASnapshot { .. }
             | Error::UnsupportedVersion { .. }
-            | Error::Inconsistent(_) => true,
+            | Error::Inconsistent(_)
+            | Error::Chain { .. } => true,
             Error::Build(e) => e.is_bad_input(),
+            Error::Memory(e) => e.is_bad_input(),
             _ => false,
         }
     }
@@ -124,6 +143,9 @@ struct State {
     format_version: u32,
     vmm_version: String,
     config: VmConfig,
+    /// A diff's base: the snapshot directory its memory goes on top of.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    base: Option<PathBuf>,
     memory: Vec<memory::Region>,
     vm: VmState,
     vcpus: Vec<VcpuState>,
@@ -141,8 +163,15 @@ struct Header {
 }
 
 /// Writes a snapshot of the paused `vm` (configured by `cfg`) into `dir` (created if needed,
-/// must hold no snapshot yet).
-pub fn save(vm: &RunningVm, cfg: &VmConfig, dir: &Path) -> Result<(), Error> {
+/// must hold no snapshot yet): a full one, or with `base` a diff on top of that snapshot (the
+/// VM's last snapshot or restore). Returns the base for the VM's next diff: `dir` itself (as
+/// an absolute path), or nothing when the host cannot mark the pages clean.
+pub fn save(
+    vm: &RunningVm,
+    cfg: &VmConfig,
+    dir: &Path,
+    base: Option<&Path>,
+) -> Result<Option<PathBuf>, Error> {
     let io = |path: &Path| {
         let path = path.to_path_buf();
         move |source| Error::Io { path, source }
@@ -157,19 +186,25 @@ pub fn save(vm: &RunningVm, cfg: &VmConfig, dir: &Path) -> Result<(), Error> {
     if dir.join(STATE_FILE).exists() || dir.join(MEMORY_FILE).exists() {
         return Err(Error::Exists(dir.to_path_buf()));
     }
+    let dir = fs::canonicalize(dir).map_err(io(dir))?;
     let captured = vm.capture()?;
-    let regions = memory::save(vm.memory(), &dir.join(MEMORY_FILE))?;
+    let kind = match base {
+        Some(_) => memory::Kind::Diff,
+        None => memory::Kind::Full,
+    };
+    let regions = memory::save(vm.memory(), &dir.join(MEMORY_FILE), kind)?;
     let state = State {
         format_version: FORMAT_VERSION,
         vmm_version: env!("CARGO_PKG_VERSION").into(),
         config: cfg.clone(),
+        base: base.map(Path::to_path_buf),
         memory: regions,
         vm: captured.vm,
         vcpus: captured.vcpus,
         serial: captured.serial,
         pci: captured.pci,
     };
-    let json = serde_json::to_vec(&state).map_err(|e| io(dir)(e.into()))?;
+    let json = serde_json::to_vec(&state).map_err(|e| io(&dir)(e.into()))?;
     let tmp = dir.join(format!("{STATE_FILE}.tmp"));
     fs::OpenOptions::new()
         .write(true)
@@ -179,8 +214,22 @@ pub fn save(vm: &RunningVm, cfg: &VmConfig, dir: &Path) -> Result<(), Error> {
         .open(&tmp)
         .and_then(|mut f| f.write_all(&json))
         .and_then(|()| fs::rename(&tmp, dir.join(STATE_FILE)))
-        .map_err(io(dir))?;
-    Ok(())
+        .map_err(io(&dir))?;
+    Ok(mark_clean().then_some(dir))
+}
+
+/// Marks guest memory clean, so that the next diff holds only what is written from now on.
+/// False when it cannot be (diffs then need a new full snapshot first).
+fn mark_clean() -> bool {
+    let result = memory_map().and_then(|m| m.clear_soft_dirty().map_err(|e| e.to_string()));
+    if let Err(e) = &result {
+        tracing::debug!(error = %e, "guest memory not marked clean: no diff snapshots");
+    }
+    result.is_ok()
+}
+
+fn memory_map() -> Result<&'static crate::vstate::pagemap::PageMap, String> {
+    crate::vstate::pagemap::get().map_err(str::to_string)
 }
 
 /// Reads and checks `state.json` in `dir`.
@@ -192,7 +241,7 @@ fn load(dir: &Path) -> Result<State, Error> {
         source,
     };
     let header: Header = serde_json::from_slice(&text).map_err(not_a_snapshot)?;
-    if header.format_version != FORMAT_VERSION {
+    if !(OLDEST_FORMAT..=FORMAT_VERSION).contains(&header.format_version) {
         return Err(Error::UnsupportedVersion {
             found: header.format_version,
             vmm_version: header.vmm_version,
@@ -205,6 +254,33 @@ fn load(dir: &Path) -> Result<State, Error> {
         ));
     }
     Ok(state)
+}
+
+/// The memory of the snapshot in `dir` (`memory`, on `base` for a diff) as layers: the full snapshot at
+/// the bottom of its chain first, then each diff on it in order.
+fn memory_layers(
+    dir: &Path,
+    memory: Vec<memory::Region>,
+    base: Option<PathBuf>,
+) -> Result<Vec<(PathBuf, Vec<memory::Region>)>, Error> {
+    let mut chain = vec![(dir.join(MEMORY_FILE), memory)];
+    let mut next = base.map(|b| (dir.to_path_buf(), b));
+    while let Some((child, base)) = next {
+        if chain.len() > MAX_CHAIN {
+            return Err(Error::Chain {
+                path: child,
+                reason: format!("more than {MAX_CHAIN} diff snapshots on one base (a loop?)"),
+            });
+        }
+        let state = load(&base).map_err(|e| Error::Chain {
+            path: child.clone(),
+            reason: format!("its base {}: {e}", base.display()),
+        })?;
+        chain.push((base.join(MEMORY_FILE), state.memory));
+        next = state.base.map(|b| (base, b));
+    }
+    chain.reverse();
+    Ok(chain)
 }
 
 #[cfg(test)]

@@ -2,10 +2,11 @@
 //! a boot ([`crate::builder::steps`]), with guest memory mapped from the snapshot instead of
 //! filled by a kernel loader, and each piece given its saved state before anything runs.
 
-use std::path::Path;
+use std::fs;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use super::{load, memory, Error, MEMORY_FILE};
+use super::{load, mark_clean, memory, memory_layers, Error};
 use crate::builder::steps::{
     attach_devices, create_vcpus, create_vm, exit_channel, start, vcpu_control, HostResources,
 };
@@ -13,13 +14,26 @@ use crate::config::{self, VmConfig, MAX_CPUS};
 use crate::persist::Persist;
 use crate::running::{pause_devices, RunningVm};
 
-/// Rebuilds the VM saved in `dir`; it is left paused.
-pub fn restore(dir: &Path) -> Result<(VmConfig, RunningVm), Error> {
-    let state = load(dir)?;
+/// Rebuilds the VM saved in `dir`; it is left paused. Also returns the base for the VM's next
+/// diff snapshot: `dir` (absolute), or nothing when the host cannot mark pages clean.
+pub fn restore(dir: &Path) -> Result<(VmConfig, RunningVm, Option<PathBuf>), Error> {
+    let dir = fs::canonicalize(dir).map_err(|source| Error::Io {
+        path: dir.to_path_buf(),
+        source,
+    })?;
+    let mut state = load(&dir)?;
+    let layers = memory_layers(&dir, std::mem::take(&mut state.memory), state.base.take())?;
     let cfg = &state.config;
     config::validate(cfg, u32::from(MAX_CPUS)).map_err(crate::builder::Error::from)?;
     let host = HostResources::open(cfg)?;
-    let memory = memory::restore(&dir.join(MEMORY_FILE), &state.memory)?;
+    let layers: Vec<memory::Layer<'_>> = layers
+        .iter()
+        .map(|(path, regions)| memory::Layer {
+            path: path.clone(),
+            regions,
+        })
+        .collect();
+    let memory = memory::restore(&layers)?;
     let mut vm = create_vm(&host.kvm, memory)?;
     vm.restore(&state.vm)
         .map_err(|e| Error::restore("interrupt controllers and clock")(e.into()))?;
@@ -51,6 +65,9 @@ pub fn restore(dir: &Path) -> Result<(VmConfig, RunningVm), Error> {
         .unwrap_or_else(|e| e.into_inner())
         .restore(&state.pci)
         .map_err(|e| Error::restore("PCI devices")(e.into()))?;
+    // Everything read into guest memory so far is the snapshot itself: a diff taken after this
+    // restore holds only what changes from here.
+    let base = mark_clean().then(|| dir.clone());
     let running = start(
         cfg,
         Arc::new(vm),
@@ -60,5 +77,5 @@ pub fn restore(dir: &Path) -> Result<(VmConfig, RunningVm), Error> {
         exit,
         events,
     )?;
-    Ok((state.config.clone(), running))
+    Ok((state.config.clone(), running, base))
 }
