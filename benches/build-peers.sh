@@ -4,7 +4,7 @@
 # second run is instant), and prints the FIRECRACKER= and CLOUD_HYPERVISOR= lines that
 # benches/boot-compare.sh and the other compare scripts take.
 #
-# Usage: [JOBS=N] benches/build-peers.sh [FIRECRACKER_SRC CLOUD_HYPERVISOR_SRC]
+# Usage: [JOBS=N] [ONLY=firecracker] benches/build-peers.sh [FIRECRACKER_SRC CLOUD_HYPERVISOR_SRC]
 #   Without sources it clones github.com/firecracker-microvm/firecracker and
 #   github.com/cloud-hypervisor/cloud-hypervisor. Given checkouts are built at whatever commit
 #   they hold (the printed paths name it).
@@ -89,9 +89,12 @@ build() {
 }
 
 fc_src=$(source_of firecracker https://github.com/firecracker-microvm/firecracker "$FC_REV" "${1:-}")
-ch_src=$(source_of cloud-hypervisor https://github.com/cloud-hypervisor/cloud-hypervisor "$CH_REV" "${2:-}")
 fc=$(build firecracker "$fc_src" x86_64-unknown-linux-gnu/release/firecracker \
   -p firecracker --target x86_64-unknown-linux-gnu)
-ch=$(build cloud-hypervisor "$ch_src" release/cloud-hypervisor --bin cloud-hypervisor)
 echo "FIRECRACKER=$fc"
+if [ "${ONLY:-}" = firecracker ]; then
+  exit 0
+fi
+ch_src=$(source_of cloud-hypervisor https://github.com/cloud-hypervisor/cloud-hypervisor "$CH_REV" "${2:-}")
+ch=$(build cloud-hypervisor "$ch_src" release/cloud-hypervisor --bin cloud-hypervisor)
 echo "CLOUD_HYPERVISOR=$ch"

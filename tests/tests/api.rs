@@ -607,7 +607,7 @@ fn raw_requests_get_the_documented_answers() {
             &format!(r#"{{"kernel":"{k}","firmware":"/fw/OVMF.fd"}}"#),
         ),
         400,
-        "firmware: UEFI firmware boot is not available in this build",
+        "give `kernel` or `firmware`, not both",
     );
     assert_error(
         &put_json(

@@ -1,6 +1,7 @@
 //! `apibench`: the VMM API measured in one test host run — ping and info latency over the
-//! Unix socket, create→boot→guest marker through the API (a cold boot), snapshot time and size
-//! of a 512 MiB guest, and restore→guest running again, next to the cold boot.
+//! Unix socket, create→boot→guest marker through the API (a cold boot), full and diff snapshot
+//! time and size of a 512 MiB guest, and restore→guest running again (the restore call and the
+//! guest's next tick) from each; with `FIRECRACKER=` set, the same rounds under Firecracker.
 //!
 //! The outer process sends a script to the test host that runs this same binary there
 //! (`apibench inner ...`), since the socket and KVM live inside the test host.
@@ -12,12 +13,14 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
+use lightbyte_benches::fcapi::{self, Firecracker};
 use lightbyte_tests::artifacts;
 use lightbyte_tests::guest::{sh_quote, Boot};
 use lightbyte_tests::paths::binary;
 use lightbyte_tests::testhost;
 use vmm_api::client::blocking::Client;
 use vmm_api::config::{SerialConfig, VmConfig};
+use vmm_api::types::SnapshotType;
 
 /// VMM API benchmark (latency, API boot, snapshot, restore), one test host run.
 #[derive(Parser)]
@@ -51,6 +54,9 @@ enum Inner {
         requests: u32,
         #[arg(long)]
         rounds: u32,
+        /// Firecracker's binary: its snapshot and restore are measured in the same rounds.
+        #[arg(long)]
+        firecracker: Option<PathBuf>,
     },
 }
 
@@ -127,6 +133,7 @@ fn inner(
     dir: &Path,
     requests: u32,
     rounds: u32,
+    firecracker: Option<&Path>,
 ) -> Result<()> {
     let sock = std::env::temp_dir().join(format!("apibench-{}.sock", std::process::id()));
     let serial = dir.join("serial.log");
@@ -163,10 +170,7 @@ fn inner(
         pct(info, 0.99)
     );
     stop_idle(v)?;
-    let mut cold = Vec::new();
-    let mut restore_call = Vec::new();
-    let mut restore_running = Vec::new();
-    let mut snap_ms = Vec::new();
+    let mut fig = Figures::default();
     for round in 0..rounds {
         let _ = fs::remove_file(&serial);
         let v = spawn(vmm, &sock)?;
@@ -174,47 +178,154 @@ fn inner(
         v.client.create(&config)?;
         v.client.boot()?;
         wait_marker(&serial, "TICK", 3)?;
-        let boot_ms = ms(t.elapsed());
-        cold.push(boot_ms);
+        fig.add("vmm", "cold boot to 3rd tick", ms(t.elapsed()));
+        // A full snapshot, two more ticks, then a diff on it.
+        let full = dir.join(format!("snap-{round}"));
+        let diff = dir.join(format!("diff-{round}"));
+        for d in [&full, &diff] {
+            let _ = fs::remove_dir_all(d);
+        }
         v.client.pause()?;
-        let snap = dir.join(format!("snap-{round}"));
-        let _ = fs::remove_dir_all(&snap);
         let t = Instant::now();
-        v.client.snapshot(&snap)?;
-        snap_ms.push(ms(t.elapsed()));
-        let mem = snap.join("memory");
-        let apparent = fs::metadata(&mem)?.len();
-        let allocated = {
-            use std::os::unix::fs::MetadataExt;
-            fs::metadata(&mem)?.blocks() * 512
-        };
-        let state = fs::metadata(snap.join("state.json"))?.len();
-        println!(
-            "SNAPSHOT round {round}: memory {} MiB apparent, {:.1} MiB on disk, state {} KiB",
-            apparent >> 20,
-            allocated as f64 / 1048576.0,
-            state >> 10
+        v.client.snapshot(&full)?;
+        fig.add("vmm", "full snapshot", ms(t.elapsed()));
+        fig.add(
+            "vmm",
+            "full snapshot on disk (MiB)",
+            on_disk(&full.join("memory"))?,
+        );
+        v.client.resume()?;
+        let n = count(&serial);
+        wait_marker(&serial, "TICK", n + 2)?;
+        v.client.pause()?;
+        let t = Instant::now();
+        v.client.snapshot_of(&diff, SnapshotType::Diff)?;
+        fig.add("vmm", "diff snapshot", ms(t.elapsed()));
+        fig.add(
+            "vmm",
+            "diff snapshot on disk (MiB)",
+            on_disk(&diff.join("memory"))?,
         );
         stop(v)?;
-        let before = fs::read_to_string(&serial)?.matches("TICK").count();
-        let v = spawn(vmm, &sock)?;
-        let t = Instant::now();
-        v.client.restore(&snap, true)?;
-        let call = ms(t.elapsed());
-        wait_marker(&serial, "TICK", before + 1)?;
-        restore_call.push(call);
-        restore_running.push(ms(t.elapsed()));
-        stop(v)?;
-        fs::remove_dir_all(&snap)?;
+        for (label, snap) in [("full", &full), ("diff", &diff)] {
+            let before = count(&serial);
+            let v = spawn(vmm, &sock)?;
+            let t = Instant::now();
+            v.client.restore(snap, true)?;
+            fig.add("vmm", &format!("restore {label}: call"), ms(t.elapsed()));
+            wait_marker(&serial, "TICK", before + 1)?;
+            fig.add(
+                "vmm",
+                &format!("restore {label}: to next tick"),
+                ms(t.elapsed()),
+            );
+            stop(v)?;
+        }
+        fs::remove_dir_all(&full)?;
+        fs::remove_dir_all(&diff)?;
+        if let Some(fc) = firecracker {
+            firecracker_round(fc, &config, dir, round, &mut fig)?;
+        }
     }
-    println!(
-        "BOOT cold create→boot→3rd tick median {:.0} ms; restore call median {:.0} ms; restore→next tick median {:.0} ms; snapshot median {:.0} ms ({rounds} rounds)",
-        median(cold),
-        median(restore_call),
-        median(restore_running),
-        median(snap_ms)
-    );
+    fig.print();
     Ok(())
+}
+
+/// The same round under Firecracker: boot, full snapshot, two ticks, diff snapshot (its diff
+/// needs dirty page tracking from boot), and a restore of the full snapshot in a new process.
+/// Firecracker restores a diff only after it is merged into its base file by a separate tool,
+/// so there is no diff restore row.
+fn firecracker_round(
+    fc: &Path,
+    config: &VmConfig,
+    dir: &Path,
+    round: u32,
+    fig: &mut Figures,
+) -> Result<()> {
+    let sock = dir.join("fc.sock");
+    let console = dir.join("fc-console.log");
+    let cfg = dir.join("fc-config.json");
+    let _ = fs::remove_file(&console);
+    let cmdline = format!("{} lbend=reboot", config.cmdline);
+    fcapi::write_config(
+        &cfg,
+        &config.kernel,
+        config.initramfs.as_deref().context("an initramfs")?,
+        &cmdline,
+        config.memory >> 20,
+    )?;
+    let t = Instant::now();
+    let vm = Firecracker::spawn(fc, &sock, Some(&cfg), &console)?;
+    wait_marker(&console, "TICK", 3)?;
+    fig.add("firecracker", "cold boot to 3rd tick", ms(t.elapsed()));
+    let snap = dir.join(format!("fc-{round}"));
+    let _ = fs::remove_dir_all(&snap);
+    fs::create_dir_all(&snap)?;
+    let (state, mem) = (snap.join("state"), snap.join("memory"));
+    vm.pause()?;
+    let t = Instant::now();
+    vm.snapshot(false, &state, &mem)?;
+    fig.add("firecracker", "full snapshot", ms(t.elapsed()));
+    fig.add("firecracker", "full snapshot on disk (MiB)", on_disk(&mem)?);
+    vm.resume()?;
+    let n = count(&console);
+    wait_marker(&console, "TICK", n + 2)?;
+    vm.pause()?;
+    let (dstate, dmem) = (snap.join("diff-state"), snap.join("diff-memory"));
+    let t = Instant::now();
+    vm.snapshot(true, &dstate, &dmem)?;
+    fig.add("firecracker", "diff snapshot", ms(t.elapsed()));
+    fig.add(
+        "firecracker",
+        "diff snapshot on disk (MiB)",
+        on_disk(&dmem)?,
+    );
+    vm.kill()?;
+    let before = count(&console);
+    let vm = Firecracker::spawn(fc, &sock, None, &console)?;
+    let t = Instant::now();
+    vm.load(&state, &mem)?;
+    fig.add("firecracker", "restore full: call", ms(t.elapsed()));
+    wait_marker(&console, "TICK", before + 1)?;
+    fig.add("firecracker", "restore full: to next tick", ms(t.elapsed()));
+    vm.kill()?;
+    fs::remove_dir_all(&snap)?;
+    Ok(())
+}
+
+/// Medians per VMM and figure, printed as `FIGURE vmm | name | median` lines in order.
+#[derive(Default)]
+struct Figures(Vec<(String, String, Vec<f64>)>);
+
+impl Figures {
+    fn add(&mut self, who: &str, what: &str, v: f64) {
+        match self.0.iter_mut().find(|(w, n, _)| w == who && n == what) {
+            Some((_, _, vals)) => vals.push(v),
+            None => self.0.push((who.into(), what.into(), vec![v])),
+        }
+    }
+
+    fn print(&self) {
+        for (who, what, vals) in &self.0 {
+            println!(
+                "FIGURE {who} | {what} | {:.1} (median of {})",
+                median(vals.clone()),
+                vals.len()
+            );
+        }
+    }
+}
+
+fn count(file: &Path) -> usize {
+    fs::read_to_string(file)
+        .map(|s| s.matches("TICK").count())
+        .unwrap_or(0)
+}
+
+/// MiB a file takes on disk (holes excluded).
+fn on_disk(path: &Path) -> Result<f64> {
+    use std::os::unix::fs::MetadataExt;
+    Ok(fs::metadata(path)?.blocks() as f64 * 512.0 / 1048576.0)
 }
 
 fn stop_idle(mut v: Vmm) -> Result<()> {
@@ -244,6 +355,11 @@ fn outer(cli: &Cli) -> Result<()> {
         r = cli.requests,
         n = cli.rounds,
     );
+    // The peer, when FIRECRACKER= names it (benches/build-peers.sh prints the line).
+    let script = match std::env::var("FIRECRACKER").ok().filter(|f| !f.is_empty()) {
+        Some(fc) => format!("{} --firecracker {}\n", script.trim_end(), sh_quote(&fc)),
+        None => script,
+    };
     let out = host.run("apibench", &script, Duration::from_secs(1800))?;
     if out.status != 0 {
         bail!("apibench failed:\n{}", out.output);
@@ -251,7 +367,7 @@ fn outer(cli: &Cli) -> Result<()> {
     for l in out
         .output
         .lines()
-        .filter(|l| l.starts_with("LATENCY") || l.starts_with("SNAPSHOT") || l.starts_with("BOOT"))
+        .filter(|l| l.starts_with("LATENCY") || l.starts_with("FIGURE"))
     {
         println!("{l}");
     }
@@ -269,7 +385,17 @@ fn main() -> ExitCode {
             dir,
             requests,
             rounds,
-        }) => inner(vmm, kernel, initramfs, cmdline, dir, *requests, *rounds),
+            firecracker,
+        }) => inner(
+            vmm,
+            kernel,
+            initramfs,
+            cmdline,
+            dir,
+            *requests,
+            *rounds,
+            firecracker.as_deref(),
+        ),
         None => outer(&cli),
     };
     match r {
