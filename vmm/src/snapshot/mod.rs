@@ -314,4 +314,22 @@ mod tests {
         let e = load(&dir.path().join("missing")).err().expect("no state");
         assert!(matches!(e, Error::Io { .. }), "{e}");
     }
+
+    #[test]
+    fn a_diff_whose_base_is_gone_is_refused_naming_both() {
+        let dir = tempfile::tempdir().unwrap();
+        let gone = dir.path().join("base-moved-away");
+        let e = memory_layers(dir.path(), Vec::new(), Some(gone.clone()))
+            .err()
+            .expect("missing base refused");
+        let msg = e.to_string();
+        assert!(matches!(e, Error::Chain { .. }), "{msg}");
+        assert!(msg.contains(&gone.display().to_string()), "{msg}");
+        assert!(msg.contains(&dir.path().display().to_string()), "{msg}");
+        assert!(e.is_bad_input());
+        // A full snapshot is one layer of its own.
+        let layers = memory_layers(dir.path(), Vec::new(), None).unwrap();
+        assert_eq!(layers.len(), 1);
+        assert_eq!(layers[0].0, dir.path().join(MEMORY_FILE));
+    }
 }
