@@ -219,7 +219,13 @@ mod tests {
         let mine = exchange(a, 1, TO_HOST, 300_000, None);
         t.join().unwrap();
         assert_eq!(mine.received, 1000);
-        assert!(mine.error.unwrap().contains("after 1000"));
+        // The cut shows as an early end of stream or, when the peer's socket went away with
+        // our bytes unread in it, as a reset: either way it is caught.
+        let e = mine.error.expect("the cut is an error");
+        assert!(
+            e.contains("after 1000 of 300000") || e.contains("reset"),
+            "{e}"
+        );
         assert_ne!(
             Pattern::new(1, 0).next_byte(),
             Pattern::new(1, 1).next_byte()

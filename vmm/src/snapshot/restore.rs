@@ -1,6 +1,7 @@
 //! Rebuilding a saved VM (after Firecracker's `build_microvm_from_snapshot`): the same steps as
-//! a boot ([`crate::builder::steps`]), with guest memory mapped from the snapshot instead of
-//! filled by a kernel loader, and each piece given its saved state before anything runs.
+//! a boot ([`crate::builder::steps`]), with guest memory read from the snapshot (and the diffs
+//! on it) instead of filled by a kernel loader, and each piece given its saved state before
+//! anything runs.
 
 use std::fs;
 use std::path::{Path, PathBuf};
