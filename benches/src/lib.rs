@@ -5,5 +5,6 @@ pub mod fcapi;
 pub mod fio;
 pub mod guestfio;
 pub mod peers;
+pub mod streams;
 pub mod timing;
 pub mod uefi;

@@ -59,7 +59,8 @@ fn cmdline(a: &Artifacts, idle: bool, extra: &str) -> Result<String> {
     Ok(boot(a, idle, extra)?.full_cmdline())
 }
 
-fn qemu_cmd(a: &Artifacts, memory_mib: u64, cmdline: String) -> Vec<String> {
+/// QEMU `-M microvm` with KVM booting the test kernel and initramfs; its console on stdout.
+pub fn qemu_cmd(a: &Artifacts, memory_mib: u64, cmdline: String) -> Vec<String> {
     let mut cmd: Vec<String> = [
         "qemu-system-x86_64",
         "-M",
@@ -93,16 +94,23 @@ fn qemu_cmd(a: &Artifacts, memory_mib: u64, cmdline: String) -> Vec<String> {
     cmd
 }
 
-/// Firecracker from its configuration file (written to `dir`), no API socket. It has no ACPI
-/// power-off: the guest ends with a keyboard-controller reset (`reboot=k`, `lbend=reboot`), on
-/// which Firecracker exits.
-fn firecracker_cmd(
+/// Firecracker from its configuration file (written to `config`), no API socket; with `net`,
+/// a virtio-net device on that TAP with that MAC. It has no ACPI power-off: the guest ends
+/// with a keyboard-controller reset (`reboot=k`, `lbend=reboot`), on which Firecracker exits.
+pub fn firecracker_cmd(
     fc: &str,
     a: &Artifacts,
     memory_mib: u64,
     cmdline: String,
     config: &Path,
+    net: Option<(&str, &str)>,
 ) -> Result<Vec<String>> {
+    let interfaces: Vec<serde_json::Value> = net
+        .map(|(tap, mac)| {
+            serde_json::json!({"iface_id": "eth0", "host_dev_name": tap, "guest_mac": mac})
+        })
+        .into_iter()
+        .collect();
     let cfg = serde_json::json!({
         "boot-source": {
             "kernel_image_path": a.minimal_vmlinux,
@@ -111,6 +119,7 @@ fn firecracker_cmd(
         },
         "machine-config": { "vcpu_count": 1, "mem_size_mib": memory_mib },
         "drives": [],
+        "network-interfaces": interfaces,
     });
     fs::write(config, serde_json::to_vec_pretty(&cfg)?)?;
     Ok(vec![
@@ -123,8 +132,13 @@ fn firecracker_cmd(
     ])
 }
 
-/// Cloud Hypervisor; it exits on the guest's ACPI power-off.
-fn cloud_hypervisor_cmd(ch: &str, a: &Artifacts, memory_mib: u64, cmdline: String) -> Vec<String> {
+/// Cloud Hypervisor; it exits on the guest's ACPI power-off. Its console on stdout.
+pub fn cloud_hypervisor_cmd(
+    ch: &str,
+    a: &Artifacts,
+    memory_mib: u64,
+    cmdline: String,
+) -> Vec<String> {
     vec![
         ch.into(),
         "--kernel".into(),
@@ -184,8 +198,16 @@ pub fn contenders(
                 memory_mib,
                 timed.clone(),
                 &dir.join("fc-timed.json"),
+                None,
             )?,
-            idle: firecracker_cmd(&fc, a, memory_mib, idle.clone(), &dir.join("fc-idle.json"))?,
+            idle: firecracker_cmd(
+                &fc,
+                a,
+                memory_mib,
+                idle.clone(),
+                &dir.join("fc-idle.json"),
+                None,
+            )?,
         });
     }
     if let Some(ch) = std::env::var("CLOUD_HYPERVISOR")

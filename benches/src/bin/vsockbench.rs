@@ -7,15 +7,16 @@
 //! The outer process sends a script to the test host that boots the guest and runs this same
 //! binary there (`vsockbench inner ...`) in the namespace.
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{Shutdown, TcpStream};
+use std::io::{BufRead, BufReader, Write};
+use std::net::TcpStream;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
+use lightbyte_benches::streams::{self, median, Stream};
 use lightbyte_tests::artifacts;
 use lightbyte_tests::guest::{sh_quote, Boot, JAIL_ID};
 use lightbyte_tests::paths::binary;
@@ -61,13 +62,10 @@ enum Inner {
     },
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    v[v.len() / 2]
-}
-
-/// A stream to guest `port` over vsock (through the VMM's socket) or TCP.
-fn connect(socket: Option<&Path>, port: u16) -> Result<Box<dyn Stream>> {
+/// A stream to the guest service at `offset` from [`PORT`], over vsock (through the VMM's
+/// socket) or TCP.
+fn connect(socket: Option<&Path>, offset: u16) -> Result<Box<dyn Stream>> {
+    let port = PORT + offset;
     Ok(match socket {
         Some(path) => {
             let mut s = UnixStream::connect(path).context("vsock socket")?;
@@ -83,92 +81,33 @@ fn connect(socket: Option<&Path>, port: u16) -> Result<Box<dyn Stream>> {
     })
 }
 
-trait Stream: Read + Write {
-    fn shut_write(&self) -> std::io::Result<()>;
-}
-impl Stream for UnixStream {
-    fn shut_write(&self) -> std::io::Result<()> {
-        self.shutdown(Shutdown::Write)
-    }
-}
-impl Stream for TcpStream {
-    fn shut_write(&self) -> std::io::Result<()> {
-        self.shutdown(Shutdown::Write)
-    }
-}
-
-/// MiB/s of `bytes` sent to the guest's sink, until the guest has read them all (its close).
-fn to_guest(socket: Option<&Path>, bytes: u64) -> Result<f64> {
-    let start = Instant::now();
-    let mut s = connect(socket, PORT)?;
-    let buf = vec![0xa5u8; 64 << 10];
-    let mut sent = 0;
-    while sent < bytes {
-        let n = (bytes - sent).min(buf.len() as u64) as usize;
-        s.write_all(&buf[..n])?;
-        sent += n as u64;
-    }
-    s.shut_write()?;
-    let mut b = [0u8; 16];
-    while s.read(&mut b)? > 0 {}
-    Ok(bytes as f64 / (1 << 20) as f64 / start.elapsed().as_secs_f64())
-}
-
-/// MiB/s of the guest's source, read to its end.
-fn from_guest(socket: Option<&Path>, bytes: u64) -> Result<f64> {
-    let start = Instant::now();
-    let mut s = connect(socket, PORT + 1)?;
-    let mut buf = vec![0u8; 256 << 10];
-    let mut got = 0u64;
-    loop {
-        let n = s.read(&mut buf)?;
-        if n == 0 {
-            break;
-        }
-        got += n as u64;
-    }
-    if got != bytes {
-        bail!("received {got} of {bytes} bytes");
-    }
-    Ok(bytes as f64 / (1 << 20) as f64 / start.elapsed().as_secs_f64())
-}
-
-/// Connections per second to a port that accepts and closes.
-fn setup_rate(socket: Option<&Path>, n: u32) -> Result<f64> {
-    let start = Instant::now();
-    for _ in 0..n {
-        let mut s = connect(socket, PORT + 2)?;
-        let mut b = [0u8; 1];
-        let _ = s.read(&mut b);
-    }
-    Ok(f64::from(n) / start.elapsed().as_secs_f64())
-}
-
-/// One streaming measurement: over vsock (the socket) or TCP (None), bytes → MiB/s.
-type Measure = fn(Option<&Path>, u64) -> Result<f64>;
+/// One streaming measurement: bytes → MiB/s.
+type Measure = fn(streams::Connect<'_>, u64) -> Result<f64>;
 
 fn inner(socket: &Path, mib: u64, rounds: u32, connections: u32) -> Result<()> {
     let bytes = mib << 20;
     let rows: [(&str, Measure); 2] = [
-        ("stream host→guest (MiB/s)", to_guest),
-        ("stream guest→host (MiB/s)", from_guest),
+        ("stream host→guest (MiB/s)", streams::to_guest),
+        ("stream guest→host (MiB/s)", streams::from_guest),
     ];
+    let vsock = |offset| connect(Some(socket), offset);
+    let tcp = |offset| connect(None, offset);
     println!("| measurement | vsock | TCP over virtio-net | vsock/TCP |");
     println!("|---|---|---|---|");
     for (name, f) in rows {
         let (mut v, mut t) = (Vec::new(), Vec::new());
         for _ in 0..rounds {
             // Interleaved, so both see the same machine.
-            v.push(f(Some(socket), bytes)?);
-            t.push(f(None, bytes)?);
+            v.push(f(&vsock, bytes)?);
+            t.push(f(&tcp, bytes)?);
         }
         let (v, t) = (median(v), median(t));
         println!("| {name} | {v:.0} | {t:.0} | {:.2} |", v / t);
     }
     let (mut v, mut t) = (Vec::new(), Vec::new());
     for _ in 0..rounds {
-        v.push(setup_rate(Some(socket), connections)?);
-        t.push(setup_rate(None, connections)?);
+        v.push(streams::setup_rate(&vsock, connections)?);
+        t.push(streams::setup_rate(&tcp, connections)?);
     }
     let (v, t) = (median(v), median(t));
     println!(

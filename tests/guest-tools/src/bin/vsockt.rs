@@ -40,8 +40,15 @@ enum Command {
     Hold { port: u32 },
     /// Serves the throughput benchmark on vsock and TCP alike, forever: on PORT a sink (reads
     /// to the end, then closes), on PORT+1 a source (writes BYTES, then closes), on PORT+2
-    /// connections closed as soon as accepted (setup rate).
-    BenchServe { port: u16, bytes: u64 },
+    /// connections closed as soon as accepted (setup rate), on PORT+3 an echo (request/response
+    /// round trips).
+    BenchServe {
+        port: u16,
+        bytes: u64,
+        /// TCP only (a guest without a vsock device: the network benchmark's peers).
+        #[arg(long)]
+        tcp_only: bool,
+    },
 }
 
 mod bench {
@@ -74,6 +81,16 @@ mod bench {
         }
     }
 
+    /// Sends back whatever arrives, as it arrives (each read answered before the next).
+    fn echo(mut c: impl Conn) {
+        let mut buf = vec![0u8; 64 << 10];
+        while let Ok(n) = c.read(&mut buf) {
+            if n == 0 || c.write_all(&buf[..n]).is_err() {
+                return;
+            }
+        }
+    }
+
     fn each<C: Conn>(
         accept: impl Fn() -> std::io::Result<C> + Send + 'static,
         serve: fn(C, u64),
@@ -95,25 +112,39 @@ mod bench {
     /// A port and what it does for a connection over vsock and over TCP.
     type Service = (u16, fn(Stream, u64), fn(std::net::TcpStream, u64));
 
-    /// Runs the services until the process is killed.
-    pub fn serve(port: u16, bytes: u64) -> bool {
-        let services: [Service; 3] = [
+    /// Runs the services (on vsock too when `vsock`) until the process is killed.
+    pub fn serve(port: u16, bytes: u64, vsock: bool) -> bool {
+        let services: [Service; 4] = [
             (port, |c, _| sink(c), |c, _| sink(c)),
             (port + 1, source, source),
             (port + 2, |c, _| drop(c), |c, _| drop(c)),
+            (
+                port + 3,
+                |c, _| echo(c),
+                |c, _| {
+                    // Round trips of small messages: no coalescing delay.
+                    let _ = c.set_nodelay(true);
+                    echo(c)
+                },
+            ),
         ];
         for (p, on_vsock, on_tcp) in services {
-            let (v, t) = match (
-                Listener::bind(u32::from(p)),
-                TcpListener::bind(("0.0.0.0", p)),
-            ) {
-                (Ok(v), Ok(t)) => (v, t),
-                (Err(e), _) | (_, Err(e)) => {
-                    eprintln!("vsockt bench: port {p}: {e}");
+            let t = match TcpListener::bind(("0.0.0.0", p)) {
+                Ok(t) => t,
+                Err(e) => {
+                    eprintln!("vsockt bench: TCP port {p}: {e}");
                     return false;
                 }
             };
-            each(move || v.accept(), on_vsock, bytes);
+            if vsock {
+                match Listener::bind(u32::from(p)) {
+                    Ok(v) => each(move || v.accept(), on_vsock, bytes),
+                    Err(e) => {
+                        eprintln!("vsockt bench: vsock port {p}: {e}");
+                        return false;
+                    }
+                }
+            }
             each(move || t.accept().map(|(c, _)| c), on_tcp, bytes);
         }
         println!("VSOCKT-BENCH-READY");
@@ -143,7 +174,11 @@ fn main() -> ExitCode {
             close_after,
         } => dial(port, count, bytes, close_after),
         Command::Hold { port } => hold(port),
-        Command::BenchServe { port, bytes } => bench::serve(port, bytes),
+        Command::BenchServe {
+            port,
+            bytes,
+            tcp_only,
+        } => bench::serve(port, bytes, !tcp_only),
     };
     if ok {
         ExitCode::SUCCESS
