@@ -6,6 +6,7 @@
 //! → the KVM VM → devices (legacy, PCI, virtio) → ACPI tables, reset stub and the kernel → vCPUs
 //! → run.
 
+pub mod step_timer;
 pub mod steps;
 
 use std::io;
@@ -131,6 +132,7 @@ impl Error {
 
 /// Builds the VM described by `cfg` and boots it: its vCPUs run when this returns.
 pub fn build_for_boot(cfg: &VmConfig) -> Result<RunningVm, Error> {
+    let mut timer = step_timer::StepTimer::new("boot");
     // Everything the user can get wrong is checked before KVM is touched.
     config::validate(cfg, u32::from(MAX_CPUS))?;
     match &cfg.firmware {
@@ -138,10 +140,13 @@ pub fn build_for_boot(cfg: &VmConfig) -> Result<RunningVm, Error> {
         None => boot::check_kernel(&cfg.kernel)?,
     }
     let host = HostResources::open(cfg)?;
+    timer.step("checks_and_files");
     let memory = vm::create_guest_memory(cfg.memory)?;
     let vm = create_vm(&host.kvm, memory)?;
+    timer.step("vm");
     let (exit, events) = exit_channel();
     let (kvm, devices) = attach_devices(&vm, cfg, host, &exit)?;
+    timer.step("devices");
 
     // Firmware tables, the reset stub and the kernel.
     let rsdp = acpi::write_tables(vm.memory(), cfg.cpus)?;
@@ -158,9 +163,11 @@ pub fn build_for_boot(cfg: &VmConfig) -> Result<RunningVm, Error> {
         },
     )?;
     tracing::info!(boot_mode = ?mode, cpus = cfg.cpus, memory = cfg.memory, "booting");
+    timer.step("load");
 
     let vcpus = create_vcpus(&kvm, &vm, cfg.cpus, Some(mode), &devices, &exit)?;
-    start(
+    timer.step("vcpus");
+    let running = start(
         cfg,
         std::sync::Arc::new(vm),
         devices,
@@ -168,5 +175,8 @@ pub fn build_for_boot(cfg: &VmConfig) -> Result<RunningVm, Error> {
         vcpu_control(false)?,
         exit,
         events,
-    )
+    )?;
+    timer.step("start");
+    timer.done();
+    Ok(running)
 }

@@ -127,6 +127,8 @@ pub fn save(mem: &GuestMemoryMmap, path: &Path, kind: Kind) -> Result<Vec<Region
         .mode(0o600)
         .open(path)
         .map_err(file_err(path))?;
+    let started = std::time::Instant::now();
+    let (mut examined, mut written) = (0u64, 0u64);
     let mut regions = Vec::new();
     let mut offset = 0u64;
     let mut buf = vec![0u8; CHUNK];
@@ -153,11 +155,12 @@ pub fn save(mem: &GuestMemoryMmap, path: &Path, kind: Kind) -> Result<Vec<Region
                         addr: start + at,
                         source,
                     })?;
-                match kind {
-                    Kind::Diff => file.write_all_at(&buf[..n], offset + at),
+                written += match kind {
+                    Kind::Diff => file.write_all_at(&buf[..n], offset + at).map(|()| n as u64),
                     Kind::Full => write_nonzero(&file, &buf[..n], offset + at),
                 }
                 .map_err(file_err(path))?;
+                examined += n as u64;
                 done += n;
             }
         }
@@ -173,11 +176,20 @@ pub fn save(mem: &GuestMemoryMmap, path: &Path, kind: Kind) -> Result<Vec<Region
     file.set_len(offset)
         .and_then(|()| file.sync_all())
         .map_err(file_err(path))?;
+    tracing::info!(
+        ?kind,
+        examined_mib = examined >> 20,
+        written_kib = written >> 10,
+        ms = started.elapsed().as_millis() as u64,
+        "guest memory saved"
+    );
     Ok(regions)
 }
 
-/// Writes the pages of `buf` that are not all zero, consecutive ones in one write.
-fn write_nonzero(file: &File, buf: &[u8], at: u64) -> io::Result<()> {
+/// Writes the pages of `buf` that are not all zero, consecutive ones in one write; returns the
+/// bytes written.
+fn write_nonzero(file: &File, buf: &[u8], at: u64) -> io::Result<u64> {
+    let mut written = 0;
     let mut run: Option<usize> = None;
     let pages = buf.len().div_ceil(PAGE);
     for i in 0..=pages {
@@ -190,12 +202,13 @@ fn write_nonzero(file: &File, buf: &[u8], at: u64) -> io::Result<()> {
             (false, Some(s)) => {
                 let end = (i * PAGE).min(buf.len());
                 file.write_all_at(&buf[s * PAGE..end], at + (s * PAGE) as u64)?;
+                written += (end - s * PAGE) as u64;
                 run = None;
             }
             _ => {}
         }
     }
-    Ok(())
+    Ok(written)
 }
 
 /// One snapshot's memory: its file and layout.
@@ -209,6 +222,8 @@ pub struct Layer<'a> {
 /// Reads guest memory back from `layers`, a full snapshot first and the diffs taken after it
 /// in order, into fresh guest RAM.
 pub fn restore(layers: &[Layer<'_>]) -> Result<GuestMemoryMmap, MemoryError> {
+    let started = std::time::Instant::now();
+    let mut read_bytes = 0u64;
     let top = layers
         .last()
         .ok_or_else(|| MemoryError::Regions("no snapshot".into()))?;
@@ -260,6 +275,7 @@ pub fn restore(layers: &[Layer<'_>]) -> Result<GuestMemoryMmap, MemoryError> {
             let ram = unsafe { std::slice::from_raw_parts_mut(dest.as_ptr(), dest.len() as usize) };
             let mut read = |from: u64, to: u64| -> Result<(), MemoryError> {
                 let dst = &mut ram[(from - r.file_offset) as usize..(to - r.file_offset) as usize];
+                read_bytes += to - from;
                 file.read_exact_at(dst, from).map_err(file_err(&layer.path))
             };
             match &r.pages {
@@ -286,6 +302,12 @@ pub fn restore(layers: &[Layer<'_>]) -> Result<GuestMemoryMmap, MemoryError> {
             }
         }
     }
+    tracing::info!(
+        layers = layers.len(),
+        read_kib = read_bytes >> 10,
+        ms = started.elapsed().as_millis() as u64,
+        "guest memory read"
+    );
     GuestMemoryMmap::from_regions(mapped).map_err(|e| MemoryError::Regions(e.to_string()))
 }
 

@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use super::{load, mark_clean, memory, memory_layers, Error};
+use crate::builder::step_timer::StepTimer;
 use crate::builder::steps::{
     attach_devices, create_vcpus, create_vm, exit_channel, start, vcpu_control, HostResources,
 };
@@ -18,6 +19,7 @@ use crate::running::{pause_devices, RunningVm};
 /// Rebuilds the VM saved in `dir`; it is left paused. Also returns the base for the VM's next
 /// diff snapshot: `dir` (absolute), or nothing when the host cannot mark pages clean.
 pub fn restore(dir: &Path) -> Result<(VmConfig, RunningVm, Option<PathBuf>), Error> {
+    let mut timer = StepTimer::new("restore");
     let dir = fs::canonicalize(dir).map_err(|source| Error::Io {
         path: dir.to_path_buf(),
         source,
@@ -27,6 +29,7 @@ pub fn restore(dir: &Path) -> Result<(VmConfig, RunningVm, Option<PathBuf>), Err
     let cfg = &state.config;
     config::validate(cfg, u32::from(MAX_CPUS)).map_err(crate::builder::Error::from)?;
     let host = HostResources::open(cfg)?;
+    timer.step("state_and_files");
     let layers: Vec<memory::Layer<'_>> = layers
         .iter()
         .map(|(path, regions)| memory::Layer {
@@ -35,11 +38,14 @@ pub fn restore(dir: &Path) -> Result<(VmConfig, RunningVm, Option<PathBuf>), Err
         })
         .collect();
     let memory = memory::restore(&layers)?;
+    timer.step("memory");
     let mut vm = create_vm(&host.kvm, memory)?;
     vm.restore(&state.vm)
         .map_err(|e| Error::restore("interrupt controllers and clock")(e.into()))?;
+    timer.step("vm");
     let (exit, events) = exit_channel();
     let (kvm, devices) = attach_devices(&vm, cfg, host, &exit)?;
+    timer.step("devices");
     // A restored VM starts paused as a whole, its devices paused before their registers are
     // replayed: a device activated by the replay must not serve its queues yet (a network
     // device would receive), and above all must not raise an interrupt before the vCPUs' local
@@ -54,6 +60,7 @@ pub fn restore(dir: &Path) -> Result<(VmConfig, RunningVm, Option<PathBuf>), Err
             .restore(vcpu.fd())
             .map_err(|e| Error::restore("vCPU registers")(e.into()))?;
     }
+    timer.step("vcpus");
     devices
         .serial
         .lock()
@@ -69,6 +76,7 @@ pub fn restore(dir: &Path) -> Result<(VmConfig, RunningVm, Option<PathBuf>), Err
     // Everything read into guest memory so far is the snapshot itself: a diff taken after this
     // restore holds only what changes from here.
     let base = mark_clean().then(|| dir.clone());
+    timer.step("device_state");
     let running = start(
         cfg,
         Arc::new(vm),
@@ -78,5 +86,7 @@ pub fn restore(dir: &Path) -> Result<(VmConfig, RunningVm, Option<PathBuf>), Err
         exit,
         events,
     )?;
+    timer.step("start");
+    timer.done();
     Ok((state.config.clone(), running, base))
 }
