@@ -12,9 +12,8 @@
 use std::net::TcpStream;
 use std::path::Path;
 use std::process::ExitCode;
-use std::time::Duration;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use lightbyte_benches::peers::{cloud_hypervisor_cmd, firecracker_cmd, qemu_cmd};
 use lightbyte_benches::streams::{self, median, Stream};
@@ -275,12 +274,7 @@ grep -q VSOCKT-BENCH-READY $D/{label}.console || {{ echo "{label} never served:"
         conns = cli.connections,
         list = list.join(" "),
     ));
-    let out = host.run("netbench", &script, Duration::from_secs(3600))?;
-    print!("{}", out.output);
-    if out.status != 0 {
-        bail!("the benchmark failed ({})", out.status);
-    }
-    Ok(())
+    lightbyte_benches::run_printed(host, "netbench", &script)
 }
 
 fn main() -> ExitCode {

@@ -12,7 +12,6 @@ use std::net::TcpStream;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
@@ -178,12 +177,7 @@ kill $P; wait $P 2>/dev/null; ip netns del $NS; rm -rf $T
             conns = cli.connections,
         ));
     }
-    let out = host.run("vsockbench", &script, Duration::from_secs(3600))?;
-    print!("{}", out.output);
-    if out.status != 0 {
-        bail!("the benchmark failed ({})", out.status);
-    }
-    Ok(())
+    lightbyte_benches::run_printed(host, "vsockbench", &script)
 }
 
 fn main() -> ExitCode {
