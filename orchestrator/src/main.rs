@@ -13,6 +13,12 @@ fn main() -> ExitCode {
         cli.command,
         cli::Command::Server(_) | cli::Command::Worker(cli::WorkerArgs { command: None, .. })
     );
+    if !is_server {
+        // A client verb piped into `head` or `grep -q` ends quietly when the reader goes away,
+        // as Unix tools do (Rust ignores SIGPIPE, and printing to the closed pipe panicked).
+        // SAFETY: restoring a signal's default disposition before any thread is started.
+        unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
+    }
     // The server logs what it does; client verbs only warnings, to keep their output clean.
     let default_filter = if is_server { "info" } else { "warn" };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()

@@ -444,6 +444,28 @@ fn cli_round_trip() {
     assert_eq!(one["metadata"]["name"], "web-1");
     assert!(ok(&["worker", "list"]).starts_with("NAME   STATE"));
 
+    // A reader that goes away early (`| grep -q`) ends the CLI quietly by SIGPIPE, no panic.
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_lightbyte"));
+    let mut child = common::client_env(&mut cmd)
+        .args(["vm", "list", "-o", "json"])
+        .env("LIGHTBYTE_SERVER", &server.url)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take());
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    {
+        use std::os::unix::process::ExitStatusExt;
+        assert!(
+            out.status.success() || out.status.signal() == Some(libc::SIGPIPE),
+            "{:?} {stderr}",
+            out.status
+        );
+    }
+
     // --server wins over the environment.
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_lightbyte"));
     let bad_env = common::client_env(&mut cmd)
