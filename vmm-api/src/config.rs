@@ -20,12 +20,17 @@ pub const DEFAULT_CPUS: u8 = 1;
 /// Default guest RAM.
 pub const DEFAULT_MEMORY: u64 = 512 << 20;
 
+fn is_empty_path(p: &std::path::Path) -> bool {
+    p.as_os_str().is_empty()
+}
+
 /// Everything needed to start a VM.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct VmConfig {
     /// Kernel image: ELF vmlinux (PVH or 64-bit entry) or bzImage. Empty when `firmware` boots
-    /// the VM instead.
+    /// the VM instead, and then left out of the JSON (the API takes one or the other).
+    #[serde(default, skip_serializing_if = "is_empty_path")]
     pub kernel: PathBuf,
     /// UEFI firmware (an ELF with a PVH entry, such as lightbyte's own `lightbyte-firmware`)
     /// started instead of a kernel: it boots whatever loader the first disk's EFI system

@@ -656,6 +656,11 @@ mod tests {
             text.contains(r#""vsock":{"cid":7,"socket":"/run/v.sock"}"#),
             "{text}"
         );
+        // A firmware boot's configuration, as the typed client sends it, is taken as such.
+        let uefi = create(r#"{"firmware":"/fw","disks":[{"path":"/d"}]}"#).unwrap();
+        let json = serde_json::to_string(&uefi).unwrap();
+        assert!(!json.contains("kernel"), "{json}");
+        assert_eq!(parse_create(json.as_bytes()).unwrap(), uefi);
         // Without a vsock device the key is left out, as before the device existed.
         let plain = create(r#"{"kernel":"/k","vsock":null}"#).unwrap();
         assert!(plain.vsock.is_none());
