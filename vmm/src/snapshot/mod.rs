@@ -320,8 +320,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let gone = dir.path().join("base-moved-away");
         let e = memory_layers(dir.path(), Vec::new(), Some(gone.clone()))
-            .err()
-            .expect("missing base refused");
+            .expect_err("missing base refused");
         let msg = e.to_string();
         assert!(matches!(e, Error::Chain { .. }), "{msg}");
         assert!(msg.contains(&gone.display().to_string()), "{msg}");
