@@ -34,16 +34,25 @@ impl Firecracker {
         if let Some(c) = config {
             cmd.arg("--config-file").arg(c);
         }
-        let child = cmd
+        let err = out.try_clone()?;
+        let mut child = cmd
             .stdin(Stdio::null())
             .stdout(out)
-            .stderr(Stdio::null())
+            .stderr(err)
             .spawn()
             .context("starting firecracker")?;
         let t = Instant::now();
         while !sock.exists() {
-            if t.elapsed() > Duration::from_secs(10) {
-                bail!("firecracker made no API socket");
+            let exited = child.try_wait()?;
+            if exited.is_some() || t.elapsed() > Duration::from_secs(60) {
+                let _ = child.kill();
+                let log = fs::read_to_string(console).unwrap_or_default();
+                let tail: Vec<&str> = log.lines().rev().take(15).collect();
+                bail!(
+                    "firecracker made no API socket ({}):\n{}",
+                    exited.map_or("still running".into(), |s| s.to_string()),
+                    tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+                );
             }
             std::thread::sleep(Duration::from_millis(2));
         }

@@ -79,13 +79,18 @@ struct Vmm {
     client: Client,
 }
 
-fn spawn(vmm: &Path, sock: &Path) -> Result<Vmm> {
+/// Starts a `vmm` with its API socket at `sock`; its log (with each build step's time) is
+/// appended to `log`.
+fn spawn(vmm: &Path, sock: &Path, log: &Path) -> Result<Vmm> {
     let _ = fs::remove_file(sock);
+    let log = fs::OpenOptions::new().create(true).append(true).open(log)?;
     let child = Command::new(vmm)
         .arg("--api-socket")
         .arg(sock)
+        .env("VMM_LOG", "info")
+        .env("NO_COLOR", "1")
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
+        .stderr(log)
         .spawn()
         .context("starting vmm")?;
     let t = Instant::now();
@@ -137,6 +142,8 @@ fn inner(
 ) -> Result<()> {
     let sock = std::env::temp_dir().join(format!("apibench-{}.sock", std::process::id()));
     let serial = dir.join("serial.log");
+    let vmm_log = dir.join("vmm.log");
+    let _ = fs::remove_file(&vmm_log);
     let config = VmConfig {
         kernel: kernel.into(),
         firmware: None,
@@ -150,7 +157,7 @@ fn inner(
         vsock: None,
     };
     // Latency of an idle VMM, then with a running guest.
-    let v = spawn(vmm, &sock)?;
+    let v = spawn(vmm, &sock, &vmm_log)?;
     let lat = |f: &dyn Fn() -> Result<()>| -> Result<Vec<f64>> {
         (0..requests)
             .map(|_| {
@@ -173,7 +180,7 @@ fn inner(
     let mut fig = Figures::default();
     for round in 0..rounds {
         let _ = fs::remove_file(&serial);
-        let v = spawn(vmm, &sock)?;
+        let v = spawn(vmm, &sock, &vmm_log)?;
         let t = Instant::now();
         v.client.create(&config)?;
         v.client.boot()?;
@@ -209,7 +216,7 @@ fn inner(
         stop(v)?;
         for (label, snap) in [("full", &full), ("diff", &diff)] {
             let before = count(&serial);
-            let v = spawn(vmm, &sock)?;
+            let v = spawn(vmm, &sock, &vmm_log)?;
             let t = Instant::now();
             v.client.restore(snap, true)?;
             fig.add("vmm", &format!("restore {label}: call"), ms(t.elapsed()));
@@ -228,6 +235,13 @@ fn inner(
         }
     }
     fig.print();
+    // Where the time of each restore and snapshot went, from the VMMs' own logs.
+    for l in fs::read_to_string(&vmm_log)?
+        .lines()
+        .filter(|l| l.contains("restore built") || l.contains("guest memory"))
+    {
+        println!("VMMLOG {}", l.split_once("INFO ").map_or(l, |(_, r)| r));
+    }
     Ok(())
 }
 
@@ -242,7 +256,8 @@ fn firecracker_round(
     round: u32,
     fig: &mut Figures,
 ) -> Result<()> {
-    let sock = dir.join("fc.sock");
+    // Not in `dir`: sockets cannot live on the test host's 9p work directory.
+    let sock = std::env::temp_dir().join(format!("apibench-fc-{}.sock", std::process::id()));
     let console = dir.join("fc-console.log");
     let cfg = dir.join("fc-config.json");
     let _ = fs::remove_file(&console);
@@ -364,11 +379,11 @@ fn outer(cli: &Cli) -> Result<()> {
     if out.status != 0 {
         bail!("apibench failed:\n{}", out.output);
     }
-    for l in out
-        .output
-        .lines()
-        .filter(|l| l.starts_with("LATENCY") || l.starts_with("FIGURE"))
-    {
+    for l in out.output.lines().filter(|l| {
+        ["LATENCY", "FIGURE", "VMMLOG"]
+            .iter()
+            .any(|p| l.starts_with(p))
+    }) {
         println!("{l}");
     }
     Ok(())

@@ -2,8 +2,10 @@
 //!
 //! A full snapshot writes the pages the host holds for the guest (the page map says which: a
 //! page never touched is not read at all) that are not all zero; the rest are holes. A diff
-//! snapshot writes every page written since the VM's last snapshot or restore, zero or not,
-//! and lists them; it restores on top of its base.
+//! snapshot writes every page written since the VM's last snapshot or restore, zero or not;
+//! it restores on top of its base. Both list the pages they stored in `state.json`, so that
+//! restore reads only those whatever the file system (one without SEEK_DATA, such as 9p,
+//! would otherwise hand back every hole as data).
 //!
 //! Restore reads the file into fresh guest RAM (huge-page aligned and advised, as at boot)
 //! rather than mapping it: only the data the file holds is read (holes are skipped), and the
@@ -94,9 +96,11 @@ pub struct Region {
     pub size: u64,
     /// Offset in the memory file.
     pub file_offset: u64,
-    /// A diff's pages: runs `[first page, pages]` of the region, each stored at its own
-    /// place in the file (`file_offset + first page * 4096`). Absent in a full snapshot,
-    /// whose holes are zeroes.
+    /// The pages stored: runs `[first page, pages]` of the region, each at its own place in
+    /// the file (`file_offset + first page * 4096`). A full snapshot's runs may span a few
+    /// zero pages (holes); a diff's are exactly the pages written since its base. Restore
+    /// reads only these, on any file system. Format 2 snapshots have none: restore reads the
+    /// file's data extents.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pages: Option<Vec<[u64; 2]>>,
 }
@@ -144,6 +148,7 @@ pub fn save(mem: &GuestMemoryMmap, path: &Path, kind: Kind) -> Result<Vec<Region
                 .map_err(file_err(Path::new("/proc/self/pagemap")))?,
             Err(_) => vec![(0, len.div_ceil(PAGE))],
         };
+        let mut stored = Runs::default();
         for &(first, count) in &runs {
             let mut done = 0usize;
             let bytes = (count * PAGE).min(len - first * PAGE);
@@ -155,11 +160,23 @@ pub fn save(mem: &GuestMemoryMmap, path: &Path, kind: Kind) -> Result<Vec<Region
                         addr: start + at,
                         source,
                     })?;
-                written += match kind {
-                    Kind::Diff => file.write_all_at(&buf[..n], offset + at).map(|()| n as u64),
-                    Kind::Full => write_nonzero(&file, &buf[..n], offset + at),
+                let first_page = first + done / PAGE;
+                match kind {
+                    Kind::Diff => {
+                        file.write_all_at(&buf[..n], offset + at)
+                            .map_err(file_err(path))?;
+                        stored.add(first_page, n.div_ceil(PAGE), 0);
+                        written += n as u64;
+                    }
+                    Kind::Full => {
+                        for (p, c) in
+                            write_nonzero(&file, &buf[..n], offset + at).map_err(file_err(path))?
+                        {
+                            stored.add(first_page + p, c, MERGE_GAP);
+                            written += (c * PAGE) as u64;
+                        }
+                    }
                 }
-                .map_err(file_err(path))?;
                 examined += n as u64;
                 done += n;
             }
@@ -168,8 +185,7 @@ pub fn save(mem: &GuestMemoryMmap, path: &Path, kind: Kind) -> Result<Vec<Region
             guest_addr: start,
             size,
             file_offset: offset,
-            pages: (kind == Kind::Diff)
-                .then(|| runs.iter().map(|&(f, c)| [f as u64, c as u64]).collect()),
+            pages: Some(stored.0),
         });
         offset += size;
     }
@@ -186,10 +202,30 @@ pub fn save(mem: &GuestMemoryMmap, path: &Path, kind: Kind) -> Result<Vec<Region
     Ok(regions)
 }
 
-/// Writes the pages of `buf` that are not all zero, consecutive ones in one write; returns the
-/// bytes written.
-fn write_nonzero(file: &File, buf: &[u8], at: u64) -> io::Result<u64> {
-    let mut written = 0;
+/// Pages of a region as runs `[first, count]`, in order.
+#[derive(Default)]
+struct Runs(Vec<[u64; 2]>);
+
+impl Runs {
+    /// Adds `count` pages from `first`, joining the last run when at most `gap` pages lie
+    /// between them.
+    fn add(&mut self, first: usize, count: usize, gap: usize) {
+        let (first, count, gap) = (first as u64, count as u64, gap as u64);
+        match self.0.last_mut() {
+            Some([f, c]) if *f + *c + gap >= first => *c = first + count - *f,
+            _ => self.0.push([first, count]),
+        }
+    }
+}
+
+/// Zero pages a full snapshot's list of stored pages may span between two runs (holes read
+/// back as the zeroes they are): keeps the list short.
+const MERGE_GAP: usize = 16;
+
+/// Writes the pages of `buf` that are not all zero, consecutive ones in one write; returns
+/// them as runs `(first page in buf, pages)`.
+fn write_nonzero(file: &File, buf: &[u8], at: u64) -> io::Result<Vec<(usize, usize)>> {
+    let mut written = Vec::new();
     let mut run: Option<usize> = None;
     let pages = buf.len().div_ceil(PAGE);
     for i in 0..=pages {
@@ -202,7 +238,7 @@ fn write_nonzero(file: &File, buf: &[u8], at: u64) -> io::Result<u64> {
             (false, Some(s)) => {
                 let end = (i * PAGE).min(buf.len());
                 file.write_all_at(&buf[s * PAGE..end], at + (s * PAGE) as u64)?;
-                written += (end - s * PAGE) as u64;
+                written.push((s, i - s));
                 run = None;
             }
             _ => {}
@@ -405,7 +441,9 @@ mod tests {
             .unwrap();
         let dir = tempfile::tempdir().unwrap();
         let regions = save(&mem, &dir.path().join("memory"), Kind::Full).unwrap();
-        assert!(regions.iter().all(|r| r.pages.is_none()));
+        // Pages 5-8 (the sevens), not the zero page 40; the last page of the second region.
+        assert_eq!(regions[0].pages, Some(vec![[5, 4]]));
+        assert_eq!(regions[1].pages, Some(vec![[31, 1]]));
         let meta = std::fs::metadata(dir.path().join("memory")).unwrap();
         assert_eq!(meta.len(), 96 * PAGE as u64);
         // 4 pages of sevens and one with "top" (file systems may allocate a little more).
@@ -419,6 +457,34 @@ mod tests {
         for r in back.iter() {
             assert_eq!(r.as_ptr() as usize % ram::HUGE_PAGE, 0);
         }
+        // A format 2 snapshot lists nothing: its file's data extents are read instead.
+        let unlisted: Vec<Region> = regions
+            .iter()
+            .map(|r| Region {
+                pages: None,
+                ..r.clone()
+            })
+            .collect();
+        let back = restore(&[layer(dir.path(), "memory", &unlisted)]).unwrap();
+        assert_eq!(contents(&back), contents(&mem));
+    }
+
+    #[test]
+    fn runs_join_across_small_gaps_only_when_asked() {
+        let mut r = Runs::default();
+        r.add(0, 2, MERGE_GAP);
+        r.add(2, 1, MERGE_GAP);
+        r.add(3 + MERGE_GAP, 1, MERGE_GAP);
+        r.add(5 + 2 * MERGE_GAP, 1, MERGE_GAP);
+        assert_eq!(
+            r.0,
+            vec![[0, 4 + MERGE_GAP as u64], [5 + 2 * MERGE_GAP as u64, 1]]
+        );
+        let mut exact = Runs::default();
+        exact.add(0, 1, 0);
+        exact.add(2, 1, 0);
+        exact.add(3, 2, 0);
+        assert_eq!(exact.0, vec![[0, 1], [2, 3]]);
     }
 
     #[test]
