@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# VMM API figures in one test host run: ping/info latency, create→boot through the API,
-# snapshot size and time of a 512 MiB guest, restore→running next to a cold boot.
-# Usage: benches/api-compare.sh [ROUNDS]
+# VMM API figures in one test host run: ping/info latency, create→boot through the API, full
+# and diff snapshot time and size of a 512 MiB guest, restore→next guest tick from each; with
+# FIRECRACKER= (benches/build-peers.sh prints the line) Firecracker's in the same rounds.
+# Usage: [FIRECRACKER=...] benches/api-compare.sh [ROUNDS]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 cargo build --release --bins

@@ -65,7 +65,20 @@ impl Firecracker {
     /// Sends one request; fails on any status but 2xx, with Firecracker's message.
     pub fn call(&self, method: &str, path: &str, body: &Value) -> Result<()> {
         let body = body.to_string();
-        let mut s = UnixStream::connect(&self.sock).context("firecracker API socket")?;
+        // The socket file appears at bind(), a moment before Firecracker listens on it.
+        let t = Instant::now();
+        let mut s = loop {
+            match UnixStream::connect(&self.sock) {
+                Ok(s) => break s,
+                Err(e)
+                    if e.kind() == std::io::ErrorKind::ConnectionRefused
+                        && t.elapsed() < Duration::from_secs(10) =>
+                {
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+                Err(e) => return Err(e).context("firecracker API socket"),
+            }
+        };
         s.set_read_timeout(Some(Duration::from_secs(300)))?;
         write!(
             s,
