@@ -168,7 +168,7 @@ type Figure = (
 fn inner(cli: &Cli, guests: &[String]) -> Result<()> {
     let guests: Vec<(&str, &str)> = guests
         .iter()
-        .map(|g| g.split_once('=').context("--guest NAME=IP"))
+        .map(|g| g.rsplit_once('=').context("--guest NAME=IP"))
         .collect::<Result<_>>()?;
     let bytes = cli.mib << 20;
     let (trips, conns) = (cli.round_trips, cli.connections);
