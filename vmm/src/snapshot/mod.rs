@@ -256,8 +256,8 @@ fn load(dir: &Path) -> Result<State, Error> {
     Ok(state)
 }
 
-/// The memory of the snapshot in `dir` (`memory`, on `base` for a diff) as layers: the full snapshot at
-/// the bottom of its chain first, then each diff on it in order.
+/// The memory of the snapshot in `dir` (`memory`, on `base` for a diff) as layers: the full
+/// snapshot at the bottom of its chain first, then each diff on it in order.
 fn memory_layers(
     dir: &Path,
     memory: Vec<memory::Region>,
