@@ -24,7 +24,7 @@ const PRESENT: u64 = 1 << 63;
 const SWAPPED: u64 = 1 << 62;
 /// Page map entry: written since the last soft-dirty clear.
 const SOFT_DIRTY: u64 = 1 << 55;
-/// Entries read per `pread` (512 KiB of entries, 1 GiB of memory).
+/// Entries read per `pread` (512 KiB of entries, for 256 MiB of memory).
 const BATCH: usize = 1 << 16;
 
 /// The page map of this process.
