@@ -106,9 +106,3 @@ pub fn round_trips(connect: Connect<'_>, n: u32) -> Result<f64> {
     }
     Ok(f64::from(n) / start.elapsed().as_secs_f64())
 }
-
-/// The median of `v` (not empty).
-pub fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    v[v.len() / 2]
-}

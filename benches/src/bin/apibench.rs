@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 use lightbyte_benches::fcapi::{self, Firecracker};
+use lightbyte_benches::timing::median;
 use lightbyte_tests::artifacts;
 use lightbyte_tests::guest::{sh_quote, Boot};
 use lightbyte_tests::paths::binary;
@@ -58,11 +59,6 @@ enum Inner {
         #[arg(long)]
         firecracker: Option<PathBuf>,
     },
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    v[v.len() / 2]
 }
 
 fn pct(mut v: Vec<f64>, p: f64) -> f64 {
@@ -171,9 +167,9 @@ fn inner(
     let info = lat(&|| v.client.info().map(|_| ()).map_err(Into::into))?;
     println!(
         "LATENCY ping median {:.3} ms p99 {:.3} ms; info median {:.3} ms p99 {:.3} ms ({requests} requests each)",
-        median(ping.clone()),
+        median(&mut ping.clone()),
         pct(ping, 0.99),
-        median(info.clone()),
+        median(&mut info.clone()),
         pct(info, 0.99)
     );
     stop_idle(v)?;
@@ -324,7 +320,7 @@ impl Figures {
         for (who, what, vals) in &self.0 {
             println!(
                 "FIGURE {who} | {what} | {:.1} (median of {})",
-                median(vals.clone()),
+                median(&mut vals.clone()),
                 vals.len()
             );
         }

@@ -16,7 +16,8 @@ use std::process::ExitCode;
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use lightbyte_benches::peers::{cloud_hypervisor_cmd, firecracker_cmd, qemu_cmd};
-use lightbyte_benches::streams::{self, median, Stream};
+use lightbyte_benches::streams::{self, Stream};
+use lightbyte_benches::timing::median;
 use lightbyte_tests::artifacts::{self, Artifacts};
 use lightbyte_tests::guest::{sh_quote, Boot};
 use lightbyte_tests::paths::binary;
@@ -210,7 +211,7 @@ fn inner(cli: &Cli, guests: &[String]) -> Result<()> {
                 values[i].push(measure(&c).with_context(|| format!("{figure} on {name}"))?);
             }
         }
-        let m: Vec<f64> = values.into_iter().map(median).collect();
+        let m: Vec<f64> = values.iter_mut().map(|v| median(v)).collect();
         let mut row = format!("| {figure} |");
         for v in &m {
             row.push_str(&format!(" {v:.0} |"));

@@ -15,7 +15,8 @@ use std::process::ExitCode;
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
-use lightbyte_benches::streams::{self, median, Stream};
+use lightbyte_benches::streams::{self, Stream};
+use lightbyte_benches::timing::median;
 use lightbyte_tests::artifacts;
 use lightbyte_tests::guest::{sh_quote, Boot, JAIL_ID};
 use lightbyte_tests::paths::binary;
@@ -100,7 +101,7 @@ fn inner(socket: &Path, mib: u64, rounds: u32, connections: u32) -> Result<()> {
             v.push(f(&vsock, bytes)?);
             t.push(f(&tcp, bytes)?);
         }
-        let (v, t) = (median(v), median(t));
+        let (v, t) = (median(&mut v), median(&mut t));
         println!("| {name} | {v:.0} | {t:.0} | {:.2} |", v / t);
     }
     let (mut v, mut t) = (Vec::new(), Vec::new());
@@ -108,7 +109,7 @@ fn inner(socket: &Path, mib: u64, rounds: u32, connections: u32) -> Result<()> {
         v.push(streams::setup_rate(&vsock, connections)?);
         t.push(streams::setup_rate(&tcp, connections)?);
     }
-    let (v, t) = (median(v), median(t));
+    let (v, t) = (median(&mut v), median(&mut t));
     println!(
         "| connection setup (connections/s) | {v:.0} | {t:.0} | {:.2} |",
         v / t

@@ -248,23 +248,24 @@ fn write_nonzero(file: &File, buf: &[u8], at: u64) -> io::Result<Vec<(usize, usi
 }
 
 /// One snapshot's memory: its file and layout.
-pub struct Layer<'a> {
+#[derive(Debug)]
+pub struct Layer {
     /// The memory file.
     pub path: PathBuf,
     /// Its regions.
-    pub regions: &'a [Region],
+    pub regions: Vec<Region>,
 }
 
 /// Reads guest memory back from `layers`, a full snapshot first and the diffs taken after it
 /// in order, into fresh guest RAM.
-pub fn restore(layers: &[Layer<'_>]) -> Result<GuestMemoryMmap, MemoryError> {
+pub fn restore(layers: &[Layer]) -> Result<GuestMemoryMmap, MemoryError> {
     let started = std::time::Instant::now();
     let mut read_bytes = 0u64;
     let top = layers
         .last()
         .ok_or_else(|| MemoryError::Regions("no snapshot".into()))?;
     let mut mapped = Vec::with_capacity(top.regions.len());
-    for r in top.regions {
+    for r in &top.regions {
         let len =
             usize::try_from(r.size).map_err(|_| MemoryError::Regions("region too large".into()))?;
         let region = ram::aligned_anonymous(len)
@@ -409,10 +410,10 @@ mod tests {
         out
     }
 
-    fn layer<'a>(dir: &Path, name: &str, regions: &'a [Region]) -> Layer<'a> {
+    fn layer(dir: &Path, name: &str, regions: &[Region]) -> Layer {
         Layer {
             path: dir.join(name),
-            regions,
+            regions: regions.to_vec(),
         }
     }
 

@@ -221,15 +221,13 @@ pub fn save(
 /// Marks guest memory clean, so that the next diff holds only what is written from now on.
 /// False when it cannot be (diffs then need a new full snapshot first).
 fn mark_clean() -> bool {
-    let result = memory_map().and_then(|m| m.clear_soft_dirty().map_err(|e| e.to_string()));
+    let result = crate::vstate::pagemap::get()
+        .map_err(str::to_string)
+        .and_then(|m| m.clear_soft_dirty().map_err(|e| e.to_string()));
     if let Err(e) = &result {
         tracing::debug!(error = %e, "guest memory not marked clean: no diff snapshots");
     }
     result.is_ok()
-}
-
-fn memory_map() -> Result<&'static crate::vstate::pagemap::PageMap, String> {
-    crate::vstate::pagemap::get().map_err(str::to_string)
 }
 
 /// Reads and checks `state.json` in `dir`.
@@ -262,8 +260,11 @@ fn memory_layers(
     dir: &Path,
     memory: Vec<memory::Region>,
     base: Option<PathBuf>,
-) -> Result<Vec<(PathBuf, Vec<memory::Region>)>, Error> {
-    let mut chain = vec![(dir.join(MEMORY_FILE), memory)];
+) -> Result<Vec<memory::Layer>, Error> {
+    let mut chain = vec![memory::Layer {
+        path: dir.join(MEMORY_FILE),
+        regions: memory,
+    }];
     let mut next = base.map(|b| (dir.to_path_buf(), b));
     while let Some((child, base)) = next {
         if chain.len() > MAX_CHAIN {
@@ -276,7 +277,10 @@ fn memory_layers(
             path: child.clone(),
             reason: format!("its base {}: {e}", base.display()),
         })?;
-        chain.push((base.join(MEMORY_FILE), state.memory));
+        chain.push(memory::Layer {
+            path: base.join(MEMORY_FILE),
+            regions: state.memory,
+        });
         next = state.base.map(|b| (base, b));
     }
     chain.reverse();
@@ -329,6 +333,6 @@ mod tests {
         // A full snapshot is one layer of its own.
         let layers = memory_layers(dir.path(), Vec::new(), None).unwrap();
         assert_eq!(layers.len(), 1);
-        assert_eq!(layers[0].0, dir.path().join(MEMORY_FILE));
+        assert_eq!(layers[0].path, dir.path().join(MEMORY_FILE));
     }
 }

@@ -30,13 +30,6 @@ pub fn restore(dir: &Path) -> Result<(VmConfig, RunningVm, Option<PathBuf>), Err
     config::validate(cfg, u32::from(MAX_CPUS)).map_err(crate::builder::Error::from)?;
     let host = HostResources::open(cfg)?;
     timer.step("state_and_files");
-    let layers: Vec<memory::Layer<'_>> = layers
-        .iter()
-        .map(|(path, regions)| memory::Layer {
-            path: path.clone(),
-            regions,
-        })
-        .collect();
     let memory = memory::restore(&layers)?;
     timer.step("memory");
     let mut vm = create_vm(&host.kvm, memory)?;
