@@ -125,12 +125,13 @@ async fn images_are_pushed_checked_pulled_once_verified_and_collected() {
     );
     let broken = tokio::task::spawn_blocking(move || {
         let mut s = TcpStream::connect(addr).unwrap();
-        write!(
-            s,
+        // The server may answer and close before all of this is written (EPIPE): what
+        // counts is that nothing is stored, so write errors are not the test's failure.
+        let request = format!(
             "PUT {path} HTTP/1.1\r\nHost: x\r\nContent-Length: 1000000\r\n\r\nonly a little"
-        )
-        .unwrap();
-        s.shutdown(std::net::Shutdown::Write).unwrap();
+        );
+        let _ = s.write_all(request.as_bytes());
+        let _ = s.shutdown(std::net::Shutdown::Write);
         let mut out = String::new();
         let _ = s.read_to_string(&mut out);
         out
