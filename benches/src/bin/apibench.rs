@@ -51,6 +51,9 @@ enum Inner {
         cmdline: String,
         #[arg(long)]
         dir: PathBuf,
+        /// Where snapshots are written (the test host's own disk: its work directory is 9p).
+        #[arg(long)]
+        snapshots: PathBuf,
         #[arg(long)]
         requests: u32,
         #[arg(long)]
@@ -132,10 +135,12 @@ fn inner(
     initramfs: &Path,
     cmdline: &str,
     dir: &Path,
+    snapshots: &Path,
     requests: u32,
     rounds: u32,
     firecracker: Option<&Path>,
 ) -> Result<()> {
+    fs::create_dir_all(snapshots)?;
     let sock = std::env::temp_dir().join(format!("apibench-{}.sock", std::process::id()));
     let serial = dir.join("serial.log");
     let vmm_log = dir.join("vmm.log");
@@ -183,8 +188,8 @@ fn inner(
         wait_marker(&serial, "TICK", 3)?;
         fig.add("vmm", "cold boot to 3rd tick", ms(t.elapsed()));
         // A full snapshot, two more ticks, then a diff on it.
-        let full = dir.join(format!("snap-{round}"));
-        let diff = dir.join(format!("diff-{round}"));
+        let full = snapshots.join(format!("snap-{round}"));
+        let diff = snapshots.join(format!("diff-{round}"));
         for d in [&full, &diff] {
             let _ = fs::remove_dir_all(d);
         }
@@ -227,7 +232,7 @@ fn inner(
         fs::remove_dir_all(&full)?;
         fs::remove_dir_all(&diff)?;
         if let Some(fc) = firecracker {
-            firecracker_round(fc, &config, dir, round, &mut fig)?;
+            firecracker_round(fc, &config, dir, snapshots, round, &mut fig)?;
         }
     }
     fig.print();
@@ -249,6 +254,7 @@ fn firecracker_round(
     fc: &Path,
     config: &VmConfig,
     dir: &Path,
+    snapshots: &Path,
     round: u32,
     fig: &mut Figures,
 ) -> Result<()> {
@@ -269,7 +275,7 @@ fn firecracker_round(
     let vm = Firecracker::spawn(fc, &sock, Some(&cfg), &console)?;
     wait_marker(&console, "TICK", 3)?;
     fig.add("firecracker", "cold boot to 3rd tick", ms(t.elapsed()));
-    let snap = dir.join(format!("fc-{round}"));
+    let snap = snapshots.join(format!("fc-{round}"));
     let _ = fs::remove_dir_all(&snap);
     fs::create_dir_all(&snap)?;
     let (state, mem) = (snap.join("state"), snap.join("memory"));
@@ -356,7 +362,9 @@ fn outer(cli: &Cli) -> Result<()> {
         .run("i=0; while :; do echo TICK $i; i=$((i+1)); sleep 0.2; done");
     let me = std::env::current_exe()?;
     let script = format!(
-        "{me} inner --vmm {vmm} --kernel {k} --initramfs {i} --cmdline {c} --dir {d} --requests {r} --rounds {n}\n",
+        "{scratch}{me} inner --vmm {vmm} --kernel {k} --initramfs {i} --cmdline {c} --dir {d} \
+         --snapshots $SCRATCH/apibench --requests {r} --rounds {n}\n",
+        scratch = host.scratch_setup(),
         me = sh_quote(&me.display().to_string()),
         vmm = sh_quote(&binary("vmm")?.display().to_string()),
         k = sh_quote(&a.minimal_vmlinux.display().to_string()),
@@ -394,6 +402,7 @@ fn main() -> ExitCode {
             initramfs,
             cmdline,
             dir,
+            snapshots,
             requests,
             rounds,
             firecracker,
@@ -403,6 +412,7 @@ fn main() -> ExitCode {
             initramfs,
             cmdline,
             dir,
+            snapshots,
             *requests,
             *rounds,
             firecracker.as_deref(),

@@ -1,7 +1,9 @@
 //! `blkbench`: block throughput and IOPS with fio, side by side in one test host: fio on the test
 //! host against the image file (the physical limit), fio in a guest under vmm (virtio-blk, raw,
-//! O_DIRECT, io_uring), and fio in the same guest under QEMU (virtio-blk-pci, cache=none,
-//! aio=io_uring). Prints a table with vmm/host and vmm/QEMU ratios.
+//! O_DIRECT, io_uring), in the same guest under QEMU (virtio-blk-pci, cache=none, aio=io_uring)
+//! and, when `CLOUD_HYPERVISOR=` names its binary, Cloud Hypervisor (`direct=on`). Firecracker
+//! (`FIRECRACKER=`) cannot open a disk with O_DIRECT, so it is compared with a second vmm run
+//! through the page cache as well (both on io_uring). Prints a table with the ratios.
 
 use std::fs;
 use std::process::ExitCode;
@@ -55,6 +57,42 @@ fn run(cli: Cli) -> Result<()> {
         timeout: 120 + 12 * cli.runtime,
     };
     let guest_job = job_file("/dev/vdb", cli.runtime, &JOBS);
+    let env = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
+    // (results file, table heading, script running it), in the order they run.
+    let mut guests: Vec<(&str, &str, String)> = vec![
+        (
+            "vmm.log",
+            "vmm",
+            g.vmm(&guest_job, "$BENCH", "raw", &q(&dir.join("vmm.log"))),
+        ),
+        (
+            "qemu.log",
+            "QEMU",
+            g.qemu(&guest_job, "$BENCH", "raw", &q(&dir.join("qemu.log"))),
+        ),
+    ];
+    if let Some(ch) = env("CLOUD_HYPERVISOR") {
+        let log = q(&dir.join("ch.log"));
+        guests.push((
+            "ch.log",
+            "Cloud Hypervisor",
+            g.cloud_hypervisor(&ch, &guest_job, "$BENCH", &log),
+        ));
+    }
+    if let Some(fc) = env("FIRECRACKER") {
+        let log = q(&dir.join("vmm-cached.log"));
+        guests.push((
+            "vmm-cached.log",
+            "vmm, page cache",
+            g.vmm_cached(&guest_job, "$BENCH", &log),
+        ));
+        let (log, config) = (q(&dir.join("fc.log")), q(&dir.join("fc.json")));
+        guests.push((
+            "fc.log",
+            "Firecracker, page cache",
+            g.firecracker(&fc, &guest_job, "$BENCH", &config, &log),
+        ));
+    }
     let mut script = host.scratch_setup();
     script.push_str(&format!(
         "BENCH=$SCRATCH/bench.raw\n\
@@ -63,21 +101,23 @@ fn run(cli: Cli) -> Result<()> {
            dd if=/dev/urandom of=$BENCH bs=1M count={mib} conv=fsync status=none; fi\n\
          cat > {hostjob} <<'JOB'\n{host_job}JOB\n\
          sed -i \"s|^filename=.*|filename=$BENCH|\" {hostjob}\n\
-         echo '== host' >&2; fio --output-format=json {hostjob} > {hostout} 2>&1\n\
-         echo '== vmm' >&2\n{vmm}\
-         echo '== qemu' >&2\n{qemu}",
+         echo '== host' >&2; fio --output-format=json {hostjob} > {hostout} 2>&1\n",
         bytes = u64::from(cli.size_mib) << 20,
         mib = cli.size_mib,
         hostjob = q(&dir.join("host.fio")),
         host_job = job_file("HOST", cli.runtime, &JOBS),
         hostout = q(&dir.join("host.json")),
-        vmm = g.vmm(&guest_job, "$BENCH", "raw", &q(&dir.join("vmm.log"))),
-        qemu = g.qemu(&guest_job, "$BENCH", "raw", &q(&dir.join("qemu.log"))),
     ));
+    for (_, name, run) in &guests {
+        script.push_str(&format!(
+            "echo {} >&2\n{run}",
+            sh_quote(&format!("== {name}"))
+        ));
+    }
     let out = host.run(
         "blkbench",
         &script,
-        Duration::from_secs(600 + 30 * u64::from(cli.runtime)),
+        Duration::from_secs(600 + 30 * guests.len() as u64 * u64::from(cli.runtime)),
     )?;
     if out.status != 0 {
         bail!("benchmark scenario failed:\n{}", out.output);
@@ -86,23 +126,63 @@ fn run(cli: Cli) -> Result<()> {
         let text = fs::read_to_string(dir.join(name))?;
         report(&text).with_context(|| format!("{name}:\n{text}"))
     };
-    let (h, v, qm) = (read("host.json")?, read("vmm.log")?, read("qemu.log")?);
+    let h = read("host.json")?;
+    let results = guests
+        .iter()
+        .map(|(file, name, _)| Ok((*file, *name, read(file)?)))
+        .collect::<Result<Vec<_>>>()?;
+    // Ratios: vmm against the host and every O_DIRECT peer, vmm through the page cache against
+    // Firecracker.
+    let pairs: Vec<(&str, &str)> = results
+        .iter()
+        .filter_map(|(file, _, _)| match *file {
+            "vmm.log" | "vmm-cached.log" => None,
+            "fc.log" => Some(("vmm-cached.log", "fc.log")),
+            peer => Some(("vmm.log", peer)),
+        })
+        .collect();
+    let value = |file: &str, job: &Job| -> Result<f64> {
+        let (_, _, v) = results
+            .iter()
+            .find(|(f, _, _)| *f == file)
+            .context(file.to_string())?;
+        figure(v, job)
+    };
+    let name = |file: &'static str| -> &'static str {
+        results
+            .iter()
+            .find(|(f, _, _)| *f == file)
+            .map_or(file, |r| r.1)
+    };
     println!(
-        "Block I/O, raw image on the test host's ext4 scratch disk, O_DIRECT everywhere, fio libaio, \
-         {}s per job, 1 vCPU guests, one test host, one run",
+        "Block I/O, raw image on the test host's ext4 scratch disk, fio libaio O_DIRECT in the \
+         guest, {}s per job, 1 vCPU guests, one test host, one run",
         cli.runtime
     );
-    println!("| job | host | vmm | QEMU | vmm/host | vmm/QEMU |");
-    println!("|---|---|---|---|---|---|");
+    let mut head = String::from("| job | host |");
+    let mut rule = String::from("|---|---|");
+    for (_, n, _) in &results {
+        head.push_str(&format!(" {n} |"));
+        rule.push_str("---|");
+    }
+    head.push_str(" vmm/host |");
+    rule.push_str("---|");
+    for (ours, peer) in &pairs {
+        head.push_str(&format!(" {} / {} |", name(ours), name(peer)));
+        rule.push_str("---|");
+    }
+    println!("{head}\n{rule}");
     for job in &JOBS {
-        let (hf, vf, qf) = (figure(&h, job)?, figure(&v, job)?, figure(&qm, job)?);
-        let unit = job.metric.unit();
-        println!(
-            "| {} ({unit}) | {hf:.0} | {vf:.0} | {qf:.0} | {:.2} | {:.2} |",
-            job.name,
-            vf / hf,
-            vf / qf
-        );
+        let hf = figure(&h, job)?;
+        let mut row = format!("| {} ({}) | {hf:.0} |", job.name, job.metric.unit());
+        for (file, _, _) in &results {
+            row.push_str(&format!(" {:.0} |", value(file, job)?));
+        }
+        row.push_str(&format!(" {:.2} |", value("vmm.log", job)? / hf));
+        for (ours, peer) in &pairs {
+            row.push_str(&format!(" {:.2} |", value(ours, job)? / value(peer, job)?));
+        }
+        println!("{row}");
     }
     Ok(())
 }
