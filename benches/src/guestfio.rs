@@ -76,11 +76,13 @@ impl GuestFio {
     }
 
     /// The same under Cloud Hypervisor (`ch`; virtio-blk-pci, `direct=on`), raw `disk` only.
+    /// Its own log lines go to `LOG.err`: they would land inside fio's JSON. The image type is
+    /// given: an autodetected raw image refuses writes to sector 0.
     pub fn cloud_hypervisor(&self, ch: &str, job: &str, disk: &str, log: &str) -> String {
         format!(
             "timeout {t} {ch} --kernel {k} --cmdline {c} --cpus boot=1 --memory size=512M \
-             --disk path={root},readonly=on path={disk},direct=on \
-             --serial tty --console off > {log} 2>&1\n",
+             --disk path={root},readonly=on,image_type=raw path={disk},direct=on,image_type=raw \
+             --serial tty --console off > {log} 2> {log}.err\n",
             t = self.timeout,
             ch = sh_quote(ch),
             k = sh_quote(&self.vmlinux),

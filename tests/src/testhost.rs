@@ -211,14 +211,11 @@ impl Host {
         // polling with no timer armed, the test host's vCPU halted — a one-shot expiry that
         // never came leaves nothing to wake it. A periodic tick also runs the test host's
         // timers (those of the nested guests' LAPICs included) at every tick.
-        // tsc=reliable: TCG offers no invariant TSC, so the test host's clocksource watchdog
-        // checks its TSC against the HPET, and under load it can call the TSC unstable. KVM
-        // then re-bases each nested guest's TSC at every vCPU load ("the guest may stand still
-        // or run very slowly", says KVM's source). That is what a CI guest stalled in `sleep 1`
-        // looked like: its snapshot held a TSC of 0 and a TSC deadline 1.3e12 cycles ahead,
-        // its kvmclock stamped at TSC 0 (not proven to be the cause). loglevel=5 puts the
-        // test host's warnings (a clocksource marked unstable among them) in its console log,
-        // which a failed scenario prints.
+        // tsc=reliable: TCG offers no invariant TSC, so the clocksource watchdog would check the
+        // test host's TSC against the HPET and could call it unstable under load; KVM then
+        // re-bases nested guests' TSCs at every vCPU load, which can make them stand still.
+        // loglevel=5 puts the test host's warnings (KVM's TSC complaints among them) in its
+        // console log, which a failed scenario prints. See also the TSC wait in its /init.
         let append = format!(
             "console=ttyS0 quiet loglevel=5 tsc=reliable panic=-1 mitigations=off nohz=off highres=off \
              lbwork={} lbagent={}",
