@@ -39,6 +39,32 @@ const JOBS: [Job; 6] = [
     Job::new("rand-write-4k-qd32", "randwrite", "4k", 32, Metric::Iops),
 ];
 
+/// Index of vmm's own (O_DIRECT) run among the guests: the first.
+const OURS: usize = 0;
+
+/// One guest run of the comparison.
+struct Guest {
+    /// Its console log (fio's JSON) in the work directory.
+    file: &'static str,
+    /// Its column heading.
+    name: &'static str,
+    /// The run of ours it is compared with, for a peer.
+    against: Option<usize>,
+    /// The shell lines running it.
+    run: String,
+}
+
+impl Guest {
+    fn new(file: &'static str, name: &'static str, against: Option<usize>, run: String) -> Self {
+        Guest {
+            file,
+            name,
+            against,
+            run,
+        }
+    }
+}
+
 fn run(cli: Cli) -> Result<()> {
     let host = testhost::shared()?;
     let a = artifacts::get()?;
@@ -58,39 +84,35 @@ fn run(cli: Cli) -> Result<()> {
     };
     let guest_job = job_file("/dev/vdb", cli.runtime, &JOBS);
     let env = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
-    // (results file, table heading, script running it), in the order they run.
-    let mut guests: Vec<(&str, &str, String)> = vec![
-        (
+    let log = |file: &str| q(&dir.join(file));
+    let mut guests = vec![
+        Guest::new(
             "vmm.log",
             "vmm",
-            g.vmm(&guest_job, "$BENCH", "raw", &q(&dir.join("vmm.log"))),
+            None,
+            g.vmm(&guest_job, "$BENCH", "raw", &log("vmm.log")),
         ),
-        (
+        Guest::new(
             "qemu.log",
             "QEMU",
-            g.qemu(&guest_job, "$BENCH", "raw", &q(&dir.join("qemu.log"))),
+            Some(OURS),
+            g.qemu(&guest_job, "$BENCH", "raw", &log("qemu.log")),
         ),
     ];
     if let Some(ch) = env("CLOUD_HYPERVISOR") {
-        let log = q(&dir.join("ch.log"));
-        guests.push((
-            "ch.log",
-            "Cloud Hypervisor",
-            g.cloud_hypervisor(&ch, &guest_job, "$BENCH", &log),
-        ));
+        let run = g.cloud_hypervisor(&ch, &guest_job, "$BENCH", &log("ch.log"));
+        guests.push(Guest::new("ch.log", "Cloud Hypervisor", Some(OURS), run));
     }
     if let Some(fc) = env("FIRECRACKER") {
-        let log = q(&dir.join("vmm-cached.log"));
-        guests.push((
-            "vmm-cached.log",
-            "vmm, page cache",
-            g.vmm_cached(&guest_job, "$BENCH", &log),
-        ));
-        let (log, config) = (q(&dir.join("fc.log")), q(&dir.join("fc.json")));
-        guests.push((
+        let cached = guests.len();
+        let run = g.vmm_cached(&guest_job, "$BENCH", &log("vmm-cached.log"));
+        guests.push(Guest::new("vmm-cached.log", "vmm, page cache", None, run));
+        let run = g.firecracker(&fc, &guest_job, "$BENCH", &log("fc.json"), &log("fc.log"));
+        guests.push(Guest::new(
             "fc.log",
             "Firecracker, page cache",
-            g.firecracker(&fc, &guest_job, "$BENCH", &config, &log),
+            Some(cached),
+            run,
         ));
     }
     let mut script = host.scratch_setup();
@@ -104,14 +126,15 @@ fn run(cli: Cli) -> Result<()> {
          echo '== host' >&2; fio --output-format=json {hostjob} > {hostout} 2>&1\n",
         bytes = u64::from(cli.size_mib) << 20,
         mib = cli.size_mib,
-        hostjob = q(&dir.join("host.fio")),
+        hostjob = log("host.fio"),
         host_job = job_file("HOST", cli.runtime, &JOBS),
-        hostout = q(&dir.join("host.json")),
+        hostout = log("host.json"),
     ));
-    for (_, name, run) in &guests {
+    for guest in &guests {
         script.push_str(&format!(
-            "echo {} >&2\n{run}",
-            sh_quote(&format!("== {name}"))
+            "echo {} >&2\n{}",
+            sh_quote(&format!("== {}", guest.name)),
+            guest.run
         ));
     }
     let out = host.run(
@@ -129,31 +152,15 @@ fn run(cli: Cli) -> Result<()> {
     let h = read("host.json")?;
     let results = guests
         .iter()
-        .map(|(file, name, _)| Ok((*file, *name, read(file)?)))
+        .map(|guest| read(guest.file))
         .collect::<Result<Vec<_>>>()?;
-    // Ratios: vmm against the host and every O_DIRECT peer, vmm through the page cache against
-    // Firecracker.
-    let pairs: Vec<(&str, &str)> = results
+    // Ratios: vmm against the host, and each peer's pair (vmm, or vmm through the page cache
+    // for Firecracker) against it.
+    let pairs: Vec<(usize, usize)> = guests
         .iter()
-        .filter_map(|(file, _, _)| match *file {
-            "vmm.log" | "vmm-cached.log" => None,
-            "fc.log" => Some(("vmm-cached.log", "fc.log")),
-            peer => Some(("vmm.log", peer)),
-        })
+        .enumerate()
+        .filter_map(|(peer, guest)| guest.against.map(|ours| (ours, peer)))
         .collect();
-    let value = |file: &str, job: &Job| -> Result<f64> {
-        let (_, _, v) = results
-            .iter()
-            .find(|(f, _, _)| *f == file)
-            .context(file.to_string())?;
-        figure(v, job)
-    };
-    let name = |file: &'static str| -> &'static str {
-        results
-            .iter()
-            .find(|(f, _, _)| *f == file)
-            .map_or(file, |r| r.1)
-    };
     println!(
         "Block I/O, raw image on the test host's ext4 scratch disk, fio libaio O_DIRECT in the \
          guest, {}s per job, 1 vCPU guests, one test host, one run",
@@ -161,26 +168,30 @@ fn run(cli: Cli) -> Result<()> {
     );
     let mut head = String::from("| job | host |");
     let mut rule = String::from("|---|---|");
-    for (_, n, _) in &results {
-        head.push_str(&format!(" {n} |"));
+    for guest in &guests {
+        head.push_str(&format!(" {} |", guest.name));
         rule.push_str("---|");
     }
     head.push_str(" vmm/host |");
     rule.push_str("---|");
-    for (ours, peer) in &pairs {
-        head.push_str(&format!(" {} / {} |", name(ours), name(peer)));
+    for &(ours, peer) in &pairs {
+        head.push_str(&format!(" {} / {} |", guests[ours].name, guests[peer].name));
         rule.push_str("---|");
     }
     println!("{head}\n{rule}");
     for job in &JOBS {
         let hf = figure(&h, job)?;
+        let values = results
+            .iter()
+            .map(|r| figure(r, job))
+            .collect::<Result<Vec<_>>>()?;
         let mut row = format!("| {} ({}) | {hf:.0} |", job.name, job.metric.unit());
-        for (file, _, _) in &results {
-            row.push_str(&format!(" {:.0} |", value(file, job)?));
+        for v in &values {
+            row.push_str(&format!(" {v:.0} |"));
         }
-        row.push_str(&format!(" {:.2} |", value("vmm.log", job)? / hf));
-        for (ours, peer) in &pairs {
-            row.push_str(&format!(" {:.2} |", value(ours, job)? / value(peer, job)?));
+        row.push_str(&format!(" {:.2} |", values[OURS] / hf));
+        for &(ours, peer) in &pairs {
+            row.push_str(&format!(" {:.2} |", values[ours] / values[peer]));
         }
         println!("{row}");
     }
