@@ -146,6 +146,7 @@ pub struct RunningVm {
     power_button: PowerButton,
     pci: Arc<Mutex<PciRoot>>,
     cpus: u8,
+    memory_loader: Option<crate::snapshot::Loader>,
 }
 
 fn get(a: &AtomicU64) -> u64 {
@@ -168,7 +169,20 @@ impl RunningVm {
             power_button: parts.power_button,
             pci: parts.pci,
             cpus: parts.cpus,
+            memory_loader: None,
         }
+    }
+
+    /// Hands over the loader still bringing a restored VM's memory in.
+    pub fn set_memory_loader(&mut self, loader: Option<crate::snapshot::Loader>) {
+        self.memory_loader = loader;
+    }
+
+    /// Blocks until guest memory is all in (at once but for a VM restored moments ago).
+    pub fn memory_loaded(&self) -> Result<(), String> {
+        self.memory_loader
+            .as_ref()
+            .map_or(Ok(()), |l| l.wait().map(|_| ()))
     }
 
     /// Presses the ACPI power button once. A guest that handles it shuts down and powers off,

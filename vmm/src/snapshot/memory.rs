@@ -25,6 +25,7 @@ use vm_memory::{
     GuestRegionMmap,
 };
 
+use super::plan::Plan;
 use crate::vstate::pagemap::{self, PAGE};
 use crate::vstate::ram;
 
@@ -80,7 +81,7 @@ impl MemoryError {
     }
 }
 
-fn file_err(path: &Path) -> impl FnOnce(io::Error) -> MemoryError + '_ {
+pub(super) fn file_err(path: &Path) -> impl FnOnce(io::Error) -> MemoryError + '_ {
     move |source| MemoryError::File {
         path: path.to_path_buf(),
         source,
@@ -256,105 +257,64 @@ pub struct Layer {
     pub regions: Vec<Region>,
 }
 
-/// Reads guest memory back from `layers`, a full snapshot first and the diffs taken after it
-/// in order, into fresh guest RAM.
-pub fn restore(layers: &[Layer]) -> Result<GuestMemoryMmap, MemoryError> {
-    let started = std::time::Instant::now();
-    let mut read_bytes = 0u64;
-    let top = layers
-        .last()
-        .ok_or_else(|| MemoryError::Regions("no snapshot".into()))?;
-    let mut mapped = Vec::with_capacity(top.regions.len());
-    for r in &top.regions {
+/// Fresh guest RAM for the regions of `plan` (huge-page aligned and advised, as at boot), zero.
+pub fn allocate(plan: &Plan) -> Result<GuestMemoryMmap, MemoryError> {
+    let mut mapped = Vec::with_capacity(plan.regions.len());
+    for r in &plan.regions {
         let len =
             usize::try_from(r.size).map_err(|_| MemoryError::Regions("region too large".into()))?;
         let region = ram::aligned_anonymous(len)
             .map_err(|e| MemoryError::Regions(format!("allocating {len} bytes: {e}")))?;
         mapped.push(
             GuestRegionMmap::new(region, GuestAddress(r.guest_addr)).ok_or_else(|| {
-                MemoryError::Layout {
-                    path: top.path.clone(),
-                    addr: r.guest_addr,
-                    reason: "overflows the address space",
-                }
+                MemoryError::Regions(format!(
+                    "region at {:#x} overflows the address space",
+                    r.guest_addr
+                ))
             })?,
         );
     }
-    for layer in layers {
-        let file = File::open(&layer.path).map_err(file_err(&layer.path))?;
-        let file_len = file.metadata().map_err(file_err(&layer.path))?.len();
-        let layout = |addr, reason| MemoryError::Layout {
-            path: layer.path.clone(),
-            addr,
-            reason,
-        };
-        if layer.regions.len() != top.regions.len() {
-            return Err(layout(
-                0,
-                "has another memory layout than the snapshots after it",
-            ));
-        }
-        for (r, dest) in layer.regions.iter().zip(&mapped) {
-            if r.guest_addr != dest.start_addr().raw_value() || r.size != dest.len() {
-                return Err(layout(
-                    r.guest_addr,
-                    "has another memory layout than the snapshots after it",
-                ));
-            }
-            if r.file_offset
-                .checked_add(r.size)
-                .is_none_or(|end| end > file_len)
-            {
-                return Err(layout(r.guest_addr, "lies past the end of the memory file"));
-            }
-            // SAFETY: the region was mapped read-write for `r.size` bytes just above and
-            // nothing else (no vCPU, no device) uses it yet.
-            let ram = unsafe { std::slice::from_raw_parts_mut(dest.as_ptr(), dest.len() as usize) };
-            let mut read = |from: u64, to: u64| -> Result<(), MemoryError> {
-                let dst = &mut ram[(from - r.file_offset) as usize..(to - r.file_offset) as usize];
-                read_bytes += to - from;
-                file.read_exact_at(dst, from).map_err(file_err(&layer.path))
-            };
-            match &r.pages {
-                None => {
-                    for (from, to) in data_extents(&file, r.file_offset, r.file_offset + r.size)
-                        .map_err(file_err(&layer.path))?
-                    {
-                        read(from, to)?;
-                    }
-                }
-                Some(runs) => {
-                    for &[first, count] in runs {
-                        let range = first
-                            .checked_add(count)
-                            .and_then(|end| end.checked_mul(PAGE as u64))
-                            .filter(|end| *end <= r.size.next_multiple_of(PAGE as u64))
-                            .ok_or_else(|| {
-                                layout(r.guest_addr, "lists pages outside the region")
-                            })?;
-                        let from = r.file_offset + first * PAGE as u64;
-                        let to = r.file_offset + range.min(r.size);
-                        // A run past a region whose size is not whole pages holds nothing.
-                        if from < to {
-                            read(from, to)?;
-                        }
-                    }
-                }
-            }
+    GuestMemoryMmap::from_regions(mapped).map_err(|e| MemoryError::Regions(e.to_string()))
+}
+
+/// Reads every page `plan` lists into `mem` (made by [`allocate`] for it, not yet used by
+/// anything else).
+pub fn read_all(plan: &Plan, mem: &GuestMemoryMmap) -> Result<(), MemoryError> {
+    let started = std::time::Instant::now();
+    for (r, dest) in plan.regions.iter().zip(mem.iter()) {
+        // SAFETY: the region was mapped read-write for its length by `allocate` and nothing
+        // else (no vCPU, no device) uses it yet.
+        let ram = unsafe { std::slice::from_raw_parts_mut(dest.as_ptr(), dest.len() as usize) };
+        for s in &r.segments {
+            let (path, file) = &plan.files[s.file];
+            let dst = &mut ram[s.offset as usize..(s.offset + s.len) as usize];
+            file.read_exact_at(dst, s.file_offset)
+                .map_err(file_err(path))?;
         }
     }
     tracing::info!(
-        layers = layers.len(),
-        read_kib = read_bytes >> 10,
+        layers = plan.files.len(),
+        read_kib = plan.bytes() >> 10,
         ms = started.elapsed().as_millis() as u64,
         "guest memory read"
     );
-    GuestMemoryMmap::from_regions(mapped).map_err(|e| MemoryError::Regions(e.to_string()))
+    Ok(())
+}
+
+/// Reads guest memory back from `layers`, a full snapshot first and the diffs taken after it
+/// in order, into fresh guest RAM (what [`super::lazy::restore`] does when it cannot load in
+/// the background).
+#[cfg(test)]
+pub fn restore(layers: &[Layer]) -> Result<GuestMemoryMmap, MemoryError> {
+    let plan = super::plan::resolve(layers)?;
+    let mem = allocate(&plan)?;
+    read_all(&plan, &mem)?;
+    Ok(mem)
 }
 
 /// The data ranges of `file` between `from` and `to` (holes left out). A file system that
 /// cannot tell reports everything as data, which reads holes as the zeroes they are.
-fn data_extents(file: &File, from: u64, to: u64) -> io::Result<Vec<(u64, u64)>> {
+pub(super) fn data_extents(file: &File, from: u64, to: u64) -> io::Result<Vec<(u64, u64)>> {
     let fd = file.as_raw_fd();
     let seek = |pos: u64, whence| -> io::Result<Option<u64>> {
         // SAFETY: lseek on a descriptor we own moves only its offset, which nothing else uses

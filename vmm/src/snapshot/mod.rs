@@ -12,7 +12,9 @@
 //! [`crate::devices::pci::persist`]), and virtio queues resume at the used index found in guest
 //! memory, which is where a quiesced device stands.
 
+mod lazy;
 mod memory;
+mod plan;
 mod restore;
 
 use std::fs;
@@ -22,6 +24,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+pub use self::lazy::Loader;
 pub use self::memory::MemoryError;
 pub use self::restore::restore;
 use crate::config::VmConfig;
@@ -187,6 +190,9 @@ pub fn save(
         return Err(Error::Exists(dir.to_path_buf()));
     }
     let dir = fs::canonicalize(dir).map_err(io(dir))?;
+    // A VM restored moments ago may still be loading its memory: the page map must see all of it.
+    vm.memory_loaded()
+        .map_err(|e| Error::Memory(MemoryError::Regions(e)))?;
     let captured = vm.capture()?;
     let kind = match base {
         Some(_) => memory::Kind::Diff,

@@ -7,7 +7,7 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use super::{load, mark_clean, memory, memory_layers, Error};
+use super::{lazy, load, mark_clean, memory_layers, Error};
 use crate::builder::step_timer::StepTimer;
 use crate::builder::steps::{
     attach_devices, create_vcpus, create_vm, exit_channel, start, vcpu_control, HostResources,
@@ -30,7 +30,7 @@ pub fn restore(dir: &Path) -> Result<(VmConfig, RunningVm, Option<PathBuf>), Err
     config::validate(cfg, u32::from(MAX_CPUS)).map_err(crate::builder::Error::from)?;
     let host = HostResources::open(cfg)?;
     timer.step("state_and_files");
-    let memory = memory::restore(&layers)?;
+    let (memory, loader) = lazy::restore(&layers)?;
     timer.step("memory");
     let mut vm = create_vm(&host.kvm, memory)?;
     vm.restore(&state.vm)
@@ -70,7 +70,7 @@ pub fn restore(dir: &Path) -> Result<(VmConfig, RunningVm, Option<PathBuf>), Err
     // restore holds only what changes from here.
     let base = mark_clean().then(|| dir.clone());
     timer.step("device_state");
-    let running = start(
+    let mut running = start(
         cfg,
         Arc::new(vm),
         devices,
@@ -79,6 +79,7 @@ pub fn restore(dir: &Path) -> Result<(VmConfig, RunningVm, Option<PathBuf>), Err
         exit,
         events,
     )?;
+    running.set_memory_loader(loader);
     timer.step("start");
     timer.done();
     Ok((state.config.clone(), running, base))

@@ -1,0 +1,511 @@
+//! Restoring guest memory while the guest runs: the restored VM starts at once and its memory
+//! arrives behind it, a page the guest (or a device) touches first jumping the queue.
+//!
+//! Guest RAM is fresh anonymous memory registered with a userfaultfd in "missing" mode. A loader
+//! thread copies the snapshot's pages in (`UFFDIO_COPY`), in address order, a chunk at a time;
+//! between chunks it serves the faults waiting on the descriptor: a page the snapshot holds is
+//! copied in with its neighbours, a page it does not hold is mapped zero. Once every stored page
+//! is in, the loader unregisters the memory (the kernel zero-fills what is left, as for any
+//! anonymous memory; transparent huge pages can form again) and ends.
+//!
+//! Why not map the files: a private file mapping restores as fast, but the guest then runs on
+//! 4 KiB copy-on-write pages faulted in one at a time from the files, for good (see `memory`).
+//! Why not the `vm-memory` machinery: it has no notion of memory that fills in later.
+//!
+//! Snapshots of a VM still loading wait for the loader ([`Loader::wait`]): the page map would
+//! not show pages that are not in yet.
+
+use std::os::unix::fs::FileExt;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+
+use userfaultfd::{Event, Uffd, UffdBuilder};
+use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+
+use super::memory::{self, Layer, MemoryError};
+use super::plan::{self, Plan};
+use crate::vstate::pagemap::PAGE;
+
+/// Bytes copied per step in address order; faults are served between steps.
+const CHUNK: u64 = 1 << 20;
+/// Bytes copied around a page the guest is waiting for (its aligned window, what of it is not
+/// in yet): the guest tends to touch its neighbours next.
+const FAULT_WINDOW: u64 = 64 << 10;
+
+/// The end of a loader: `None` while it runs, then its outcome (faults served, or why it
+/// failed).
+type Outcome = Mutex<Option<Result<u64, String>>>;
+
+/// A running loader.
+#[derive(Debug, Clone)]
+pub struct Loader {
+    done: Arc<(Outcome, Condvar)>,
+    /// While set, the loader serves faults only (tests hold it to see faults served).
+    hold: Arc<AtomicBool>,
+}
+
+impl Loader {
+    /// Blocks until every stored page is in guest memory; how many faults the loader served,
+    /// or its error.
+    pub fn wait(&self) -> Result<u64, String> {
+        let (lock, cond) = &*self.done;
+        let mut done = lock.lock().unwrap_or_else(|e| e.into_inner());
+        loop {
+            if let Some(outcome) = &*done {
+                return outcome.clone();
+            }
+            done = cond.wait(done).unwrap_or_else(|e| e.into_inner());
+        }
+    }
+
+    fn finish(&self, outcome: Result<u64, String>) {
+        let (lock, cond) = &*self.done;
+        *lock.lock().unwrap_or_else(|e| e.into_inner()) = Some(outcome);
+        cond.notify_all();
+    }
+}
+
+/// Guest memory restored from `layers`: loading in the background when this process may use a
+/// userfaultfd (with the loader), else read whole before returning.
+pub fn restore(layers: &[Layer]) -> Result<(GuestMemoryMmap, Option<Loader>), MemoryError> {
+    restore_held(layers, false)
+}
+
+/// [`restore`], the loader serving faults only until `hold` is released (tests).
+fn restore_held(
+    layers: &[Layer],
+    hold: bool,
+) -> Result<(GuestMemoryMmap, Option<Loader>), MemoryError> {
+    let plan = plan::resolve(layers)?;
+    let mem = memory::allocate(&plan)?;
+    let uffd = match open_registered(&mem) {
+        Ok(uffd) => uffd,
+        Err(why) => {
+            tracing::debug!(%why, "guest memory read before the VM runs");
+            memory::read_all(&plan, &mem)?;
+            return Ok((mem, None));
+        }
+    };
+    let ranges: Vec<Range> = mem
+        .iter()
+        .map(|r| Range {
+            host: r.as_ptr() as u64,
+            len: r.len(),
+        })
+        .collect();
+    let loader = Loader {
+        done: Arc::new((Mutex::new(None), Condvar::new())),
+        hold: Arc::new(AtomicBool::new(hold)),
+    };
+    let handle = loader.clone();
+    std::thread::Builder::new()
+        .name("memory-loader".into())
+        .spawn(move || {
+            let started = std::time::Instant::now();
+            let outcome = Load::new(&uffd, &plan, ranges).run(&handle.hold);
+            match &outcome {
+                Ok(served) => tracing::info!(
+                    read_kib = plan.bytes() >> 10,
+                    faults_served = served,
+                    ms = started.elapsed().as_millis() as u64,
+                    "guest memory loaded"
+                ),
+                Err(e) => {
+                    // The guest waits on pages that will never come: nothing can run it.
+                    tracing::error!(error = %e, "restoring guest memory failed; the VM cannot go on");
+                    eprintln!("vmm: restoring guest memory failed: {e}");
+                    std::process::exit(1);
+                }
+            }
+            handle.finish(outcome);
+        })
+        .map_err(|e| MemoryError::Regions(format!("starting the memory loader: {e}")))?;
+    Ok((mem, Some(loader)))
+}
+
+/// A userfaultfd with every region of `mem` registered for missing-page faults.
+fn open_registered(mem: &GuestMemoryMmap) -> Result<Uffd, String> {
+    // Faults raised by KVM for the guest happen in the kernel: the descriptor must see those
+    // too (not "user mode only"), which takes privilege (CAP_SYS_PTRACE) or the
+    // vm.unprivileged_userfaultfd sysctl. A jailed VMM's filters do not allow the call at all.
+    if crate::jail::seccomp::active() {
+        return Err("the jail's system-call filter does not allow userfaultfd".into());
+    }
+    let uffd = UffdBuilder::new()
+        .close_on_exec(true)
+        .non_blocking(true)
+        .user_mode_only(false)
+        .create()
+        .map_err(|e| format!("userfaultfd: {e}"))?;
+    for r in mem.iter() {
+        let ioctls = uffd
+            .register(r.as_ptr().cast(), r.len() as usize)
+            .map_err(|e| format!("registering guest memory with userfaultfd: {e}"))?;
+        let needed = userfaultfd::IoctlFlags::COPY | userfaultfd::IoctlFlags::ZEROPAGE;
+        if !ioctls.contains(needed) {
+            return Err(format!(
+                "userfaultfd offers {ioctls:?}, not copy and zero page"
+            ));
+        }
+    }
+    Ok(uffd)
+}
+
+/// A registered host range (a guest RAM region).
+#[derive(Clone, Copy, Debug)]
+struct Range {
+    host: u64,
+    len: u64,
+}
+
+/// The loader's state: what is in, where the ordered copy has got to.
+struct Load<'a> {
+    uffd: &'a Uffd,
+    plan: &'a Plan,
+    ranges: Vec<Range>,
+    /// Per region, per page: copied in (stored pages) or mapped zero (the others).
+    present: Vec<Vec<bool>>,
+    buf: Vec<u8>,
+    served: u64,
+}
+
+impl<'a> Load<'a> {
+    fn new(uffd: &'a Uffd, plan: &'a Plan, ranges: Vec<Range>) -> Self {
+        let present = ranges
+            .iter()
+            .map(|r| vec![false; r.len.div_ceil(PAGE as u64) as usize])
+            .collect();
+        Load {
+            uffd,
+            plan,
+            ranges,
+            present,
+            buf: vec![0; CHUNK.max(FAULT_WINDOW) as usize],
+            served: 0,
+        }
+    }
+
+    /// Copies every stored page in, serving faults first; returns how many faults it served.
+    fn run(mut self, hold: &AtomicBool) -> Result<u64, String> {
+        while hold.load(Ordering::Acquire) {
+            self.serve_faults()?;
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        for region in 0..self.plan.regions.len() {
+            for segment in 0..self.plan.regions[region].segments.len() {
+                let s = self.plan.regions[region].segments[segment];
+                let mut at = s.offset;
+                while at < s.offset + s.len {
+                    self.serve_faults()?;
+                    let end = (at + CHUNK).min(s.offset + s.len);
+                    self.copy_missing(region, at, end)?;
+                    at = end;
+                }
+            }
+        }
+        self.serve_faults()?;
+        // Unregistering wakes whoever still waits on a page no snapshot holds; the kernel then
+        // fills it with zeroes itself.
+        for r in &self.ranges {
+            self.uffd
+                .unregister(r.host as *mut _, r.len as usize)
+                .map_err(|e| format!("unregistering guest memory: {e}"))?;
+        }
+        Ok(self.served)
+    }
+
+    /// Serves every fault waiting now.
+    fn serve_faults(&mut self) -> Result<(), String> {
+        while let Some(event) = self
+            .uffd
+            .read_event()
+            .map_err(|e| format!("reading userfaultfd: {e}"))?
+        {
+            if let Event::Pagefault { addr, .. } = event {
+                self.served += 1;
+                self.serve(addr as u64)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn serve(&mut self, addr: u64) -> Result<(), String> {
+        let Some(region) = self
+            .ranges
+            .iter()
+            .position(|r| r.host <= addr && addr < r.host + r.len)
+        else {
+            return Err(format!("a fault at {addr:#x}, outside guest memory"));
+        };
+        let offset = (addr - self.ranges[region].host) & !(PAGE as u64 - 1);
+        let page = (offset / PAGE as u64) as usize;
+        let host = self.ranges[region].host + offset;
+        if self.present[region][page] {
+            // Copied in after the fault was raised: the waiter only needs waking.
+            return self
+                .uffd
+                .wake(host as *mut _, PAGE)
+                .map_err(|e| format!("waking a fault at {addr:#x}: {e}"));
+        }
+        match self.plan.regions[region].segment_at(offset).copied() {
+            Some(s) => {
+                let from = (offset & !(FAULT_WINDOW - 1)).max(s.offset);
+                let to = ((offset | (FAULT_WINDOW - 1)) + 1).min(s.offset + s.len);
+                self.copy_missing(region, from, to)
+            }
+            None => {
+                // SAFETY: `host` is a page of a registered guest RAM region, not mapped yet.
+                match unsafe { self.uffd.zeropage(host as *mut _, PAGE, true) } {
+                    Ok(_) => {}
+                    // Two threads waited on the page: the first fault's answer mapped it.
+                    Err(userfaultfd::Error::ZeropageFailed(e)) if e as i32 == libc::EEXIST => {
+                        self.uffd
+                            .wake(host as *mut _, PAGE)
+                            .map_err(|e| format!("waking a fault at {addr:#x}: {e}"))?;
+                    }
+                    Err(e) => return Err(format!("mapping a zero page at {addr:#x}: {e}")),
+                }
+                self.present[region][page] = true;
+                Ok(())
+            }
+        }
+    }
+
+    /// Copies the pages of `region` between the offsets `from` and `to` (inside one segment)
+    /// that are not in yet, consecutive ones in one read and one copy.
+    fn copy_missing(&mut self, region: usize, from: u64, to: u64) -> Result<(), String> {
+        let mut at = from;
+        while at < to {
+            let page = |o: u64| (o / PAGE as u64) as usize;
+            if self.present[region][page(at)] {
+                at += PAGE as u64;
+                continue;
+            }
+            let mut end = at + PAGE as u64;
+            while end < to && !self.present[region][page(end)] {
+                end += PAGE as u64;
+            }
+            let end = end.min(to);
+            self.copy(region, at, end)?;
+            for p in page(at)..page(end.next_multiple_of(PAGE as u64)) {
+                self.present[region][p] = true;
+            }
+            at = end;
+        }
+        Ok(())
+    }
+
+    /// Reads the snapshot's bytes for `from..to` of `region` and copies them in, waking whoever
+    /// waits on them.
+    fn copy(&mut self, region: usize, from: u64, to: u64) -> Result<(), String> {
+        let s = self.plan.regions[region]
+            .segment_at(from)
+            .copied()
+            .ok_or_else(|| format!("no stored page at {from:#x}"))?;
+        let (path, file) = &self.plan.files[s.file];
+        let len = (to - from) as usize;
+        // A region whose size is not whole pages ends in a partial page: copy whole pages,
+        // the rest of the last one zero.
+        let whole = len.next_multiple_of(PAGE);
+        self.buf[len..whole].fill(0);
+        file.read_exact_at(&mut self.buf[..len], s.file_offset + (from - s.offset))
+            .map_err(|e| format!("{}: {e}", path.display()))?;
+        let host = self.ranges[region].host + from;
+        let mut done = 0;
+        while done < whole {
+            // SAFETY: the destination pages belong to a registered guest RAM region and are
+            // not mapped yet (the present map says so, and only this thread maps them); the
+            // source is our buffer, `whole` bytes long.
+            let copied = unsafe {
+                self.uffd.copy(
+                    self.buf[done..].as_ptr().cast(),
+                    (host + done as u64) as *mut _,
+                    whole - done,
+                    true,
+                )
+            };
+            match copied {
+                Ok(n) => done += n,
+                // The address space changed under the copy: go on from where it stopped.
+                Err(userfaultfd::Error::PartiallyCopied(n)) => done += n,
+                Err(e) => {
+                    return Err(format!(
+                        "copying guest memory at {:#x}: {e}",
+                        self.plan.regions[region].guest_addr + from + done as u64
+                    ))
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::fs::File;
+    use std::path::Path;
+
+    use vm_memory::{Bytes, GuestAddress};
+
+    use super::*;
+    use crate::snapshot::memory::Region;
+
+    const P: u64 = PAGE as u64;
+    /// Two regions as below and above the PCI hole; the second spans several loader chunks.
+    const REGIONS: [(u64, u64); 2] = [(0, 64 * P), (1 << 30, 4 * CHUNK / P * P)];
+
+    fn page_byte(layer: u8, region: usize, page: u64) -> u8 {
+        layer
+            .wrapping_mul(100)
+            .wrapping_add(region as u8 * 50)
+            .wrapping_add(page as u8)
+            | 1
+    }
+
+    /// A memory file for `runs` per region (the regions back to back), each stored page filled
+    /// with its own byte; `zero_pages` are stored as zeroes.
+    fn write_layer(
+        dir: &Path,
+        name: &str,
+        layer: u8,
+        runs: [&[[u64; 2]]; 2],
+        zero: &[u64],
+    ) -> Layer {
+        let path = dir.join(name);
+        let file = File::create(&path).unwrap();
+        let mut regions = Vec::new();
+        let mut offset = 0;
+        for (i, (&(guest_addr, size), runs)) in REGIONS.iter().zip(runs).enumerate() {
+            for &[first, count] in runs {
+                for page in first..first + count {
+                    let byte = if zero.contains(&page) {
+                        0
+                    } else {
+                        page_byte(layer, i, page)
+                    };
+                    file.write_all_at(&[byte; PAGE], offset + page * P).unwrap();
+                }
+            }
+            regions.push(Region {
+                guest_addr,
+                size,
+                file_offset: offset,
+                pages: Some(runs.to_vec()),
+            });
+            offset += size;
+        }
+        file.set_len(offset).unwrap();
+        Layer { path, regions }
+    }
+
+    fn byte_at(mem: &GuestMemoryMmap, addr: u64) -> u8 {
+        mem.read_obj(GuestAddress(addr)).unwrap()
+    }
+
+    fn expect_loader(loader: &Option<Loader>) {
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } == 0 {
+            assert!(
+                loader.is_some(),
+                "root may use a userfaultfd: memory must load lazily"
+            );
+        }
+    }
+
+    #[test]
+    fn a_chain_arrives_whole_with_faults_served_before_the_ordered_copy() {
+        let dir = tempfile::tempdir().unwrap();
+        let last = REGIONS[1].1 / P - 1;
+        let base = write_layer(
+            dir.path(),
+            "base",
+            1,
+            [&[[0, 40]], &[[0, 10], [300, last - 299]]],
+            &[],
+        );
+        // The diff changes pages, zeroes one, adds one the base did not hold.
+        let diff = write_layer(
+            dir.path(),
+            "diff",
+            2,
+            [&[[5, 2], [50, 1]], &[[400, 3]]],
+            &[401],
+        );
+        let (mem, loader) = restore_held(&[base, diff], true).unwrap();
+        expect_loader(&loader);
+        let hi = REGIONS[1].0;
+        // Far ahead of the ordered copy: the fault is served on the spot.
+        assert_eq!(byte_at(&mem, hi + last * P + 7), page_byte(1, 1, last));
+        // A page no snapshot holds reads zero; a write to a page still on its way lands on the
+        // snapshot's page, not under it.
+        assert_eq!(byte_at(&mem, hi + 200 * P), 0);
+        mem.write_obj(0xeeu8, GuestAddress(hi + 900 * P + 1))
+            .unwrap();
+        if let Some(l) = &loader {
+            l.hold.store(false, Ordering::Release);
+            assert!(
+                l.wait().unwrap() >= 3,
+                "three faults served before the ordered copy"
+            );
+        }
+        let expect = |region: usize, page: u64| -> u8 {
+            match (region, page) {
+                (0, 5..=6) | (0, 50) => page_byte(2, 0, page),
+                (0, 0..=39) => page_byte(1, 0, page),
+                (1, 401) => 0,
+                (1, 400..=402) => page_byte(2, 1, page),
+                (1, 0..=9) => page_byte(1, 1, page),
+                (1, p) if p >= 300 => page_byte(1, 1, p),
+                _ => 0,
+            }
+        };
+        for (region, &(at, size)) in REGIONS.iter().enumerate() {
+            for page in 0..size / P {
+                let mut bytes = vec![0u8; PAGE];
+                mem.read_slice(&mut bytes, GuestAddress(at + page * P))
+                    .unwrap();
+                let mut want = vec![expect(region, page); PAGE];
+                if region == 1 && page == 900 {
+                    want[1] = 0xee;
+                }
+                assert!(
+                    bytes == want,
+                    "region {region} page {page}: {:?}…",
+                    &bytes[..4]
+                );
+            }
+        }
+        // Memory stays writable after the loader has let go of it.
+        mem.write_obj(0x55u8, GuestAddress(hi + 250 * P)).unwrap();
+        assert_eq!(byte_at(&mem, hi + 250 * P), 0x55);
+    }
+
+    #[test]
+    fn threads_faulting_together_all_get_their_pages() {
+        let dir = tempfile::tempdir().unwrap();
+        let pages = REGIONS[1].1 / P;
+        let base = write_layer(dir.path(), "base", 3, [&[[0, 64]], &[[0, pages]]], &[]);
+        let (mem, loader) = restore_held(&[base], true).unwrap();
+        expect_loader(&loader);
+        let mem = Arc::new(mem);
+        let threads: Vec<_> = (0..4u64)
+            .map(|t| {
+                let mem = mem.clone();
+                std::thread::spawn(move || {
+                    // Each thread walks the far region backwards, against the ordered copy.
+                    for page in (0..pages).rev().skip(t as usize).step_by(4) {
+                        let got = byte_at(&mem, REGIONS[1].0 + page * P + 100);
+                        assert_eq!(got, page_byte(3, 1, page), "page {page}");
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        if let Some(l) = &loader {
+            l.hold.store(false, Ordering::Release);
+            assert!(l.wait().unwrap() > 0);
+        }
+    }
+}
