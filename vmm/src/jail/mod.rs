@@ -220,6 +220,8 @@ pub fn enter(config: &JailConfig, visible: &[Visible]) -> Result<(), JailError> 
     if let Err(e) = crate::vstate::pagemap::get() {
         tracing::warn!(error = e, "snapshots will scan all of guest memory");
     }
+    // Restores load memory in the background through a userfaultfd made while we may.
+    crate::snapshot::preopen_memory_loader();
     mounts::private_root(visible, config.uid, config.gid)?;
     drop_ids(config.uid, config.gid).map_err(|source| JailError::Ids {
         uid: config.uid,

@@ -123,20 +123,41 @@ fn restore_held(
     Ok((mem, Some(loader)))
 }
 
-/// A userfaultfd with every region of `mem` registered for missing-page faults.
-fn open_registered(mem: &GuestMemoryMmap) -> Result<Uffd, String> {
+/// A userfaultfd made before a jail took this process's privileges ([`preopen`]).
+static PREOPENED: Mutex<Option<Uffd>> = Mutex::new(None);
+
+/// Makes the userfaultfd a later restore loads memory through, while this process may: a
+/// jail's unprivileged ids may not make one that sees the kernel's faults, and its filters do
+/// not allow the call. Without one, restores read memory whole.
+pub fn preopen() {
+    match create() {
+        Ok(uffd) => *PREOPENED.lock().unwrap_or_else(|e| e.into_inner()) = Some(uffd),
+        Err(why) => tracing::debug!(%why, "restores will read guest memory before the VM runs"),
+    }
+}
+
+fn create() -> Result<Uffd, String> {
     // Faults raised by KVM for the guest happen in the kernel: the descriptor must see those
     // too (not "user mode only"), which takes privilege (CAP_SYS_PTRACE) or the
-    // vm.unprivileged_userfaultfd sysctl. A jailed VMM's filters do not allow the call at all.
-    if crate::jail::seccomp::active() {
-        return Err("the jail's system-call filter does not allow userfaultfd".into());
-    }
-    let uffd = UffdBuilder::new()
+    // vm.unprivileged_userfaultfd sysctl.
+    UffdBuilder::new()
         .close_on_exec(true)
         .non_blocking(true)
         .user_mode_only(false)
         .create()
-        .map_err(|e| format!("userfaultfd: {e}"))?;
+        .map_err(|e| format!("userfaultfd: {e}"))
+}
+
+/// A userfaultfd with every region of `mem` registered for missing-page faults.
+fn open_registered(mem: &GuestMemoryMmap) -> Result<Uffd, String> {
+    let preopened = PREOPENED.lock().unwrap_or_else(|e| e.into_inner()).take();
+    let uffd = match preopened {
+        Some(uffd) => uffd,
+        None if crate::jail::seccomp::active() => {
+            return Err("jailed without a userfaultfd made before the jail".into())
+        }
+        None => create()?,
+    };
     for r in mem.iter() {
         let ioctls = uffd
             .register(r.as_ptr().cast(), r.len() as usize)

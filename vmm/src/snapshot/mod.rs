@@ -24,7 +24,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-pub use self::lazy::Loader;
+pub use self::lazy::{preopen as preopen_memory_loader, Loader};
 pub use self::memory::MemoryError;
 pub use self::restore::restore;
 use crate::config::VmConfig;
