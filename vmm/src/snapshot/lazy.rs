@@ -2,11 +2,13 @@
 //! arrives behind it, a page the guest (or a device) touches first jumping the queue.
 //!
 //! Guest RAM is fresh anonymous memory registered with a userfaultfd in "missing" mode. A loader
-//! thread copies the snapshot's pages in (`UFFDIO_COPY`), in address order, a chunk at a time;
-//! between chunks it serves the faults waiting on the descriptor: a page the snapshot holds is
-//! copied in with its neighbours, a page it does not hold is mapped zero. Once every stored page
-//! is in, the loader unregisters the memory (the kernel zero-fills what is left, as for any
-//! anonymous memory; transparent huge pages can form again) and ends.
+//! thread brings the snapshot in by aligned 2 MiB chunks, in address order, serving the faults
+//! waiting on the descriptor between chunks: a fault brings its own chunk in at once. A chunk is
+//! read into a fresh huge-page mapping and moved (`mremap`) over its place in guest RAM, so the
+//! guest runs on huge pages as after a boot (`UFFDIO_COPY` would install 4 KiB pages, which cost
+//! a nested page fault each in the test host: the first version did that, and the guest crawled
+//! until the loader was done). Chunks no snapshot holds are left to the kernel: once every
+//! stored chunk is in, the loader unregisters the memory and ends.
 //!
 //! Why not map the files: a private file mapping restores as fast, but the guest then runs on
 //! 4 KiB copy-on-write pages faulted in one at a time from the files, for good (see `memory`).
@@ -24,13 +26,11 @@ use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 
 use super::memory::{self, Layer, MemoryError};
 use super::plan::{self, Plan};
-use crate::vstate::pagemap::PAGE;
+use crate::vstate::ram;
 
-/// Bytes copied per step in address order; faults are served between steps.
-const CHUNK: u64 = 1 << 20;
-/// Bytes copied around a page the guest is waiting for (its aligned window, what of it is not
-/// in yet): the guest tends to touch its neighbours next.
-const FAULT_WINDOW: u64 = 64 << 10;
+/// Guest memory comes in by aligned huge pages: a fault brings its whole huge page in, the
+/// ordered copy one huge page at a time, serving faults in between.
+const CHUNK: u64 = ram::HUGE_PAGE as u64;
 
 /// The end of a loader: `None` while it runs, then its outcome (faults served, or why it
 /// failed).
@@ -179,54 +179,49 @@ struct Range {
     len: u64,
 }
 
-/// The loader's state: what is in, where the ordered copy has got to.
+/// The loader's state: which chunks are in.
 struct Load<'a> {
     uffd: &'a Uffd,
     plan: &'a Plan,
     ranges: Vec<Range>,
-    /// Per region, per page: copied in (stored pages) or mapped zero (the others).
-    present: Vec<Vec<bool>>,
-    buf: Vec<u8>,
+    /// Per region, per chunk: in.
+    loaded: Vec<Vec<bool>>,
     served: u64,
 }
 
 impl<'a> Load<'a> {
     fn new(uffd: &'a Uffd, plan: &'a Plan, ranges: Vec<Range>) -> Self {
-        let present = ranges
+        let loaded = ranges
             .iter()
-            .map(|r| vec![false; r.len.div_ceil(PAGE as u64) as usize])
+            .map(|r| vec![false; r.len.div_ceil(CHUNK) as usize])
             .collect();
         Load {
             uffd,
             plan,
             ranges,
-            present,
-            buf: vec![0; CHUNK.max(FAULT_WINDOW) as usize],
+            loaded,
             served: 0,
         }
     }
 
-    /// Copies every stored page in, serving faults first; returns how many faults it served.
+    /// Brings every chunk holding stored pages in, serving faults first; returns how many
+    /// faults it served.
     fn run(mut self, hold: &AtomicBool) -> Result<u64, String> {
         while hold.load(Ordering::Acquire) {
             self.serve_faults()?;
             std::thread::sleep(std::time::Duration::from_millis(1));
         }
-        for region in 0..self.plan.regions.len() {
-            for segment in 0..self.plan.regions[region].segments.len() {
-                let s = self.plan.regions[region].segments[segment];
-                let mut at = s.offset;
-                while at < s.offset + s.len {
-                    self.serve_faults()?;
-                    let end = (at + CHUNK).min(s.offset + s.len);
-                    self.copy_missing(region, at, end)?;
-                    at = end;
+        for region in 0..self.ranges.len() {
+            for chunk in 0..self.loaded[region].len() {
+                self.serve_faults()?;
+                if !self.loaded[region][chunk] && self.holds_data(region, chunk) {
+                    self.load(region, chunk)?;
                 }
             }
         }
         self.serve_faults()?;
-        // Unregistering wakes whoever still waits on a page no snapshot holds; the kernel then
-        // fills it with zeroes itself.
+        // Unregistering wakes whoever still waits on a chunk no snapshot holds; the kernel then
+        // fills it with zeroes itself, on a huge page where it can.
         for r in &self.ranges {
             self.uffd
                 .unregister(r.host as *mut _, r.len as usize)
@@ -258,106 +253,85 @@ impl<'a> Load<'a> {
         else {
             return Err(format!("a fault at {addr:#x}, outside guest memory"));
         };
-        let offset = (addr - self.ranges[region].host) & !(PAGE as u64 - 1);
-        let page = (offset / PAGE as u64) as usize;
-        let host = self.ranges[region].host + offset;
-        if self.present[region][page] {
-            // Copied in after the fault was raised: the waiter only needs waking.
+        let chunk = ((addr - self.ranges[region].host) / CHUNK) as usize;
+        if self.loaded[region][chunk] {
+            // Brought in after the fault was raised: the waiter only needs waking.
+            let (host, len) = self.chunk_range(region, chunk);
             return self
                 .uffd
-                .wake(host as *mut _, PAGE)
+                .wake(host as *mut _, len as usize)
                 .map_err(|e| format!("waking a fault at {addr:#x}: {e}"));
         }
-        match self.plan.regions[region].segment_at(offset).copied() {
-            Some(s) => {
-                let from = (offset & !(FAULT_WINDOW - 1)).max(s.offset);
-                let to = ((offset | (FAULT_WINDOW - 1)) + 1).min(s.offset + s.len);
-                self.copy_missing(region, from, to)
-            }
-            None => {
-                // SAFETY: `host` is a page of a registered guest RAM region, not mapped yet.
-                match unsafe { self.uffd.zeropage(host as *mut _, PAGE, true) } {
-                    Ok(_) => {}
-                    // Two threads waited on the page: the first fault's answer mapped it.
-                    Err(userfaultfd::Error::ZeropageFailed(e)) if e as i32 == libc::EEXIST => {
-                        self.uffd
-                            .wake(host as *mut _, PAGE)
-                            .map_err(|e| format!("waking a fault at {addr:#x}: {e}"))?;
-                    }
-                    Err(e) => return Err(format!("mapping a zero page at {addr:#x}: {e}")),
-                }
-                self.present[region][page] = true;
-                Ok(())
-            }
-        }
+        self.load(region, chunk)
     }
 
-    /// Copies the pages of `region` between the offsets `from` and `to` (inside one segment)
-    /// that are not in yet, consecutive ones in one read and one copy.
-    fn copy_missing(&mut self, region: usize, from: u64, to: u64) -> Result<(), String> {
-        let mut at = from;
-        while at < to {
-            let page = |o: u64| (o / PAGE as u64) as usize;
-            if self.present[region][page(at)] {
-                at += PAGE as u64;
-                continue;
-            }
-            let mut end = at + PAGE as u64;
-            while end < to && !self.present[region][page(end)] {
-                end += PAGE as u64;
-            }
-            let end = end.min(to);
-            self.copy(region, at, end)?;
-            for p in page(at)..page(end.next_multiple_of(PAGE as u64)) {
-                self.present[region][p] = true;
-            }
-            at = end;
-        }
-        Ok(())
+    /// Host address and length of a chunk (the last of a region may be short).
+    fn chunk_range(&self, region: usize, chunk: usize) -> (u64, u64) {
+        let r = self.ranges[region];
+        let offset = chunk as u64 * CHUNK;
+        (r.host + offset, CHUNK.min(r.len - offset))
     }
 
-    /// Reads the snapshot's bytes for `from..to` of `region` and copies them in, waking whoever
-    /// waits on them.
-    fn copy(&mut self, region: usize, from: u64, to: u64) -> Result<(), String> {
-        let s = self.plan.regions[region]
-            .segment_at(from)
-            .copied()
-            .ok_or_else(|| format!("no stored page at {from:#x}"))?;
-        let (path, file) = &self.plan.files[s.file];
-        let len = (to - from) as usize;
-        // A region whose size is not whole pages ends in a partial page: copy whole pages,
-        // the rest of the last one zero.
-        let whole = len.next_multiple_of(PAGE);
-        self.buf[len..whole].fill(0);
-        file.read_exact_at(&mut self.buf[..len], s.file_offset + (from - s.offset))
-            .map_err(|e| format!("{}: {e}", path.display()))?;
-        let host = self.ranges[region].host + from;
-        let mut done = 0;
-        while done < whole {
-            // SAFETY: the destination pages belong to a registered guest RAM region and are
-            // not mapped yet (the present map says so, and only this thread maps them); the
-            // source is our buffer, `whole` bytes long.
-            let copied = unsafe {
-                self.uffd.copy(
-                    self.buf[done..].as_ptr().cast(),
-                    (host + done as u64) as *mut _,
-                    whole - done,
-                    true,
+    /// Whether any stored page lies in the chunk.
+    fn holds_data(&self, region: usize, chunk: usize) -> bool {
+        let from = chunk as u64 * CHUNK;
+        let segments = &self.plan.regions[region].segments;
+        let i = segments.partition_point(|s| s.offset + s.len <= from);
+        segments.get(i).is_some_and(|s| s.offset < from + CHUNK)
+    }
+
+    /// Fills a fresh (huge-page) mapping with the chunk's stored bytes, zero elsewhere, moves
+    /// it over the chunk's place in guest RAM and wakes whoever waits there. Moving keeps the
+    /// huge page, which copying into registered memory (`UFFDIO_COPY`, 4 KiB pages only)
+    /// would not; the chunk holds nothing yet (it is loaded once, here), so nothing is lost.
+    fn load(&mut self, region: usize, chunk: usize) -> Result<(), String> {
+        let (host, len) = self.chunk_range(region, chunk);
+        let staging = ram::aligned_anonymous(len as usize)
+            .map_err(|e| format!("mapping {len} bytes to load guest memory into: {e}"))?;
+        let from = chunk as u64 * CHUNK;
+        let plan = &self.plan.regions[region];
+        let first = plan.segments.partition_point(|s| s.offset + s.len <= from);
+        for s in plan.segments[first..]
+            .iter()
+            .take_while(|s| s.offset < from + len)
+        {
+            let start = s.offset.max(from);
+            let end = (s.offset + s.len).min(from + len);
+            let (path, file) = &self.plan.files[s.file];
+            // SAFETY: `staging` is a private read-write mapping of `len` bytes that only this
+            // thread knows about; `start - from .. end - from` lies inside it.
+            let dst = unsafe {
+                std::slice::from_raw_parts_mut(
+                    staging.as_ptr().add((start - from) as usize),
+                    (end - start) as usize,
                 )
             };
-            match copied {
-                Ok(n) => done += n,
-                // The address space changed under the copy: go on from where it stopped.
-                Err(userfaultfd::Error::PartiallyCopied(n)) => done += n,
-                Err(e) => {
-                    return Err(format!(
-                        "copying guest memory at {:#x}: {e}",
-                        self.plan.regions[region].guest_addr + from + done as u64
-                    ))
-                }
-            }
+            file.read_exact_at(dst, s.file_offset + (start - s.offset))
+                .map_err(|e| format!("{}: {e}", path.display()))?;
         }
-        Ok(())
+        // SAFETY: moves our private staging mapping (dropping `staging` never unmaps it) over
+        // `len` bytes of guest RAM that hold no page yet; the guest RAM mapping stays where
+        // vm-memory and KVM know it, its contents now the chunk's.
+        let moved = unsafe {
+            libc::mremap(
+                staging.as_ptr().cast(),
+                len as usize,
+                len as usize,
+                libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED,
+                host as *mut libc::c_void,
+            )
+        };
+        if moved == libc::MAP_FAILED {
+            return Err(format!(
+                "moving loaded memory to guest address {:#x}: {}",
+                plan.guest_addr + from,
+                std::io::Error::last_os_error()
+            ));
+        }
+        self.loaded[region][chunk] = true;
+        self.uffd
+            .wake(host as *mut _, len as usize)
+            .map_err(|e| format!("waking faults at {host:#x}: {e}"))
     }
 }
 
@@ -370,6 +344,7 @@ mod tests {
 
     use super::*;
     use crate::snapshot::memory::Region;
+    use crate::vstate::pagemap::PAGE;
 
     const P: u64 = PAGE as u64;
     /// Two regions as below and above the PCI hole; the second spans several loader chunks.

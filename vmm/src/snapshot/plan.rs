@@ -33,6 +33,7 @@ pub struct RegionPlan {
     pub segments: Vec<Segment>,
 }
 
+#[cfg(test)]
 impl RegionPlan {
     /// The segment holding byte `offset` of the region, if that page holds data.
     pub fn segment_at(&self, offset: u64) -> Option<&Segment> {
