@@ -28,6 +28,9 @@ struct Cli {
     /// Size of the benchmark image in MiB.
     #[arg(long, default_value_t = 256)]
     size_mib: u32,
+    /// Only these jobs (names as in the table, comma-separated); all when not given.
+    #[arg(long, value_delimiter = ',')]
+    jobs: Vec<String>,
 }
 
 const JOBS: [Job; 6] = [
@@ -66,6 +69,19 @@ impl Guest {
 }
 
 fn run(cli: Cli) -> Result<()> {
+    let jobs: Vec<Job> = JOBS
+        .iter()
+        .filter(|j| cli.jobs.is_empty() || cli.jobs.iter().any(|n| n == j.name))
+        .cloned()
+        .collect();
+    if jobs.len() < cli.jobs.len().max(1) {
+        let known: Vec<&str> = JOBS.iter().map(|j| j.name).collect();
+        bail!(
+            "unknown job in {:?}; the jobs are {}",
+            cli.jobs,
+            known.join(", ")
+        );
+    }
     let host = testhost::shared()?;
     let a = artifacts::get()?;
     let rootfs = run_script("benches/guest/build-fio-rootfs.sh", &[])?
@@ -82,7 +98,7 @@ fn run(cli: Cli) -> Result<()> {
         rootfs,
         timeout: 120 + 12 * cli.runtime,
     };
-    let guest_job = job_file("/dev/vdb", cli.runtime, &JOBS);
+    let guest_job = job_file("/dev/vdb", cli.runtime, &jobs);
     let env = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
     let log = |file: &str| q(&dir.join(file));
     let mut guests = vec![
@@ -127,7 +143,7 @@ fn run(cli: Cli) -> Result<()> {
         bytes = u64::from(cli.size_mib) << 20,
         mib = cli.size_mib,
         hostjob = log("host.fio"),
-        host_job = job_file("HOST", cli.runtime, &JOBS),
+        host_job = job_file("HOST", cli.runtime, &jobs),
         hostout = log("host.json"),
     ));
     for guest in &guests {
@@ -179,7 +195,7 @@ fn run(cli: Cli) -> Result<()> {
         rule.push_str("---|");
     }
     println!("{head}\n{rule}");
-    for job in &JOBS {
+    for job in &jobs {
         let hf = figure(&h, job)?;
         let values = results
             .iter()
