@@ -11,7 +11,8 @@
 //! rather than mapping it: only the data the file holds is read (holes are skipped), and the
 //! restored guest runs on huge pages. A copy-on-write mapping of the file restored in no time
 //! but left the guest to fault every 4 KiB page in on its own through KVM, which cost the
-//! first seconds after a restore in the test host.
+//! first seconds after a restore in the test host. Where it can, restore reads in the
+//! background while the guest already runs (`lazy`); [`read_all`] is the way when it cannot.
 
 use std::fs::{File, OpenOptions};
 use std::io;
