@@ -162,11 +162,9 @@ fn open_registered(mem: &GuestMemoryMmap) -> Result<Uffd, String> {
         let ioctls = uffd
             .register(r.as_ptr().cast(), r.len() as usize)
             .map_err(|e| format!("registering guest memory with userfaultfd: {e}"))?;
-        let needed = userfaultfd::IoctlFlags::COPY | userfaultfd::IoctlFlags::ZEROPAGE;
-        if !ioctls.contains(needed) {
-            return Err(format!(
-                "userfaultfd offers {ioctls:?}, not copy and zero page"
-            ));
+        // Chunks are moved in with mremap; waking the waiters is all the descriptor must do.
+        if !ioctls.contains(userfaultfd::IoctlFlags::WAKE) {
+            return Err(format!("userfaultfd offers {ioctls:?}, not wake"));
         }
     }
     Ok(uffd)
