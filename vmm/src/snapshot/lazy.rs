@@ -273,9 +273,10 @@ impl<'a> Load<'a> {
     /// Whether any stored page lies in the chunk.
     fn holds_data(&self, region: usize, chunk: usize) -> bool {
         let from = chunk as u64 * CHUNK;
-        let segments = &self.plan.regions[region].segments;
-        let i = segments.partition_point(|s| s.offset + s.len <= from);
-        segments.get(i).is_some_and(|s| s.offset < from + CHUNK)
+        self.plan.regions[region]
+            .segments_in(from, from + CHUNK)
+            .next()
+            .is_some()
     }
 
     /// Fills a fresh (huge-page) mapping with the chunk's stored bytes, zero elsewhere, moves
@@ -288,11 +289,7 @@ impl<'a> Load<'a> {
             .map_err(|e| format!("mapping {len} bytes to load guest memory into: {e}"))?;
         let from = chunk as u64 * CHUNK;
         let plan = &self.plan.regions[region];
-        let first = plan.segments.partition_point(|s| s.offset + s.len <= from);
-        for s in plan.segments[first..]
-            .iter()
-            .take_while(|s| s.offset < from + len)
-        {
+        for s in plan.segments_in(from, from + len) {
             let start = s.offset.max(from);
             let end = (s.offset + s.len).min(from + len);
             let (path, file) = &self.plan.files[s.file];

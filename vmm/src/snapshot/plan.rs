@@ -33,16 +33,13 @@ pub struct RegionPlan {
     pub segments: Vec<Segment>,
 }
 
-#[cfg(test)]
 impl RegionPlan {
-    /// The segment holding byte `offset` of the region, if that page holds data.
-    pub fn segment_at(&self, offset: u64) -> Option<&Segment> {
-        let i = self
-            .segments
-            .partition_point(|s| s.offset + s.len <= offset);
-        self.segments
-            .get(i)
-            .filter(|s| s.offset <= offset && offset < s.offset + s.len)
+    /// The segments holding any of the region's bytes `from..to`, in address order.
+    pub fn segments_in(&self, from: u64, to: u64) -> impl Iterator<Item = &Segment> {
+        let first = self.segments.partition_point(|s| s.offset + s.len <= from);
+        self.segments[first..]
+            .iter()
+            .take_while(move |s| s.offset < to)
     }
 }
 
@@ -237,9 +234,15 @@ mod tests {
             &vec![at(0, 2, 0), at(2, 2, 1), at(4, 4, 0), at(10, 1, 1)]
         );
         assert_eq!(plan.bytes(), 9 * p);
-        assert_eq!(plan.regions[0].segment_at(3 * p + 5).unwrap().file, 1);
-        assert_eq!(plan.regions[0].segment_at(9 * p), None);
-        assert_eq!(plan.regions[0].segment_at(10 * p).unwrap().len, p);
+        let at_byte = |b: u64| plan.regions[0].segments_in(b, b + 1).next();
+        assert_eq!(at_byte(3 * p + 5).unwrap().file, 1);
+        assert_eq!(at_byte(9 * p), None);
+        assert_eq!(at_byte(10 * p).unwrap().len, p);
+        let spanned: Vec<usize> = plan.regions[0]
+            .segments_in(3 * p, 10 * p + 1)
+            .map(|s| s.file)
+            .collect();
+        assert_eq!(spanned, vec![1, 0, 1]);
     }
 
     #[test]
