@@ -21,6 +21,11 @@ use crate::io::{outside_memory, slices, Io};
 /// not to crowd a small host.
 pub const DEFAULT_THREADS: usize = 8;
 
+/// Stack of each transfer thread: under a huge page, so that a host with transparent huge
+/// pages `always` cannot back an idle thread's stack with 2 MiB (as vmm's own threads, see its
+/// `threads` module); qcow2 transfers, decompression included, need far less.
+const STACK_SIZE: usize = 1 << 20;
+
 /// Called first on every I/O thread (a jailed VMM adds its seccomp filter there).
 static THREAD_HOOK: std::sync::OnceLock<fn()> = std::sync::OnceLock::new();
 
@@ -104,6 +109,7 @@ impl<T: Send + 'static> Pool<T> {
             // On failure, dropping `pool` stops the threads started so far.
             let thread = std::thread::Builder::new()
                 .name(format!("blk-io{i}"))
+                .stack_size(STACK_SIZE)
                 .spawn(move || serve(&shared, disk.as_ref()))?;
             pool.threads.push(thread);
         }

@@ -97,14 +97,12 @@ pub fn spawn(serial: Arc<Mutex<SerialDevice>>, exit: ExitHandle) -> io::Result<(
         exit,
         escape: false,
     })));
-    std::thread::Builder::new()
-        .name("console".into())
-        .spawn(move || loop {
-            if let Err(e) = manager.run() {
-                tracing::warn!("console event loop: {e:?}");
-                return;
-            }
-        })?;
+    crate::threads::builder("console").spawn(move || loop {
+        if let Err(e) = manager.run() {
+            tracing::warn!("console event loop: {e:?}");
+            return;
+        }
+    })?;
     Ok(())
 }
 

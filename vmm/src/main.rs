@@ -3,6 +3,7 @@
 
 mod agent_cli;
 mod img;
+mod no_libm;
 
 use std::path::PathBuf;
 use std::process::ExitCode;

@@ -150,8 +150,7 @@ impl ApiServer {
             body_timeout: options.body_timeout,
         });
         let path = path.to_path_buf();
-        let thread = std::thread::Builder::new()
-            .name("vmm-api".into())
+        let thread = crate::threads::builder("vmm-api")
             .spawn(move || {
                 crate::jail::seccomp::enter_thread(crate::jail::seccomp::Kind::Api);
                 runtime.block_on(async move {

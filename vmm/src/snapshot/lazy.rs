@@ -98,8 +98,7 @@ fn restore_held(
         hold: Arc::new(AtomicBool::new(hold)),
     };
     let handle = loader.clone();
-    std::thread::Builder::new()
-        .name("memory-loader".into())
+    crate::threads::builder("memory-loader")
         .spawn(move || {
             let started = std::time::Instant::now();
             let outcome = Load::new(&uffd, &plan, ranges).run(&handle.hold);

@@ -153,7 +153,7 @@ impl VcpuControl {
     /// KVM_RUN and [`VcpuControl::exited`] at the end).
     pub fn spawn(&self, name: String, body: impl FnOnce() + Send + 'static) -> std::io::Result<()> {
         self.lock().alive += 1;
-        let handle = std::thread::Builder::new().name(name).spawn(body);
+        let handle = crate::threads::builder(name).spawn(body);
         match handle {
             Ok(h) => {
                 self.threads

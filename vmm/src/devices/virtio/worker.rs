@@ -160,8 +160,7 @@ impl DeviceWorker {
         )?;
         let run = self.run.clone();
         let name = self.name;
-        let thread = std::thread::Builder::new()
-            .name(name.into())
+        let thread = crate::threads::builder(name)
             .spawn(move || serve(name, &epoll, &run, &watches, &mut handler))?;
         *self.active() = Some(Active {
             stop,
