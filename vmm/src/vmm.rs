@@ -110,20 +110,24 @@ impl Vmm {
         // A new boot's memory has nothing to do with a snapshot taken before.
         g.snapshot_base = None;
         self.changed.notify_all();
-        crate::heap::release_free();
         Ok(())
     }
 
     /// Pauses the VM of `generation` on stalls, and turns its first other event into its end.
     fn watch(&self, rx: Receiver<VmEvent>, generation: u64) {
         let this = self.this.clone();
-        let spawned = crate::threads::builder("vm-watch").spawn(move || loop {
-            // Err: the VM was torn down by us (reboot, hard stop); nothing to report.
-            let Ok(event) = rx.recv() else { return };
-            let Some(vmm) = this.upgrade() else { return };
-            match event {
-                VmEvent::Stall(reason) => vmm.stalled(generation, reason),
-                event => return vmm.ended(generation, VmExit::from(event)),
+        let spawned = crate::threads::builder("vm-watch").spawn(move || {
+            // The VM was just built: the build's freed memory goes back to the kernel here, off
+            // the path of the request that boots or restores it.
+            crate::heap::release_free();
+            loop {
+                // Err: the VM was torn down by us (reboot, hard stop); nothing to report.
+                let Ok(event) = rx.recv() else { return };
+                let Some(vmm) = this.upgrade() else { return };
+                match event {
+                    VmEvent::Stall(reason) => vmm.stalled(generation, reason),
+                    event => return vmm.ended(generation, VmExit::from(event)),
+                }
             }
         });
         if let Err(e) = spawned {
@@ -370,7 +374,6 @@ impl VmControl for Vmm {
         }
         g.vm = Some(vm);
         self.changed.notify_all();
-        crate::heap::release_free();
         Ok(())
     }
 }
