@@ -182,8 +182,9 @@ enum Command {
 ///
 /// `VMM_LOG` is a list of `target=level` pairs and an optional bare default level
 /// (`info`, `warn,vmm::devices=debug`). The filter is `Targets`, not `EnvFilter`: `EnvFilter`'s
-/// span and field matching brought a regex engine (~270 KiB of code) into every VMM process,
-/// for filters nobody gives a VMM.
+/// span and field matching brought a regex engine into every VMM process, for filters nobody
+/// gives a VMM (without it the binary's code is 800 KB smaller, and every start relocates
+/// 120 KiB less data).
 fn init_logging() {
     use tracing_subscriber::filter::Targets;
     use tracing_subscriber::layer::SubscriberExt;

@@ -1,6 +1,6 @@
 //! The one libm function the binary calls, so that no VMM process maps `libm.so`.
 //!
-//! Nothing in the VMM does floating-point maths; the call comes from tokio's multi-thread
+//! Nothing in the VMM needs libm; the call comes from tokio's multi-thread
 //! scheduler (its task poll-time average uses `f64::powf`), linked in because the workspace
 //! builds tokio with that feature for the control plane although `vmm` only runs current-thread
 //! runtimes. That single `pow` made the dynamic loader map glibc's libm and run its IFUNC
