@@ -382,16 +382,18 @@ a1=$(echo "$addrs" | head -1)
 check lb-two-addresses test "$(echo "$addrs" | wc -l)" = 2
 spread() {
   local n=0 h
-  # One curl, 300 requests on one kept-alive connection: the proxy picks a backend per request.
-  curl -s --max-time 300 $(for _ in $(seq 300); do printf 'http://%s/ ' "$a1"; done) > "$WORK/lb-even"
+  # One curl, 60 requests on one kept-alive connection: the proxy picks a backend per request
+  # (round robin: 20 each; a request through the proxy VM takes about half a second in the test
+  # host, so 300 requests took 140 s of CI for no more evidence).
+  curl -s --max-time 200 $(for _ in $(seq 60); do printf 'http://%s/ ' "$a1"; done) > "$WORK/lb-even"
   sort "$WORK/lb-even" | uniq -c
   for h in $(lb_backends); do
     n=$(grep -c "^$h$" "$WORK/lb-even")
-    [ "$n" -ge 70 ] && [ "$n" -le 130 ] || return 1
+    [ "$n" -ge 14 ] && [ "$n" -le 26 ] || return 1
   done
-  [ "$(grep -c . "$WORK/lb-even")" = 300 ] && ! grep -q FAIL "$WORK/lb-even"
+  [ "$(grep -c . "$WORK/lb-even")" = 60 ] && ! grep -q FAIL "$WORK/lb-even"
 }
-check lb-even-300 spread
+check lb-even-60 spread
 
 # A client that knows every address of the load balancer (as DNS would give them), starts at
 # the next one each request and falls back to the others: "START_NS NAME" per request, NAME

@@ -93,7 +93,7 @@ const CHECKS: &[&str] = &[
     "lb-created",
     "lb-three-healthy",
     "lb-two-addresses",
-    "lb-even-300",
+    "lb-even-60",
     "lb-four-backends",
     "lb-up-no-failures",
     "lb-up-new-member-serves",
