@@ -5,7 +5,8 @@
 //! freed memory resident: below its trim threshold at the top of the main heap, and anywhere
 //! inside an arena. For a VMM that then runs for days, that is memory charged to every VM for
 //! nothing, so one `malloc_trim` runs after each boot and restore, on the new VM's watcher
-//! thread: it took 2–9 ms in the test host, which a restore request need not wait for.
+//! thread a moment after the VM started: it took 2–9 ms in the test host, which a restore
+//! request need not wait for.
 
 /// Returns free heap pages to the kernel (top of the heap released, free pages inside arenas
 /// discarded).

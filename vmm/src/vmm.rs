@@ -3,7 +3,7 @@
 //! reset, panic, errors) into the `Shutdown` state.
 
 use std::path::PathBuf;
-use std::sync::mpsc::Receiver;
+use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -14,6 +14,10 @@ use crate::control::{
 };
 use crate::devices::VmEvent;
 use crate::running::{RunningVm, VmExit};
+
+/// How long a new VM's watcher waits before it trims the heap ([`crate::heap`]): long enough
+/// that the request which built the VM has been answered.
+const TRIM_DELAY: Duration = Duration::from_millis(250);
 
 struct Inner {
     state: VmState,
@@ -118,11 +122,25 @@ impl Vmm {
         let this = self.this.clone();
         let spawned = crate::threads::builder("vm-watch").spawn(move || {
             // The VM was just built: the build's freed memory goes back to the kernel here, off
-            // the path of the request that boots or restores it.
-            crate::heap::release_free();
+            // the path of the request that boots or restores it, and not at once: on a host
+            // with one free CPU this new thread runs as soon as it exists, and a trim then
+            // (3 ms in the test host) would still hold up that request's answer.
+            let mut trimmed = false;
             loop {
+                let event = if trimmed {
+                    rx.recv().map_err(drop)
+                } else {
+                    match rx.recv_timeout(TRIM_DELAY) {
+                        Err(RecvTimeoutError::Timeout) => {
+                            trimmed = true;
+                            crate::heap::release_free();
+                            continue;
+                        }
+                        received => received.map_err(drop),
+                    }
+                };
                 // Err: the VM was torn down by us (reboot, hard stop); nothing to report.
-                let Ok(event) = rx.recv() else { return };
+                let Ok(event) = event else { return };
                 let Some(vmm) = this.upgrade() else { return };
                 match event {
                     VmEvent::Stall(reason) => vmm.stalled(generation, reason),
