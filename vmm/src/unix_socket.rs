@@ -43,14 +43,19 @@ fn file_id(path: &Path) -> io::Result<FileId> {
     })
 }
 
+/// A failure of the host at `path`.
+fn io_at(path: &Path) -> impl Fn(io::Error) -> BindError + '_ {
+    move |source| BindError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
 /// Binds a listening socket at `path`. Refuses when a server answers there or when the path
 /// is something other than a socket (never deletes a user's file); removes a socket nobody
 /// listens on. The socket is made owner-only: whoever connects controls part of the VM.
 pub fn bind(path: &Path) -> Result<(UnixListener, FileId), BindError> {
-    let at = |source: io::Error| BindError::Io {
-        path: path.to_path_buf(),
-        source,
-    };
+    let at = io_at(path);
     match std::fs::symlink_metadata(path) {
         Ok(m) if m.file_type().is_socket() => match UnixStream::connect(path) {
             Ok(_) => return Err(BindError::InUse(path.to_path_buf())),
@@ -143,10 +148,7 @@ fn rename_no_replace(from: &Path, to: &Path) -> io::Result<()> {
 
 /// The plain way, where [`bind_aside`] cannot be used: bound, then made owner-only.
 fn bind_in_place(path: &Path) -> Result<UnixListener, BindError> {
-    let at = |source: io::Error| BindError::Io {
-        path: path.to_path_buf(),
-        source,
-    };
+    let at = io_at(path);
     let listener = UnixListener::bind(path).map_err(|e| match e.kind() {
         // Another server bound it between our check and our bind.
         io::ErrorKind::AddrInUse => BindError::InUse(path.to_path_buf()),

@@ -127,20 +127,21 @@ impl Vmm {
             // (3 ms in the test host) would still hold up that request's answer.
             let mut trimmed = false;
             loop {
-                let event = if trimmed {
-                    rx.recv().map_err(drop)
+                let received = if trimmed {
+                    rx.recv().map_err(|_| RecvTimeoutError::Disconnected)
                 } else {
-                    match rx.recv_timeout(TRIM_DELAY) {
-                        Err(RecvTimeoutError::Timeout) => {
-                            trimmed = true;
-                            crate::heap::release_free();
-                            continue;
-                        }
-                        received => received.map_err(drop),
-                    }
+                    rx.recv_timeout(TRIM_DELAY)
                 };
-                // Err: the VM was torn down by us (reboot, hard stop); nothing to report.
-                let Ok(event) = event else { return };
+                let event = match received {
+                    Ok(event) => event,
+                    Err(RecvTimeoutError::Timeout) => {
+                        trimmed = true;
+                        crate::heap::release_free();
+                        continue;
+                    }
+                    // The VM was torn down by us (reboot, hard stop); nothing to report.
+                    Err(RecvTimeoutError::Disconnected) => return,
+                };
                 let Some(vmm) = this.upgrade() else { return };
                 match event {
                     VmEvent::Stall(reason) => vmm.stalled(generation, reason),

@@ -236,6 +236,17 @@ fn mark_clean() -> bool {
     result.is_ok()
 }
 
+/// Refuses a format this vmm does not read, by its version.
+fn check_version(format_version: u32, vmm_version: &str) -> Result<(), Error> {
+    if (OLDEST_FORMAT..=FORMAT_VERSION).contains(&format_version) {
+        return Ok(());
+    }
+    Err(Error::UnsupportedVersion {
+        found: format_version,
+        vmm_version: vmm_version.to_string(),
+    })
+}
+
 /// Reads and checks `state.json` in `dir`.
 fn load(dir: &Path) -> Result<State, Error> {
     let path = dir.join(STATE_FILE);
@@ -247,26 +258,16 @@ fn load(dir: &Path) -> Result<State, Error> {
     // Parsed once: a first pass for the header alone took 2–8 ms of a restore request in the
     // test host (the whole document is scanned either way). The header only explains a
     // failure.
-    let unsupported = |header: Header| Error::UnsupportedVersion {
-        found: header.format_version,
-        vmm_version: header.vmm_version,
-    };
-    let state: State = match serde_json::from_slice(&text) {
-        Ok(state) => state,
-        Err(e) => {
-            let header: Header = serde_json::from_slice(&text).map_err(not_a_snapshot)?;
-            if !(OLDEST_FORMAT..=FORMAT_VERSION).contains(&header.format_version) {
-                return Err(unsupported(header));
-            }
-            return Err(not_a_snapshot(e));
+    let state: State = serde_json::from_slice(&text).map_err(|e| {
+        match serde_json::from_slice::<Header>(&text) {
+            Ok(h) => match check_version(h.format_version, &h.vmm_version) {
+                Err(unsupported) => unsupported,
+                Ok(()) => not_a_snapshot(e),
+            },
+            Err(_) => not_a_snapshot(e),
         }
-    };
-    if !(OLDEST_FORMAT..=FORMAT_VERSION).contains(&state.format_version) {
-        return Err(unsupported(Header {
-            format_version: state.format_version,
-            vmm_version: state.vmm_version,
-        }));
-    }
+    })?;
+    check_version(state.format_version, &state.vmm_version)?;
     if state.vcpus.len() != usize::from(state.config.cpus) {
         return Err(Error::Inconsistent(
             "its vCPU count does not match its configuration",
