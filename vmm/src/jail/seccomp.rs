@@ -192,6 +192,9 @@ const PROCESS_ONLY: &[i64] = &[
     libc::SYS_fstatfs,
     libc::SYS_poll,
     libc::SYS_ppoll,
+    // The memory loader's prefetcher lowers itself to idle priority (raising needs a
+    // capability the jail does not keep).
+    libc::SYS_sched_setscheduler,
     libc::SYS_epoll_pwait2,
     libc::SYS_pipe2,
     libc::SYS_prlimit64,

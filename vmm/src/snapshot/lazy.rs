@@ -1,14 +1,22 @@
 //! Restoring guest memory while the guest runs: the restored VM starts at once and its memory
 //! arrives behind it, a page the guest (or a device) touches first jumping the queue.
 //!
-//! Guest RAM is fresh anonymous memory registered with a userfaultfd in "missing" mode. A loader
-//! thread brings the snapshot in by aligned 2 MiB chunks, in address order, serving the faults
-//! waiting on the descriptor between chunks: a fault brings its own chunk in at once. A chunk is
-//! read into a fresh huge-page mapping and moved (`mremap`) over its place in guest RAM, so the
-//! guest runs on huge pages as after a boot (`UFFDIO_COPY` would install 4 KiB pages, which cost
-//! a nested page fault each in the test host: the first version did that, and the guest crawled
-//! until the loader was done). Chunks no snapshot holds are left to the kernel: once every
-//! stored chunk is in, the loader unregisters the memory and ends.
+//! Guest RAM is fresh anonymous memory registered with a userfaultfd in "missing" mode, and
+//! brought in by aligned 2 MiB chunks. A chunk is read into a fresh huge-page mapping and moved
+//! (`mremap`) over its place in guest RAM, so the guest runs on huge pages as after a boot
+//! (`UFFDIO_COPY` would install 4 KiB pages, which cost a nested page fault each in the test
+//! host: the first version did that, and the guest crawled until the loader was done). Chunks no
+//! snapshot holds are left to the kernel: once every stored chunk is in, the memory is
+//! unregistered.
+//!
+//! Two threads share the work. The fault server, at the VMM's normal priority, sleeps on the
+//! descriptor and brings in the chunk of each fault at once. The prefetcher copies the other
+//! stored chunks in address order at idle priority (`SCHED_IDLE`): it runs when neither the
+//! guest nor the VMM wants the CPU. One loader thread at normal priority serving faults between
+//! chunks made a fault wait for the chunk in progress, and on the test host's one CPU it took
+//! CPU time from the restore call that starts it and from the guest. A chunk goes from absent to
+//! installing to in by compare-and-swap: whichever thread read it first moves it in, once; the
+//! other drops its copy.
 //!
 //! Why not map the files: a private file mapping restores as fast, but the guest then runs on
 //! 4 KiB copy-on-write pages faulted in one at a time from the files, for good (see `memory`).
@@ -17,20 +25,27 @@
 //! Snapshots of a VM still loading wait for the loader ([`Loader::wait`]): the page map would
 //! not show pages that are not in yet.
 
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 
 use userfaultfd::{Event, Uffd, UffdBuilder};
+use vm_memory::mmap::MmapRegion;
 use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use vmm_sys_util::eventfd::EventFd;
 
 use super::memory::{self, Layer, MemoryError};
 use super::plan::{self, Plan};
 use crate::vstate::ram;
 
-/// Guest memory comes in by aligned huge pages: a fault brings its whole huge page in, the
-/// ordered copy one huge page at a time, serving faults in between.
+/// Guest memory comes in by aligned huge pages: a fault brings its whole huge page in.
 const CHUNK: u64 = ram::HUGE_PAGE as u64;
+
+/// A chunk's states: nothing there yet; being moved in by one thread; in guest RAM.
+const ABSENT: u8 = 0;
+const INSTALLING: u8 = 1;
+const IN: u8 = 2;
 
 /// The end of a loader: `None` while it runs, then its outcome (faults served, or why it
 /// failed).
@@ -40,13 +55,13 @@ type Outcome = Mutex<Option<Result<u64, String>>>;
 #[derive(Debug, Clone)]
 pub struct Loader {
     done: Arc<(Outcome, Condvar)>,
-    /// While set, the loader serves faults only (tests hold it to see faults served).
+    /// While set, only faults are served (tests hold it to see faults served).
     hold: Arc<AtomicBool>,
 }
 
 impl Loader {
-    /// Blocks until every stored page is in guest memory; how many faults the loader served,
-    /// or its error.
+    /// Blocks until every stored page is in guest memory; how many faults were served, or why
+    /// loading failed.
     pub fn wait(&self) -> Result<u64, String> {
         let (lock, cond) = &*self.done;
         let mut done = lock.lock().unwrap_or_else(|e| e.into_inner());
@@ -71,7 +86,7 @@ pub fn restore(layers: &[Layer]) -> Result<(GuestMemoryMmap, Option<Loader>), Me
     restore_held(layers, false)
 }
 
-/// [`restore`], the loader serving faults only until `hold` is released (tests).
+/// [`restore`], the prefetcher waiting until `hold` is released (tests).
 fn restore_held(
     layers: &[Layer],
     hold: bool,
@@ -93,33 +108,71 @@ fn restore_held(
             len: r.len(),
         })
         .collect();
+    let shared = Arc::new(Shared::new(uffd, plan, ranges));
+    let threads =
+        |e: std::io::Error| MemoryError::Regions(format!("starting the memory loader: {e}"));
+    let stop = EventFd::new(libc::EFD_CLOEXEC).map_err(threads)?;
+    let server = {
+        let shared = shared.clone();
+        let stop = stop.try_clone().map_err(threads)?;
+        crate::threads::builder("memory-faults")
+            .spawn(move || shared.serve_faults(&stop).unwrap_or_else(|e| fatal(&e)))
+            .map_err(threads)?
+    };
     let loader = Loader {
         done: Arc::new((Mutex::new(None), Condvar::new())),
         hold: Arc::new(AtomicBool::new(hold)),
     };
     let handle = loader.clone();
-    crate::threads::builder("memory-loader")
-        .spawn(move || {
-            let started = std::time::Instant::now();
-            let outcome = Load::new(&uffd, &plan, ranges).run(&handle.hold);
-            match &outcome {
-                Ok(served) => tracing::info!(
-                    read_kib = plan.bytes() >> 10,
-                    faults_served = served,
-                    ms = started.elapsed().as_millis() as u64,
-                    "guest memory loaded"
-                ),
-                Err(e) => {
-                    // The guest waits on pages that will never come: nothing can run it.
-                    tracing::error!(error = %e, "restoring guest memory failed; the VM cannot go on");
-                    eprintln!("vmm: restoring guest memory failed: {e}");
-                    std::process::exit(1);
-                }
-            }
-            handle.finish(outcome);
-        })
-        .map_err(|e| MemoryError::Regions(format!("starting the memory loader: {e}")))?;
+    let stopper = stop.try_clone().map_err(threads)?;
+    let prefetcher = crate::threads::builder("memory-loader").spawn(move || {
+        lower_priority();
+        let started = std::time::Instant::now();
+        if let Err(e) = shared.prefetch(&handle.hold) {
+            fatal(&e);
+        }
+        // Every stored chunk is in: the server may stop before the memory is let go, so that
+        // no fault it reads afterwards moves a chunk over memory the kernel has filled.
+        let served = stop
+            .write(1)
+            .map_err(|e| format!("stopping the fault server: {e}"))
+            .and_then(|()| {
+                server
+                    .join()
+                    .map_err(|_| "the fault server panicked".to_string())
+            })
+            .and_then(|served| shared.unregister().map(|()| served))
+            .unwrap_or_else(|e| fatal(&e));
+        tracing::info!(
+            read_kib = shared.plan.bytes() >> 10,
+            faults_served = served,
+            ms = started.elapsed().as_millis() as u64,
+            "guest memory loaded"
+        );
+        handle.finish(Ok(served));
+    });
+    if let Err(e) = prefetcher {
+        // The server is the only one left with the descriptor: let it end with the restore.
+        let _ = stopper.write(1);
+        return Err(threads(e));
+    }
     Ok((mem, Some(loader)))
+}
+
+/// The guest waits on pages that will never come: nothing can run it.
+fn fatal(e: &str) -> ! {
+    tracing::error!(error = %e, "restoring guest memory failed; the VM cannot go on");
+    eprintln!("vmm: restoring guest memory failed: {e}");
+    std::process::exit(1);
+}
+
+/// Puts the calling thread at idle priority; where the kernel refuses, it only loads sooner.
+fn lower_priority() {
+    let param = libc::sched_param { sched_priority: 0 };
+    // SAFETY: changes the calling thread's (id 0) scheduling policy; reads `param` only.
+    if unsafe { libc::sched_setscheduler(0, libc::SCHED_IDLE, &param) } != 0 {
+        tracing::debug!(error = %std::io::Error::last_os_error(), "memory loader left at normal priority");
+    }
 }
 
 /// A userfaultfd made before a jail took this process's privileges ([`preopen`]).
@@ -176,73 +229,102 @@ struct Range {
     len: u64,
 }
 
-/// The loader's state: which chunks are in.
-struct Load<'a> {
-    uffd: &'a Uffd,
-    plan: &'a Plan,
+/// What the fault server and the prefetcher share: the descriptor, where the stored pages are,
+/// and each chunk's state.
+struct Shared {
+    uffd: Uffd,
+    plan: Plan,
     ranges: Vec<Range>,
-    /// Per region, per chunk: in.
-    loaded: Vec<Vec<bool>>,
-    served: u64,
+    /// Per region, per chunk: [`ABSENT`], [`INSTALLING`] or [`IN`].
+    chunks: Vec<Vec<AtomicU8>>,
 }
 
-impl<'a> Load<'a> {
-    fn new(uffd: &'a Uffd, plan: &'a Plan, ranges: Vec<Range>) -> Self {
-        let loaded = ranges
+impl Shared {
+    fn new(uffd: Uffd, plan: Plan, ranges: Vec<Range>) -> Self {
+        let chunks = ranges
             .iter()
-            .map(|r| vec![false; r.len.div_ceil(CHUNK) as usize])
+            .map(|r| {
+                (0..r.len.div_ceil(CHUNK))
+                    .map(|_| AtomicU8::new(ABSENT))
+                    .collect()
+            })
             .collect();
-        Load {
+        Shared {
             uffd,
             plan,
             ranges,
-            loaded,
-            served: 0,
+            chunks,
         }
     }
 
-    /// Brings every chunk holding stored pages in, serving faults first; returns how many
-    /// faults it served.
-    fn run(mut self, hold: &AtomicBool) -> Result<u64, String> {
+    /// Serves faults as they come until `stop` is signalled; returns how many it served.
+    fn serve_faults(&self, stop: &EventFd) -> Result<u64, String> {
+        let mut served = 0;
+        let mut fds = [
+            libc::pollfd {
+                fd: self.uffd.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+            libc::pollfd {
+                fd: stop.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+        ];
+        loop {
+            // SAFETY: `fds` is an array of two initialised pollfd this call may write.
+            if unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, -1) } < 0 {
+                let e = std::io::Error::last_os_error();
+                if e.kind() == std::io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(format!("waiting for guest memory faults: {e}"));
+            }
+            while let Some(event) = self
+                .uffd
+                .read_event()
+                .map_err(|e| format!("reading userfaultfd: {e}"))?
+            {
+                if let Event::Pagefault { addr, .. } = event {
+                    served += 1;
+                    self.serve(addr as u64)?;
+                }
+            }
+            if fds[1].revents != 0 {
+                return Ok(served);
+            }
+        }
+    }
+
+    /// Brings in every chunk holding stored pages that no fault has brought in, in address
+    /// order, once `hold` is clear.
+    fn prefetch(&self, hold: &AtomicBool) -> Result<(), String> {
         while hold.load(Ordering::Acquire) {
-            self.serve_faults()?;
             std::thread::sleep(std::time::Duration::from_millis(1));
         }
         for region in 0..self.ranges.len() {
-            for chunk in 0..self.loaded[region].len() {
-                self.serve_faults()?;
-                if !self.loaded[region][chunk] && self.holds_data(region, chunk) {
-                    self.load(region, chunk)?;
+            for chunk in 0..self.chunks[region].len() {
+                if self.holds_data(region, chunk) {
+                    self.bring_in(region, chunk)?;
                 }
-            }
-        }
-        self.serve_faults()?;
-        // Unregistering wakes whoever still waits on a chunk no snapshot holds; the kernel then
-        // fills it with zeroes itself, on a huge page where it can.
-        for r in &self.ranges {
-            self.uffd
-                .unregister(r.host as *mut _, r.len as usize)
-                .map_err(|e| format!("unregistering guest memory: {e}"))?;
-        }
-        Ok(self.served)
-    }
-
-    /// Serves every fault waiting now.
-    fn serve_faults(&mut self) -> Result<(), String> {
-        while let Some(event) = self
-            .uffd
-            .read_event()
-            .map_err(|e| format!("reading userfaultfd: {e}"))?
-        {
-            if let Event::Pagefault { addr, .. } = event {
-                self.served += 1;
-                self.serve(addr as u64)?;
             }
         }
         Ok(())
     }
 
-    fn serve(&mut self, addr: u64) -> Result<(), String> {
+    /// Lets go of guest memory: whoever still waits on a chunk no snapshot holds is woken,
+    /// and the kernel fills it with zeroes itself, on a huge page where it can.
+    fn unregister(&self) -> Result<(), String> {
+        for r in &self.ranges {
+            self.uffd
+                .unregister(r.host as *mut _, r.len as usize)
+                .map_err(|e| format!("unregistering guest memory: {e}"))?;
+        }
+        Ok(())
+    }
+
+    fn serve(&self, addr: u64) -> Result<(), String> {
         let Some(region) = self
             .ranges
             .iter()
@@ -251,15 +333,18 @@ impl<'a> Load<'a> {
             return Err(format!("a fault at {addr:#x}, outside guest memory"));
         };
         let chunk = ((addr - self.ranges[region].host) / CHUNK) as usize;
-        if self.loaded[region][chunk] {
-            // Brought in after the fault was raised: the waiter only needs waking.
-            let (host, len) = self.chunk_range(region, chunk);
-            return self
-                .uffd
-                .wake(host as *mut _, len as usize)
-                .map_err(|e| format!("waking a fault at {addr:#x}: {e}"));
+        match self.chunks[region][chunk].load(Ordering::Acquire) {
+            // Moved in after the fault was raised: the waiter only needs waking.
+            IN => {
+                let (host, len) = self.chunk_range(region, chunk);
+                self.uffd
+                    .wake(host as *mut _, len as usize)
+                    .map_err(|e| format!("waking a fault at {addr:#x}: {e}"))
+            }
+            // The prefetcher is moving it in and wakes the range when it is there.
+            INSTALLING => Ok(()),
+            _ => self.bring_in(region, chunk),
         }
-        self.load(region, chunk)
     }
 
     /// Host address and length of a chunk (the last of a region may be short).
@@ -278,17 +363,22 @@ impl<'a> Load<'a> {
             .is_some()
     }
 
-    /// Fills a fresh (huge-page) mapping with the chunk's stored bytes, zero elsewhere, moves
-    /// it over the chunk's place in guest RAM and wakes whoever waits there. Moving keeps the
-    /// huge page, which copying into registered memory (`UFFDIO_COPY`, 4 KiB pages only)
-    /// would not; the chunk holds nothing yet (it is loaded once, here), so nothing is lost.
-    fn load(&mut self, region: usize, chunk: usize) -> Result<(), String> {
-        let (host, len) = self.chunk_range(region, chunk);
+    /// Reads the chunk and moves it in, unless it is already there or on its way.
+    fn bring_in(&self, region: usize, chunk: usize) -> Result<(), String> {
+        if self.chunks[region][chunk].load(Ordering::Acquire) != ABSENT {
+            return Ok(());
+        }
+        let staging = self.read(region, chunk)?;
+        self.install(region, chunk, staging)
+    }
+
+    /// A fresh (huge-page) mapping holding the chunk's stored bytes, zero elsewhere.
+    fn read(&self, region: usize, chunk: usize) -> Result<MmapRegion, String> {
+        let (_, len) = self.chunk_range(region, chunk);
         let staging = ram::aligned_anonymous(len as usize)
             .map_err(|e| format!("mapping {len} bytes to load guest memory into: {e}"))?;
         let from = chunk as u64 * CHUNK;
-        let plan = &self.plan.regions[region];
-        for s in plan.segments_in(from, from + len) {
+        for s in self.plan.regions[region].segments_in(from, from + len) {
             let start = s.offset.max(from);
             let end = (s.offset + s.len).min(from + len);
             let (path, file) = &self.plan.files[s.file];
@@ -302,6 +392,25 @@ impl<'a> Load<'a> {
             };
             file.read_exact_at(dst, s.file_offset + (start - s.offset))
                 .map_err(|e| format!("{}: {e}", path.display()))?;
+        }
+        Ok(staging)
+    }
+
+    /// Moves `staging` over the chunk's place in guest RAM and wakes whoever waits there, if
+    /// this thread is first to claim the chunk; else drops it. Moving keeps the huge page,
+    /// which copying into registered memory (`UFFDIO_COPY`, 4 KiB pages only) would not; the
+    /// chunk holds nothing yet (the claim lets it in once), so nothing is lost.
+    fn install(&self, region: usize, chunk: usize, staging: MmapRegion) -> Result<(), String> {
+        let (host, len) = self.chunk_range(region, chunk);
+        let state = &self.chunks[region][chunk];
+        if state
+            .compare_exchange(ABSENT, INSTALLING, Ordering::AcqRel, Ordering::Acquire)
+            .is_err()
+        {
+            // SAFETY: unmaps our own staging mapping (dropping it never does), which nothing
+            // else refers to.
+            unsafe { libc::munmap(staging.as_ptr().cast(), len as usize) };
+            return Ok(());
         }
         // SAFETY: moves our private staging mapping (dropping `staging` never unmaps it) over
         // `len` bytes of guest RAM that hold no page yet; the guest RAM mapping stays where
@@ -318,11 +427,11 @@ impl<'a> Load<'a> {
         if moved == libc::MAP_FAILED {
             return Err(format!(
                 "moving loaded memory to guest address {:#x}: {}",
-                plan.guest_addr + from,
+                self.plan.regions[region].guest_addr + chunk as u64 * CHUNK,
                 std::io::Error::last_os_error()
             ));
         }
-        self.loaded[region][chunk] = true;
+        state.store(IN, Ordering::Release);
         self.uffd
             .wake(host as *mut _, len as usize)
             .map_err(|e| format!("waking faults at {host:#x}: {e}"))
@@ -468,6 +577,54 @@ mod tests {
         // Memory stays writable after the loader has let go of it.
         mem.write_obj(0x55u8, GuestAddress(hi + 250 * P)).unwrap();
         assert_eq!(byte_at(&mem, hi + 250 * P), 0x55);
+    }
+
+    #[test]
+    fn faults_racing_the_prefetcher_each_get_the_snapshot_page_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let pages = REGIONS[1].1 / P;
+        let base = write_layer(dir.path(), "base", 4, [&[[0, 64]], &[[0, pages]]], &[]);
+        // Races are timing: several rounds give them several chances.
+        for _ in 0..16 {
+            let (mem, loader) = restore_held(std::slice::from_ref(&base), false).unwrap();
+            expect_loader(&loader);
+            let mem = Arc::new(mem);
+            // Two threads walk the far region against the prefetcher, two with it; each
+            // writes its mark on the pages it reads, which a chunk moved in twice would undo.
+            let threads: Vec<_> = (0..4u64)
+                .map(|t| {
+                    let mem = mem.clone();
+                    std::thread::spawn(move || {
+                        let walk: Vec<u64> = if t % 2 == 0 {
+                            (0..pages).rev().collect()
+                        } else {
+                            (0..pages).collect()
+                        };
+                        for page in walk.into_iter().filter(|p| p % 4 == t) {
+                            let at = REGIONS[1].0 + page * P;
+                            assert_eq!(byte_at(&mem, at + 100), page_byte(4, 1, page));
+                            mem.write_obj(0xa0 | t as u8, GuestAddress(at + 200))
+                                .unwrap();
+                        }
+                    })
+                })
+                .collect();
+            for t in threads {
+                t.join().unwrap();
+            }
+            if let Some(l) = &loader {
+                l.wait().unwrap();
+            }
+            for page in 0..pages {
+                let at = REGIONS[1].0 + page * P;
+                assert_eq!(byte_at(&mem, at + 100), page_byte(4, 1, page));
+                assert_eq!(
+                    byte_at(&mem, at + 200),
+                    0xa0 | (page % 4) as u8,
+                    "page {page}"
+                );
+            }
+        }
     }
 
     #[test]
