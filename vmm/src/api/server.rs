@@ -10,7 +10,7 @@
 
 use std::io;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -117,31 +117,62 @@ pub struct ApiServer {
 
 impl ApiServer {
     /// Binds `path` and serves `control` on it until stopped.
+    ///
+    /// The runtime and its thread start before the socket is bound, so that a client that
+    /// connects as soon as the file exists is served at once: bound first, the socket stood
+    /// 20–30 ms in the test host before the server reached its first `accept`, and a restore
+    /// sent at once spent that time waiting.
     pub fn start(
         path: impl AsRef<Path>,
         control: Arc<dyn VmControl>,
         options: ServerOptions,
     ) -> Result<ApiServer, ServerError> {
         let path = path.as_ref().to_path_buf();
-        let (listener, id) = socket::bind(&path)?;
-        let started = Self::spawn(listener, control, options, &path, id);
-        let (stop, thread) = started.inspect_err(|_| socket::remove(&path, id))?;
-        Ok(ApiServer {
-            path,
-            id,
-            stop: Some(stop),
-            thread: Some(thread),
-        })
+        let (bound_tx, bound_rx) = oneshot::channel();
+        let bound_id = Arc::new(OnceLock::new());
+        let (stop, thread) = Self::spawn(bound_rx, Arc::clone(&bound_id), control, options, &path)?;
+        let bound = socket::bind(&path)
+            .map_err(ServerError::from)
+            .and_then(|(l, id)| {
+                let _ = bound_id.set(id);
+                match l.set_nonblocking(true) {
+                    Ok(()) => Ok((l, id)),
+                    Err(e) => {
+                        socket::remove(&path, id);
+                        Err(ServerError::Start(e))
+                    }
+                }
+            });
+        match bound {
+            Ok((listener, id)) => {
+                // The thread waits for it; it only ends early if its runtime failed, which
+                // it has logged.
+                let _ = bound_tx.send(listener);
+                Ok(ApiServer {
+                    path,
+                    id,
+                    stop: Some(stop),
+                    thread: Some(thread),
+                })
+            }
+            Err(e) => {
+                // Without a socket, the thread ends on its own.
+                drop(bound_tx);
+                let _ = thread.join();
+                Err(e)
+            }
+        }
     }
 
+    /// The server's thread, serving the socket it will be sent once bound (whose identity is
+    /// in `bound_id` from then on).
     fn spawn(
-        listener: std::os::unix::net::UnixListener,
+        bound: oneshot::Receiver<std::os::unix::net::UnixListener>,
+        bound_id: Arc<OnceLock<FileId>>,
         control: Arc<dyn VmControl>,
         options: ServerOptions,
         path: &Path,
-        id: FileId,
     ) -> Result<(oneshot::Sender<()>, JoinHandle<()>), ServerError> {
-        listener.set_nonblocking(true).map_err(ServerError::Start)?;
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .thread_stack_size(crate::threads::STACK_SIZE)
@@ -160,9 +191,12 @@ impl ApiServer {
                 crate::jail::seccomp::enter_thread(crate::jail::seccomp::Kind::Api);
                 runtime.block_on(async move {
                     if options.exit_on_signal {
-                        signals::remove_socket_on_exit_signals(path, id);
+                        signals::remove_socket_on_exit_signals(path, bound_id);
                     }
                     prepare_for_calls();
+                    let Ok(listener) = bound.await else {
+                        return;
+                    };
                     match UnixListener::from_std(listener) {
                         Ok(l) => serve(l, shared, options, stop_rx).await,
                         Err(e) => tracing::error!("API server: {e}"),

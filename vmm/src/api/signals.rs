@@ -3,14 +3,16 @@
 //! stale, but anything probing the path meanwhile would find a dead socket.
 
 use std::path::PathBuf;
+use std::sync::{Arc, OnceLock};
 
 use tokio::signal::unix::{signal, SignalKind};
 
 use crate::unix_socket::{self as socket, FileId};
 
 /// Spawns a task (on the current runtime) that, on SIGTERM, SIGINT or SIGHUP, removes the
-/// socket file and then lets the signal end the process as it would have without a handler.
-pub(crate) fn remove_socket_on_exit_signals(path: PathBuf, id: FileId) {
+/// socket file (once `id` is set: the server watches before it binds) and then lets the signal
+/// end the process as it would have without a handler.
+pub(crate) fn remove_socket_on_exit_signals(path: PathBuf, id: Arc<OnceLock<FileId>>) {
     let kinds = [
         (SignalKind::terminate(), libc::SIGTERM),
         (SignalKind::interrupt(), libc::SIGINT),
@@ -24,10 +26,12 @@ pub(crate) fn remove_socket_on_exit_signals(path: PathBuf, id: FileId) {
                 continue;
             }
         };
-        let path = path.clone();
+        let (path, id) = (path.clone(), Arc::clone(&id));
         tokio::spawn(async move {
             if stream.recv().await.is_some() {
-                socket::remove(&path, id);
+                if let Some(&id) = id.get() {
+                    socket::remove(&path, id);
+                }
                 die_of(signum);
             }
         });
