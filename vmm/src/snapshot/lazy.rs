@@ -511,6 +511,35 @@ mod tests {
         }
     }
 
+    /// Four threads, each reading every fourth page of the far region (backwards where
+    /// `backwards` says so for it) and checking it holds layer `layer`'s bytes; with `mark`,
+    /// each also writes its own mark on the pages it reads.
+    fn walk_far_region(mem: &GuestMemoryMmap, layer: u8, backwards: fn(u64) -> bool, mark: bool) {
+        let pages = REGIONS[1].1 / P;
+        std::thread::scope(|scope| {
+            for t in 0..4u64 {
+                scope.spawn(move || {
+                    let mut walk: Vec<u64> = (0..pages).filter(|p| p % 4 == t).collect();
+                    if backwards(t) {
+                        walk.reverse();
+                    }
+                    for page in walk {
+                        let at = REGIONS[1].0 + page * P;
+                        assert_eq!(
+                            byte_at(mem, at + 100),
+                            page_byte(layer, 1, page),
+                            "page {page}"
+                        );
+                        if mark {
+                            mem.write_obj(0xa0 | t as u8, GuestAddress(at + 200))
+                                .unwrap();
+                        }
+                    }
+                });
+            }
+        });
+    }
+
     #[test]
     fn a_chain_arrives_whole_with_faults_served_before_the_ordered_copy() {
         let dir = tempfile::tempdir().unwrap();
@@ -585,33 +614,12 @@ mod tests {
         let pages = REGIONS[1].1 / P;
         let base = write_layer(dir.path(), "base", 4, [&[[0, 64]], &[[0, pages]]], &[]);
         // Races are timing: several rounds give them several chances.
-        for _ in 0..16 {
+        for _ in 0..48 {
             let (mem, loader) = restore_held(std::slice::from_ref(&base), false).unwrap();
             expect_loader(&loader);
-            let mem = Arc::new(mem);
             // Two threads walk the far region against the prefetcher, two with it; each
             // writes its mark on the pages it reads, which a chunk moved in twice would undo.
-            let threads: Vec<_> = (0..4u64)
-                .map(|t| {
-                    let mem = mem.clone();
-                    std::thread::spawn(move || {
-                        let walk: Vec<u64> = if t % 2 == 0 {
-                            (0..pages).rev().collect()
-                        } else {
-                            (0..pages).collect()
-                        };
-                        for page in walk.into_iter().filter(|p| p % 4 == t) {
-                            let at = REGIONS[1].0 + page * P;
-                            assert_eq!(byte_at(&mem, at + 100), page_byte(4, 1, page));
-                            mem.write_obj(0xa0 | t as u8, GuestAddress(at + 200))
-                                .unwrap();
-                        }
-                    })
-                })
-                .collect();
-            for t in threads {
-                t.join().unwrap();
-            }
+            walk_far_region(&mem, 4, |t| t % 2 == 0, true);
             if let Some(l) = &loader {
                 l.wait().unwrap();
             }
@@ -634,22 +642,8 @@ mod tests {
         let base = write_layer(dir.path(), "base", 3, [&[[0, 64]], &[[0, pages]]], &[]);
         let (mem, loader) = restore_held(&[base], true).unwrap();
         expect_loader(&loader);
-        let mem = Arc::new(mem);
-        let threads: Vec<_> = (0..4u64)
-            .map(|t| {
-                let mem = mem.clone();
-                std::thread::spawn(move || {
-                    // Each thread walks the far region backwards, against the ordered copy.
-                    for page in (0..pages).rev().skip(t as usize).step_by(4) {
-                        let got = byte_at(&mem, REGIONS[1].0 + page * P + 100);
-                        assert_eq!(got, page_byte(3, 1, page), "page {page}");
-                    }
-                })
-            })
-            .collect();
-        for t in threads {
-            t.join().unwrap();
-        }
+        // Every thread walks the far region backwards, against the ordered copy.
+        walk_far_region(&mem, 3, |_| true, false);
         if let Some(l) = &loader {
             l.hold.store(false, Ordering::Release);
             assert!(l.wait().unwrap() > 0);
