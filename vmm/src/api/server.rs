@@ -145,8 +145,8 @@ impl ApiServer {
             });
         match bound {
             Ok((listener, id)) => {
-                // The thread waits for it; it only ends early if its runtime failed, which
-                // it has logged.
+                // The thread waits for it; the send fails only if the thread panicked, which
+                // stopping the server reports.
                 let _ = bound_tx.send(listener);
                 Ok(ApiServer {
                     path,

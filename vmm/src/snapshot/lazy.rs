@@ -10,13 +10,14 @@
 //! unregistered.
 //!
 //! Two threads share the work. The fault server, at the VMM's normal priority, sleeps on the
-//! descriptor and brings in the chunk of each fault at once. The prefetcher copies the other
-//! stored chunks in address order at idle priority (`SCHED_IDLE`): it runs when neither the
-//! guest nor the VMM wants the CPU. One loader thread at normal priority serving faults between
-//! chunks made a fault wait for the chunk in progress, and on the test host's one CPU it took
-//! CPU time from the restore call that starts it and from the guest. A chunk goes from absent to
-//! installing to in by compare-and-swap: whichever thread read it first moves it in, once; the
-//! other drops its copy.
+//! descriptor and brings in the chunk of each fault at once; it alone moves chunks into guest
+//! RAM. The prefetcher reads the other stored chunks in address order at idle priority
+//! (`SCHED_IDLE`), so it runs when neither the guest nor the VMM wants the CPU, and hands each
+//! to the server, which moves it in unless a fault brought it in first. One loader thread at
+//! normal priority serving faults between chunks made a fault wait for the chunk in progress,
+//! and on the test host's one CPU it took CPU time from the restore call that starts it and from
+//! the guest. Nothing ever waits on the prefetcher: an idle-priority thread may get no CPU for
+//! long on a busy host, and the kernel lets no unprivileged thread leave `SCHED_IDLE` again.
 //!
 //! Why not map the files: a private file mapping restores as fast, but the guest then runs on
 //! 4 KiB copy-on-write pages faulted in one at a time from the files, for good (see `memory`).
@@ -27,7 +28,8 @@
 
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
-use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{self, Receiver, SyncSender, TryRecvError};
 use std::sync::{Arc, Condvar, Mutex};
 
 use userfaultfd::{Event, Uffd, UffdBuilder};
@@ -42,10 +44,8 @@ use crate::vstate::ram;
 /// Guest memory comes in by aligned huge pages: a fault brings its whole huge page in.
 const CHUNK: u64 = ram::HUGE_PAGE as u64;
 
-/// A chunk's states: nothing there yet; being moved in by one thread; in guest RAM.
-const ABSENT: u8 = 0;
-const INSTALLING: u8 = 1;
-const IN: u8 = 2;
+/// Chunks the prefetcher may have read ahead of the server: bounds the memory they hold.
+const READ_AHEAD: usize = 8;
 
 /// The end of a loader: `None` while it runs, then its outcome (faults served, or why it
 /// failed).
@@ -111,51 +111,46 @@ fn restore_held(
     let shared = Arc::new(Shared::new(uffd, plan, ranges));
     let threads =
         |e: std::io::Error| MemoryError::Regions(format!("starting the memory loader: {e}"));
-    let stop = EventFd::new(libc::EFD_CLOEXEC).map_err(threads)?;
-    let server = {
-        let shared = shared.clone();
-        let stop = stop.try_clone().map_err(threads)?;
-        crate::threads::builder("memory-faults")
-            .spawn(move || shared.serve_faults(&stop).unwrap_or_else(|e| fatal(&e)))
-            .map_err(threads)?
-    };
+    let ready = Arc::new(EventFd::new(libc::EFD_CLOEXEC).map_err(threads)?);
+    let (chunks_tx, chunks_rx) = mpsc::sync_channel(READ_AHEAD);
     let loader = Loader {
         done: Arc::new((Mutex::new(None), Condvar::new())),
         hold: Arc::new(AtomicBool::new(hold)),
     };
-    let handle = loader.clone();
-    let stopper = stop.try_clone().map_err(threads)?;
-    let prefetcher = crate::threads::builder("memory-loader").spawn(move || {
-        lower_priority();
-        let started = std::time::Instant::now();
-        if let Err(e) = shared.prefetch(&handle.hold) {
-            fatal(&e);
-        }
-        // Every stored chunk is in: the server may stop before the memory is let go, so that
-        // no fault it reads afterwards moves a chunk over memory the kernel has filled.
-        let served = stop
-            .write(1)
-            .map_err(|e| format!("stopping the fault server: {e}"))
-            .and_then(|()| {
-                server
-                    .join()
-                    .map_err(|_| "the fault server panicked".to_string())
+    // The prefetcher starts reading once the server runs: were the server not to start, the
+    // restore fails and nothing may be left loading.
+    let (go_tx, go_rx) = mpsc::channel::<()>();
+    {
+        let (shared, ready, hold) = (shared.clone(), ready.clone(), loader.hold.clone());
+        crate::threads::builder("memory-prefetch")
+            .spawn(move || {
+                lower_priority();
+                if go_rx.recv().is_ok() {
+                    shared
+                        .prefetch(&hold, &chunks_tx, &ready)
+                        .unwrap_or_else(|e| fatal(&e));
+                }
             })
-            .and_then(|served| shared.unregister().map(|()| served))
-            .unwrap_or_else(|e| fatal(&e));
-        tracing::info!(
-            read_kib = shared.plan.bytes() >> 10,
-            faults_served = served,
-            ms = started.elapsed().as_millis() as u64,
-            "guest memory loaded"
-        );
-        handle.finish(Ok(served));
-    });
-    if let Err(e) = prefetcher {
-        // The server is the only one left with the descriptor: let it end with the restore.
-        let _ = stopper.write(1);
-        return Err(threads(e));
+            .map_err(threads)?;
     }
+    let handle = loader.clone();
+    crate::threads::builder("memory-faults")
+        .spawn(move || {
+            let started = std::time::Instant::now();
+            let served = shared
+                .serve(&chunks_rx, &ready)
+                .unwrap_or_else(|e| fatal(&e));
+            tracing::info!(
+                read_kib = shared.plan.bytes() >> 10,
+                faults_served = served,
+                ms = started.elapsed().as_millis() as u64,
+                "guest memory loaded"
+            );
+            handle.finish(Ok(served));
+        })
+        .map_err(threads)?;
+    // The prefetcher waits for this and nothing else.
+    let _ = go_tx.send(());
     Ok((mem, Some(loader)))
 }
 
@@ -171,7 +166,7 @@ fn lower_priority() {
     let param = libc::sched_param { sched_priority: 0 };
     // SAFETY: changes the calling thread's (id 0) scheduling policy; reads `param` only.
     if unsafe { libc::sched_setscheduler(0, libc::SCHED_IDLE, &param) } != 0 {
-        tracing::debug!(error = %std::io::Error::last_os_error(), "memory loader left at normal priority");
+        tracing::debug!(error = %std::io::Error::last_os_error(), "memory prefetcher left at normal priority");
     }
 }
 
@@ -229,23 +224,38 @@ struct Range {
     len: u64,
 }
 
+/// A chunk the prefetcher read, for the server to move in.
+struct Staged {
+    region: usize,
+    chunk: usize,
+    bytes: MmapRegion,
+}
+
+/// The prefetcher's messages to the server.
+enum Prefetched {
+    /// A chunk read ahead.
+    Chunk(Staged),
+    /// Every stored chunk was read or already in.
+    Done,
+}
+
 /// What the fault server and the prefetcher share: the descriptor, where the stored pages are,
-/// and each chunk's state.
+/// and which chunks are in.
 struct Shared {
     uffd: Uffd,
     plan: Plan,
     ranges: Vec<Range>,
-    /// Per region, per chunk: [`ABSENT`], [`INSTALLING`] or [`IN`].
-    chunks: Vec<Vec<AtomicU8>>,
+    /// Per region, per chunk: in guest RAM (set by the server only).
+    loaded: Vec<Vec<AtomicBool>>,
 }
 
 impl Shared {
     fn new(uffd: Uffd, plan: Plan, ranges: Vec<Range>) -> Self {
-        let chunks = ranges
+        let loaded = ranges
             .iter()
             .map(|r| {
                 (0..r.len.div_ceil(CHUNK))
-                    .map(|_| AtomicU8::new(ABSENT))
+                    .map(|_| AtomicBool::new(false))
                     .collect()
             })
             .collect();
@@ -253,64 +263,101 @@ impl Shared {
             uffd,
             plan,
             ranges,
-            chunks,
+            loaded,
         }
     }
 
-    /// Serves faults as they come until `stop` is signalled; returns how many it served.
-    fn serve_faults(&self, stop: &EventFd) -> Result<u64, String> {
+    fn is_loaded(&self, region: usize, chunk: usize) -> bool {
+        self.loaded[region][chunk].load(Ordering::Acquire)
+    }
+
+    /// The server: moves in what the prefetcher read and serves faults as they come, until the
+    /// prefetcher is done and every stored chunk is in; then lets go of guest memory. Returns
+    /// how many faults it served.
+    fn serve(&self, chunks: &Receiver<Prefetched>, ready: &EventFd) -> Result<u64, String> {
         let mut served = 0;
-        let mut fds = [
-            libc::pollfd {
-                fd: self.uffd.as_raw_fd(),
-                events: libc::POLLIN,
-                revents: 0,
-            },
-            libc::pollfd {
-                fd: stop.as_raw_fd(),
-                events: libc::POLLIN,
-                revents: 0,
-            },
-        ];
+        let mut fds = [self.uffd.as_raw_fd(), ready.as_raw_fd()].map(|fd| libc::pollfd {
+            fd,
+            events: libc::POLLIN,
+            revents: 0,
+        });
         loop {
+            loop {
+                match chunks.try_recv() {
+                    Ok(Prefetched::Chunk(staged)) => self.install(staged)?,
+                    Ok(Prefetched::Done) => {
+                        self.serve_faults(&mut served)?;
+                        self.unregister()?;
+                        return Ok(served);
+                    }
+                    Err(TryRecvError::Empty) => break,
+                    Err(TryRecvError::Disconnected) => {
+                        return Err("the memory prefetcher ended early".into())
+                    }
+                }
+            }
+            self.serve_faults(&mut served)?;
             // SAFETY: `fds` is an array of two initialised pollfd this call may write.
             if unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, -1) } < 0 {
                 let e = std::io::Error::last_os_error();
-                if e.kind() == std::io::ErrorKind::Interrupted {
-                    continue;
-                }
-                return Err(format!("waiting for guest memory faults: {e}"));
-            }
-            while let Some(event) = self
-                .uffd
-                .read_event()
-                .map_err(|e| format!("reading userfaultfd: {e}"))?
-            {
-                if let Event::Pagefault { addr, .. } = event {
-                    served += 1;
-                    self.serve(addr as u64)?;
+                if e.kind() != std::io::ErrorKind::Interrupted {
+                    return Err(format!("waiting for guest memory faults: {e}"));
                 }
             }
             if fds[1].revents != 0 {
-                return Ok(served);
+                // Resets the count; the chunks themselves are in the channel.
+                let _ = ready.read();
             }
         }
     }
 
-    /// Brings in every chunk holding stored pages that no fault has brought in, in address
-    /// order, once `hold` is clear.
-    fn prefetch(&self, hold: &AtomicBool) -> Result<(), String> {
-        while hold.load(Ordering::Acquire) {
-            std::thread::sleep(std::time::Duration::from_millis(1));
-        }
-        for region in 0..self.ranges.len() {
-            for chunk in 0..self.chunks[region].len() {
-                if self.holds_data(region, chunk) {
-                    self.bring_in(region, chunk)?;
-                }
+    /// Serves every fault waiting now, counting them in `served`.
+    fn serve_faults(&self, served: &mut u64) -> Result<(), String> {
+        while let Some(event) = self
+            .uffd
+            .read_event()
+            .map_err(|e| format!("reading userfaultfd: {e}"))?
+        {
+            if let Event::Pagefault { addr, .. } = event {
+                *served += 1;
+                self.serve_fault(addr as u64)?;
             }
         }
         Ok(())
+    }
+
+    /// The prefetcher: reads every stored chunk not yet in, in address order, once `hold` is
+    /// clear, and hands each to the server.
+    fn prefetch(
+        &self,
+        hold: &AtomicBool,
+        chunks: &SyncSender<Prefetched>,
+        ready: &EventFd,
+    ) -> Result<(), String> {
+        while hold.load(Ordering::Acquire) {
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        let send = |message| -> Result<(), String> {
+            chunks
+                .send(message)
+                .map_err(|_| "the memory fault server ended early".to_string())?;
+            ready
+                .write(1)
+                .map_err(|e| format!("waking the memory fault server: {e}"))
+        };
+        for region in 0..self.ranges.len() {
+            for chunk in 0..self.loaded[region].len() {
+                if self.holds_data(region, chunk) && !self.is_loaded(region, chunk) {
+                    let bytes = self.read(region, chunk)?;
+                    send(Prefetched::Chunk(Staged {
+                        region,
+                        chunk,
+                        bytes,
+                    }))?;
+                }
+            }
+        }
+        send(Prefetched::Done)
     }
 
     /// Lets go of guest memory: whoever still waits on a chunk no snapshot holds is woken,
@@ -324,7 +371,7 @@ impl Shared {
         Ok(())
     }
 
-    fn serve(&self, addr: u64) -> Result<(), String> {
+    fn serve_fault(&self, addr: u64) -> Result<(), String> {
         let Some(region) = self
             .ranges
             .iter()
@@ -333,18 +380,20 @@ impl Shared {
             return Err(format!("a fault at {addr:#x}, outside guest memory"));
         };
         let chunk = ((addr - self.ranges[region].host) / CHUNK) as usize;
-        match self.chunks[region][chunk].load(Ordering::Acquire) {
+        if self.is_loaded(region, chunk) {
             // Moved in after the fault was raised: the waiter only needs waking.
-            IN => {
-                let (host, len) = self.chunk_range(region, chunk);
-                self.uffd
-                    .wake(host as *mut _, len as usize)
-                    .map_err(|e| format!("waking a fault at {addr:#x}: {e}"))
-            }
-            // The prefetcher is moving it in and wakes the range when it is there.
-            INSTALLING => Ok(()),
-            _ => self.bring_in(region, chunk),
+            let (host, len) = self.chunk_range(region, chunk);
+            return self
+                .uffd
+                .wake(host as *mut _, len as usize)
+                .map_err(|e| format!("waking a fault at {addr:#x}: {e}"));
         }
+        let bytes = self.read(region, chunk)?;
+        self.install(Staged {
+            region,
+            chunk,
+            bytes,
+        })
     }
 
     /// Host address and length of a chunk (the last of a region may be short).
@@ -361,15 +410,6 @@ impl Shared {
             .segments_in(from, from + CHUNK)
             .next()
             .is_some()
-    }
-
-    /// Reads the chunk and moves it in, unless it is already there or on its way.
-    fn bring_in(&self, region: usize, chunk: usize) -> Result<(), String> {
-        if self.chunks[region][chunk].load(Ordering::Acquire) != ABSENT {
-            return Ok(());
-        }
-        let staging = self.read(region, chunk)?;
-        self.install(region, chunk, staging)
     }
 
     /// A fresh (huge-page) mapping holding the chunk's stored bytes, zero elsewhere.
@@ -396,28 +436,29 @@ impl Shared {
         Ok(staging)
     }
 
-    /// Moves `staging` over the chunk's place in guest RAM and wakes whoever waits there, if
-    /// this thread is first to claim the chunk; else drops it. Moving keeps the huge page,
-    /// which copying into registered memory (`UFFDIO_COPY`, 4 KiB pages only) would not; the
-    /// chunk holds nothing yet (the claim lets it in once), so nothing is lost.
-    fn install(&self, region: usize, chunk: usize, staging: MmapRegion) -> Result<(), String> {
+    /// Moves a chunk read by [`Self::read`] over its place in guest RAM and wakes whoever waits
+    /// there, unless the chunk is in already (then its copy is dropped). Moving keeps the huge
+    /// page, which copying into registered memory (`UFFDIO_COPY`, 4 KiB pages only) would not;
+    /// a chunk not yet in holds nothing, so nothing is lost. The server alone calls this.
+    fn install(&self, staged: Staged) -> Result<(), String> {
+        let Staged {
+            region,
+            chunk,
+            bytes,
+        } = staged;
         let (host, len) = self.chunk_range(region, chunk);
-        let state = &self.chunks[region][chunk];
-        if state
-            .compare_exchange(ABSENT, INSTALLING, Ordering::AcqRel, Ordering::Acquire)
-            .is_err()
-        {
-            // SAFETY: unmaps our own staging mapping (dropping it never does), which nothing
+        if self.is_loaded(region, chunk) {
+            // SAFETY: unmaps the copy's own mapping (dropping it never does), which nothing
             // else refers to.
-            unsafe { libc::munmap(staging.as_ptr().cast(), len as usize) };
+            unsafe { libc::munmap(bytes.as_ptr().cast(), len as usize) };
             return Ok(());
         }
-        // SAFETY: moves our private staging mapping (dropping `staging` never unmaps it) over
+        // SAFETY: moves the copy's private mapping (dropping `bytes` never unmaps it) over
         // `len` bytes of guest RAM that hold no page yet; the guest RAM mapping stays where
         // vm-memory and KVM know it, its contents now the chunk's.
         let moved = unsafe {
             libc::mremap(
-                staging.as_ptr().cast(),
+                bytes.as_ptr().cast(),
                 len as usize,
                 len as usize,
                 libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED,
@@ -431,7 +472,7 @@ impl Shared {
                 std::io::Error::last_os_error()
             ));
         }
-        state.store(IN, Ordering::Release);
+        self.loaded[region][chunk].store(true, Ordering::Release);
         self.uffd
             .wake(host as *mut _, len as usize)
             .map_err(|e| format!("waking faults at {host:#x}: {e}"))
