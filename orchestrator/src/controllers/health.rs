@@ -108,6 +108,12 @@ impl Controller for WorkerHealth {
                 }
             }
         }
+        // Volumes first: whoever sees a VM given up with its forgotten worker then also sees
+        // the volumes that were there marked lost (the CLI's `--fresh-disks` advice relies on
+        // both).
+        if !forgotten.is_empty() {
+            forget_volumes(store, &forgotten).await?;
+        }
         for vm in &vms {
             let Some(worker) = vm.status.placement.as_deref() else {
                 continue;
@@ -122,9 +128,6 @@ impl Controller for WorkerHealth {
                 };
                 mark_lost(store, vm, worker, why).await?;
             }
-        }
-        if !forgotten.is_empty() {
-            forget_volumes(store, &forgotten).await?;
         }
         Ok(())
     }
