@@ -55,16 +55,26 @@ type Outcome = Mutex<Option<Result<u64, String>>>;
 #[derive(Debug, Clone)]
 pub struct Loader {
     done: Arc<(Outcome, Condvar)>,
-    /// While set, only faults are served (tests hold it to see faults served).
+    /// While set, the prefetcher waits (tests hold it to see faults served).
     hold: Arc<AtomicBool>,
+    /// Set by a waiter: the server then reads what is left itself, at its own priority.
+    hurry: Arc<AtomicBool>,
+    /// Wakes the server.
+    ready: Arc<EventFd>,
 }
 
 impl Loader {
     /// Blocks until every stored page is in guest memory; how many faults were served, or why
-    /// loading failed.
+    /// loading failed. The rest is then read at the server's priority: on a busy host the
+    /// idle-priority prefetcher could leave a waiter (a snapshot) waiting for good.
     pub fn wait(&self) -> Result<u64, String> {
         let (lock, cond) = &*self.done;
         let mut done = lock.lock().unwrap_or_else(|e| e.into_inner());
+        if done.is_none() {
+            self.hurry.store(true, Ordering::Release);
+            // A failed write leaves the server to the prefetcher's pace; it still ends.
+            let _ = self.ready.write(1);
+        }
         loop {
             if let Some(outcome) = &*done {
                 return outcome.clone();
@@ -116,6 +126,8 @@ fn restore_held(
     let loader = Loader {
         done: Arc::new((Mutex::new(None), Condvar::new())),
         hold: Arc::new(AtomicBool::new(hold)),
+        hurry: Arc::new(AtomicBool::new(false)),
+        ready: ready.clone(),
     };
     // The prefetcher starts reading once the server runs: were the server not to start, the
     // restore fails and nothing may be left loading.
@@ -138,7 +150,7 @@ fn restore_held(
         .spawn(move || {
             let started = std::time::Instant::now();
             let served = shared
-                .serve(&chunks_rx, &ready)
+                .serve(&chunks_rx, &ready, &handle.hurry)
                 .unwrap_or_else(|e| fatal(&e));
             tracing::info!(
                 read_kib = shared.plan.bytes() >> 10,
@@ -224,11 +236,19 @@ struct Range {
     len: u64,
 }
 
-/// A chunk the prefetcher read, for the server to move in.
+/// A chunk read for the server to move in; its mapping is unmapped if it is dropped instead.
 struct Staged {
     region: usize,
     chunk: usize,
     bytes: MmapRegion,
+}
+
+impl Drop for Staged {
+    fn drop(&mut self) {
+        // SAFETY: the copy's own mapping (an `MmapRegion` over a raw mapping never unmaps),
+        // which nothing else refers to; a moved-in copy is forgotten, not dropped.
+        unsafe { libc::munmap(self.bytes.as_ptr().cast(), self.bytes.size()) };
+    }
 }
 
 /// The prefetcher's messages to the server.
@@ -272,10 +292,17 @@ impl Shared {
     }
 
     /// The server: moves in what the prefetcher read and serves faults as they come, until the
-    /// prefetcher is done and every stored chunk is in; then lets go of guest memory. Returns
-    /// how many faults it served.
-    fn serve(&self, chunks: &Receiver<Prefetched>, ready: &EventFd) -> Result<u64, String> {
+    /// prefetcher is done and every stored chunk is in (or, once `hurry` is set, until it has
+    /// read the rest itself, serving faults between chunks); then lets go of guest memory.
+    /// Returns how many faults it served.
+    fn serve(
+        &self,
+        chunks: &Receiver<Prefetched>,
+        ready: &EventFd,
+        hurry: &AtomicBool,
+    ) -> Result<u64, String> {
         let mut served = 0;
+        let mut rest = self.stored_chunks();
         let mut fds = [self.uffd.as_raw_fd(), ready.as_raw_fd()].map(|fd| libc::pollfd {
             fd,
             events: libc::POLLIN,
@@ -285,11 +312,7 @@ impl Shared {
             loop {
                 match chunks.try_recv() {
                     Ok(Prefetched::Chunk(staged)) => self.install(staged)?,
-                    Ok(Prefetched::Done) => {
-                        self.serve_faults(&mut served)?;
-                        self.unregister()?;
-                        return Ok(served);
-                    }
+                    Ok(Prefetched::Done) => return self.finish(served),
                     Err(TryRecvError::Empty) => break,
                     Err(TryRecvError::Disconnected) => {
                         return Err("the memory prefetcher ended early".into())
@@ -297,6 +320,20 @@ impl Shared {
                 }
             }
             self.serve_faults(&mut served)?;
+            if hurry.load(Ordering::Acquire) {
+                match rest.find(|&(r, c)| !self.is_loaded(r, c)) {
+                    Some((region, chunk)) => {
+                        let bytes = self.read(region, chunk)?;
+                        self.install(Staged {
+                            region,
+                            chunk,
+                            bytes,
+                        })?;
+                        continue;
+                    }
+                    None => return self.finish(served),
+                }
+            }
             // SAFETY: `fds` is an array of two initialised pollfd this call may write.
             if unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, -1) } < 0 {
                 let e = std::io::Error::last_os_error();
@@ -309,6 +346,20 @@ impl Shared {
                 let _ = ready.read();
             }
         }
+    }
+
+    /// Every chunk holding stored pages, in address order.
+    fn stored_chunks(&self) -> impl Iterator<Item = (usize, usize)> + '_ {
+        (0..self.ranges.len())
+            .flat_map(move |r| (0..self.loaded[r].len()).map(move |c| (r, c)))
+            .filter(|&(r, c)| self.holds_data(r, c))
+    }
+
+    /// Every stored chunk is in: serves the faults still waiting and lets go of guest memory.
+    fn finish(&self, mut served: u64) -> Result<u64, String> {
+        self.serve_faults(&mut served)?;
+        self.unregister()?;
+        Ok(served)
     }
 
     /// Serves every fault waiting now, counting them in `served`.
@@ -337,27 +388,32 @@ impl Shared {
         while hold.load(Ordering::Acquire) {
             std::thread::sleep(std::time::Duration::from_millis(1));
         }
-        let send = |message| -> Result<(), String> {
-            chunks
-                .send(message)
-                .map_err(|_| "the memory fault server ended early".to_string())?;
+        // False once the server is gone: it ends early only when a waiter had it read the
+        // rest itself (on an error it ends the process).
+        let send = |message| -> Result<bool, String> {
+            if chunks.send(message).is_err() {
+                return Ok(false);
+            }
             ready
                 .write(1)
-                .map_err(|e| format!("waking the memory fault server: {e}"))
+                .map_err(|e| format!("waking the memory fault server: {e}"))?;
+            Ok(true)
         };
-        for region in 0..self.ranges.len() {
-            for chunk in 0..self.loaded[region].len() {
-                if self.holds_data(region, chunk) && !self.is_loaded(region, chunk) {
-                    let bytes = self.read(region, chunk)?;
-                    send(Prefetched::Chunk(Staged {
-                        region,
-                        chunk,
-                        bytes,
-                    }))?;
-                }
+        for (region, chunk) in self.stored_chunks() {
+            if self.is_loaded(region, chunk) {
+                continue;
+            }
+            let bytes = self.read(region, chunk)?;
+            let staged = Staged {
+                region,
+                chunk,
+                bytes,
+            };
+            if !send(Prefetched::Chunk(staged))? {
+                return Ok(());
             }
         }
-        send(Prefetched::Done)
+        send(Prefetched::Done).map(drop)
     }
 
     /// Lets go of guest memory: whoever still waits on a chunk no snapshot holds is woken,
@@ -441,24 +497,18 @@ impl Shared {
     /// page, which copying into registered memory (`UFFDIO_COPY`, 4 KiB pages only) would not;
     /// a chunk not yet in holds nothing, so nothing is lost. The server alone calls this.
     fn install(&self, staged: Staged) -> Result<(), String> {
-        let Staged {
-            region,
-            chunk,
-            bytes,
-        } = staged;
+        let (region, chunk) = (staged.region, staged.chunk);
         let (host, len) = self.chunk_range(region, chunk);
         if self.is_loaded(region, chunk) {
-            // SAFETY: unmaps the copy's own mapping (dropping it never does), which nothing
-            // else refers to.
-            unsafe { libc::munmap(bytes.as_ptr().cast(), len as usize) };
+            // Dropping it unmaps the copy.
             return Ok(());
         }
-        // SAFETY: moves the copy's private mapping (dropping `bytes` never unmaps it) over
-        // `len` bytes of guest RAM that hold no page yet; the guest RAM mapping stays where
-        // vm-memory and KVM know it, its contents now the chunk's.
+        // SAFETY: moves the copy's private mapping over `len` bytes of guest RAM that hold no
+        // page yet; the guest RAM mapping stays where vm-memory and KVM know it, its contents
+        // now the chunk's.
         let moved = unsafe {
             libc::mremap(
-                bytes.as_ptr().cast(),
+                staged.bytes.as_ptr().cast(),
                 len as usize,
                 len as usize,
                 libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED,
@@ -472,6 +522,8 @@ impl Shared {
                 std::io::Error::last_os_error()
             ));
         }
+        // Its pages are guest RAM now: its old address must not be unmapped.
+        std::mem::forget(staged);
         self.loaded[region][chunk].store(true, Ordering::Release);
         self.uffd
             .wake(host as *mut _, len as usize)
@@ -672,6 +724,30 @@ mod tests {
                     0xa0 | (page % 4) as u8,
                     "page {page}"
                 );
+            }
+        }
+    }
+
+    #[test]
+    fn a_waiter_gets_every_page_though_the_prefetcher_never_runs() {
+        let dir = tempfile::tempdir().unwrap();
+        let pages = REGIONS[1].1 / P;
+        let base = write_layer(dir.path(), "base", 5, [&[[0, 64]], &[[0, pages]]], &[]);
+        // Held for good: the prefetcher stands for one starved on a busy host.
+        let (mem, loader) = restore_held(&[base], true).unwrap();
+        expect_loader(&loader);
+        if let Some(l) = loader {
+            let (tx, rx) = std::sync::mpsc::channel();
+            std::thread::spawn(move || tx.send(l.wait()));
+            let served = rx
+                .recv_timeout(std::time::Duration::from_secs(30))
+                .expect("the wait ends though the prefetcher never runs");
+            assert_eq!(served.unwrap(), 0, "nothing touched the memory");
+        }
+        // Every page is there, read without a fault: the memory was let go.
+        for (region, &(at, size)) in REGIONS.iter().enumerate() {
+            for page in 0..size / P {
+                assert_eq!(byte_at(&mem, at + page * P + 9), page_byte(5, region, page));
             }
         }
     }
