@@ -590,6 +590,12 @@ mod tests {
         Layer { path, regions }
     }
 
+    /// A memory file storing every page of both regions.
+    fn whole_layer(dir: &Path, layer: u8) -> Layer {
+        let pages = REGIONS.map(|(_, size)| [[0, size / P]]);
+        write_layer(dir, "base", layer, [&pages[0], &pages[1]], &[])
+    }
+
     fn byte_at(mem: &GuestMemoryMmap, addr: u64) -> u8 {
         mem.read_obj(GuestAddress(addr)).unwrap()
     }
@@ -704,8 +710,8 @@ mod tests {
     #[test]
     fn faults_racing_the_prefetcher_each_get_the_snapshot_page_once() {
         let dir = tempfile::tempdir().unwrap();
+        let base = whole_layer(dir.path(), 4);
         let pages = REGIONS[1].1 / P;
-        let base = write_layer(dir.path(), "base", 4, [&[[0, 64]], &[[0, pages]]], &[]);
         // Races are timing: several rounds give them several chances.
         for _ in 0..48 {
             let (mem, loader) = restore_held(std::slice::from_ref(&base), false).unwrap();
@@ -731,8 +737,7 @@ mod tests {
     #[test]
     fn a_waiter_gets_every_page_though_the_prefetcher_never_runs() {
         let dir = tempfile::tempdir().unwrap();
-        let pages = REGIONS[1].1 / P;
-        let base = write_layer(dir.path(), "base", 5, [&[[0, 64]], &[[0, pages]]], &[]);
+        let base = whole_layer(dir.path(), 5);
         // Held for good: the prefetcher stands for one starved on a busy host.
         let (mem, loader) = restore_held(&[base], true).unwrap();
         expect_loader(&loader);
@@ -755,8 +760,7 @@ mod tests {
     #[test]
     fn threads_faulting_together_all_get_their_pages() {
         let dir = tempfile::tempdir().unwrap();
-        let pages = REGIONS[1].1 / P;
-        let base = write_layer(dir.path(), "base", 3, [&[[0, 64]], &[[0, pages]]], &[]);
+        let base = whole_layer(dir.path(), 3);
         let (mem, loader) = restore_held(&[base], true).unwrap();
         expect_loader(&loader);
         // Every thread walks the far region backwards, against the ordered copy.
