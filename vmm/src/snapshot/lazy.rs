@@ -323,12 +323,7 @@ impl Shared {
             if hurry.load(Ordering::Acquire) {
                 match rest.find(|&(r, c)| !self.is_loaded(r, c)) {
                     Some((region, chunk)) => {
-                        let bytes = self.read(region, chunk)?;
-                        self.install(Staged {
-                            region,
-                            chunk,
-                            bytes,
-                        })?;
+                        self.install(self.read(region, chunk)?)?;
                         continue;
                     }
                     None => return self.finish(served),
@@ -403,13 +398,7 @@ impl Shared {
             if self.is_loaded(region, chunk) {
                 continue;
             }
-            let bytes = self.read(region, chunk)?;
-            let staged = Staged {
-                region,
-                chunk,
-                bytes,
-            };
-            if !send(Prefetched::Chunk(staged))? {
+            if !send(Prefetched::Chunk(self.read(region, chunk)?))? {
                 return Ok(());
             }
         }
@@ -444,12 +433,7 @@ impl Shared {
                 .wake(host as *mut _, len as usize)
                 .map_err(|e| format!("waking a fault at {addr:#x}: {e}"));
         }
-        let bytes = self.read(region, chunk)?;
-        self.install(Staged {
-            region,
-            chunk,
-            bytes,
-        })
+        self.install(self.read(region, chunk)?)
     }
 
     /// Host address and length of a chunk (the last of a region may be short).
@@ -468,21 +452,27 @@ impl Shared {
             .is_some()
     }
 
-    /// A fresh (huge-page) mapping holding the chunk's stored bytes, zero elsewhere.
-    fn read(&self, region: usize, chunk: usize) -> Result<MmapRegion, String> {
+    /// The chunk read into a fresh (huge-page) mapping: its stored bytes, zero elsewhere.
+    fn read(&self, region: usize, chunk: usize) -> Result<Staged, String> {
         let (_, len) = self.chunk_range(region, chunk);
-        let staging = ram::aligned_anonymous(len as usize)
+        let bytes = ram::aligned_anonymous(len as usize)
             .map_err(|e| format!("mapping {len} bytes to load guest memory into: {e}"))?;
+        // Owned from here: a failed read unmaps it.
+        let staging = Staged {
+            region,
+            chunk,
+            bytes,
+        };
         let from = chunk as u64 * CHUNK;
         for s in self.plan.regions[region].segments_in(from, from + len) {
             let start = s.offset.max(from);
             let end = (s.offset + s.len).min(from + len);
             let (path, file) = &self.plan.files[s.file];
-            // SAFETY: `staging` is a private read-write mapping of `len` bytes that only this
-            // thread knows about; `start - from .. end - from` lies inside it.
+            // SAFETY: `staging.bytes` is a private read-write mapping of `len` bytes that only
+            // this thread knows about; `start - from .. end - from` lies inside it.
             let dst = unsafe {
                 std::slice::from_raw_parts_mut(
-                    staging.as_ptr().add((start - from) as usize),
+                    staging.bytes.as_ptr().add((start - from) as usize),
                     (end - start) as usize,
                 )
             };
