@@ -39,7 +39,7 @@ pub trait VmControl: Send + Sync {
     /// State, configuration and counters.
     fn info(&self) -> VmInfo;
     /// Writes a snapshot of the paused VM into `dir` (created if missing, must be empty): all of
-    /// guest memory, or for a diff only what was written since the last snapshot or restore.
+    /// guest memory, or for a diff only what changed since the last snapshot or restore.
     fn snapshot(&self, dir: PathBuf, kind: SnapshotType) -> Result<(), ControlError>;
     /// Restores the snapshot in `dir` into this process, which must not have a VM yet; the VM is
     /// left Paused, or Running when `resume`.

@@ -27,7 +27,6 @@
 //! not show pages that are not in yet.
 
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::FileExt;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, Receiver, SyncSender, TryRecvError};
 use std::sync::{Arc, Condvar, Mutex};
@@ -463,22 +462,12 @@ impl Shared {
             chunk,
             bytes,
         };
-        let from = chunk as u64 * CHUNK;
-        for s in self.plan.regions[region].segments_in(from, from + len) {
-            let start = s.offset.max(from);
-            let end = (s.offset + s.len).min(from + len);
-            let (path, file) = &self.plan.files[s.file];
-            // SAFETY: `staging.bytes` is a private read-write mapping of `len` bytes that only
-            // this thread knows about; `start - from .. end - from` lies inside it.
-            let dst = unsafe {
-                std::slice::from_raw_parts_mut(
-                    staging.bytes.as_ptr().add((start - from) as usize),
-                    (end - start) as usize,
-                )
-            };
-            file.read_exact_at(dst, s.file_offset + (start - s.offset))
-                .map_err(|e| format!("{}: {e}", path.display()))?;
-        }
+        // SAFETY: `staging.bytes` is a private read-write mapping of `len` bytes that only this
+        // thread knows about.
+        let dst = unsafe { std::slice::from_raw_parts_mut(staging.bytes.as_ptr(), len as usize) };
+        self.plan
+            .read_stored(region, chunk as u64 * CHUNK, dst)
+            .map_err(|e| e.to_string())?;
         Ok(staging)
     }
 
@@ -524,6 +513,7 @@ impl Shared {
 #[cfg(test)]
 mod tests {
     use std::fs::File;
+    use std::os::unix::fs::FileExt;
     use std::path::Path;
 
     use vm_memory::{Bytes, GuestAddress};

@@ -2,8 +2,8 @@
 //!
 //! A full snapshot writes the pages the host holds for the guest (the page map says which: a
 //! page never touched is not read at all) that are not all zero; the rest are holes. A diff
-//! snapshot writes every page written since the VM's last snapshot or restore, zero or not;
-//! it restores on top of its base. Both list the pages they stored in `state.json`, so that
+//! snapshot writes every page written since the VM's last snapshot or restore that no longer
+//! holds what its base restores there, zero or not; it restores on top of its base. Both list the pages they stored in `state.json`, so that
 //! restore reads only those whatever the file system (one without SEEK_DATA, such as 9p,
 //! would otherwise hand back every hole as data).
 //!
@@ -108,24 +108,36 @@ pub struct Region {
 }
 
 /// What a snapshot writes of guest memory.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Kind {
+#[derive(Clone, Copy, Debug)]
+pub enum Kind<'a> {
     /// Every non-zero page.
     Full,
-    /// Every page written since the last [`pagemap::PageMap::clear_soft_dirty`].
-    Diff,
+    /// Every page written since the last [`pagemap::PageMap::clear_soft_dirty`] that no longer
+    /// holds what `base` (the chain the diff goes on) restores there.
+    ///
+    /// Written pages are found by the host's soft-dirty bits, whose granularity is the page
+    /// the host maps: guest RAM is on 2 MiB huge pages, so a tick of the guest's timer marks
+    /// megabytes, and a lazily restored VM's memory is all marked once loaded. Comparing each
+    /// 4 KiB page with the base keeps a diff to what changed (FC's KVM dirty log counts
+    /// 4 KiB pages, but keeps the guest on 4 KiB nested pages while it is on).
+    Diff(&'a Plan),
 }
 
 /// Writes the guest memory of `mem` to `path`; returns the layout.
 pub fn save(mem: &GuestMemoryMmap, path: &Path, kind: Kind) -> Result<Vec<Region>, MemoryError> {
     let map = pagemap::get();
-    if kind == Kind::Diff {
-        match map {
-            Ok(m) if m.tracks_writes() => {}
-            Ok(_) => return Err(MemoryError::NoTracking("no soft-dirty bits".into())),
-            Err(e) => return Err(MemoryError::NoTracking(e.into())),
+    let diff = match kind {
+        Kind::Full => None,
+        Kind::Diff(base) => {
+            match map {
+                Ok(m) if m.tracks_writes() => {}
+                Ok(_) => return Err(MemoryError::NoTracking("no soft-dirty bits".into())),
+                Err(e) => return Err(MemoryError::NoTracking(e.into())),
+            }
+            check_layout(mem, base)?;
+            Some(base)
         }
-    }
+    };
     // Guest memory holds the guest's secrets: readable by the owner only.
     let file = OpenOptions::new()
         .write(true)
@@ -134,22 +146,61 @@ pub fn save(mem: &GuestMemoryMmap, path: &Path, kind: Kind) -> Result<Vec<Region
         .open(path)
         .map_err(file_err(path))?;
     let started = std::time::Instant::now();
-    let (mut examined, mut written) = (0u64, 0u64);
+    // Without a page map (no /proc), every page is looked at.
+    let candidates = |r: &GuestRegionMmap| match map {
+        Ok(m) => m
+            .pages(r.as_ptr() as usize, r.len() as usize, diff.is_some())
+            .map_err(file_err(Path::new("/proc/self/pagemap"))),
+        Err(_) => Ok(every_page(r)),
+    };
+    let (regions, Totals { examined, written }) =
+        write_regions(mem, (&file, path), diff, candidates)?;
+    let end = regions.last().map_or(0, |r| r.file_offset + r.size);
+    file.set_len(end)
+        .and_then(|()| file.sync_all())
+        .map_err(file_err(path))?;
+    tracing::info!(
+        kind = if diff.is_some() { "diff" } else { "full" },
+        examined_mib = examined >> 20,
+        written_kib = written >> 10,
+        ms = started.elapsed().as_millis() as u64,
+        "guest memory saved"
+    );
+    Ok(regions)
+}
+
+/// Bytes looked at and written by [`write_regions`].
+#[derive(Default)]
+struct Totals {
+    examined: u64,
+    written: u64,
+}
+
+/// Every page of `r`, as one run.
+fn every_page(r: &GuestRegionMmap) -> Vec<(usize, usize)> {
+    vec![(0, (r.len() as usize).div_ceil(PAGE))]
+}
+
+/// Writes the regions of `mem` one after the other into `file` (at `path`): of the pages
+/// `candidates` gives for a region (runs `(first page, count)`), those not all zero, or with a
+/// `diff` base those whose bytes differ from what it restores there. Returns the layout.
+fn write_regions(
+    mem: &GuestMemoryMmap,
+    (file, path): (&File, &Path),
+    diff: Option<&Plan>,
+    candidates: impl Fn(&GuestRegionMmap) -> Result<Vec<(usize, usize)>, MemoryError>,
+) -> Result<(Vec<Region>, Totals), MemoryError> {
+    let mut totals = Totals::default();
     let mut regions = Vec::new();
     let mut offset = 0u64;
     let mut buf = vec![0u8; CHUNK];
-    for r in mem.iter() {
+    let mut old = vec![0u8; if diff.is_some() { CHUNK } else { 0 }];
+    for (index, r) in mem.iter().enumerate() {
         let start = r.start_addr().raw_value();
         let size = r.len();
         let len =
             usize::try_from(size).map_err(|_| MemoryError::Regions("region too large".into()))?;
-        // Without a page map (no /proc), every page is looked at.
-        let runs = match map {
-            Ok(m) => m
-                .pages(r.as_ptr() as usize, len, kind == Kind::Diff)
-                .map_err(file_err(Path::new("/proc/self/pagemap")))?,
-            Err(_) => vec![(0, len.div_ceil(PAGE))],
-        };
+        let runs = candidates(r)?;
         let mut stored = Runs::default();
         for &(first, count) in &runs {
             let mut done = 0usize;
@@ -163,23 +214,28 @@ pub fn save(mem: &GuestMemoryMmap, path: &Path, kind: Kind) -> Result<Vec<Region
                         source,
                     })?;
                 let first_page = first + done / PAGE;
-                match kind {
-                    Kind::Diff => {
-                        file.write_all_at(&buf[..n], offset + at)
-                            .map_err(file_err(path))?;
-                        stored.add(first_page, n.div_ceil(PAGE), 0);
-                        written += n as u64;
+                let runs = match diff {
+                    Some(base) => {
+                        let old = &mut old[..n];
+                        old.fill(0);
+                        base.read_stored(index, at, old)?;
+                        write_pages(file, &buf[..n], offset + at, |p, page| {
+                            page != &old[p * PAGE..p * PAGE + page.len()]
+                        })
                     }
-                    Kind::Full => {
-                        for (p, c) in
-                            write_nonzero(&file, &buf[..n], offset + at).map_err(file_err(path))?
-                        {
-                            stored.add(first_page + p, c, MERGE_GAP);
-                            written += (c * PAGE) as u64;
-                        }
-                    }
+                    None => write_pages(file, &buf[..n], offset + at, |_, page| {
+                        page.iter().any(|b| *b != 0)
+                    }),
                 }
-                examined += n as u64;
+                .map_err(file_err(path))?;
+                // A diff's runs are exactly its pages: a hole listed in one would restore as
+                // zeroes over its base.
+                let gap = if diff.is_some() { 0 } else { MERGE_GAP };
+                for (p, c) in runs {
+                    stored.add(first_page + p, c, gap);
+                    totals.written += (c * PAGE) as u64;
+                }
+                totals.examined += n as u64;
                 done += n;
             }
         }
@@ -191,17 +247,7 @@ pub fn save(mem: &GuestMemoryMmap, path: &Path, kind: Kind) -> Result<Vec<Region
         });
         offset += size;
     }
-    file.set_len(offset)
-        .and_then(|()| file.sync_all())
-        .map_err(file_err(path))?;
-    tracing::info!(
-        ?kind,
-        examined_mib = examined >> 20,
-        written_kib = written >> 10,
-        ms = started.elapsed().as_millis() as u64,
-        "guest memory saved"
-    );
-    Ok(regions)
+    Ok((regions, totals))
 }
 
 /// Pages of a region as runs `[first, count]`, in order.
@@ -224,18 +270,20 @@ impl Runs {
 /// back as the zeroes they are): keeps the list short.
 const MERGE_GAP: usize = 16;
 
-/// Writes the pages of `buf` that are not all zero, consecutive ones in one write; returns
-/// them as runs `(first page in buf, pages)`.
-fn write_nonzero(file: &File, buf: &[u8], at: u64) -> io::Result<Vec<(usize, usize)>> {
+/// Writes the pages of `buf` that `keep` (given each page's index and bytes) wants,
+/// consecutive ones in one write; returns them as runs `(first page in buf, pages)`.
+fn write_pages(
+    file: &File,
+    buf: &[u8],
+    at: u64,
+    keep: impl Fn(usize, &[u8]) -> bool,
+) -> io::Result<Vec<(usize, usize)>> {
     let mut written = Vec::new();
     let mut run: Option<usize> = None;
     let pages = buf.len().div_ceil(PAGE);
     for i in 0..=pages {
-        let nonzero = i < pages
-            && buf[i * PAGE..((i + 1) * PAGE).min(buf.len())]
-                .iter()
-                .any(|b| *b != 0);
-        match (nonzero, run) {
+        let kept = i < pages && keep(i, &buf[i * PAGE..((i + 1) * PAGE).min(buf.len())]);
+        match (kept, run) {
             (true, None) => run = Some(i),
             (false, Some(s)) => {
                 let end = (i * PAGE).min(buf.len());
@@ -247,6 +295,28 @@ fn write_nonzero(file: &File, buf: &[u8], at: u64) -> io::Result<Vec<(usize, usi
         }
     }
     Ok(written)
+}
+
+/// Refuses a base whose memory layout is not the VM's: the diff could not go on it.
+fn check_layout(mem: &GuestMemoryMmap, base: &Plan) -> Result<(), MemoryError> {
+    let path = base
+        .files
+        .last()
+        .map(|(p, _)| p.clone())
+        .unwrap_or_default();
+    let same = mem.num_regions() == base.regions.len()
+        && mem
+            .iter()
+            .zip(&base.regions)
+            .all(|(r, b)| r.start_addr().raw_value() == b.guest_addr && r.len() == b.size);
+    if same {
+        return Ok(());
+    }
+    Err(MemoryError::Layout {
+        path,
+        addr: 0,
+        reason: "the VM's memory layout is not this base snapshot's",
+    })
 }
 
 /// One snapshot's memory: its file and layout.
@@ -488,20 +558,20 @@ mod tests {
         let _serial = pagemap::TEST_LOCK.lock().unwrap_or_else(|e| e.into_inner());
         let map = pagemap::get().unwrap();
         let mem = memory();
-        if !map.tracks_writes() {
-            // Without soft-dirty bits (this build machine's kernel) a diff is refused, never
-            // written as if nothing had changed.
-            let dir = tempfile::tempdir().unwrap();
-            let e = save(&mem, &dir.path().join("diff"), Kind::Diff).unwrap_err();
-            assert!(matches!(e, MemoryError::NoTracking(_)), "{e}");
-            assert!(!dir.path().join("diff").exists());
-            return;
-        }
         mem.write_slice(&[1u8; 10 * PAGE], GuestAddress(0)).unwrap();
         mem.write_slice(&[2u8; PAGE], GuestAddress(1 << 30))
             .unwrap();
         let dir = tempfile::tempdir().unwrap();
         let base = save(&mem, &dir.path().join("base"), Kind::Full).unwrap();
+        let plan = super::super::plan::resolve(&[layer(dir.path(), "base", &base)]).unwrap();
+        if !map.tracks_writes() {
+            // Without soft-dirty bits (this build machine's kernel) a diff is refused, never
+            // written as if nothing had changed.
+            let e = save(&mem, &dir.path().join("diff"), Kind::Diff(&plan)).unwrap_err();
+            assert!(matches!(e, MemoryError::NoTracking(_)), "{e}");
+            assert!(!dir.path().join("diff").exists());
+            return;
+        }
         map.clear_soft_dirty().unwrap();
         // A page changed, a page zeroed (a diff must carry zeroes too), a new page.
         mem.write_slice(b"changed", GuestAddress(3 * PAGE as u64))
@@ -510,15 +580,10 @@ mod tests {
             .unwrap();
         mem.write_slice(b"new", GuestAddress((1 << 30) + 20 * PAGE as u64))
             .unwrap();
-        let diff = save(&mem, &dir.path().join("diff"), Kind::Diff).unwrap();
-        // Huge pages make runs coarser, never finer: the written pages are among them.
+        let diff = save(&mem, &dir.path().join("diff"), Kind::Diff(&plan)).unwrap();
+        // Exactly the written pages, though huge pages make the soft-dirty bits coarser.
         let listed: Vec<Vec<[u64; 2]>> = diff.iter().map(|r| r.pages.clone().unwrap()).collect();
-        let has = |region: usize, page: u64| {
-            listed[region]
-                .iter()
-                .any(|[f, c]| *f <= page && page < f + c)
-        };
-        assert!(has(0, 3) && has(0, 7) && has(1, 20), "{listed:?}");
+        assert_eq!(listed, vec![vec![[3, 1], [7, 1]], vec![[20, 1]]]);
         let back = restore(&[
             layer(dir.path(), "base", &base),
             layer(dir.path(), "diff", &diff),
@@ -531,6 +596,68 @@ mod tests {
         old.read_slice(&mut b, GuestAddress(3 * PAGE as u64))
             .unwrap();
         assert_eq!(b, [1u8; 7]);
+    }
+
+    #[test]
+    fn a_diff_stores_only_the_pages_that_differ_from_its_chain() {
+        let mem = memory();
+        mem.write_slice(&[1u8; 10 * PAGE], GuestAddress(0)).unwrap();
+        mem.write_slice(&[2u8; PAGE], GuestAddress(1 << 30))
+            .unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let base = save(&mem, &dir.path().join("base"), Kind::Full).unwrap();
+        // Written since the base: a page changed, a page given its own bytes again, a page
+        // zeroed, a zero page given bytes, a zero page given zeroes.
+        mem.write_slice(b"changed", GuestAddress(3 * PAGE as u64 + 100))
+            .unwrap();
+        mem.write_slice(&[1u8; PAGE], GuestAddress(5 * PAGE as u64))
+            .unwrap();
+        mem.write_slice(&[0u8; PAGE], GuestAddress(7 * PAGE as u64))
+            .unwrap();
+        mem.write_slice(b"new", GuestAddress((1 << 30) + 20 * PAGE as u64))
+            .unwrap();
+        mem.write_slice(&[0u8; PAGE], GuestAddress(30 * PAGE as u64))
+            .unwrap();
+        // Every page offered, as the soft-dirty bits of huge pages or a lazy restore do.
+        let diff = |name: &str, chain: &[Layer]| {
+            let plan = super::super::plan::resolve(chain).unwrap();
+            let path = dir.path().join(name);
+            let file = File::create(&path).unwrap();
+            let (regions, totals) =
+                write_regions(&mem, (&file, &path), Some(&plan), |r| Ok(every_page(r))).unwrap();
+            file.set_len(96 * PAGE as u64).unwrap();
+            (regions, totals.written)
+        };
+        let mut chain = vec![layer(dir.path(), "base", &base)];
+        let (first, written) = diff("diff1", &chain);
+        assert_eq!(first[0].pages, Some(vec![[3, 1], [7, 1]]));
+        assert_eq!(first[1].pages, Some(vec![[20, 1]]));
+        assert_eq!(written, 3 * PAGE as u64);
+        chain.push(layer(dir.path(), "diff1", &first));
+        assert_eq!(contents(&restore(&chain).unwrap()), contents(&mem));
+
+        // A diff on that diff compares with the whole chain: page 3 back to the base's bytes
+        // differs from the chain (which has "changed" there); page 7 is still the chain's zero.
+        mem.write_slice(&[1u8; PAGE], GuestAddress(3 * PAGE as u64))
+            .unwrap();
+        let (second, written) = diff("diff2", &chain);
+        assert_eq!(second[0].pages, Some(vec![[3, 1]]));
+        assert_eq!(second[1].pages, Some(vec![]));
+        assert_eq!(written, PAGE as u64);
+        chain.push(layer(dir.path(), "diff2", &second));
+        assert_eq!(contents(&restore(&chain).unwrap()), contents(&mem));
+
+        // A base of another layout is refused before anything is written.
+        let plan = super::super::plan::resolve(&chain).unwrap();
+        let other = GuestMemoryMmap::from_regions(vec![GuestRegionMmap::new(
+            ram::aligned_anonymous(64 * PAGE).unwrap(),
+            GuestAddress(0),
+        )
+        .unwrap()])
+        .unwrap();
+        let e = check_layout(&other, &plan).unwrap_err();
+        assert!(e.to_string().contains("memory layout"), "{e}");
+        assert!(check_layout(&mem, &plan).is_ok());
     }
 
     #[test]

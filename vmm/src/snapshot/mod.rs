@@ -3,8 +3,9 @@
 //! state) — and rebuilt from it in another process ([`restore`]).
 //!
 //! A diff snapshot's `memory` holds only the pages written since the VM's last snapshot or
-//! restore, its base, which `state.json` names (`base`); restore reads the full snapshot at the
-//! bottom of the chain and each diff on top of it in order.
+//! restore, its base, which `state.json` names (`base`), that differ from what the base's chain
+//! restores there; restore reads the full snapshot at the bottom of the chain and each diff on
+//! top of it in order.
 //!
 //! Every piece saves and restores its own state ([`crate::persist::Persist`]); this module only
 //! gathers the pieces and stores them. Devices are restored by replaying the register writes
@@ -193,9 +194,20 @@ pub fn save(
     // A VM restored moments ago may still be loading its memory: the page map must see all of it.
     vm.memory_loaded()
         .map_err(|e| Error::Memory(MemoryError::Regions(e)))?;
+    // A diff keeps only the pages that differ from what its base chain restores.
+    let base_plan = match base {
+        Some(b) => {
+            let state = load(b).map_err(|e| Error::Chain {
+                path: dir.clone(),
+                reason: format!("its base {}: {e}", b.display()),
+            })?;
+            Some(plan::resolve(&memory_layers(b, state.memory, state.base)?)?)
+        }
+        None => None,
+    };
     let captured = vm.capture()?;
-    let kind = match base {
-        Some(_) => memory::Kind::Diff,
+    let kind = match &base_plan {
+        Some(plan) => memory::Kind::Diff(plan),
         None => memory::Kind::Full,
     };
     let regions = memory::save(vm.memory(), &dir.join(MEMORY_FILE), kind)?;

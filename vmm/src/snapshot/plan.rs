@@ -4,6 +4,7 @@
 //! reading everything before the guest runs, and loading on demand while it runs.
 
 use std::fs::File;
+use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 
 use super::memory::{data_extents, file_err, Layer, MemoryError};
@@ -53,6 +54,23 @@ pub struct Plan {
 }
 
 impl Plan {
+    /// Reads what the chain stores of region `region`'s bytes `from..from + out.len()` into
+    /// their places in `out`; bytes no layer stores are left as they are (they are zero).
+    pub fn read_stored(&self, region: usize, from: u64, out: &mut [u8]) -> Result<(), MemoryError> {
+        let to = from + out.len() as u64;
+        for s in self.regions[region].segments_in(from, to) {
+            let start = s.offset.max(from);
+            let end = (s.offset + s.len).min(to);
+            let (path, file) = &self.files[s.file];
+            file.read_exact_at(
+                &mut out[(start - from) as usize..(end - from) as usize],
+                s.file_offset + (start - s.offset),
+            )
+            .map_err(file_err(path))?;
+        }
+        Ok(())
+    }
+
     /// Bytes the plan reads.
     pub fn bytes(&self) -> u64 {
         self.regions

@@ -2,7 +2,7 @@
 //! page map (`/proc/self/pagemap`) and its soft-dirty bits (`/proc/self/clear_refs`).
 //!
 //! A snapshot then reads only the pages that exist (a page never touched is not present and
-//! reads as zero) instead of scanning all of guest RAM, and a diff snapshot writes only the
+//! reads as zero) instead of scanning all of guest RAM, and a diff snapshot looks only at the
 //! pages written since the last snapshot or restore. Soft-dirty bits are set by every write to
 //! a page after the mark, whoever makes it: the guest through KVM (KVM takes a host write fault
 //! before it maps a page writable) and our device threads alike, so no dirty bitmap has to be
