@@ -547,16 +547,23 @@ mod tests {
         assert_eq!(contents(&back), want);
     }
 
-    #[test]
-    fn a_diff_holds_the_pages_written_since_the_mark_and_restores_on_its_base() {
-        let _serial = pagemap::TEST_LOCK.lock().unwrap_or_else(|e| e.into_inner());
-        let map = pagemap::get().unwrap();
+    /// Guest memory with ten pages of ones and a page of twos, and its full snapshot, `base`
+    /// in a fresh directory.
+    fn with_base() -> (GuestMemoryMmap, tempfile::TempDir, Vec<Region>) {
         let mem = memory();
         mem.write_slice(&[1u8; 10 * PAGE], GuestAddress(0)).unwrap();
         mem.write_slice(&[2u8; PAGE], GuestAddress(1 << 30))
             .unwrap();
         let dir = tempfile::tempdir().unwrap();
         let base = save(&mem, &dir.path().join("base"), Kind::Full).unwrap();
+        (mem, dir, base)
+    }
+
+    #[test]
+    fn a_diff_holds_the_pages_written_since_the_mark_and_restores_on_its_base() {
+        let _serial = pagemap::TEST_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+        let map = pagemap::get().unwrap();
+        let (mem, dir, base) = with_base();
         let plan = super::super::plan::resolve(&[layer(dir.path(), "base", &base)]).unwrap();
         if !map.tracks_writes() {
             // Without soft-dirty bits (this build machine's kernel) a diff is refused, never
@@ -594,12 +601,7 @@ mod tests {
 
     #[test]
     fn a_diff_stores_only_the_pages_that_differ_from_its_chain() {
-        let mem = memory();
-        mem.write_slice(&[1u8; 10 * PAGE], GuestAddress(0)).unwrap();
-        mem.write_slice(&[2u8; PAGE], GuestAddress(1 << 30))
-            .unwrap();
-        let dir = tempfile::tempdir().unwrap();
-        let base = save(&mem, &dir.path().join("base"), Kind::Full).unwrap();
+        let (mem, dir, base) = with_base();
         // Written since the base: a page changed, a page given its own bytes again, a page
         // zeroed, a zero page given bytes, a zero page given zeroes.
         mem.write_slice(b"changed", GuestAddress(3 * PAGE as u64 + 100))
