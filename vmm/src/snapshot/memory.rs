@@ -3,9 +3,9 @@
 //! A full snapshot writes the pages the host holds for the guest (the page map says which: a
 //! page never touched is not read at all) that are not all zero; the rest are holes. A diff
 //! snapshot writes every page written since the VM's last snapshot or restore that no longer
-//! holds what its base restores there, zero or not; it restores on top of its base. Both list the pages they stored in `state.json`, so that
-//! restore reads only those whatever the file system (one without SEEK_DATA, such as 9p,
-//! would otherwise hand back every hole as data).
+//! holds what its base restores there, zero or not; it restores on top of its base. Both list
+//! the pages they stored in `state.json`, so that restore reads only those whatever the file
+//! system (one without SEEK_DATA, such as 9p, would otherwise hand back every hole as data).
 //!
 //! Restore reads the file into fresh guest RAM (huge-page aligned and advised, as at boot)
 //! rather than mapping it: only the data the file holds is read (holes are skipped), and the
@@ -109,12 +109,13 @@ pub enum Kind<'a> {
     /// Written pages are found by the host's soft-dirty bits, whose granularity is the page
     /// the host maps: guest RAM is on 2 MiB huge pages, so a tick of the guest's timer marks
     /// megabytes, and a lazily restored VM's memory is all marked once loaded. Comparing each
-    /// 4 KiB page with the base keeps a diff to what changed (FC's KVM dirty log counts
-    /// 4 KiB pages, but keeps the guest on 4 KiB nested pages while it is on).
+    /// 4 KiB page with the base keeps a diff to what changed (Firecracker's KVM dirty log
+    /// counts 4 KiB pages, but keeps the guest on 4 KiB nested pages while it is on).
     Diff(&'a Plan),
 }
 
-/// Writes the guest memory of `mem` to `path`; returns the layout.
+/// Writes the guest memory of `mem` to `path`; returns the layout. Nothing may write `mem`
+/// meanwhile (the VM is paused) and all of it must be in (no userfaultfd waits on a read).
 pub fn save(mem: &GuestMemoryMmap, path: &Path, kind: Kind) -> Result<Vec<Region>, MemoryError> {
     let map = pagemap::get();
     let diff = match kind {
@@ -178,7 +179,7 @@ fn every_page(r: &GuestRegionMmap) -> Vec<(usize, usize)> {
 ///
 /// Guest memory is looked at where it is, not copied out first: nothing writes it while a
 /// snapshot is taken (the VM is paused). In the test host, comparing a diff's 20 MiB through
-/// a copy took 190 ms and in place 17 ms (the copy is on 4 KiB pages, guest RAM on huge pages).
+/// a copy took 190 ms, and in place 17 ms.
 fn write_regions(
     mem: &GuestMemoryMmap,
     (file, path): (&File, &Path),

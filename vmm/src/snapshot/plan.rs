@@ -55,7 +55,8 @@ pub struct Plan {
 
 impl Plan {
     /// Reads what the chain stores of region `region`'s bytes `from..from + out.len()` into
-    /// their places in `out`; bytes no layer stores are left as they are (they are zero).
+    /// their places in `out`. Bytes no layer stores restore as zero; they are not written, so
+    /// `out` should hold zeroes there.
     pub fn read_stored(&self, region: usize, from: u64, out: &mut [u8]) -> Result<(), MemoryError> {
         let to = from + out.len() as u64;
         for s in self.regions[region].segments_in(from, to) {
