@@ -230,8 +230,15 @@ pub fn save(
         .truncate(true)
         .mode(0o600)
         .open(&tmp)
-        .and_then(|mut f| f.write_all(&json))
+        .and_then(|mut f| {
+            f.write_all(&json)?;
+            // On disk before its name says the snapshot is whole.
+            f.sync_all()
+        })
         .and_then(|()| fs::rename(&tmp, dir.join(STATE_FILE)))
+        // The names too (`state.json`, and `memory` created above): a snapshot the API called
+        // done must survive a power loss.
+        .and_then(|()| fs::File::open(&dir)?.sync_all())
         .map_err(io(&dir))?;
     Ok(mark_clean().then_some(dir))
 }
