@@ -149,7 +149,7 @@ check bad-cpus-rejected refused 422 lb vm create bad-1 --image base --cpus 0
 check agent-unknown-vm refused 'not found' lb vm agent nope ping
 check bad-image-rejected refused 'not found' lb vm create bad-2 --image missing
 check bad-name-rejected refused 422 lb vm create Bad_Name --image base
-# The names themselves, quoted: a bare "bad" also matches hex in ids, tokens and MACs.
+# The names themselves, quoted: a bare "bad" also matches the hex digits of uids.
 nothing_written() {
   local l; l=$(lb vm list -o json) || return 1
   ! grep -E '"(bad-1|bad-2|Bad_Name)"' <<<"$l"
