@@ -190,6 +190,9 @@ fn write_regions(
     let mut regions = Vec::new();
     let mut offset = 0u64;
     let mut old = vec![0u8; if diff.is_some() { CHUNK } else { 0 }];
+    // A diff's runs are exactly its pages: a hole listed in one would restore as zeroes over
+    // its base.
+    let gap = if diff.is_some() { 0 } else { MERGE_GAP };
     for (index, r) in mem.iter().enumerate() {
         let start = r.start_addr().raw_value();
         let size = r.len();
@@ -222,9 +225,6 @@ fn write_regions(
                     }),
                 }
                 .map_err(file_err(path))?;
-                // A diff's runs are exactly its pages: a hole listed in one would restore as
-                // zeroes over its base.
-                let gap = if diff.is_some() { 0 } else { MERGE_GAP };
                 for (p, c) in runs {
                     stored.add(first + done / PAGE + p, c, gap);
                     totals.written += (c * PAGE) as u64;
@@ -346,16 +346,11 @@ pub fn allocate(plan: &Plan) -> Result<GuestMemoryMmap, MemoryError> {
 /// anything else).
 pub fn read_all(plan: &Plan, mem: &GuestMemoryMmap) -> Result<(), MemoryError> {
     let started = std::time::Instant::now();
-    for (r, dest) in plan.regions.iter().zip(mem.iter()) {
-        // SAFETY: the region was mapped read-write for its length by `allocate` and nothing
-        // else (no vCPU, no device) uses it yet.
+    for (index, dest) in mem.iter().enumerate() {
+        // SAFETY: the region was mapped read-write for its length by `allocate` (so it is
+        // zero) and nothing else (no vCPU, no device) uses it yet.
         let ram = unsafe { std::slice::from_raw_parts_mut(dest.as_ptr(), dest.len() as usize) };
-        for s in &r.segments {
-            let (path, file) = &plan.files[s.file];
-            let dst = &mut ram[s.offset as usize..(s.offset + s.len) as usize];
-            file.read_exact_at(dst, s.file_offset)
-                .map_err(file_err(path))?;
-        }
+        plan.read_stored(index, 0, ram)?;
     }
     tracing::info!(
         layers = plan.files.len(),
