@@ -9,6 +9,7 @@
 //! requests over a scale group and keeps answering while it scales, loses a backend and has a
 //! proxy's worker drained.
 
+use std::io::Write;
 use std::time::Duration;
 
 use lightbyte_tests::guest::sh_quote;
@@ -151,11 +152,15 @@ fn cluster_runs_vms_end_to_end() {
         .lines()
         .filter(|l| l.starts_with("CHECK ") && !l.ends_with(" ok"))
         .collect();
-    // The failed checks again at the end, where a cut log still shows them.
-    println!("{text}\nfailed checks: {}", failed.len());
+    println!("{text}");
+    // The failed checks go straight to stderr (past the test harness's capture), so they land
+    // just above the "FAILED" line, beside the streamed scenario: a CI log cut in the middle of
+    // the captured output still shows them.
+    let mut summary = format!("cluster scenario: {} failed checks\n", failed.len());
     for line in &failed {
-        println!("  {line}");
+        summary.push_str(&format!("  {line}\n"));
     }
+    let _ = std::io::stderr().write_all(summary.as_bytes());
     assert!(failed.is_empty(), "failed checks:\n{}", failed.join("\n"));
     for check in CHECKS {
         assert!(
