@@ -5,6 +5,9 @@ set -euo pipefail
 packages=(
   # Test host (QEMU TCG with nested KVM) and guest userspace.
   qemu-system-x86 busybox-static
+  # The Rust build: userfaultfd-sys (the snapshot memory loader) makes its bindings with
+  # bindgen, which loads libclang.
+  libclang-dev
   # Guest kernel build from Debian's source package.
   linux-source-6.1 build-essential bc bison flex libelf-dev libssl-dev cpio xz-utils kmod
   # Disk images and I/O benchmarks.
