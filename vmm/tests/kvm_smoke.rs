@@ -43,7 +43,7 @@ const ENTRY: u64 = 0x100000;
 
 fn run_code(mode: BootMode, cpus: u8) -> (VmEvent, String) {
     let kvm = Kvm::new().expect("open /dev/kvm (these tests need KVM and root)");
-    let memory = create_guest_memory(64 << 20).unwrap();
+    let (memory, _) = create_guest_memory(64 << 20).unwrap();
     memory.write_slice(&CODE, GuestAddress(ENTRY)).unwrap();
     let vm = Arc::new(Vm::new(&kvm, memory).unwrap());
     let (tx, rx) = channel();

@@ -23,6 +23,7 @@ use crate::running::RunningVm;
 use crate::vstate::irq_routing;
 use crate::vstate::vcpu;
 use crate::vstate::vm;
+use vm_memory::GuestMemoryMmap;
 
 use self::steps::{
     attach_devices, create_vcpus, create_vm, exit_channel, start, vcpu_control, HostResources,
@@ -141,7 +142,22 @@ pub fn build_for_boot(cfg: &VmConfig) -> Result<RunningVm, Error> {
     }
     let host = HostResources::open(cfg)?;
     timer.step("checks_and_files");
-    let memory = vm::create_guest_memory(cfg.memory)?;
+    let (memory, reclaim) = vm::create_guest_memory(cfg.memory)?;
+    // A boot that fails from here gives the memory back: the process may be asked again.
+    let running = boot_on(cfg, host, memory, &mut timer).inspect_err(|_| {
+        reclaim.release();
+    })?;
+    timer.done();
+    Ok(running)
+}
+
+/// The VM of `cfg` on `memory`, loaded and started.
+fn boot_on(
+    cfg: &VmConfig,
+    host: HostResources,
+    memory: GuestMemoryMmap,
+    timer: &mut step_timer::StepTimer,
+) -> Result<RunningVm, Error> {
     let vm = create_vm(&host.kvm, memory)?;
     timer.step("vm");
     let (exit, events) = exit_channel();
@@ -177,6 +193,5 @@ pub fn build_for_boot(cfg: &VmConfig) -> Result<RunningVm, Error> {
         events,
     )?;
     timer.step("start");
-    timer.done();
     Ok(running)
 }

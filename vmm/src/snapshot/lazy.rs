@@ -58,6 +58,8 @@ pub struct Loader {
     hold: Arc<AtomicBool>,
     /// Set by a waiter: the server then reads what is left itself, at its own priority.
     hurry: Arc<AtomicBool>,
+    /// Set when the VM failed to build: the server lets go of guest memory and ends.
+    cancel: Arc<AtomicBool>,
     /// Wakes the server.
     ready: Arc<EventFd>,
 }
@@ -82,6 +84,24 @@ impl Loader {
         }
     }
 
+    /// Stops loading for a VM that failed to build, and returns once the server has let go of
+    /// guest memory and ended: nothing moves pages into it afterwards, so it may be unmapped.
+    /// Its userfaultfd goes back for the next restore to use ([`preopen`]): a jailed process
+    /// cannot make another.
+    pub fn cancel(&self) {
+        self.cancel.store(true, Ordering::Release);
+        let (lock, cond) = &*self.done;
+        let mut done = lock.lock().unwrap_or_else(|e| e.into_inner());
+        while done.is_none() {
+            // A failed write: the server still sees the flag at its next fault or chunk.
+            let _ = self.ready.write(1);
+            done = cond
+                .wait_timeout(done, std::time::Duration::from_millis(100))
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+    }
+
     fn finish(&self, outcome: Result<u64, String>) {
         let (lock, cond) = &*self.done;
         *lock.lock().unwrap_or_else(|e| e.into_inner()) = Some(outcome);
@@ -90,8 +110,12 @@ impl Loader {
 }
 
 /// Guest memory restored from `layers`: loading in the background when this process may use a
-/// userfaultfd (with the loader), else read whole before returning.
-pub fn restore(layers: &[Layer]) -> Result<(GuestMemoryMmap, Option<Loader>), MemoryError> {
+/// userfaultfd (with the loader), else read whole before returning. Should the VM fail to
+/// build, the loader is cancelled ([`Loader::cancel`]) and the memory given back with the
+/// [`ram::Reclaim`].
+pub fn restore(
+    layers: &[Layer],
+) -> Result<(GuestMemoryMmap, ram::Reclaim, Option<Loader>), MemoryError> {
     restore_held(layers, false)
 }
 
@@ -99,15 +123,33 @@ pub fn restore(layers: &[Layer]) -> Result<(GuestMemoryMmap, Option<Loader>), Me
 fn restore_held(
     layers: &[Layer],
     hold: bool,
-) -> Result<(GuestMemoryMmap, Option<Loader>), MemoryError> {
+) -> Result<(GuestMemoryMmap, ram::Reclaim, Option<Loader>), MemoryError> {
     let plan = plan::resolve(layers)?;
-    let mem = memory::allocate(&plan)?;
-    let uffd = match open_registered(&mem) {
+    let (mem, reclaim) = memory::allocate(&plan)?;
+    match start_loading(plan, &mem, hold) {
+        Ok(loader) => Ok((mem, reclaim, loader)),
+        Err(e) => {
+            // No loader runs (the prefetcher, if started, ends without the server's go).
+            drop(mem);
+            reclaim.release();
+            Err(e)
+        }
+    }
+}
+
+/// Starts loading `plan` into `mem` in the background (the loader), or reads it whole
+/// (`None`).
+fn start_loading(
+    plan: Plan,
+    mem: &GuestMemoryMmap,
+    hold: bool,
+) -> Result<Option<Loader>, MemoryError> {
+    let uffd = match open_registered(mem) {
         Ok(uffd) => uffd,
         Err(why) => {
             tracing::debug!(%why, "guest memory read before the VM runs");
-            memory::read_all(&plan, &mem)?;
-            return Ok((mem, None));
+            memory::read_all(&plan, mem)?;
+            return Ok(None);
         }
     };
     let ranges: Vec<Range> = mem
@@ -126,20 +168,25 @@ fn restore_held(
         done: Arc::new((Mutex::new(None), Condvar::new())),
         hold: Arc::new(AtomicBool::new(hold)),
         hurry: Arc::new(AtomicBool::new(false)),
+        cancel: Arc::new(AtomicBool::new(false)),
         ready: ready.clone(),
     };
     // The prefetcher starts reading once the server runs: were the server not to start, the
     // restore fails and nothing may be left loading.
     let (go_tx, go_rx) = mpsc::channel::<()>();
     {
-        let (shared, ready, hold) = (shared.clone(), ready.clone(), loader.hold.clone());
+        let (shared, ready) = (shared.clone(), ready.clone());
+        let (hold, cancel) = (loader.hold.clone(), loader.cancel.clone());
         crate::threads::builder("memory-prefetch")
             .spawn(move || {
                 lower_priority();
                 if go_rx.recv().is_ok() {
-                    shared
-                        .prefetch(&hold, &chunks_tx, &ready)
-                        .unwrap_or_else(|e| fatal(&e));
+                    if let Err(e) = shared.prefetch(&hold, &cancel, &chunks_tx, &ready) {
+                        // Once cancelled, nothing waits on the memory (its files may be gone).
+                        if !cancel.load(Ordering::Acquire) {
+                            fatal(&e);
+                        }
+                    }
                 }
             })
             .map_err(threads)?;
@@ -149,8 +196,13 @@ fn restore_held(
         .spawn(move || {
             let started = std::time::Instant::now();
             let served = shared
-                .serve(&chunks_rx, &ready, &handle.hurry)
+                .serve(&chunks_rx, &ready, &handle.hurry, &handle.cancel)
                 .unwrap_or_else(|e| fatal(&e));
+            if handle.cancel.load(Ordering::Acquire) {
+                tracing::info!("guest memory loading cancelled: the VM failed to build");
+                handle.finish(Err("cancelled: the VM failed to build".into()));
+                return;
+            }
             tracing::info!(
                 read_kib = shared.plan.bytes() >> 10,
                 faults_served = served,
@@ -162,7 +214,7 @@ fn restore_held(
         .map_err(threads)?;
     // The prefetcher waits for this and nothing else.
     let _ = go_tx.send(());
-    Ok((mem, Some(loader)))
+    Ok(Some(loader))
 }
 
 /// The guest waits on pages that will never come: nothing can run it.
@@ -293,12 +345,14 @@ impl Shared {
     /// The server: moves in what the prefetcher read and serves faults as they come, until the
     /// prefetcher is done and every stored chunk is in (or, once `hurry` is set, until it has
     /// read the rest itself, serving faults between chunks); then lets go of guest memory.
+    /// Once `cancel` is set it lets go at once, and gives its userfaultfd back ([`preopen`]).
     /// Returns how many faults it served.
     fn serve(
         &self,
         chunks: &Receiver<Prefetched>,
         ready: &EventFd,
         hurry: &AtomicBool,
+        cancel: &AtomicBool,
     ) -> Result<u64, String> {
         let mut served = 0;
         let mut rest = self.stored_chunks();
@@ -308,6 +362,11 @@ impl Shared {
             revents: 0,
         });
         loop {
+            if cancel.load(Ordering::Acquire) {
+                self.unregister()?;
+                self.give_back();
+                return Ok(served);
+            }
             loop {
                 match chunks.try_recv() {
                     Ok(Prefetched::Chunk(staged)) => self.install(staged)?,
@@ -372,18 +431,19 @@ impl Shared {
     }
 
     /// The prefetcher: reads every stored chunk not yet in, in address order, once `hold` is
-    /// clear, and hands each to the server.
+    /// clear, and hands each to the server; stops once `cancel` is set.
     fn prefetch(
         &self,
         hold: &AtomicBool,
+        cancel: &AtomicBool,
         chunks: &SyncSender<Prefetched>,
         ready: &EventFd,
     ) -> Result<(), String> {
-        while hold.load(Ordering::Acquire) {
+        while hold.load(Ordering::Acquire) && !cancel.load(Ordering::Acquire) {
             std::thread::sleep(std::time::Duration::from_millis(1));
         }
         // False once the server is gone: it ends early only when a waiter had it read the
-        // rest itself (on an error it ends the process).
+        // rest itself or the loading was cancelled (on an error it ends the process).
         let send = |message| -> Result<bool, String> {
             if chunks.send(message).is_err() {
                 return Ok(false);
@@ -394,6 +454,9 @@ impl Shared {
             Ok(true)
         };
         for (region, chunk) in self.stored_chunks() {
+            if cancel.load(Ordering::Acquire) {
+                return Ok(());
+            }
             if self.is_loaded(region, chunk) {
                 continue;
             }
@@ -413,6 +476,23 @@ impl Shared {
                 .map_err(|e| format!("unregistering guest memory: {e}"))?;
         }
         Ok(())
+    }
+
+    /// Hands a copy of the descriptor (nothing registered on it any more) to the next restore.
+    fn give_back(&self) {
+        // SAFETY: duplicates a descriptor this process owns; the copy is owned by the `Uffd`
+        // made from it below and nothing else.
+        let fd = unsafe { libc::fcntl(self.uffd.as_raw_fd(), libc::F_DUPFD_CLOEXEC, 0) };
+        if fd < 0 {
+            tracing::debug!(error = %std::io::Error::last_os_error(), "userfaultfd not kept for the next restore");
+            return;
+        }
+        // SAFETY: `fd` is a fresh descriptor of a userfaultfd, owned by nothing else.
+        let uffd = unsafe { <Uffd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+        PREOPENED
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get_or_insert(uffd);
     }
 
     fn serve_fault(&self, addr: u64) -> Result<(), String> {
@@ -638,7 +718,7 @@ mod tests {
             [&[[5, 2], [50, 1]], &[[400, 3]]],
             &[401],
         );
-        let (mem, loader) = restore_held(&[base, diff], true).unwrap();
+        let (mem, _, loader) = restore_held(&[base, diff], true).unwrap();
         expect_loader(&loader);
         let hi = REGIONS[1].0;
         // Far ahead of the ordered copy: the fault is served on the spot.
@@ -694,7 +774,7 @@ mod tests {
         let pages = REGIONS[1].1 / P;
         // Races are timing: several rounds give them several chances.
         for _ in 0..48 {
-            let (mem, loader) = restore_held(std::slice::from_ref(&base), false).unwrap();
+            let (mem, _, loader) = restore_held(std::slice::from_ref(&base), false).unwrap();
             expect_loader(&loader);
             // Two threads walk the far region against the prefetcher, two with it; each
             // writes its mark on the pages it reads, which a chunk moved in twice would undo.
@@ -719,7 +799,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let base = whole_layer(dir.path(), 5);
         // Held for good: the prefetcher stands for one starved on a busy host.
-        let (mem, loader) = restore_held(&[base], true).unwrap();
+        let (mem, _, loader) = restore_held(&[base], true).unwrap();
         expect_loader(&loader);
         if let Some(l) = loader {
             let (tx, rx) = std::sync::mpsc::channel();
@@ -738,10 +818,31 @@ mod tests {
     }
 
     #[test]
+    fn a_cancelled_loader_lets_go_and_its_memory_can_be_unmapped() {
+        let dir = tempfile::tempdir().unwrap();
+        let base = whole_layer(dir.path(), 6);
+        // The prefetcher is held: only what is touched comes in.
+        let (mem, reclaim, loader) = restore_held(&[base], true).unwrap();
+        expect_loader(&loader);
+        let far = REGIONS[1].0;
+        assert_eq!(byte_at(&mem, far + 9), page_byte(6, 1, 0), "a fault served");
+        if let Some(l) = &loader {
+            // Returns once the server has ended (a hang here fails the test by its timeout).
+            l.cancel();
+            assert!(l.wait().unwrap_err().contains("cancelled"));
+            // Let go: a chunk never brought in reads as the kernel's zeroes, without waiting
+            // on a server that is gone.
+            assert_eq!(byte_at(&mem, far + 3 * CHUNK + 9), 0);
+        }
+        drop(mem);
+        assert_eq!(reclaim.release(), REGIONS.len());
+    }
+
+    #[test]
     fn threads_faulting_together_all_get_their_pages() {
         let dir = tempfile::tempdir().unwrap();
         let base = whole_layer(dir.path(), 3);
-        let (mem, loader) = restore_held(&[base], true).unwrap();
+        let (mem, _, loader) = restore_held(&[base], true).unwrap();
         expect_loader(&loader);
         // Every thread walks the far region backwards, against the ordered copy.
         walk_far_region(&mem, 3, |_| true, false);

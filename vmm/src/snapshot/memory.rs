@@ -21,9 +21,7 @@ use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
-use vm_memory::{
-    Address, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion, GuestRegionMmap,
-};
+use vm_memory::{Address, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion, GuestRegionMmap};
 
 use super::plan::Plan;
 use crate::vstate::pagemap::{self, PAGE};
@@ -322,24 +320,11 @@ pub struct Layer {
     pub regions: Vec<Region>,
 }
 
-/// Fresh guest RAM for the regions of `plan` (huge-page aligned and advised, as at boot), zero.
-pub fn allocate(plan: &Plan) -> Result<GuestMemoryMmap, MemoryError> {
-    let mut mapped = Vec::with_capacity(plan.regions.len());
-    for r in &plan.regions {
-        let len =
-            usize::try_from(r.size).map_err(|_| MemoryError::Regions("region too large".into()))?;
-        let region = ram::aligned_anonymous(len)
-            .map_err(|e| MemoryError::Regions(format!("allocating {len} bytes: {e}")))?;
-        mapped.push(
-            GuestRegionMmap::new(region, GuestAddress(r.guest_addr)).ok_or_else(|| {
-                MemoryError::Regions(format!(
-                    "region at {:#x} overflows the address space",
-                    r.guest_addr
-                ))
-            })?,
-        );
-    }
-    GuestMemoryMmap::from_regions(mapped).map_err(|e| MemoryError::Regions(e.to_string()))
+/// Fresh guest RAM for the regions of `plan` (huge-page aligned and advised, as at boot), zero,
+/// and the means to give it back should the restore fail.
+pub fn allocate(plan: &Plan) -> Result<(GuestMemoryMmap, ram::Reclaim), MemoryError> {
+    ram::guest_memory(plan.regions.iter().map(|r| (r.guest_addr, r.size)))
+        .map_err(|e| MemoryError::Regions(format!("allocating guest memory: {e}")))
 }
 
 /// Reads every page `plan` lists into `mem` (made by [`allocate`] for it, not yet used by
@@ -367,7 +352,7 @@ pub fn read_all(plan: &Plan, mem: &GuestMemoryMmap) -> Result<(), MemoryError> {
 #[cfg(test)]
 pub fn restore(layers: &[Layer]) -> Result<GuestMemoryMmap, MemoryError> {
     let plan = super::plan::resolve(layers)?;
-    let mem = allocate(&plan)?;
+    let (mem, _) = allocate(&plan)?;
     read_all(&plan, &mem)?;
     Ok(mem)
 }
@@ -407,7 +392,7 @@ pub(super) fn data_extents(file: &File, from: u64, to: u64) -> io::Result<Vec<(u
 mod tests {
     use super::*;
     use std::os::unix::fs::{MetadataExt, PermissionsExt};
-    use vm_memory::Bytes;
+    use vm_memory::{Bytes, GuestAddress};
 
     /// Two regions with a gap, as guest RAM is laid out below and above the PCI hole.
     fn memory() -> GuestMemoryMmap {

@@ -99,6 +99,15 @@ pub enum Error {
     /// The VM could not be rebuilt.
     #[error(transparent)]
     Build(#[from] crate::builder::Error),
+    /// The saved state of a piece does not fit the VM rebuilt from the snapshot's own
+    /// configuration (a damaged or edited snapshot).
+    #[error("restoring {what}: the snapshot does not fit: {source}")]
+    Unfit {
+        /// Which piece.
+        what: &'static str,
+        /// Why.
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
     /// A piece of the rebuilt VM refused its saved state.
     #[error("restoring {what}: {source}")]
     Restore {
@@ -117,7 +126,8 @@ impl Error {
             | Error::NotASnapshot { .. }
             | Error::UnsupportedVersion { .. }
             | Error::Inconsistent(_)
-            | Error::Chain { .. } => true,
+            | Error::Chain { .. }
+            | Error::Unfit { .. } => true,
             Error::Build(e) => e.is_bad_input(),
             Error::Memory(e) => e.is_bad_input(),
             _ => false,

@@ -17,7 +17,9 @@ use crate::persist::Persist;
 use crate::running::{pause_devices, RunningVm};
 
 /// Rebuilds the VM saved in `dir`; it is left paused. Also returns the base for the VM's next
-/// diff snapshot: `dir` (absolute), or nothing when the host cannot mark pages clean.
+/// diff snapshot: `dir` (absolute), or nothing when the host cannot mark pages clean. A restore
+/// that fails once guest memory is made gives the memory back: the process may be asked for
+/// another restore.
 pub fn restore(dir: &Path) -> Result<(VmConfig, RunningVm, Option<PathBuf>), Error> {
     let mut timer = StepTimer::new("restore");
     let dir = fs::canonicalize(dir).map_err(|source| Error::Io {
@@ -30,8 +32,36 @@ pub fn restore(dir: &Path) -> Result<(VmConfig, RunningVm, Option<PathBuf>), Err
     config::validate(cfg, u32::from(MAX_CPUS)).map_err(crate::builder::Error::from)?;
     let host = HostResources::open(cfg)?;
     timer.step("state_and_files");
-    let (memory, loader) = lazy::restore(&layers)?;
+    let (memory, reclaim, loader) = lazy::restore(&layers)?;
     timer.step("memory");
+    let mut running = match rebuild(&state, host, memory, &mut timer) {
+        Ok(running) => running,
+        Err(e) => {
+            // Everything `rebuild` made is gone with it; the loader is the last writer.
+            if let Some(loader) = &loader {
+                loader.cancel();
+            }
+            reclaim.release();
+            return Err(e);
+        }
+    };
+    running.set_memory_loader(loader);
+    // Everything read into guest memory so far is the snapshot itself: a diff taken after this
+    // restore holds only what changes from here.
+    let base = mark_clean().then(|| dir.clone());
+    timer.step("start");
+    timer.done();
+    Ok((state.config.clone(), running, base))
+}
+
+/// The VM of `state` on `memory`, each piece given its saved state, started paused.
+fn rebuild(
+    state: &super::State,
+    host: HostResources,
+    memory: vm_memory::GuestMemoryMmap,
+    timer: &mut StepTimer,
+) -> Result<RunningVm, Error> {
+    let cfg = &state.config;
     let mut vm = create_vm(&host.kvm, memory)?;
     vm.restore(&state.vm)
         .map_err(|e| Error::restore("interrupt controllers and clock")(e.into()))?;
@@ -65,12 +95,12 @@ pub fn restore(dir: &Path) -> Result<(VmConfig, RunningVm, Option<PathBuf>), Err
         .lock()
         .unwrap_or_else(|e| e.into_inner())
         .restore(&state.pci)
-        .map_err(|e| Error::restore("PCI devices")(e.into()))?;
-    // Everything read into guest memory so far is the snapshot itself: a diff taken after this
-    // restore holds only what changes from here.
-    let base = mark_clean().then(|| dir.clone());
+        .map_err(|e| Error::Unfit {
+            what: "PCI devices",
+            source: e.into(),
+        })?;
     timer.step("device_state");
-    let mut running = start(
+    Ok(start(
         cfg,
         Arc::new(vm),
         devices,
@@ -78,9 +108,5 @@ pub fn restore(dir: &Path) -> Result<(VmConfig, RunningVm, Option<PathBuf>), Err
         vcpu_control(true)?,
         exit,
         events,
-    )?;
-    running.set_memory_loader(loader);
-    timer.step("start");
-    timer.done();
-    Ok((state.config.clone(), running, base))
+    )?)
 }

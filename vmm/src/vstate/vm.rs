@@ -2,9 +2,7 @@
 
 use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_PIT_SPEAKER_DUMMY};
 use kvm_ioctls::{Kvm, VmFd};
-use vm_memory::{
-    Address, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion, GuestRegionMmap,
-};
+use vm_memory::{Address, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 
 use std::sync::Arc;
 
@@ -41,25 +39,13 @@ fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> Error {
 }
 
 /// Allocates guest RAM for `mem_size` bytes following the layout in [`crate::arch::memory`].
-/// Each range is a mapping of its own at a huge-page-aligned host address ([`ram`]).
-pub fn create_guest_memory(mem_size: u64) -> Result<GuestMemoryMmap, Error> {
-    let fail = |source| Error::Memory {
+/// Each range is a mapping of its own at a huge-page-aligned host address ([`ram`]); the
+/// [`ram::Reclaim`] gives it back if the VM fails to build.
+pub fn create_guest_memory(mem_size: u64) -> Result<(GuestMemoryMmap, ram::Reclaim), Error> {
+    ram::guest_memory(ram_ranges(mem_size)).map_err(|source| Error::Memory {
         size: mem_size,
         source,
-    };
-    let mut regions = Vec::new();
-    for (start, len) in ram_ranges(mem_size) {
-        let len = usize::try_from(len)
-            .map_err(|_| fail(std::io::Error::from_raw_os_error(libc::ENOMEM)))?;
-        let mapping = ram::aligned_anonymous(len).map_err(fail)?;
-        let region = GuestRegionMmap::new(mapping, GuestAddress(start)).ok_or_else(|| {
-            fail(std::io::Error::other(format!(
-                "guest range {start:#x}+{len:#x} wraps the address space"
-            )))
-        })?;
-        regions.push(region);
-    }
-    GuestMemoryMmap::from_regions(regions).map_err(|e| fail(std::io::Error::other(e.to_string())))
+    })
 }
 
 /// A KVM VM with its memory registered.
