@@ -283,6 +283,9 @@ fn main() -> ExitCode {
         }
         block::set_thread_hook(|| seccomp::enter_thread(seccomp::Kind::Device));
     }
+    // The KVM VM is made while the API starts and waits for its request (or while a boot from
+    // the flags checks and opens its files): it needs nothing from the configuration.
+    vmm::vstate::prepared::start();
     let vmm = Vmm::new();
     // Started before the VM so that a socket already in use fails fast, and so that the API
     // sees the VM from its first moment.

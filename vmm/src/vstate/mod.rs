@@ -4,6 +4,7 @@ pub mod control;
 pub mod irq_routing;
 pub mod kvm_state;
 pub mod pagemap;
+pub mod prepared;
 pub mod ram;
 pub mod vcpu;
 pub mod vm;

@@ -144,7 +144,9 @@ impl Reclaim {
                 continue;
             }
             // SAFETY: a mapping made by `guest_memory` that no `GuestRegionMmap` (hence no
-            // `GuestMemoryMmap`, device or KVM VM of ours) refers to any more.
+            // `GuestMemoryMmap`, device or `Vm` of ours) refers to any more. A KVM VM file
+            // descriptor that outlived its `Vm` would only find the pages gone (KVM follows the
+            // host's mappings); its build failed, so it never runs.
             if unsafe { libc::munmap(ptr as *mut libc::c_void, len) } == 0 {
                 unmapped += 1;
                 bytes += len;

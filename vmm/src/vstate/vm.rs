@@ -24,6 +24,9 @@ pub enum Error {
         /// The errno.
         source: kvm_ioctls::Error,
     },
+    /// The VM made ahead of time could not be had ([`super::prepared`]).
+    #[error("{0}")]
+    Prepare(&'static str),
     /// Guest memory could not be allocated.
     #[error("allocating {size} bytes of guest memory: {source}")]
     Memory {
@@ -48,6 +51,21 @@ pub fn create_guest_memory(mem_size: u64) -> Result<(GuestMemoryMmap, ram::Recla
     })
 }
 
+/// A new KVM VM with its interrupt controllers (PIC, IOAPIC, local APICs) and PIT, no memory
+/// and no vCPU yet.
+pub fn create_fd(kvm: &Kvm) -> Result<VmFd, Error> {
+    let fd = kvm.create_vm().map_err(kvm_err("create VM"))?;
+    fd.set_tss_address(KVM_TSS_ADDRESS as usize)
+        .map_err(kvm_err("set TSS address"))?;
+    fd.create_irq_chip().map_err(kvm_err("create irqchip"))?;
+    let pit = kvm_pit_config {
+        flags: KVM_PIT_SPEAKER_DUMMY,
+        ..Default::default()
+    };
+    fd.create_pit2(pit).map_err(kvm_err("create PIT"))?;
+    Ok(fd)
+}
+
 /// A KVM VM with its memory registered.
 pub struct Vm {
     fd: Arc<VmFd>,
@@ -56,17 +74,18 @@ pub struct Vm {
 }
 
 impl Vm {
-    /// Creates the VM, its irqchip and PIT, and registers `memory` as KVM memory slots.
+    /// The VM (the one made ahead of time, if any: [`super::prepared`]; else a new one, with
+    /// its irqchip and PIT), with `memory` registered as KVM memory slots.
     pub fn new(kvm: &Kvm, memory: GuestMemoryMmap) -> Result<Self, Error> {
-        let fd = kvm.create_vm().map_err(kvm_err("create VM"))?;
-        fd.set_tss_address(KVM_TSS_ADDRESS as usize)
-            .map_err(kvm_err("set TSS address"))?;
-        fd.create_irq_chip().map_err(kvm_err("create irqchip"))?;
-        let pit = kvm_pit_config {
-            flags: KVM_PIT_SPEAKER_DUMMY,
-            ..Default::default()
+        let fd = match super::prepared::take() {
+            Some(Ok(fd)) => fd,
+            Some(Err(e)) => {
+                // Whatever failed there fails here too, with its error where it belongs.
+                tracing::debug!(error = %e, "the VM made ahead of time failed; making it now");
+                create_fd(kvm)?
+            }
+            None => create_fd(kvm)?,
         };
-        fd.create_pit2(pit).map_err(kvm_err("create PIT"))?;
         for (slot, region) in memory.iter().enumerate() {
             let mr = kvm_userspace_memory_region {
                 slot: slot as u32,
