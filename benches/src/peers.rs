@@ -159,7 +159,8 @@ pub fn cloud_hypervisor_cmd(
 }
 
 /// The VMMs to compare: vmm (first, without and then with its jail) and QEMU always, the peers
-/// whose binaries the environment names; `extra` kernel parameters are appended for all.
+/// whose binaries the environment names, and another `vmm` binary to measure a change against
+/// (`VMM_BASELINE=`, run as the first row is); `extra` kernel parameters are appended for all.
 pub fn contenders(
     a: &Artifacts,
     dir: &Path,
@@ -187,6 +188,18 @@ pub fn contenders(
             idle: qemu_cmd(a, memory_mib, idle.clone()),
         },
     ];
+    if let Some(baseline) = std::env::var("VMM_BASELINE").ok().filter(|v| !v.is_empty()) {
+        let with_baseline = |mut cmd: Vec<String>| {
+            cmd[0] = baseline.clone();
+            cmd
+        };
+        out.push(Contender {
+            label: "vmm-baseline",
+            name: "lightbyte vmm (VMM_BASELINE)",
+            timed: with_baseline(vmm_cmd(a, memory_mib, false, false, extra)?),
+            idle: with_baseline(vmm_cmd(a, memory_mib, true, false, extra)?),
+        });
+    }
     if let Some(fc) = std::env::var("FIRECRACKER").ok().filter(|v| !v.is_empty()) {
         fs::create_dir_all(dir)?;
         out.push(Contender {

@@ -283,9 +283,12 @@ fn main() -> ExitCode {
         }
         block::set_thread_hook(|| seccomp::enter_thread(seccomp::Kind::Device));
     }
-    // The KVM VM is made while the API starts and waits for its request (or while a boot from
-    // the flags checks and opens its files): it needs nothing from the configuration.
-    vmm::vstate::prepared::start();
+    // Serving the API with no VM yet, the process waits for its request: the KVM VM is made
+    // meanwhile (it needs nothing from the configuration). A boot from the flags needs its VM
+    // at once, so a thread would only compete with it.
+    if config.is_none() {
+        vmm::vstate::prepared::start();
+    }
     let vmm = Vmm::new();
     // Started before the VM so that a socket already in use fails fast, and so that the API
     // sees the VM from its first moment.

@@ -221,6 +221,9 @@ fn compare(runs: u32, memory_mib: u64, memory_runs: u32) -> Result<bool> {
     for r in &ours {
         print_ratio(r, base);
     }
+    if let Some(baseline) = rows.iter().find(|(c, _)| c.label == "vmm-baseline") {
+        print_ratio(row(&rows, "vmm"), baseline);
+    }
     Ok(ours.iter().all(|(_, s)| s.ok == s.total))
 }
 

@@ -5,7 +5,8 @@
 //! hardware. None of it depends on the VM's configuration: memory slots and vCPUs, which do,
 //! come later. A `vmm` started to serve its API is idle until the request arrives (its client
 //! connects and writes, the server parses), so the VM is made then, on a thread of its own, and
-//! the request takes it ([`take`]). Firecracker and Cloud Hypervisor make theirs inside the
+//! the request takes it ([`take`]). A `vmm` that boots from its flags makes its VM as it
+//! builds: it has no idle time to use. Firecracker and Cloud Hypervisor make theirs inside the
 //! request.
 
 use std::sync::Mutex;
