@@ -337,17 +337,33 @@ fn exchange(
     let auth = token
         .map(|t| format!("Authorization: Bearer {t}\r\n"))
         .unwrap_or_default();
-    write!(
+    let sent = write!(
         s,
         "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n{auth}\
          Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
         body.len()
-    )?;
+    );
+    match sent {
+        Ok(()) => {}
+        // A server that refuses a request early (a body over its limit: 413) answers and closes
+        // while the body is still being written; the answer is in the socket, read it.
+        Err(e)
+            if matches!(
+                e.kind(),
+                std::io::ErrorKind::BrokenPipe | std::io::ErrorKind::ConnectionReset
+            ) => {}
+        Err(e) => return Err(e),
+    }
     let mut resp = String::new();
     match s.read_to_string(&mut resp) {
         Ok(_) => {}
-        // A TLS peer that closes without close_notify after answering: the answer stands.
-        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof && !resp.is_empty() => {}
+        // A TLS peer that closes without close_notify after answering (or resets the connection,
+        // having not read all of the request): the answer stands.
+        Err(e)
+            if matches!(
+                e.kind(),
+                std::io::ErrorKind::UnexpectedEof | std::io::ErrorKind::ConnectionReset
+            ) && !resp.is_empty() => {}
         Err(e) => return Err(e),
     }
     let status = resp
