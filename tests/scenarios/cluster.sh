@@ -332,7 +332,10 @@ check note-running-after-move wait_state note Running 300
 note_read() { grep -aq "LIGHTBYTE-NOTE-READ $token" "$D/$dst/vms/note/jail/console.log"; }
 read_back() { for _ in $(seq 60); do note_read && return 0; sleep 1; done; return 1; }
 check note-same-file read_back
-check note-source-gone test ! -e "$D/$src/vms/note"
+# The source deletes its copy once the mover has ended the move (after the VM runs on the
+# target), on its own next pass: the drain's end does not wait for that.
+source_gone() { for _ in $(seq 120); do [ ! -e "$D/$src/vms/note" ] && return 0; sleep 0.5; done; return 1; }
+check note-source-gone source_gone
 drained_no_vmm() { ! pgrep -f -- "--api-socket $D/$src/" >/dev/null; }
 check drained-no-vmm drained_no_vmm
 min_ready=$(grep -E '^[0-9]+$' "$WORK/ready-samples" | sort -n | head -1)
