@@ -217,11 +217,23 @@ wait $pid3; echo "VMM-3-EXIT $?"
     assert_eq!(status("snapshot"), 204, "{}", section("snapshot"));
     assert_eq!(status("diff"), 204, "{}", section("diff"));
     // The diff holds a few seconds' writes of an idle guest, far less than the full snapshot.
-    let sizes = |key: &str| -> u64 {
+    // The numbers on the line that starts with `key`.
+    let numbers = |key: &str| -> Vec<u64> {
         all.lines()
             .find_map(|l| l.strip_prefix(key))
-            .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+            .map(|l| {
+                l.split_whitespace()
+                    .filter_map(|v| v.parse().ok())
+                    .collect()
+            })
             .unwrap_or_else(|| panic!("no {key}:\n{all}"))
+    };
+    // A SIZE line's second number: KiB on disk.
+    let sizes = |key: &str| -> u64 {
+        numbers(key)
+            .get(1)
+            .copied()
+            .unwrap_or_else(|| panic!("no size on disk in {key}:\n{all}"))
     };
     // Its pages are compared with the base's: the 2 MiB huge pages a tick dirties hold only a
     // few changed 4 KiB pages.
@@ -306,17 +318,7 @@ wait $pid3; echo "VMM-3-EXIT $?"
         "{}",
         section("restore-bad")
     );
-    let kib = |key: &str| -> Vec<u64> {
-        all.lines()
-            .find_map(|l| l.strip_prefix(key))
-            .map(|l| {
-                l.split_whitespace()
-                    .filter_map(|v| v.parse().ok())
-                    .collect()
-            })
-            .unwrap_or_default()
-    };
-    let (before, after) = (kib("BAD-BEFORE "), kib("BAD-AFTER "));
+    let (before, after) = (numbers("BAD-BEFORE "), numbers("BAD-AFTER "));
     assert!(before.len() == 2 && after.len() == 2, "{all}");
     // Address space may grow by the allocator's arenas of the threads the restore started (64
     // MiB each, reserved, not used); guest RAM left behind is 512 MiB.

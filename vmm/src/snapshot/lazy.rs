@@ -69,19 +69,7 @@ impl Loader {
     /// loading failed. The rest is then read at the server's priority: on a busy host the
     /// idle-priority prefetcher could leave a waiter (a snapshot) waiting for good.
     pub fn wait(&self) -> Result<u64, String> {
-        let (lock, cond) = &*self.done;
-        let mut done = lock.lock().unwrap_or_else(|e| e.into_inner());
-        if done.is_none() {
-            self.hurry.store(true, Ordering::Release);
-            // A failed write leaves the server to the prefetcher's pace; it still ends.
-            let _ = self.ready.write(1);
-        }
-        loop {
-            if let Some(outcome) = &*done {
-                return outcome.clone();
-            }
-            done = cond.wait(done).unwrap_or_else(|e| e.into_inner());
-        }
+        self.tell_and_wait(&self.hurry)
     }
 
     /// Stops loading for a VM that failed to build, and returns once the server has let go of
@@ -89,11 +77,22 @@ impl Loader {
     /// Its userfaultfd goes back for the next restore to use ([`preopen`]): a jailed process
     /// cannot make another.
     pub fn cancel(&self) {
-        self.cancel.store(true, Ordering::Release);
+        let _ = self.tell_and_wait(&self.cancel);
+    }
+
+    /// Sets `flag` for the server unless loading has ended, and waits for the outcome, waking
+    /// the server until it comes: a wake-up that failed to write would leave it asleep until
+    /// its next fault or chunk, and a cancelled prefetcher sends none.
+    fn tell_and_wait(&self, flag: &AtomicBool) -> Result<u64, String> {
         let (lock, cond) = &*self.done;
         let mut done = lock.lock().unwrap_or_else(|e| e.into_inner());
-        while done.is_none() {
-            // A failed write: the server still sees the flag at its next fault or chunk.
+        if done.is_none() {
+            flag.store(true, Ordering::Release);
+        }
+        loop {
+            if let Some(outcome) = &*done {
+                return outcome.clone();
+            }
             let _ = self.ready.write(1);
             done = cond
                 .wait_timeout(done, std::time::Duration::from_millis(100))
