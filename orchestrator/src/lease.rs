@@ -5,6 +5,7 @@ use std::time::Duration;
 use etcd_client::{LeaseKeepAliveStream, LeaseKeeper};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 use crate::store::{Store, StoreError};
 use crate::task::AbortOnDrop;
@@ -20,7 +21,7 @@ pub struct KeptLease {
 
 impl KeptLease {
     /// Grants a lease of `ttl` (etcd may round it up to its minimum, 2 s by default) and starts
-    /// renewing it every third of its TTL.
+    /// renewing it every third of its TTL (see [`keep_alive`]).
     pub async fn grant(store: &Store, ttl: Duration) -> Result<KeptLease, StoreError> {
         let requested = i64::try_from(ttl.as_secs().max(1)).unwrap_or(i64::MAX);
         let mut client = store.client().lease_client();
@@ -34,13 +35,14 @@ impl KeptLease {
         }
         let ttl = Duration::from_secs(resp.ttl().unsigned_abs());
         let lost = CancellationToken::new();
-        let keeper = tokio::spawn(keep_alive(
-            store.clone(),
-            resp.id(),
-            ttl,
-            sent + ttl,
-            lost.clone(),
-        ));
+        let renewal = EtcdRenewal {
+            store: store.clone(),
+            id: resp.id(),
+            stream: None,
+        };
+        let span = tracing::info_span!("lease", id = resp.id());
+        let keeper =
+            tokio::spawn(keep_alive(renewal, ttl, sent + ttl, lost.clone()).instrument(span));
         Ok(KeptLease {
             id: resp.id(),
             ttl,
@@ -72,69 +74,227 @@ impl KeptLease {
     }
 }
 
-/// Renews `id` every third of `ttl`. `expires` is a local bound on the server-side expiry: the
-/// time a renewal was *sent* plus the TTL (the server restarts the TTL when it receives it,
-/// later). Once two renewals in a row have failed, the next could only land after the lease
-/// may have expired, so the lease is reported lost then, a third of a TTL early.
+/// How long before the local bound on a lease's expiry its holder is told it is lost: time for
+/// the holder to stop acting, and for the two clocks' rates to differ.
+fn margin(ttl: Duration) -> Duration {
+    ttl / 10
+}
+
+/// How soon a renewal that failed is tried again (on a fresh stream).
+const RETRY: Duration = Duration::from_millis(500);
+
+/// One way to renew a lease: returns the TTL the server reports left, 0 once the lease is gone.
+trait Renew {
+    fn renew(&mut self) -> impl std::future::Future<Output = Result<i64, StoreError>> + Send;
+    /// Forgets a stream that failed or stalled, so the next renewal opens another.
+    fn reset(&mut self);
+}
+
+/// Renews every third of `ttl`. `expires` is a local bound on the server-side expiry: the time
+/// a renewal was *sent* plus the TTL (the server restarts the TTL when it receives it, later).
+/// A renewal that fails or gets no answer within a third of the TTL is tried again on a fresh
+/// stream, for as long as an answer could still land before that bound (less a margin): a
+/// stalled etcd or a starved process costs the lease only when the stall outlasts what is left
+/// of the TTL, not when one renewal is late.
 async fn keep_alive(
-    store: Store,
-    id: i64,
+    mut renewer: impl Renew,
     ttl: Duration,
     mut expires: Instant,
     lost: CancellationToken,
 ) {
     let interval = ttl / 3;
-    let mut stream: Option<(LeaseKeeper, LeaseKeepAliveStream)> = None;
+    let mut failing = false;
     loop {
-        tokio::time::sleep(interval).await;
+        let deadline = expires.checked_sub(margin(ttl)).unwrap_or(expires);
+        let pause = if failing {
+            RETRY.min(interval)
+        } else {
+            interval
+        };
+        tokio::time::sleep_until((Instant::now() + pause).min(deadline)).await;
         let sent = Instant::now();
-        let renewal = tokio::time::timeout(interval, renew(&store, id, &mut stream)).await;
-        match renewal {
-            Ok(Ok(remaining)) if remaining > 0 => expires = sent + ttl,
+        if sent >= deadline {
+            tracing::warn!("lease may expire before another renewal could land; giving it up");
+            lost.cancel();
+            return;
+        }
+        let wait = interval.min(deadline - sent);
+        match tokio::time::timeout(wait, renewer.renew()).await {
+            Ok(Ok(remaining)) if remaining > 0 => {
+                if failing {
+                    tracing::info!("lease renewed again");
+                }
+                expires = sent + ttl;
+                failing = false;
+            }
             Ok(Ok(_)) => {
-                tracing::warn!(lease = id, "lease expired");
+                tracing::warn!("lease expired");
                 lost.cancel();
                 return;
             }
             Ok(Err(e)) => {
-                tracing::warn!(lease = id, error = %e, "lease renewal failed");
-                stream = None;
+                tracing::warn!(error = %e, "lease renewal failed; trying again");
+                renewer.reset();
+                failing = true;
             }
             Err(_) => {
-                tracing::warn!(lease = id, "lease renewal got no answer");
-                stream = None;
+                tracing::warn!(waited = ?wait, "lease renewal got no answer; trying again");
+                renewer.reset();
+                failing = true;
             }
-        }
-        if Instant::now() + interval >= expires {
-            tracing::warn!(
-                lease = id,
-                "lease may expire before the next renewal; giving it up"
-            );
-            lost.cancel();
-            return;
         }
     }
 }
 
-/// One renewal over the (re)opened keep-alive stream; returns the TTL etcd reports left, 0 when
-/// the lease is gone.
-async fn renew(
-    store: &Store,
+/// Renewals over etcd's keep-alive stream, (re)opened when needed.
+struct EtcdRenewal {
+    store: Store,
     id: i64,
-    stream: &mut Option<(LeaseKeeper, LeaseKeepAliveStream)>,
-) -> Result<i64, StoreError> {
-    let (keeper, responses) = match stream {
-        Some(open) => open,
-        None => {
-            let mut client = store.client().lease_client();
-            stream.insert(client.keep_alive(id).await?)
+    stream: Option<(LeaseKeeper, LeaseKeepAliveStream)>,
+}
+
+impl Renew for EtcdRenewal {
+    async fn renew(&mut self) -> Result<i64, StoreError> {
+        let (keeper, responses) = match &mut self.stream {
+            Some(open) => open,
+            None => {
+                let mut client = self.store.client().lease_client();
+                self.stream.insert(client.keep_alive(self.id).await?)
+            }
+        };
+        keeper.keep_alive().await?;
+        match responses.message().await? {
+            Some(resp) => Ok(resp.ttl()),
+            None => Err(StoreError::Unavailable(
+                "lease keep-alive stream ended".into(),
+            )),
         }
-    };
-    keeper.keep_alive().await?;
-    match responses.message().await? {
-        Some(resp) => Ok(resp.ttl()),
-        None => Err(StoreError::Unavailable(
-            "lease keep-alive stream ended".into(),
-        )),
+    }
+
+    fn reset(&mut self) {
+        self.stream = None;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+
+    use super::*;
+
+    const TTL: Duration = Duration::from_secs(9);
+
+    /// An etcd that answers at once, except while frozen (a stalled or starved server answers
+    /// when it comes back) and with an error while `failing`.
+    struct Fake {
+        start: Instant,
+        frozen: (Duration, Duration),
+        failing: (Duration, Duration),
+        renewed: Arc<AtomicUsize>,
+        resets: Arc<AtomicUsize>,
+    }
+
+    impl Fake {
+        fn new() -> Fake {
+            Fake {
+                start: Instant::now(),
+                frozen: (Duration::ZERO, Duration::ZERO),
+                failing: (Duration::ZERO, Duration::ZERO),
+                renewed: Arc::default(),
+                resets: Arc::default(),
+            }
+        }
+    }
+
+    impl Renew for Fake {
+        async fn renew(&mut self) -> Result<i64, StoreError> {
+            let at = self.start.elapsed();
+            if at >= self.failing.0 && at < self.failing.1 {
+                return Err(StoreError::Unavailable("connection refused".into()));
+            }
+            if at >= self.frozen.0 && at < self.frozen.1 {
+                tokio::time::sleep_until(self.start + self.frozen.1).await;
+            }
+            self.renewed.fetch_add(1, Ordering::SeqCst);
+            Ok(TTL.as_secs() as i64)
+        }
+
+        fn reset(&mut self) {
+            self.resets.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    /// Runs the keeper for `run`; when it reported the lease lost, if it did.
+    async fn lost_after(fake: Fake, run: Duration) -> Option<Duration> {
+        let start = fake.start;
+        let lost = CancellationToken::new();
+        let keeper = tokio::spawn(keep_alive(fake, TTL, start + TTL, lost.clone()));
+        let r = tokio::time::timeout(run, lost.cancelled()).await;
+        keeper.abort();
+        r.ok().map(|_| start.elapsed())
+    }
+
+    fn secs(s: f64) -> Duration {
+        Duration::from_secs_f64(s)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_stall_longer_than_one_renewal_but_within_the_ttl_keeps_the_lease() {
+        // Renewed at 3 s (the lease then lasts to 12 s at least); etcd stalls from 4 s to
+        // 10.5 s, so the renewal sent at 6 s gets no answer within its 3 s. Giving up then
+        // would be early: a renewal answered at 10.5 s lands in time.
+        let mut fake = Fake::new();
+        fake.frozen = (secs(4.0), secs(10.5));
+        let (renewed, resets) = (fake.renewed.clone(), fake.resets.clone());
+        assert_eq!(lost_after(fake, secs(30.0)).await, None);
+        assert!(
+            resets.load(Ordering::SeqCst) >= 1,
+            "the stalled stream was dropped"
+        );
+        assert!(
+            renewed.load(Ordering::SeqCst) >= 8,
+            "renewals went on after the stall"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_stall_past_the_ttl_reports_the_lease_lost_before_it_expires() {
+        let mut fake = Fake::new();
+        fake.frozen = (secs(4.0), secs(1000.0));
+        let lost = lost_after(fake, secs(30.0)).await.expect("reported lost");
+        // The last renewal that landed was sent at 3 s: the server keeps the lease to 12 s at
+        // least; the holder hears of it a margin earlier, and not after one late renewal.
+        assert!(lost <= secs(12.0) - margin(TTL), "lost at {lost:?}");
+        assert!(lost > secs(10.0), "lost at {lost:?}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn failed_renewals_are_retried_until_one_lands() {
+        let mut fake = Fake::new();
+        fake.failing = (secs(4.0), secs(10.0));
+        let resets = fake.resets.clone();
+        assert_eq!(lost_after(fake, secs(30.0)).await, None);
+        assert!(
+            resets.load(Ordering::SeqCst) >= 3,
+            "retried on fresh streams"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_lease_the_server_no_longer_has_is_lost_at_once() {
+        struct Gone;
+        impl Renew for Gone {
+            async fn renew(&mut self) -> Result<i64, StoreError> {
+                Ok(0)
+            }
+            fn reset(&mut self) {}
+        }
+        let start = Instant::now();
+        let lost = CancellationToken::new();
+        let keeper = tokio::spawn(keep_alive(Gone, TTL, start + TTL, lost.clone()));
+        lost.cancelled().await;
+        keeper.abort();
+        assert_eq!(start.elapsed(), TTL / 3, "at the first renewal");
     }
 }

@@ -160,6 +160,10 @@ fn cluster_runs_vms_end_to_end() {
     for line in &failed {
         summary.push_str(&format!("  {line}\n"));
     }
+    // What the scenario found out about a failure (`DIAG` lines) goes the same way.
+    for line in text.lines().filter(|l| l.starts_with("DIAG ")) {
+        summary.push_str(&format!("  {line}\n"));
+    }
     let _ = std::io::stderr().write_all(summary.as_bytes());
     assert!(failed.is_empty(), "failed checks:\n{}", failed.join("\n"));
     for check in CHECKS {
