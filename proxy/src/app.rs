@@ -95,7 +95,7 @@ impl ProxyHttp for App {
             .ok_or_else(|| {
                 Error::explain(
                     ErrorType::HTTPStatus(503),
-                    "no healthy backend that was not tried already",
+                    "no backend that was not tried already",
                 )
             })?;
         let Some(addr) = backend.addr.as_inet().copied() else {

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::{free_addr, get, get_on, load, Backend, Outcome};
-use lightbyte_proxy::config::{BalancerConfig, HealthCheck, ProxyConfig, Selection};
+use lightbyte_proxy::config::{BalancerConfig, HealthCheck, HealthKind, ProxyConfig, Selection};
 use lightbyte_proxy::{ApplyError, Proxy};
 
 fn balancer(name: &str, listen: SocketAddr, backends: &[&Backend]) -> BalancerConfig {
@@ -228,6 +228,41 @@ async fn a_dead_backend_is_taken_out_within_two_intervals() {
             .marked_down
     };
     assert_eq!((downs(b1.addr), downs(b2.addr)), (1, 0), "{after:?}");
+    proxy.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backends_that_all_fail_their_checks_still_get_requests() {
+    // Every backend answers its check (`/slow`, a second) later than the check's 200 ms, as an
+    // overloaded host's backends do: all are marked unhealthy, yet they serve requests.
+    let b1 = Backend::start("b1").await;
+    let b2 = Backend::start("b2").await;
+    let listen = free_addr();
+    let proxy = Proxy::default();
+    let mut web = balancer("web", listen, &[&b1, &b2]);
+    web.health = HealthCheck {
+        kind: HealthKind::Http,
+        path: "/slow".into(),
+        interval_ms: 200,
+        timeout_ms: 200,
+    };
+    proxy.apply(config(1, vec![web])).await.unwrap();
+    let started = Instant::now();
+    loop {
+        let s = proxy.status().await;
+        if s.balancers[0].backends.iter().all(|x| !x.healthy) {
+            break;
+        }
+        assert!(started.elapsed() < Duration::from_secs(10), "{s:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let outcomes = requests(listen, 10).await;
+    let t = tally(&outcomes);
+    assert_eq!(
+        (t.get("b1").copied(), t.get("b2").copied()),
+        (Some(5), Some(5)),
+        "{t:?}"
+    );
     proxy.shutdown().await;
 }
 

@@ -430,18 +430,34 @@ client() {
   while [ ! -e "$WORK/lb-stop" ]; do
     # (No process substitution: the test host has no /dev/fd.)
     if [ $((i % 25)) = 0 ]; then read -r -a list <<<"$(lb_addrs | tr '\n' ' ')"; fi
-    t=$(date +%s%N); r=FAIL
+    t=$(date +%s%N); r=FAIL; why=
     for k in $(seq 0 $(( ${#list[@]} - 1 ))); do
       a=${list[$(( (i + k) % ${#list[@]} ))]}
-      if h=$(curl -s --max-time 15 "http://$a/") && [ -n "$h" ]; then r=$h; break; fi
+      m=$(curl -s --max-time 15 -o "$WORK/lb-body" -w '%{http_code} %{time_total}' "http://$a/")
+      rc=$?; h=$(cat "$WORK/lb-body" 2>/dev/null); rm -f "$WORK/lb-body"
+      if [ "$rc" = 0 ] && [ -n "$h" ]; then r=$h; why=; break; fi
+      # Why this address did not answer: curl's exit code (7 refused, 28 timed out, 52 empty
+      # reply, 56 reset), the HTTP status and the time taken.
+      why="$why $a=curl:$rc,http:${m% *},${m#* }s"
     done
-    echo "$t $r"
+    echo "$t $r$why"
     i=$((i + 1))
   done
 }
 start_client() { rm -f "$WORK/lb-stop"; client > "$WORK/$1" & cpid=$!; }
-stop_client() { touch "$WORK/lb-stop"; wait "$cpid"; echo "$1: $(wc -l < "$WORK/$1") requests, $(grep -c ' FAIL$' "$WORK/$1") failed"; }
-no_fail() { ! grep -q ' FAIL$' "$WORK/$1"; }
+stop_client() { touch "$WORK/lb-stop"; wait "$cpid"; echo "$1: $(wc -l < "$WORK/$1") requests, $(grep -c ' FAIL\b' "$WORK/$1") failed"; }
+no_fail() { # and, when a request failed, why (DIAG lines reach the test's stderr summary)
+  grep -q ' FAIL\b' "$WORK/$1" || return 0
+  {
+    echo "$1: requests that failed (start in ns, then per address):"
+    grep ' FAIL\b' "$WORK/$1" | head -5
+    echo "$1: the proxies' warnings and errors, last lines:"
+    for p in $(lb_proxies); do
+      grep -ahE 'WARN|ERROR' "$D"/w*/vms/"$p"/jail/console.log 2>/dev/null | tail -8 | sed "s/^/$p: /"
+    done
+  } | sed 's/^/DIAG /'
+  return 1
+}
 
 # Side by side in the test host (TCG: only the ratio means anything): a backend directly, and
 # through the load balancer's proxy VM.
@@ -573,8 +589,8 @@ stop_client lb-drain
 # The longest run of requests that no address answered, in ms.
 gap=$(awk '$2 == "FAIL" { if (!s) s = $1; e = $1 } $2 != "FAIL" { if (s && e - s > g) g = e - s; s = 0 }
            END { if (s && e - s > g) g = e - s; print int(g / 1000000) }' "$WORK/lb-drain")
-echo "load balancer during the drain: $(grep -c ' FAIL$' "$WORK/lb-drain") failed requests, longest gap $gap ms"
-answered_after() { tail -5 "$WORK/lb-drain" | grep -qv ' FAIL$'; }
+echo "load balancer during the drain: $(grep -c ' FAIL\b' "$WORK/lb-drain") failed requests, longest gap $gap ms"
+answered_after() { tail -5 "$WORK/lb-drain" | grep -qv ' FAIL\b'; }
 check lb-drain-keeps-answering answered_after
 lb worker uncordon "$pw"
 
