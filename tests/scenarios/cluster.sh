@@ -421,7 +421,7 @@ check lb-even-60 spread
 
 # A client that knows every address of the load balancer (as DNS would give them), starts at
 # the next one each request and falls back to the others: "START_NS NAME" per request, NAME
-# FAIL when no address answered. A request through a proxy VM to a backend VM takes 1-2 s in
+# FAIL (followed by why each address did not answer) when none did. A request through a proxy VM to a backend VM takes 1-2 s in
 # the test host and about 4 s while a new member boots beside them (one emulated CPU for all):
 # each address gets 15 s, so that only a refusal, a reset or an empty answer fails a request
 # (a CI run had both proxies pass 5 s once, in the scale-up, with etcd timing out as well).
