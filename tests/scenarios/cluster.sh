@@ -32,6 +32,9 @@ check() { # name, condition..., prints the result
   if "$@"; then echo "CHECK $name ok"; else echo "CHECK $name FAILED: $*"; fi
 }
 fail() { echo "CHECK $1 FAILED: $2"; }
+# Marks lines that explain a failed check: tests/tests/cluster.rs copies them into its stderr
+# summary, which a cut CI log keeps.
+diag() { sed 's/^/DIAG /'; }
 # `lightbyte vm get NAME -o json`, asked again when the answer is an error: under the test
 # host's load etcd can miss the control plane's 2 s deadline (a 503), and an empty field would
 # send a check after the wrong thing.
@@ -349,14 +352,13 @@ check group-never-below test "${min_ready:-0}" -ge 2
 if [ "${min_ready:-0}" -lt 2 ]; then
   # What was below, and what the control plane and workers did about the group and its
   # workers meanwhile (a worker gone NotReady marks its VMs Lost; a vmm that died restarts).
-  # DIAG lines also reach the test's stderr summary, which a cut CI log keeps.
   {
     echo "group samples below 2 (time, ready, then the members):"
     awk '$2 ~ /^[01]$/ {p=1; print; next} /^    / {if (p) print; next} {p=0}' \
       "$WORK/ready-samples" | head -30
     sed 's/\x1b\[[0-9;]*m//g' "$D/server.log" "$D"/w*.log |
       grep -iE 'grp-|lost|NotReady|worker state|restart|retired|replacing|scaling|etcd|lease' | tail -60
-  } | sed 's/^/DIAG /'
+  } | diag
 fi
 group_off_src() { ! lb vm list -o json | grep -q "\"placement\": \"$src\""; }
 check group-moved-off group_off_src
@@ -446,7 +448,7 @@ client() {
 }
 start_client() { rm -f "$WORK/lb-stop"; client > "$WORK/$1" & cpid=$!; }
 stop_client() { touch "$WORK/lb-stop"; wait "$cpid"; echo "$1: $(wc -l < "$WORK/$1") requests, $(grep -c ' FAIL\b' "$WORK/$1") failed"; }
-no_fail() { # and, when a request failed, why (DIAG lines reach the test's stderr summary)
+no_fail() { # and, when a request failed, why
   grep -q ' FAIL\b' "$WORK/$1" || return 0
   {
     echo "$1: requests that failed (start in ns, then per address):"
@@ -455,7 +457,7 @@ no_fail() { # and, when a request failed, why (DIAG lines reach the test's stder
     for p in $(lb_proxies); do
       grep -ahE 'WARN|ERROR' "$D"/w*/vms/"$p"/jail/console.log 2>/dev/null | tail -8 | sed "s/^/$p: /"
     done
-  } | sed 's/^/DIAG /'
+  } | diag
   return 1
 }
 

@@ -157,11 +157,9 @@ fn cluster_runs_vms_end_to_end() {
     // just above the "FAILED" line, beside the streamed scenario: a CI log cut in the middle of
     // the captured output still shows them.
     let mut summary = format!("cluster scenario: {} failed checks\n", failed.len());
-    for line in &failed {
-        summary.push_str(&format!("  {line}\n"));
-    }
-    // What the scenario found out about a failure (`DIAG` lines) goes the same way.
-    for line in text.lines().filter(|l| l.starts_with("DIAG ")) {
+    // With them, what the scenario found out about a failure (its `DIAG` lines).
+    let diag = text.lines().filter(|l| l.starts_with("DIAG "));
+    for line in failed.iter().copied().chain(diag) {
         summary.push_str(&format!("  {line}\n"));
     }
     let _ = std::io::stderr().write_all(summary.as_bytes());
