@@ -250,6 +250,20 @@ fn unix_sockets() -> Vec<SeccompRule> {
     vec![rule(vec![cond(0, SeccompCmpOp::Eq, libc::AF_UNIX as u64)])]
 }
 
+/// sched_setscheduler(2) on the calling thread, to the default policy or `SCHED_BATCH` only
+/// (a block device's worker batches its wake-ups while it has work in flight).
+fn own_batching() -> Vec<SeccompRule> {
+    [libc::SCHED_OTHER, libc::SCHED_BATCH]
+        .iter()
+        .map(|&policy| {
+            rule(vec![
+                cond(0, SeccompCmpOp::Eq, 0),
+                cond(1, SeccompCmpOp::Eq, policy as u64),
+            ])
+        })
+        .collect()
+}
+
 /// A vCPU thread's lists: it starts device threads (activation happens on the vCPU exit that
 /// writes DRIVER_OK), and a thread's filter binds every thread it starts, so it holds what
 /// device threads need too.
@@ -302,10 +316,12 @@ pub fn install_process() -> Result<(), SeccompError> {
     let vcpu = build("vcpu", VCPU, |r| {
         r.insert(libc::SYS_ioctl, ioctl_types(VCPU_IOCTL_TYPES));
         r.insert(libc::SYS_socket, unix_sockets());
+        r.insert(libc::SYS_sched_setscheduler, own_batching());
     })?;
     let device = build("device", DEVICE, |r| {
         r.insert(libc::SYS_ioctl, ioctl_types(DEVICE_IOCTL_TYPES));
         r.insert(libc::SYS_socket, unix_sockets());
+        r.insert(libc::SYS_sched_setscheduler, own_batching());
     })?;
     install_handler().map_err(SeccompError::Handler)?;
     seccompiler::apply_filter_all_threads(&process).map_err(|source| SeccompError::Install {

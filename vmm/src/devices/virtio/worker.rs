@@ -3,6 +3,20 @@
 //! an engine's completion eventfd, sockets), a stop eventfd, and the pause protocol the VMM
 //! relies on for snapshots.
 //!
+//! Wake-ups: a worker's thread normally preempts whatever runs when its descriptor fires. A
+//! worker made with [`DeviceWorker::batched`] runs under `SCHED_BATCH` while work it took is in
+//! flight ([`Ctx::hold`]): same share of the CPU, but a wake-up does not preempt the running
+//! thread. Where the worker shares a CPU with its busy vCPU, the vCPU then keeps queueing
+//! requests until it halts or its slice ends, and the worker takes them, and answers what
+//! completed, together: one interrupt for many answers instead of one each, each of which costs
+//! the guest an exit and a handler. With nothing in flight the worker is back under the default
+//! policy, so the request that finds it idle preempts the vCPU that queued it and is under way
+//! at once: at queue depth 1 the guest waits on it (batched there too, random 4 KiB reads at
+//! depth 1 fell to 0.79–0.89 of QEMU's, from 0.95–1.31). A worker on a CPU of its own, or beside
+//! a halted vCPU, runs at once either way. The block device's worker is made so: random 4 KiB
+//! reads at queue depth 32 went from 630–658 to 3283–3338 IOPS in the test host, where the
+//! guest and the worker share one CPU, depth 1 unchanged (see the README).
+//!
 //! Pause: the VMM sets the device paused and waits until no event is being served and nothing
 //! the device took is still in flight ([`Ctx::hold`]); from then on the worker consumes queue
 //! kicks without serving them, and only serves descriptors registered as [`Watch::Always`]
@@ -107,6 +121,7 @@ struct Active {
 /// state, which outlives activations.
 pub struct DeviceWorker {
     name: &'static str,
+    batched: bool,
     run: Arc<RunState>,
     active: Mutex<Option<Active>>,
 }
@@ -114,8 +129,19 @@ pub struct DeviceWorker {
 impl DeviceWorker {
     /// A worker for the device `name` (its thread's name too), not started.
     pub fn new(name: &'static str) -> DeviceWorker {
+        DeviceWorker::made(name, false)
+    }
+
+    /// As [`DeviceWorker::new`], its thread's wake-ups batched while work is in flight
+    /// (`SCHED_BATCH`: see the module's notes).
+    pub fn batched(name: &'static str) -> DeviceWorker {
+        DeviceWorker::made(name, true)
+    }
+
+    fn made(name: &'static str, batched: bool) -> DeviceWorker {
         DeviceWorker {
             name,
+            batched,
             run: Arc::default(),
             active: Mutex::new(None),
         }
@@ -159,9 +185,9 @@ impl DeviceWorker {
             EpollEvent::new(EventSet::IN, STOP_TOKEN),
         )?;
         let run = self.run.clone();
-        let name = self.name;
+        let (name, batched) = (self.name, self.batched);
         let thread = crate::threads::builder(name)
-            .spawn(move || serve(name, &epoll, &run, &watches, &mut handler))?;
+            .spawn(move || serve(name, batched, &epoll, &run, &watches, &mut handler))?;
         *self.active() = Some(Active {
             stop,
             thread,
@@ -226,9 +252,29 @@ impl Drop for DeviceWorker {
     }
 }
 
-/// The worker thread.
+/// Puts the calling thread under `SCHED_BATCH` (`on`) or the default policy; false when the
+/// kernel refused. Any thread may switch between the two, jailed or not (the jail's filters
+/// allow exactly these calls on the calling thread).
+fn batch_wakeups(name: &str, on: bool) -> bool {
+    let policy = if on {
+        libc::SCHED_BATCH
+    } else {
+        libc::SCHED_OTHER
+    };
+    let param = libc::sched_param { sched_priority: 0 };
+    // SAFETY: changes the calling thread's (id 0) scheduling policy; reads `param` only.
+    if unsafe { libc::sched_setscheduler(0, policy, &param) } != 0 {
+        let e = io::Error::last_os_error();
+        tracing::debug!(error = %e, "{name}: wake-ups not batched");
+        return false;
+    }
+    true
+}
+
+/// The worker thread; `batched`: see the module's notes.
 fn serve<H: EventHandler>(
     name: &str,
+    mut batched: bool,
     epoll: &Epoll,
     run: &RunState,
     watches: &[(Watch, u64)],
@@ -237,8 +283,16 @@ fn serve<H: EventHandler>(
     crate::jail::seccomp::enter_thread(crate::jail::seccomp::Kind::Device);
     let ctx = Ctx { epoll, run };
     let mut events = vec![EpollEvent::default(); watches.len() + 8];
+    let mut batching = false;
     loop {
         handler.prepare(&ctx);
+        // Between events `busy` counts only the work in flight.
+        let in_flight = run.busy.load(Ordering::SeqCst) > 0;
+        if batched && in_flight != batching {
+            // A refusal once is a refusal for good (a policy of the host): stop asking.
+            batched = batch_wakeups(name, in_flight);
+            batching = in_flight && batched;
+        }
         let n = match epoll.wait(-1, &mut events) {
             Ok(n) => n,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
@@ -318,6 +372,54 @@ mod tests {
         assert_eq!(rx.recv_timeout(Duration::from_secs(5)), Ok(3));
         worker.stop();
         assert!(!worker.is_running());
+    }
+
+    /// Holds one piece of work on token 1 and answers it on token 2; sends the scheduling policy
+    /// its thread runs under at each event.
+    struct Policy(Sender<i32>);
+
+    impl EventHandler for Policy {
+        fn handle(&mut self, token: u64, _: EventSet, ctx: &Ctx<'_>) {
+            // SAFETY: reads the calling thread's policy; no memory is passed.
+            let _ = self.0.send(unsafe { libc::sched_getscheduler(0) });
+            match token {
+                1 => ctx.hold(1),
+                2 => ctx.release(1),
+                _ => {}
+            }
+        }
+    }
+
+    /// The policies a worker's thread serves its events under: idle, work taken, work in
+    /// flight, the work answered, idle again.
+    fn policies_of(worker: &DeviceWorker) -> Vec<i32> {
+        let kicks: Vec<EventFd> = (0..3)
+            .map(|_| EventFd::new(libc::EFD_NONBLOCK).unwrap())
+            .collect();
+        let watches = (0..3)
+            .map(|t| (Watch::Kick(kicks[t].try_clone().unwrap()), t as u64))
+            .collect();
+        let (tx, rx) = channel();
+        worker.start(watches, Policy(tx)).unwrap();
+        let policies = [0, 1, 0, 2, 0]
+            .iter()
+            .map(|&t| {
+                kicks[t].write(1).unwrap();
+                rx.recv_timeout(Duration::from_secs(5)).unwrap()
+            })
+            .collect();
+        worker.stop();
+        policies
+    }
+
+    #[test]
+    fn a_batched_worker_batches_wakeups_only_while_work_is_in_flight() {
+        let (other, batch) = (libc::SCHED_OTHER, libc::SCHED_BATCH);
+        assert_eq!(
+            policies_of(&DeviceWorker::batched("test-dev")),
+            [other, other, batch, batch, other]
+        );
+        assert_eq!(policies_of(&DeviceWorker::new("test-dev")), [other; 5]);
     }
 
     #[test]

@@ -76,7 +76,7 @@ impl Block {
             disk: Arc::new(Mutex::new(disk)),
             info,
             num_queues: opts.num_queues.max(1),
-            worker: DeviceWorker::new("virtio-blk"),
+            worker: DeviceWorker::batched("virtio-blk"),
             on_error: opts.on_error,
             name: opts.name.clone(),
             stall: opts.stall.clone(),
