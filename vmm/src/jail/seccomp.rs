@@ -309,20 +309,29 @@ fn build(
         .map_err(|source| SeccompError::Build { kind, source })
 }
 
+/// A vCPU thread's filter.
+fn vcpu_filter() -> Result<BpfProgram, SeccompError> {
+    build("vcpu", VCPU, |r| {
+        r.insert(libc::SYS_ioctl, ioctl_types(VCPU_IOCTL_TYPES));
+        r.insert(libc::SYS_socket, unix_sockets());
+        r.insert(libc::SYS_sched_setscheduler, own_batching());
+    })
+}
+
+/// A device thread's filter.
+fn device_filter() -> Result<BpfProgram, SeccompError> {
+    build("device", DEVICE, |r| {
+        r.insert(libc::SYS_ioctl, ioctl_types(DEVICE_IOCTL_TYPES));
+        r.insert(libc::SYS_socket, unix_sockets());
+        r.insert(libc::SYS_sched_setscheduler, own_batching());
+    })
+}
+
 /// Installs the SIGSYS handler and the process list on every thread, and prepares the
 /// per-thread lists. Called once, by [`super::enter`].
 pub fn install_process() -> Result<(), SeccompError> {
     let process = build("process", PROCESS, |_| {})?;
-    let vcpu = build("vcpu", VCPU, |r| {
-        r.insert(libc::SYS_ioctl, ioctl_types(VCPU_IOCTL_TYPES));
-        r.insert(libc::SYS_socket, unix_sockets());
-        r.insert(libc::SYS_sched_setscheduler, own_batching());
-    })?;
-    let device = build("device", DEVICE, |r| {
-        r.insert(libc::SYS_ioctl, ioctl_types(DEVICE_IOCTL_TYPES));
-        r.insert(libc::SYS_socket, unix_sockets());
-        r.insert(libc::SYS_sched_setscheduler, own_batching());
-    })?;
+    let (vcpu, device) = (vcpu_filter()?, device_filter()?);
     install_handler().map_err(SeccompError::Handler)?;
     seccompiler::apply_filter_all_threads(&process).map_err(|source| SeccompError::Install {
         kind: "process",
@@ -432,15 +441,29 @@ mod tests {
     fn every_list_compiles() {
         // A filter installed in a test would bind the test runner's thread: only compile them.
         build("process", PROCESS, |_| {}).unwrap();
-        build("vcpu", VCPU, |r| {
-            r.insert(libc::SYS_ioctl, ioctl_types(VCPU_IOCTL_TYPES));
-            r.insert(libc::SYS_socket, unix_sockets());
-        })
-        .unwrap();
-        build("device", DEVICE, |_| {}).unwrap();
+        vcpu_filter().unwrap();
+        device_filter().unwrap();
         let mut d = [0u8; 20];
         assert_eq!(decimal(0, &mut d), b"0");
         assert_eq!(decimal(1234, &mut d), b"1234");
+    }
+
+    #[test]
+    fn a_filtered_device_thread_may_switch_its_own_wakeups() {
+        // A thread of its own: the filter binds it (and nothing else) for good. A call the
+        // filter refused would end the test process (no SIGSYS handler here).
+        let filter = device_filter().unwrap();
+        let switched = std::thread::spawn(move || {
+            seccompiler::apply_filter(&filter).unwrap();
+            let param = libc::sched_param { sched_priority: 0 };
+            [libc::SCHED_BATCH, libc::SCHED_OTHER].map(|policy| {
+                // SAFETY: the calling thread's policy; reads `param` only.
+                unsafe { libc::sched_setscheduler(0, policy, &param) }
+            })
+        })
+        .join()
+        .unwrap();
+        assert_eq!(switched, [0, 0]);
     }
 
     #[test]
