@@ -18,3 +18,15 @@ pub fn builder(name: impl Into<String>) -> std::thread::Builder {
         .name(name.into())
         .stack_size(STACK_SIZE)
 }
+
+/// Puts the calling thread under scheduling `policy` (`SCHED_OTHER`, `SCHED_BATCH` or
+/// `SCHED_IDLE`, none of which has a priority). The jail's filters allow exactly the switches
+/// the VMM's threads make.
+pub fn set_policy(policy: libc::c_int) -> std::io::Result<()> {
+    let param = libc::sched_param { sched_priority: 0 };
+    // SAFETY: changes the calling thread's (id 0) scheduling policy; reads `param` only.
+    if unsafe { libc::sched_setscheduler(0, policy, &param) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}

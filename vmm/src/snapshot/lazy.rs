@@ -248,10 +248,8 @@ fn fatal(e: &str) -> ! {
 
 /// Puts the calling thread at idle priority; where the kernel refuses, it only loads sooner.
 fn lower_priority() {
-    let param = libc::sched_param { sched_priority: 0 };
-    // SAFETY: changes the calling thread's (id 0) scheduling policy; reads `param` only.
-    if unsafe { libc::sched_setscheduler(0, libc::SCHED_IDLE, &param) } != 0 {
-        tracing::debug!(error = %std::io::Error::last_os_error(), "memory prefetcher left at normal priority");
+    if let Err(e) = crate::threads::set_policy(libc::SCHED_IDLE) {
+        tracing::debug!(error = %e, "memory prefetcher left at normal priority");
     }
 }
 

@@ -9,6 +9,7 @@ pub mod block;
 pub mod net;
 pub mod pci;
 pub mod vsock;
+pub mod wakeups;
 pub mod worker;
 
 #[cfg(test)]

@@ -4,18 +4,18 @@
 //! relies on for snapshots.
 //!
 //! Wake-ups: a worker's thread normally preempts whatever runs when its descriptor fires. A
-//! worker made with [`DeviceWorker::batched`] runs under `SCHED_BATCH` while work it took is in
-//! flight ([`Ctx::hold`]): same share of the CPU, but a wake-up does not preempt the running
-//! thread. Where the worker shares a CPU with its busy vCPU, the vCPU then keeps queueing
-//! requests until it halts or its slice ends, and the worker takes them, and answers what
-//! completed, together: one interrupt for many answers instead of one each, each of which costs
-//! the guest an exit and a handler. With nothing in flight the worker is back under the default
-//! policy, so the request that finds it idle preempts the vCPU that queued it and is under way
-//! at once: at queue depth 1 the guest waits on it (batched there too, random 4 KiB reads at
-//! depth 1 fell to 0.79–0.89 of QEMU's, from 0.95–1.31). A worker on a CPU of its own, or beside
-//! a halted vCPU, runs at once either way. The block device's worker is made so: random 4 KiB
-//! reads at queue depth 32 went from 630–658 to 3283–3338 IOPS in the test host, where the
-//! guest and the worker share one CPU, depth 1 unchanged (see the README).
+//! worker made with [`DeviceWorker::batched`] runs under `SCHED_BATCH` while the guest keeps
+//! more than one request outstanding (the rule: [`super::wakeups`]): same share of the CPU, but
+//! a wake-up does not preempt the running thread. Where the worker shares a CPU with its busy
+//! vCPU, the vCPU then keeps queueing requests until it halts or its slice ends, and the worker
+//! takes them, and answers what completed, together: one interrupt for many answers instead of
+//! one each, each of which costs the guest an exit and a handler. With one request at a time the
+//! worker is under the default policy, so the request preempts the vCPU that queued it and is
+//! under way at once: the guest waits on it. A worker on a CPU of its own, or beside a halted
+//! vCPU, runs at once either way. The block device's worker is made so (random 4 KiB reads at
+//! queue depth 32 went from 630–658 to 3283–3338 IOPS in the test host, where the guest and the
+//! worker share one CPU; see the README). Handlers report the requests they take with
+//! [`Ctx::hold`].
 //!
 //! Pause: the VMM sets the device paused and waits until no event is being served and nothing
 //! the device took is still in flight ([`Ctx::hold`]); from then on the worker consumes queue
@@ -33,6 +33,7 @@ use std::time::{Duration, Instant};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
+use super::wakeups::Wakeups;
 use crate::devices::PauseError;
 
 /// Token of the stop eventfd; devices use any other.
@@ -46,6 +47,8 @@ struct RunState {
     paused: AtomicBool,
     /// Events being served, plus work taken from the guest and not yet answered.
     busy: AtomicUsize,
+    /// Work taken since the worker last looked (see [`super::wakeups`]).
+    taken: AtomicUsize,
     /// Resumes so far: a handler holding work back until the VM was paused and resumed (a
     /// stalled disk) compares counts.
     resumes: AtomicU64,
@@ -79,6 +82,7 @@ impl Ctx<'_> {
     /// pause waits for them.
     pub fn hold(&self, n: usize) {
         self.run.busy.fetch_add(n, Ordering::SeqCst);
+        self.run.taken.fetch_add(n, Ordering::Relaxed);
     }
 
     /// `n` pieces of work held with [`Ctx::hold`] were answered.
@@ -132,8 +136,8 @@ impl DeviceWorker {
         DeviceWorker::made(name, false)
     }
 
-    /// As [`DeviceWorker::new`], its thread's wake-ups batched while work is in flight
-    /// (`SCHED_BATCH`: see the module's notes).
+    /// As [`DeviceWorker::new`], its thread's wake-ups batched while the guest keeps more than
+    /// one request outstanding (`SCHED_BATCH`: see the module's notes).
     pub fn batched(name: &'static str) -> DeviceWorker {
         DeviceWorker::made(name, true)
     }
@@ -253,18 +257,14 @@ impl Drop for DeviceWorker {
 }
 
 /// Puts the calling thread under `SCHED_BATCH` (`on`) or the default policy; false when the
-/// kernel refused. Any thread may switch between the two, jailed or not (the jail's filters
-/// allow exactly these calls on the calling thread).
+/// kernel refused. The jail's filters allow exactly these two on the calling thread.
 fn batch_wakeups(name: &str, on: bool) -> bool {
     let policy = if on {
         libc::SCHED_BATCH
     } else {
         libc::SCHED_OTHER
     };
-    let param = libc::sched_param { sched_priority: 0 };
-    // SAFETY: changes the calling thread's (id 0) scheduling policy; reads `param` only.
-    if unsafe { libc::sched_setscheduler(0, policy, &param) } != 0 {
-        let e = io::Error::last_os_error();
+    if let Err(e) = crate::threads::set_policy(policy) {
         tracing::debug!(error = %e, "{name}: wake-ups not batched");
         return false;
     }
@@ -274,7 +274,7 @@ fn batch_wakeups(name: &str, on: bool) -> bool {
 /// The worker thread; `batched`: see the module's notes.
 fn serve<H: EventHandler>(
     name: &str,
-    mut batched: bool,
+    batched: bool,
     epoll: &Epoll,
     run: &RunState,
     watches: &[(Watch, u64)],
@@ -283,15 +283,22 @@ fn serve<H: EventHandler>(
     crate::jail::seccomp::enter_thread(crate::jail::seccomp::Kind::Device);
     let ctx = Ctx { epoll, run };
     let mut events = vec![EpollEvent::default(); watches.len() + 8];
+    let mut wakeups = batched.then(Wakeups::default);
     let mut batching = false;
     loop {
         handler.prepare(&ctx);
-        // Between events `busy` counts only the work in flight.
-        let in_flight = run.busy.load(Ordering::SeqCst) > 0;
-        if batched && in_flight != batching {
-            // A refusal once is a refusal for good (a policy of the host): stop asking.
-            batched = batch_wakeups(name, in_flight);
-            batching = in_flight && batched;
+        if let Some(rule) = wakeups.as_mut() {
+            // Between events `busy` counts only the work in flight.
+            let took = run.taken.swap(0, Ordering::Relaxed);
+            let want = rule.after(took, run.busy.load(Ordering::SeqCst));
+            if want != batching {
+                if batch_wakeups(name, want) {
+                    batching = want;
+                } else {
+                    // A refusal once is a refusal for good (a policy of the host): stop asking.
+                    wakeups = None;
+                }
+            }
         }
         let n = match epoll.wait(-1, &mut events) {
             Ok(n) => n,
@@ -374,25 +381,28 @@ mod tests {
         assert!(!worker.is_running());
     }
 
-    /// Holds one piece of work on token 1 and answers it on token 2; sends the scheduling policy
-    /// its thread runs under at each event.
-    struct Policy(Sender<i32>);
+    /// Holds one piece of work on token 1 and answers all it holds on token 2; sends the
+    /// scheduling policy its thread runs under at each event.
+    struct Policy(Sender<i32>, usize);
 
     impl EventHandler for Policy {
         fn handle(&mut self, token: u64, _: EventSet, ctx: &Ctx<'_>) {
             // SAFETY: reads the calling thread's policy; no memory is passed.
             let _ = self.0.send(unsafe { libc::sched_getscheduler(0) });
             match token {
-                1 => ctx.hold(1),
-                2 => ctx.release(1),
+                1 => {
+                    ctx.hold(1);
+                    self.1 += 1;
+                }
+                2 => ctx.release(std::mem::take(&mut self.1)),
                 _ => {}
             }
         }
     }
 
-    /// The policies a worker's thread serves its events under: idle, work taken, work in
-    /// flight, the work answered, idle again.
-    fn policies_of(worker: &DeviceWorker) -> Vec<i32> {
+    /// The policies a worker's thread serves the events of `tokens` under (0: nothing, 1: a
+    /// request taken, 2: all answered).
+    fn policies_of(worker: &DeviceWorker, tokens: &[usize]) -> Vec<i32> {
         let kicks: Vec<EventFd> = (0..3)
             .map(|_| EventFd::new(libc::EFD_NONBLOCK).unwrap())
             .collect();
@@ -400,8 +410,8 @@ mod tests {
             .map(|t| (Watch::Kick(kicks[t].try_clone().unwrap()), t as u64))
             .collect();
         let (tx, rx) = channel();
-        worker.start(watches, Policy(tx)).unwrap();
-        let policies = [0, 1, 0, 2, 0]
+        worker.start(watches, Policy(tx, 0)).unwrap();
+        let policies = tokens
             .iter()
             .map(|&t| {
                 kicks[t].write(1).unwrap();
@@ -413,13 +423,27 @@ mod tests {
     }
 
     #[test]
-    fn a_batched_worker_batches_wakeups_only_while_work_is_in_flight() {
-        let (other, batch) = (libc::SCHED_OTHER, libc::SCHED_BATCH);
+    fn a_batched_worker_batches_wakeups_only_while_the_guest_is_deep() {
+        use super::super::wakeups::SHALLOW_ROUNDS;
+        let (o, b) = (libc::SCHED_OTHER, libc::SCHED_BATCH);
+        // Idle, one request, a second one while the first is in flight (depth), idle, both
+        // answered, idle; then one request at a time until the worker preempts again.
+        let mut tokens = vec![0, 1, 1, 0, 2, 0];
+        let mut want = vec![o, o, o, b, b, b];
+        for round in 1..=SHALLOW_ROUNDS {
+            tokens.extend([1, 2]);
+            want.extend([b, if round < SHALLOW_ROUNDS { b } else { o }]);
+        }
+        tokens.push(0);
+        want.push(o);
         assert_eq!(
-            policies_of(&DeviceWorker::batched("test-dev")),
-            [other, other, batch, batch, other]
+            policies_of(&DeviceWorker::batched("test-dev"), &tokens),
+            want
         );
-        assert_eq!(policies_of(&DeviceWorker::new("test-dev")), [other; 5]);
+        assert_eq!(
+            policies_of(&DeviceWorker::new("test-dev"), &tokens),
+            vec![o; tokens.len()]
+        );
     }
 
     #[test]
