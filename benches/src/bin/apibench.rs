@@ -33,6 +33,13 @@ struct Cli {
     /// Cold boots and restores each.
     #[arg(long, default_value_t = 3)]
     rounds: u32,
+    /// Runs every VMM (ours and the peer) with address-space randomization off (`setarch -R`).
+    /// The test host's emulator (QEMU 7.2 TCG) translates a process's code again wherever it
+    /// is mapped anew, so with randomization most of a short call (a restore) is that
+    /// translation; with fixed addresses it is kept from one process to the next, and from the
+    /// second round on the figures are each VMM's own work.
+    #[arg(long)]
+    fixed_addresses: bool,
     #[command(subcommand)]
     inner: Option<Inner>,
 }
@@ -362,9 +369,15 @@ fn outer(cli: &Cli) -> Result<()> {
         .run("i=0; while :; do echo TICK $i; i=$((i+1)); sleep 0.2; done");
     let me = std::env::current_exe()?;
     let script = format!(
-        "{scratch}{me} inner --vmm {vmm} --kernel {k} --initramfs {i} --cmdline {c} --dir {d} \
+        "{scratch}{fixed}{me} inner --vmm {vmm} --kernel {k} --initramfs {i} --cmdline {c} --dir {d} \
          --snapshots $SCRATCH/apibench --requests {r} --rounds {n}\n",
         scratch = host.scratch_setup(),
+        // Inherited by every process the inner run starts.
+        fixed = if cli.fixed_addresses {
+            "setarch \"$(uname -m)\" -R "
+        } else {
+            ""
+        },
         me = sh_quote(&me.display().to_string()),
         vmm = sh_quote(&binary("vmm")?.display().to_string()),
         k = sh_quote(&a.minimal_vmlinux.display().to_string()),

@@ -39,6 +39,7 @@ pub(crate) async fn handle(
     req: Request<Incoming>,
     shared: Arc<Shared>,
 ) -> Result<Reply, Infallible> {
+    let started = std::time::Instant::now();
     let method = req.method().clone();
     let path = req.uri().path().to_string();
     let reply = match serve(req, &shared).await {
@@ -46,10 +47,11 @@ pub(crate) async fn handle(
         Err(e) => error_reply(&e),
     };
     let status = reply.status();
+    let us = started.elapsed().as_micros();
     if status.is_server_error() {
-        tracing::warn!("API {method} {path}: {status}");
+        tracing::warn!(us, "API {method} {path}: {status}");
     } else {
-        tracing::debug!("API {method} {path}: {status}");
+        tracing::debug!(us, "API {method} {path}: {status}");
     }
     Ok(reply)
 }

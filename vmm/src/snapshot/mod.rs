@@ -37,8 +37,9 @@ use crate::vstate::kvm_state::{VcpuState, VmState};
 
 /// Version of the snapshot format written. Version 2 stores the VM's configuration as
 /// `vmm_api`'s plain `VmConfig` and each device's own state; version 3 adds diff snapshots
-/// (`base`, and the pages of each memory region). Restore reads both.
-pub const FORMAT_VERSION: u32 = 3;
+/// (`base`, and the pages of each memory region); version 4 writes KVM's structures as base64
+/// strings ([`crate::vstate::blob`]). Restore reads all three.
+pub const FORMAT_VERSION: u32 = 4;
 /// The oldest format restore reads.
 const OLDEST_FORMAT: u32 = 2;
 /// How many diffs may sit on a full snapshot (a longer chain is more likely a loop).

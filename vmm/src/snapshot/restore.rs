@@ -27,11 +27,13 @@ pub fn restore(dir: &Path) -> Result<(VmConfig, RunningVm, Option<PathBuf>), Err
         source,
     })?;
     let mut state = load(&dir)?;
+    timer.step("state");
     let layers = memory_layers(&dir, std::mem::take(&mut state.memory), state.base.take())?;
+    timer.step("layers");
     let cfg = &state.config;
     config::validate(cfg, u32::from(MAX_CPUS)).map_err(crate::builder::Error::from)?;
     let host = HostResources::open(cfg)?;
-    timer.step("state_and_files");
+    timer.step("host");
     let (memory, reclaim, loader) = lazy::restore(&layers)?;
     timer.step("memory");
     let mut running = match rebuild(&state, host, memory, &mut timer) {

@@ -10,20 +10,34 @@ use kvm_bindings::{
 use kvm_ioctls::{Kvm, VcpuFd, VmFd};
 use serde::{Deserialize, Serialize};
 
+use super::blob;
+
 const MSR_IA32_TSC: u32 = 0x10;
 const MSR_IA32_TSC_DEADLINE: u32 = 0x6e0;
 
 /// One vCPU.
 #[derive(Serialize, Deserialize)]
 pub struct VcpuState {
+    #[serde(with = "blob")]
     regs: kvm_regs,
+    #[serde(with = "blob")]
     sregs: kvm_sregs,
+    #[serde(with = "blob")]
     xsave: kvm_xsave,
+    #[serde(with = "blob")]
     xcrs: kvm_xcrs,
+    #[serde(with = "blob")]
     debugregs: kvm_debugregs,
+    #[serde(with = "blob")]
     lapic: kvm_lapic_state,
+    #[serde(
+        serialize_with = "blob::serialize_list",
+        deserialize_with = "blob::deserialize_list"
+    )]
     msrs: Vec<kvm_msr_entry>,
+    #[serde(with = "blob")]
     events: kvm_vcpu_events,
+    #[serde(with = "blob")]
     mp_state: kvm_mp_state,
 }
 
@@ -143,10 +157,15 @@ impl VcpuState {
 /// In-kernel interrupt controllers, PIT and the KVM clock.
 #[derive(Clone, Serialize, Deserialize)]
 pub struct VmState {
+    #[serde(with = "blob")]
     pic_master: kvm_irqchip,
+    #[serde(with = "blob")]
     pic_slave: kvm_irqchip,
+    #[serde(with = "blob")]
     ioapic: kvm_irqchip,
+    #[serde(with = "blob")]
     pit: kvm_pit_state2,
+    #[serde(with = "blob")]
     clock: kvm_clock_data,
 }
 

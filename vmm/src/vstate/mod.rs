@@ -1,5 +1,6 @@
 //! KVM objects: the VM and its vCPUs.
 
+pub mod blob;
 pub mod control;
 pub mod irq_routing;
 pub mod kvm_state;
