@@ -38,6 +38,12 @@ enum Cmd {
         /// Memory measurements per VMM (medians are reported).
         #[arg(long, default_value_t = 3)]
         memory_runs: u32,
+        /// Starts every timed boot with address-space randomization off (`setarch -R`, whose
+        /// exec is then in every row). The test host's emulator (QEMU 7.2 TCG) translates a
+        /// process's code again wherever it is mapped anew; with fixed addresses it keeps the
+        /// translation from one boot to the next, and start → marker holds each VMM's own work.
+        #[arg(long)]
+        fixed_addresses: bool,
     },
     /// One verbose boot per VMM of the comparison (kernel messages with timestamps) with the
     /// host's KVM exits counted around it: prints when each boot step happened, exits by
@@ -200,14 +206,25 @@ fn row<'a, 'b>(rows: &'b [(&'a Contender, Summary)], label: &str) -> &'b (&'a Co
         .expect("every row is measured")
 }
 
-fn compare(runs: u32, memory_mib: u64, memory_runs: u32) -> Result<bool> {
+fn compare(runs: u32, memory_mib: u64, memory_runs: u32, fixed_addresses: bool) -> Result<bool> {
     let a = artifacts::get()?;
     let dir = testhost::shared()?.work_dir().join("bootbench-configs");
-    let all = contenders(a, &dir, memory_mib, "")?;
+    let mut all = contenders(a, &dir, memory_mib, "")?;
+    if fixed_addresses {
+        for c in &mut all {
+            let fixed = ["setarch", std::env::consts::ARCH, "-R"].map(String::from);
+            c.timed = fixed.into_iter().chain(c.timed.drain(..)).collect();
+        }
+    }
     let rows = measure("bootbench-compare", &all, runs, memory_mib, memory_runs)?;
     println!(
         "Boot, minimal 6.1 kernel (PVH) + test initramfs, 1 vCPU, {memory_mib} MiB, `quiet`, \
-         {runs} boots each, interleaved, one test host run"
+         {runs} boots each, interleaved, one test host run{}",
+        if fixed_addresses {
+            ", address randomization off"
+        } else {
+            ""
+        }
     );
     print_table(&rows);
     let base = rows
@@ -321,7 +338,8 @@ fn main() -> ExitCode {
             runs,
             memory_mib,
             memory_runs,
-        } => compare(runs, memory_mib, memory_runs),
+            fixed_addresses,
+        } => compare(runs, memory_mib, memory_runs, fixed_addresses),
         Cmd::Trace {
             memory_mib,
             cmdline,
