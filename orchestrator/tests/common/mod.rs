@@ -325,8 +325,46 @@ pub fn tls_stream(
     Ok(rustls::StreamOwned::new(conn, s))
 }
 
+/// A connection whose answer can be read after the request could not be sent whole.
+trait Answer: Read + Write {
+    /// Reads what the server sent until it closed, once writing failed.
+    fn answer_after_refusal(&mut self, out: &mut String) -> std::io::Result<()> {
+        self.read_to_string(out).map(drop)
+    }
+}
+
+impl Answer for TcpStream {}
+
+impl Answer for rustls::StreamOwned<rustls::ClientConnection, TcpStream> {
+    fn answer_after_refusal(&mut self, out: &mut String) -> std::io::Result<()> {
+        // The request's unsent rest stays queued in the TLS session, and each read of the
+        // stream tries to send it first, failing again (EPIPE): read the server's records
+        // from the socket directly.
+        let mut plain = Vec::new();
+        loop {
+            match self.conn.read_tls(&mut self.sock) {
+                Ok(0) => break,
+                Ok(_) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => break,
+                Err(e) => return Err(e),
+            }
+            self.conn
+                .process_new_packets()
+                .map_err(std::io::Error::other)?;
+            match self.conn.reader().read_to_end(&mut plain) {
+                Ok(_) => break,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => break,
+                Err(e) => return Err(e),
+            }
+        }
+        out.push_str(&String::from_utf8_lossy(&plain));
+        Ok(())
+    }
+}
+
 fn exchange(
-    mut s: impl Read + Write,
+    mut s: impl Answer,
     addr: &SocketAddr,
     token: Option<&str>,
     method: &str,
@@ -343,19 +381,22 @@ fn exchange(
          Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
         body.len()
     );
-    match sent {
-        Ok(()) => {}
+    let mut resp = String::new();
+    let read = match sent {
+        Ok(()) => s.read_to_string(&mut resp).map(drop),
         // A server that refuses a request early (a body over its limit: 413) answers and closes
         // while the body is still being written; the answer is in the socket, read it.
         Err(e)
             if matches!(
                 e.kind(),
                 std::io::ErrorKind::BrokenPipe | std::io::ErrorKind::ConnectionReset
-            ) => {}
+            ) =>
+        {
+            s.answer_after_refusal(&mut resp)
+        }
         Err(e) => return Err(e),
-    }
-    let mut resp = String::new();
-    match s.read_to_string(&mut resp) {
+    };
+    match read {
         Ok(_) => {}
         // A TLS peer that closes without close_notify after answering (or resets the connection,
         // having not read all of the request): the answer stands.

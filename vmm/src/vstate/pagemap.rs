@@ -76,49 +76,19 @@ impl PageMap {
     /// refused (seen once in `apibench` with address randomization off; a script in the test
     /// host marks both pages so, every time).
     fn probe_soft_dirty(&self) -> io::Result<bool> {
-        let len = 4 * PAGE;
-        // SAFETY: a new private anonymous mapping that only this function uses and unmaps.
-        let p = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_NONE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
-                -1,
-                0,
-            )
-        };
-        if p == libc::MAP_FAILED {
-            return Err(io::Error::last_os_error());
+        let pages = ProbePages::new()?;
+        let base = pages.base();
+        // SAFETY: both pages lie inside the probe's writable mapping, which `pages` keeps.
+        unsafe {
+            std::ptr::write_volatile(base as *mut u8, 1);
+            std::ptr::write_volatile((base + PAGE) as *mut u8, 1);
         }
-        let base = p as usize + PAGE;
-        let result = (|| {
-            // SAFETY: the two middle pages of the mapping made above.
-            if unsafe {
-                libc::mprotect(
-                    base as *mut libc::c_void,
-                    2 * PAGE,
-                    libc::PROT_READ | libc::PROT_WRITE,
-                )
-            } != 0
-            {
-                return Err(io::Error::last_os_error());
-            }
-            // SAFETY: both pages lie inside the part made writable above.
-            unsafe {
-                std::ptr::write_volatile(base as *mut u8, 1);
-                std::ptr::write_volatile((base + PAGE) as *mut u8, 1);
-            }
-            self.clear_soft_dirty()?;
-            // SAFETY: as above.
-            unsafe { std::ptr::write_volatile(base as *mut u8, 2) };
-            let mut e = Vec::new();
-            self.entries(base, 2, &mut e)?;
-            Ok(e[0] & SOFT_DIRTY != 0 && e[1] & SOFT_DIRTY == 0)
-        })();
-        // SAFETY: the mapping made above, no longer used.
-        unsafe { libc::munmap(p, len) };
-        result
+        self.clear_soft_dirty()?;
+        // SAFETY: as above.
+        unsafe { std::ptr::write_volatile(base as *mut u8, 2) };
+        let mut e = Vec::new();
+        self.entries(base, 2, &mut e)?;
+        Ok(e[0] & SOFT_DIRTY != 0 && e[1] & SOFT_DIRTY == 0)
     }
 
     /// True when diff snapshots can be taken on this host.
@@ -194,10 +164,72 @@ impl PageMap {
     }
 }
 
+/// The soft-dirty probe's two writable pages: a mapping of their own between two inaccessible
+/// guard pages (see [`PageMap::probe_soft_dirty`]); unmapped on drop.
+struct ProbePages {
+    map: *mut libc::c_void,
+}
+
+impl ProbePages {
+    const LEN: usize = 4 * PAGE;
+
+    fn new() -> io::Result<ProbePages> {
+        // SAFETY: a new private anonymous mapping, owned by the value returned.
+        let map = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                Self::LEN,
+                libc::PROT_NONE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+                -1,
+                0,
+            )
+        };
+        if map == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        let pages = ProbePages { map };
+        let rw = libc::PROT_READ | libc::PROT_WRITE;
+        // SAFETY: the two middle pages of the mapping made above.
+        if unsafe { libc::mprotect(pages.base() as *mut libc::c_void, 2 * PAGE, rw) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(pages)
+    }
+
+    /// The first writable page.
+    fn base(&self) -> usize {
+        self.map as usize + PAGE
+    }
+}
+
+impl Drop for ProbePages {
+    fn drop(&mut self) {
+        // SAFETY: the mapping made in `new`, which nothing uses any more.
+        unsafe { libc::munmap(self.map, Self::LEN) };
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::vstate::ram;
+
+    #[test]
+    fn the_probes_pages_are_a_mapping_of_their_own_beside_others_like_them() {
+        // Mappings made in a row are placed next to each other: unguarded, these would merge
+        // into one (the way the probe's pages merged with a neighbour).
+        let all: Vec<ProbePages> = (0..8).map(|_| ProbePages::new().unwrap()).collect();
+        let maps = std::fs::read_to_string("/proc/self/maps").unwrap();
+        for pages in &all {
+            let (base, end) = (pages.base(), pages.base() + 2 * PAGE);
+            let own = format!("{base:x}-{end:x} rw-p ");
+            assert!(
+                maps.lines().any(|l| l.starts_with(&own)),
+                "no mapping {own}in:\n{maps}"
+            );
+        }
+    }
 
     #[test]
     fn untouched_pages_are_absent_and_writes_after_a_clear_are_seen() {
