@@ -59,50 +59,65 @@ pub fn deserialize<'de, T: DeserializeOwned, D: Deserializer<'de>>(
     deserializer.deserialize_any(One(PhantomData))
 }
 
-/// Writes `entries` as one base64 string of their bytes, one after another.
-pub fn serialize_list<T: IntoBytes + Immutable, S: Serializer>(
-    entries: &[T],
-    serializer: S,
-) -> Result<S::Ok, S::Error> {
-    serializer.serialize_str(&STANDARD.encode(entries.as_bytes()))
-}
+/// The same for a list of structures (`#[serde(with = "blob::list")]`): one string of their
+/// bytes, one after another.
+pub mod list {
+    use std::fmt;
+    use std::marker::PhantomData;
 
-/// Reads entries written by [`serialize_list`], or by kvm-bindings (an array of byte arrays).
-pub fn deserialize_list<'de, T: DeserializeOwned, D: Deserializer<'de>>(
-    deserializer: D,
-) -> Result<Vec<T>, D::Error> {
-    struct List<T>(PhantomData<T>);
+    use base64::engine::general_purpose::STANDARD;
+    use base64::Engine as _;
+    use serde::de::{DeserializeOwned, SeqAccess, Visitor};
+    use serde::{Deserializer, Serializer};
+    use zerocopy::{Immutable, IntoBytes};
 
-    impl<'de, T: DeserializeOwned> Visitor<'de> for List<T> {
-        type Value = Vec<T>;
+    use super::{decode, from_bytes};
 
-        fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-            write!(
-                f,
-                "a base64 string of {}-byte entries",
-                std::mem::size_of::<T>()
-            )
-        }
-
-        fn visit_str<E: serde::de::Error>(self, s: &str) -> Result<Vec<T>, E> {
-            let bytes = decode::<E>(s)?;
-            let size = std::mem::size_of::<T>();
-            if bytes.len() % size != 0 {
-                return Err(E::invalid_length(bytes.len(), &self));
-            }
-            bytes.chunks_exact(size).map(from_bytes).collect()
-        }
-
-        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Vec<T>, A::Error> {
-            let mut out = Vec::new();
-            while let Some(entry) = seq.next_element::<T>()? {
-                out.push(entry);
-            }
-            Ok(out)
-        }
+    /// Writes `entries` as one base64 string of their bytes, one after another.
+    pub fn serialize<T: IntoBytes + Immutable, S: Serializer>(
+        entries: &[T],
+        serializer: S,
+    ) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(&STANDARD.encode(entries.as_bytes()))
     }
 
-    deserializer.deserialize_any(List(PhantomData))
+    /// Reads entries written by [`serialize`], or by kvm-bindings (an array of byte arrays).
+    pub fn deserialize<'de, T: DeserializeOwned, D: Deserializer<'de>>(
+        deserializer: D,
+    ) -> Result<Vec<T>, D::Error> {
+        struct List<T>(PhantomData<T>);
+
+        impl<'de, T: DeserializeOwned> Visitor<'de> for List<T> {
+            type Value = Vec<T>;
+
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                write!(
+                    f,
+                    "a base64 string of {}-byte entries",
+                    std::mem::size_of::<T>()
+                )
+            }
+
+            fn visit_str<E: serde::de::Error>(self, s: &str) -> Result<Vec<T>, E> {
+                let bytes = decode::<E>(s)?;
+                let size = std::mem::size_of::<T>();
+                if bytes.len() % size != 0 {
+                    return Err(E::invalid_length(bytes.len(), &self));
+                }
+                bytes.chunks_exact(size).map(from_bytes).collect()
+            }
+
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Vec<T>, A::Error> {
+                let mut out = Vec::new();
+                while let Some(entry) = seq.next_element::<T>()? {
+                    out.push(entry);
+                }
+                Ok(out)
+            }
+        }
+
+        deserializer.deserialize_any(List(PhantomData))
+    }
 }
 
 fn decode<E: serde::de::Error>(s: &str) -> Result<Vec<u8>, E> {
@@ -127,10 +142,7 @@ mod tests {
         lapic: kvm_lapic_state,
         #[serde(with = "super")]
         xsave: kvm_xsave,
-        #[serde(
-            serialize_with = "super::serialize_list",
-            deserialize_with = "super::deserialize_list"
-        )]
+        #[serde(with = "super::list")]
         msrs: Vec<kvm_msr_entry>,
     }
 

@@ -30,10 +30,7 @@ pub struct VcpuState {
     debugregs: kvm_debugregs,
     #[serde(with = "blob")]
     lapic: kvm_lapic_state,
-    #[serde(
-        serialize_with = "blob::serialize_list",
-        deserialize_with = "blob::deserialize_list"
-    )]
+    #[serde(with = "blob::list")]
     msrs: Vec<kvm_msr_entry>,
     #[serde(with = "blob")]
     events: kvm_vcpu_events,
