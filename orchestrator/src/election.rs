@@ -8,7 +8,7 @@ use std::time::Duration;
 use etcd_client::{Compare, CompareOp, PutOptions, TxnOp};
 use tokio_util::sync::CancellationToken;
 
-use crate::lease::KeptLease;
+use crate::lease::{KeptLease, Until};
 use crate::store::{keys, ChangeKind, Fence, Store, StoreError};
 
 /// Campaigns for one controller's leadership on behalf of one holder.
@@ -61,7 +61,7 @@ impl Elector {
     /// caller backs off and campaigns again).
     pub async fn campaign(&self) -> Result<Leadership, StoreError> {
         let key = keys::leader(&self.controller);
-        let lease = KeptLease::grant(&self.store, self.ttl).await?;
+        let lease = KeptLease::grant(&self.store, self.ttl, Until::MayHaveExpired).await?;
         loop {
             if lease.lost().is_cancelled() {
                 return Err(StoreError::Unavailable(

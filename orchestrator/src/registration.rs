@@ -7,7 +7,7 @@ use std::time::Duration;
 use etcd_client::PutOptions;
 use tokio_util::sync::CancellationToken;
 
-use crate::lease::KeptLease;
+use crate::lease::{KeptLease, Until};
 use crate::model::{Metadata, Object, WorkerSpec, WorkerStatus};
 use crate::store::{keys, Store, StoreError};
 use crate::task::{AbortOnDrop, Backoff};
@@ -23,9 +23,9 @@ pub struct Registration {
 
 impl Registration {
     /// Creates or updates the worker `name` with `spec`'s capacity and labels (an operator's
-    /// `drain` is kept) and keeps its heartbeat alive with a lease of `ttl`, renewing the
-    /// registration whenever the lease is lost (for instance after etcd was down longer than
-    /// the TTL).
+    /// `drain` is kept) and keeps its heartbeat alive with a lease of `ttl`. The lease is
+    /// renewed through stalls until etcd says it is gone ([`Until::Gone`]): then the
+    /// registration is made again (etcd was out of reach longer than the TTL, say).
     pub async fn register(
         store: &Store,
         name: &str,
@@ -92,7 +92,7 @@ async fn upsert(store: &Store, name: &str, spec: &WorkerSpec) -> Result<(), Stor
 
 /// Grants a lease and puts the heartbeat key on it.
 async fn heartbeat(store: &Store, name: &str, ttl: Duration) -> Result<KeptLease, StoreError> {
-    let lease = KeptLease::grant(store, ttl).await?;
+    let lease = KeptLease::grant(store, ttl, Until::Gone).await?;
     let mut kv = store.client().kv_client();
     let opts = PutOptions::new().with_lease(lease.id());
     store

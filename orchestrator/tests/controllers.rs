@@ -268,7 +268,8 @@ async fn controllers_recover_after_etcd_restarts_and_nothing_is_lost() {
     etcd.stop();
     let down = api.create("during", &vm(1, "256M")).await.unwrap_err();
     assert_eq!(down.status().map(|s| s.as_u16()), Some(503), "{down}");
-    // Longer than the lease TTL: every leadership and heartbeat lease is given up locally.
+    // Longer than the lease TTL: every leadership is given up locally; the worker's heartbeat
+    // keeps renewing its lease until etcd answers (a restarted etcd extends its leases).
     tokio::time::sleep(TTL * 2).await;
     etcd.restart();
 

@@ -322,9 +322,12 @@ wstate() { lb worker get "$1" -o json | sed -n 's/.*"state": *"\([A-Za-z]*\)".*/
 ready_of() { lb scale-group get grp -o json | sed -n 's/.*"ready": *\([0-9]*\).*/\1/p' | head -1; }
 check group-ready test "$(ready_of)" = 2
 rm -f "$WORK/stop-sampling"
-# Each sample: the time and the group's ready count; below 2, the members' states then too.
+# Each sample: the time, the group's ready count, the time in ms and the test host's available
+# memory; below 2, the members' states then too. A long gap between samples is a stall of the
+# whole test host (what costs a worker its heartbeat lease).
 ( while [ ! -e "$WORK/stop-sampling" ]; do
-    r=$(ready_of); echo "$(date +%T) ${r:--}"
+    r=$(ready_of)
+    echo "$(date +%T.%3N) ${r:--} $(date +%s%3N) mem=$(awk '/^MemAvailable/ {print int($2 / 1024) "M"}' /proc/meminfo)"
     case $r in 0|1) lb vm list | grep '^grp-' | sed 's/^/    /' ;; esac
     sleep 0.5
   done >"$WORK/ready-samples" ) &
@@ -347,13 +350,21 @@ check note-source-gone source_gone
 drained_no_vmm() { ! pgrep -f -- "--api-socket $D/$src/" >/dev/null; }
 check drained-no-vmm drained_no_vmm
 min_ready=$(awk '$2 ~ /^[0-9]+$/ {print $2}' "$WORK/ready-samples" | sort -n | head -1)
-echo "group ready members during the drain: min $min_ready over $(grep -c '^[0-9]' "$WORK/ready-samples") samples"
+# The longest gap between samples (and where it ended), the least memory available.
+sampled=$(awk '$1 ~ /^[0-9][0-9]:/ {
+    if (p && $3 - p > g) { g = $3 - p; at = $1 }
+    p = $3; m = substr($4, 5) + 0; if (!n || m < low) low = m; n++
+  } END { printf "longest gap between samples %.1f s (ending %s), least memory available %d MiB", g / 1000, at, low }' \
+  "$WORK/ready-samples")
+echo "group ready members during the drain: min $min_ready over $(grep -c '^[0-9]' "$WORK/ready-samples") samples; $sampled"
 check group-never-below test "${min_ready:-0}" -ge 2
 if [ "${min_ready:-0}" -lt 2 ]; then
   # What was below, and what the control plane and workers did about the group and its
   # workers meanwhile (a worker gone NotReady marks its VMs Lost; a vmm that died restarts).
   {
-    echo "group samples below 2 (time, ready, then the members):"
+    echo "$sampled"
+    for f in cpu memory io; do echo "pressure $f: $(tr '\n' ' ' < /proc/pressure/$f 2>/dev/null)"; done
+    echo "group samples below 2 (time, ready, ms, memory, then the members):"
     awk '$2 ~ /^[01]$/ {p=1; print; next} /^    / {if (p) print; next} {p=0}' \
       "$WORK/ready-samples" | head -30
     sed 's/\x1b\[[0-9;]*m//g' "$D/server.log" "$D"/w*.log |

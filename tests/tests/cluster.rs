@@ -155,13 +155,18 @@ fn cluster_runs_vms_end_to_end() {
     println!("{text}");
     // The failed checks go straight to stderr (past the test harness's capture), so they land
     // just above the "FAILED" line, beside the streamed scenario: a CI log cut in the middle of
-    // the captured output still shows them.
-    let mut summary = format!("cluster scenario: {} failed checks\n", failed.len());
-    // With them, what the scenario found out about a failure (its `DIAG` lines).
+    // the captured output still shows them. What the scenario found out about a failure (its
+    // `DIAG` lines) comes first and the failed checks last, right above that line: an excerpt
+    // of the log's end shows the checks even when the DIAG lines are many.
+    let mut summary = String::from("cluster scenario:\n");
     let diag = text.lines().filter(|l| l.starts_with("DIAG "));
-    for line in failed.iter().copied().chain(diag) {
+    for line in diag.chain(failed.iter().copied()) {
         summary.push_str(&format!("  {line}\n"));
     }
+    summary.push_str(&format!(
+        "cluster scenario: {} failed checks\n",
+        failed.len()
+    ));
     let _ = std::io::stderr().write_all(summary.as_bytes());
     assert!(failed.is_empty(), "failed checks:\n{}", failed.join("\n"));
     for check in CHECKS {
