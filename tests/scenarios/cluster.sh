@@ -323,8 +323,8 @@ ready_of() { lb scale-group get grp -o json | sed -n 's/.*"ready": *\([0-9]*\).*
 check group-ready test "$(ready_of)" = 2
 rm -f "$WORK/stop-sampling"
 # Each sample: the time, the group's ready count, the time in ms and the test host's available
-# memory; below 2, the members' states then too. A long gap between samples is a stall of the
-# whole test host (what costs a worker its heartbeat lease).
+# memory; below 2, the members' states then too. A sample takes a CLI call (a second or two
+# here); a gap well beyond that is a stalled control plane or test host.
 ( while [ ! -e "$WORK/stop-sampling" ]; do
     r=$(ready_of)
     echo "$(date +%T.%3N) ${r:--} $(date +%s%3N) mem=$(awk '/^MemAvailable/ {print int($2 / 1024) "M"}' /proc/meminfo)"
