@@ -2,10 +2,8 @@
 //! deadline on request headers (which also closes idle keep-alive connections), and a Host
 //! check against DNS rebinding (a web page whose name resolves to 127.0.0.1 must not reach the
 //! API with the browser's help). `axum::serve` offers none of the first two, so this loop
-//! accepts itself and hands each connection to hyper's HTTP/1 connection builder. A connection
-//! ends with a lingering close (see [`linger`]), as nginx and Apache end theirs.
+//! accepts itself and hands each connection to hyper's HTTP/1 connection builder.
 
-use std::future::poll_fn;
 use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -17,7 +15,6 @@ use axum::response::{IntoResponse, Response};
 use axum::Router;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
@@ -83,18 +80,18 @@ pub async fn serve(
             },
             () = shutdown.cancelled() => return,
         };
-        let app = app.clone();
+        let service = TowerToHyperService::new(app.clone());
         let timeout = limits.header_timeout;
         let stop = shutdown.clone();
         let tls = tls.clone();
         tokio::spawn(async move {
             let _slot = slot;
             let Some(tls) = tls else {
-                return serve_connection(stream, app, timeout, stop, peer).await;
+                return serve_connection(stream, service, timeout, stop, peer).await;
             };
             // The handshake shares the header deadline: a silent client holds no slot longer.
             match tokio::time::timeout(timeout, tls.accept(stream)).await {
-                Ok(Ok(stream)) => serve_connection(stream, app, timeout, stop, peer).await,
+                Ok(Ok(stream)) => serve_connection(stream, service, timeout, stop, peer).await,
                 Ok(Err(e)) => tracing::warn!(%peer, error = %e, "refused: TLS handshake failed"),
                 Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
             }
@@ -105,72 +102,29 @@ pub async fn serve(
 /// One connection's requests, until it closes or the server stops.
 async fn serve_connection<I>(
     io: I,
-    app: Router,
+    service: TowerToHyperService<Router>,
     timeout: Duration,
     stop: CancellationToken,
     peer: std::net::SocketAddr,
 ) where
-    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
-    // Each request's future boxed: the connection is then Unpin, which polling it without
-    // shutting its stream down (to linger) needs.
-    let app = TowerToHyperService::new(app);
-    let service = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
-        Box::pin(hyper::service::Service::call(&app, req))
-    });
     let mut builder = hyper::server::conn::http1::Builder::new();
     builder
         .timer(TokioTimer::new())
         .header_read_timeout(timeout)
         .keep_alive(true);
-    let mut conn = builder.serve_connection(TokioIo::new(io), service);
+    let conn = builder.serve_connection(TokioIo::new(io), service);
+    tokio::pin!(conn);
     let result = tokio::select! {
-        r = poll_fn(|cx| conn.poll_without_shutdown(cx)) => r,
+        r = conn.as_mut() => r,
         () = stop.cancelled() => {
-            std::pin::Pin::new(&mut conn).graceful_shutdown();
-            poll_fn(|cx| conn.poll_without_shutdown(cx)).await
+            conn.as_mut().graceful_shutdown();
+            conn.await
         }
     };
-    match result {
-        // Stopping: no lingering, the server's end should not wait on its clients.
-        Ok(()) if stop.is_cancelled() => {}
-        Ok(()) => linger(conn.into_parts().io.into_inner(), LINGER).await,
-        Err(e) => tracing::debug!(%peer, error = %e, "connection ended"),
-    }
-}
-
-/// How long a closing connection may linger, and how long it may go quiet meanwhile.
-const LINGER: Linger = Linger {
-    at_most: Duration::from_secs(30),
-    quiet: Duration::from_secs(2),
-};
-
-#[derive(Clone, Copy, Debug)]
-struct Linger {
-    at_most: Duration,
-    quiet: Duration,
-}
-
-/// Ends a connection whose answers are all written. A client may still be sending a body the
-/// server refused without reading it (a 413 for a body over the limit, a 401 before a
-/// large upload): closing a socket with unread bytes makes the kernel reset the connection,
-/// and the reset can destroy the answer before the client reads it (curl then reports a
-/// broken pipe instead of the 413). So the sending side is shut first (TLS's close_notify,
-/// then the TCP FIN: the client sees the end of the answers) and what still arrives is read
-/// and dropped until the client closes, goes quiet or the time is up.
-async fn linger<I: AsyncRead + AsyncWrite + Unpin>(mut io: I, linger: Linger) {
-    if io.shutdown().await.is_err() {
-        return;
-    }
-    let end = tokio::time::Instant::now() + linger.at_most;
-    let mut sink = vec![0u8; 16 << 10];
-    loop {
-        let until = end.min(tokio::time::Instant::now() + linger.quiet);
-        match tokio::time::timeout_at(until, io.read(&mut sink)).await {
-            Ok(Ok(n)) if n > 0 => {}
-            // Closed, broken, quiet for too long or out of time.
-            _ => return,
-        }
+    if let Err(e) = result {
+        tracing::debug!(%peer, error = %e, "connection ended");
     }
 }
 

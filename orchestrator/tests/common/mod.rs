@@ -288,7 +288,7 @@ pub fn client_env(cmd: &mut Command) -> &mut Command {
 fn http_plain(addr: SocketAddr, method: &str, path: &str) -> std::io::Result<(u16, String)> {
     let s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
     s.set_read_timeout(Some(Duration::from_secs(15)))?;
-    exchange(s, &addr, None, method, path, None, Sending::MayBeCut)
+    exchange(s, &addr, None, method, path, None)
 }
 
 /// One HTTP/1.1 request over a fresh connection, as the admin: (status, body).
@@ -309,50 +309,9 @@ pub fn http_as(
     path: &str,
     body: Option<&str>,
 ) -> std::io::Result<(u16, String)> {
-    exchange(
-        tls_connect(addr)?,
-        &addr,
-        token,
-        method,
-        path,
-        body,
-        Sending::MayBeCut,
-    )
-}
-
-/// [`http`], failing when the request cannot be sent whole, as curl does: what a client that
-/// writes its whole body before it reads sees of a refusal.
-pub fn http_whole(
-    addr: SocketAddr,
-    method: &str,
-    path: &str,
-    body: &str,
-) -> std::io::Result<(u16, String)> {
-    exchange(
-        tls_connect(addr)?,
-        &addr,
-        Some(ADMIN_TOKEN),
-        method,
-        path,
-        Some(body),
-        Sending::Whole,
-    )
-}
-
-/// Whether a request that could not be sent whole still counts (its answer read).
-#[derive(Clone, Copy, PartialEq)]
-enum Sending {
-    MayBeCut,
-    Whole,
-}
-
-/// A fresh TLS connection to `addr` (reads time out after 15 s).
-fn tls_connect(
-    addr: SocketAddr,
-) -> std::io::Result<rustls::StreamOwned<rustls::ClientConnection, TcpStream>> {
     let s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
     s.set_read_timeout(Some(Duration::from_secs(15)))?;
-    tls_stream(s, addr)
+    exchange(tls_stream(s, addr)?, &addr, token, method, path, body)
 }
 
 /// `s` (connected to `addr`) under TLS with the tests' certificate.
@@ -411,7 +370,6 @@ fn exchange(
     method: &str,
     path: &str,
     body: Option<&str>,
-    sending: Sending,
 ) -> std::io::Result<(u16, String)> {
     let body = body.unwrap_or("");
     let auth = token
@@ -429,11 +387,10 @@ fn exchange(
         // A server that refuses a request early (a body over its limit: 413) answers and closes
         // while the body is still being written; the answer is in the socket, read it.
         Err(e)
-            if sending == Sending::MayBeCut
-                && matches!(
-                    e.kind(),
-                    std::io::ErrorKind::BrokenPipe | std::io::ErrorKind::ConnectionReset
-                ) =>
+            if matches!(
+                e.kind(),
+                std::io::ErrorKind::BrokenPipe | std::io::ErrorKind::ConnectionReset
+            ) =>
         {
             s.answer_after_refusal(&mut resp)
         }
